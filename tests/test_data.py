@@ -1,0 +1,380 @@
+"""data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import data
+
+FLOOR = math.log(torch.finfo(torch.float32).eps)                # log-mel of silence: -15.942384719848633
+LABELS_CSV = 'index,mid,display_name\n0,/m/a,Alpha\n1,/m/b,"Beta, with comma"\n2,/m/c,Gamma\n'
+
+
+def write_wav(path, seconds=1.0, rate=16000, seed=0, channels=1, subtype="PCM_16", samples=None):
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate) if samples is None else samples
+    t = np.arange(n) / rate
+    wave = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t) + 0.05 * rng.standard_normal(n)
+    wave = np.stack([wave * (c + 1) / channels for c in range(channels)], 1)
+    sf.write(path, wave.astype(np.float32), rate, subtype=subtype)
+    return path
+
+
+def write_jpg(path, size=(40, 32), seed=0, mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+def make_dataset(root, n=4, seconds=(1.0, 0.5, 1.3, 0.03), labels=None, frames=range(10)):
+    """n clips in the official layout under root; clip i lasts seconds[i % len(seconds)]."""
+    rows = []
+    for i in range(n):
+        vid = f"clip{i}"
+        write_wav(os.path.join(root, vid + ".wav"), seconds[i % len(seconds)], seed=i)
+        for k in frames:
+            write_jpg(os.path.join(root, f"frame_{k}", vid + ".jpg"), seed=10 * i + k)
+        rows.append(dict(video_id=vid, wav=vid + ".wav", video_path=".",
+                         labels=labels[i] if labels else ["/m/a", "/m/b,/m/c", "/m/c", "/m/a,/m/b"][i % 4]))
+    with open(os.path.join(root, "data.json"), "w") as f:
+        json.dump({"data": rows}, f)
+    with open(os.path.join(root, "labels.csv"), "w") as f:
+        f.write(LABELS_CSV)
+    return os.path.join(root, "data.json"), os.path.join(root, "labels.csv")
+
+
+def dataset(root, **kw):
+    kw = {"target_length": 128, "image_size": 32, **kw}
+    return data.AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"), **kw)
+
+
+# ---------------------------------------------------------------------------------------------- golden vectors
+
+@pytest.mark.parametrize("exact,tol", [(True, 0.0), (False, 1e-5)])
+def test_fbank_matches_torchaudio_golden(golden, exact, tol):
+    vec = torch.load(os.path.join(golden, "fbank", "fbank_vectors.pth"), weights_only=False)
+    for name in (k for k in vec if k != "kwargs"):
+        w = torch.from_numpy(sf.read(os.path.join(golden, "fbank", name + ".wav"), dtype="float32")[0])
+        got = data.fbank(w - w.mean(), exact=exact)
+        assert got.shape == vec[name].shape
+        assert (got - vec[name]).abs().max().item() <= tol, name
+
+
+def test_load_image_matches_torchvision_golden(golden):
+    vec = torch.load(os.path.join(golden, "image", "image_vectors.pth"), weights_only=False)
+    for name, want in vec.items():
+        torch.testing.assert_close(data.load_image(os.path.join(golden, "image", name)), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tag,kw", [("items", dict(target_length=1024)),
+                                    ("items_frame2_len512", dict(target_length=512, frame=2))])
+def test_eval_items_match_official_loader_golden(golden, tag, kw):
+    g = os.path.join(golden, "dataset")
+    ds = data.AVDataset(os.path.join(g, "data.json"), os.path.join(g, "labels.csv"), **kw)
+    for i, (fb, im, lab) in enumerate(torch.load(os.path.join(g, "loader_vectors.pth"), weights_only=False)[tag]):
+        got_fb, got_im, got_lab = ds[i]
+        assert (got_fb - fb).abs().max() <= 1e-3 and (got_im - im).abs().max() <= 1e-4
+        assert torch.equal(got_lab, lab)
+
+
+# ---------------------------------------------------------------------------------------------- fbank
+
+def test_batch_fbank_equals_per_clip_fbank_and_leaves_the_input_alone():
+    x = torch.randn(5, 8000) * 0.1
+    before = x.clone()
+    batch = data.fbank(x)
+    assert torch.equal(x, before)
+    assert batch.shape == (5, 1 + (8000 - 400) // 160, 128)
+    assert torch.equal(batch, torch.stack([data.fbank(w) for w in x]))
+
+
+@pytest.mark.parametrize("n,frames", [(400, 1), (559, 1), (560, 2), (160000, 998), (160125, 999)])
+def test_fbank_frame_count_follows_snip_edges(n, frames):
+    assert data.fbank(torch.randn(n)).shape == (frames, 128)
+
+
+def test_fbank_of_silence_is_the_log_floor_and_mel_bin_3_is_always_empty():
+    assert torch.all(data.fbank(torch.zeros(4000)) == FLOOR)
+    assert torch.all(data.fbank(torch.randn(4000))[:, 3] == FLOOR)
+
+
+def test_fbank_rejects_fewer_samples_than_one_frame():
+    with pytest.raises(data.DataError, match="400 samples"):
+        data.fbank(torch.randn(399))
+
+
+def test_fast_and_exact_fbank_agree_on_a_batch():
+    x = torch.randn(3, 20000) * 0.2
+    assert (data.fbank(x) - data.fbank(x, exact=True)).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+def test_short_clip_is_padded_with_zero_rows_before_normalisation(tmp_path):
+    make_dataset(tmp_path)
+    fb, _, _ = dataset(tmp_path, target_length=128)[1]         # 0.5 s -> 48 frames
+    wave = data.load_audio(str(tmp_path / "clip1.wav"))
+    want = data.fbank(wave - wave.mean())
+    assert fb.shape == (128, 128)
+    torch.testing.assert_close(fb[:48], (want - data.AUDIOSET_MEAN) / data.AUDIOSET_STD, atol=0, rtol=0)
+    assert torch.all(fb[48:] == (0 - data.AUDIOSET_MEAN) / data.AUDIOSET_STD)
+
+
+def test_long_clip_is_cut_to_target_length(tmp_path):
+    make_dataset(tmp_path)
+    fb, _, _ = dataset(tmp_path, target_length=64, mean=0.0, std=1.0)[2]   # 1.3 s -> 128 frames
+    w = data.load_audio(str(tmp_path / "clip2.wav"))
+    assert torch.equal(fb, data.fbank(w - w.mean())[:64])
+
+
+def test_label_csv_keeps_quoted_commas_and_orders_by_index(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text('index,mid,display_name\n1,/m/b,"Beta, with comma"\n0,/m/a,Alpha\n')
+    labels = data.load_label_csv(str(path))
+    assert labels.mids == ["/m/a", "/m/b"] and labels.names == ["Alpha", "Beta, with comma"]
+    assert labels.index == {"/m/a": 0, "/m/b": 1}
+
+
+def test_eval_item_labels_are_multi_hot_and_smoothed(tmp_path):
+    make_dataset(tmp_path)
+    assert dataset(tmp_path)[1][2].tolist() == [0.0, 1.0, 1.0]
+    smooth = dataset(tmp_path, label_smooth=0.3)[1][2]
+    torch.testing.assert_close(smooth, torch.tensor([0.1, 0.7, 0.7]))
+
+
+def test_mixup_label_arithmetic_follows_the_official_loader():
+    y1, y2 = torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0.0, 1, 0, 1]])
+    got = data.smooth_labels(y1, 0.1, y2, torch.tensor([0.6]))
+    torch.testing.assert_close(got, torch.tensor([[0.025 + 0.54, 0.025 + 0.36, 0.025, 0.025 + 0.36]]))
+    shared = data.smooth_labels(y1, 0.1, y1, torch.tensor([0.6]))         # a label of both samples adds up
+    torch.testing.assert_close(shared, torch.tensor([[0.925, 0.025, 0.025, 0.025]]))
+
+
+def test_train_item_with_mixup_mixes_labels_and_images(tmp_path):
+    make_dataset(tmp_path, labels=["/m/a", "/m/b", "/m/c", "/m/b"])
+    ds = dataset(tmp_path, train=True, mixup=1.0)
+    random.seed(3)
+    for i, own in enumerate([0, 1, 2, 1]):
+        fb, image, label = ds[i]
+        assert torch.isfinite(fb).all() and image.shape == (3, 32, 32)
+        assert label.sum().item() == pytest.approx(1.0, abs=1e-6) and label[own] > 0.2  # lam + (1 - lam), lam > 0.2
+
+
+def test_train_frames_are_drawn_from_all_num_frames_and_eval_uses_the_middle(tmp_path):
+    make_dataset(tmp_path, n=1)
+    ds = dataset(tmp_path)
+    assert ds._frame_file(0).endswith(os.path.join("frame_5", "clip0.jpg"))
+    ds.frame = 2
+    assert ds._frame_file(0).endswith(os.path.join("frame_2", "clip0.jpg"))
+    ds.train = True
+    assert {ds._frame_file(0) for _ in range(300)} == {str(tmp_path / f"frame_{k}" / "clip0.jpg") for k in range(10)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_spec_augment_masks_whole_bands_within_bounds_with_torchaudio_draws(seed):
+    feats = torch.ones(1, 100, 128)
+    torch.manual_seed(seed)
+    out = data.spec_augment(feats, freqm=48, timem=30)[0]
+    torch.manual_seed(seed)
+    bands = []
+    for width_max, length in ((48, 128), (30, 100)):
+        value = torch.rand(1) * width_max
+        start = int(torch.rand(1) * (length - value))
+        bands.append((start, int(value)))
+        assert int(value) < width_max and start + int(value) <= length
+    (f0, fw), (t0, tw) = bands
+    assert out.eq(0).all(0).nonzero().flatten().tolist() == list(range(f0, f0 + fw))   # whole mel bands
+    assert out.eq(0).all(1).nonzero().flatten().tolist() == list(range(t0, t0 + tw))   # whole frames
+    assert out.eq(0).sum() == fw * 100 + tw * 128 - fw * tw                             # and nothing else
+
+
+def test_spec_augment_with_zero_widths_changes_nothing_and_draws_nothing():
+    feats = torch.randn(2, 50, 128)
+    torch.manual_seed(0)
+    assert torch.equal(data.spec_augment(feats, 0, 0), feats)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_noise_adds_at_most_a_tenth_then_rolls_in_time():
+    T = 64
+    feats = (10.0 * torch.arange(T)).repeat(128, 1).T[None]   # row t holds 10 t
+    out = data.add_noise(feats)[0]
+    source = torch.div(out, 10, rounding_mode="floor")[:, 0]
+    shift = int(-source[0]) % T
+    assert torch.equal(source.long(), (torch.arange(T) - shift) % T)
+    extra = out - 10 * source[:, None]
+    assert extra.min() >= 0 and extra.max() < 0.1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_wrong_sample_rate_names_file_rate_and_fix(tmp_path):
+    path = write_wav(str(tmp_path / "a.wav"), rate=44100)
+    with pytest.raises(data.DataError, match=r"a\.wav.*44100 Hz.*prepare\.py videos"):
+        data.load_audio(path)
+
+
+@pytest.mark.parametrize("samples", [0, 399])
+def test_empty_or_too_short_audio_is_an_error_naming_the_file(tmp_path, samples):
+    path = write_wav(str(tmp_path / "short.wav"), samples=samples)
+    with pytest.raises(data.DataError, match=r"short\.wav has %d samples" % samples):
+        data.load_audio(path)
+
+
+def test_corrupt_or_missing_audio_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEjunk" * 10)
+    with pytest.raises(data.DataError, match=r"cannot read audio .*bad\.wav"):
+        data.load_audio(str(tmp_path / "bad.wav"))
+    with pytest.raises(data.DataError, match=r"not found: .*none\.wav"):
+        data.load_audio(str(tmp_path / "none.wav"))
+
+
+def test_nan_audio_is_an_error(tmp_path):
+    wave = np.zeros(1000, np.float32)
+    wave[10] = np.nan
+    sf.write(str(tmp_path / "nan.wav"), wave, 16000, subtype="FLOAT")
+    with pytest.raises(data.DataError, match="NaN"):
+        data.load_audio(str(tmp_path / "nan.wav"))
+
+
+def test_stereo_audio_keeps_the_first_channel(tmp_path):
+    path = write_wav(str(tmp_path / "st.wav"), channels=2)
+    first = sf.read(path, dtype="float32")[0][:, 0]
+    assert torch.equal(data.load_audio(path), torch.from_numpy(np.ascontiguousarray(first)))
+
+
+def test_greyscale_frame_is_converted_to_rgb(tmp_path):
+    path = write_jpg(str(tmp_path / "g.jpg"), mode="L")
+    image = data.load_image(path, image_size=32)
+    grey = torch.from_numpy(np.array(Image.open(path))).float() / 255
+    assert image.shape == (3, 32, 32)
+    for c in range(3):
+        want = (grey - data.IMAGE_MEAN[c]) / data.IMAGE_STD[c]
+        torch.testing.assert_close(image[c], want[:, 4:36], atol=1e-6, rtol=0)
+
+
+def test_missing_frame_falls_back_to_an_earlier_one_and_is_counted(tmp_path):
+    make_dataset(tmp_path, n=1, frames=range(4))
+    ds = dataset(tmp_path)
+    _, image, _ = ds[0]
+    assert torch.equal(image, data.load_image(str(tmp_path / "frame_3" / "clip0.jpg"), 32))
+    ds[0]
+    assert ds.frame_fallbacks == 2
+
+
+def test_no_frame_at_or_before_the_chosen_one_is_an_error(tmp_path):
+    make_dataset(tmp_path, n=1, frames=[7])
+    with pytest.raises(data.DataError, match=r"row 0 \(video_id clip0\): no frame at or before frame_5"):
+        dataset(tmp_path)[0]
+
+
+def test_unknown_label_names_datafile_row_and_mid(tmp_path):
+    make_dataset(tmp_path, labels=["/m/a", "/m/a", "/m/zz", "/m/a"])
+    with pytest.raises(data.DataError, match=r"data\.json row 2 \(video_id clip2\): label '/m/zz'"):
+        dataset(tmp_path)
+
+
+def test_unreadable_wav_in_a_row_names_the_row(tmp_path):
+    make_dataset(tmp_path)
+    (tmp_path / "clip1.wav").write_bytes(b"garbage")
+    ds = dataset(tmp_path)
+    with pytest.raises(data.DataError, match=r"row 1 \(video_id clip1\): cannot read audio"):
+        ds[1]
+
+
+def test_skip_policy_drops_bad_rows_at_start_and_lists_them(tmp_path):
+    make_dataset(tmp_path, n=4, labels=["/m/a", "/m/zz", "/m/c", "/m/a"])
+    os.remove(tmp_path / "clip2.wav")
+    with pytest.warns(UserWarning, match="skipped 2 of 4 rows"):
+        ds = dataset(tmp_path, on_error="skip")
+    assert [r["video_id"] for r in ds.rows] == ["clip0", "clip3"]
+    assert [(i, vid) for i, vid, _ in ds.dropped] == [(1, "clip1"), (2, "clip2")]
+    assert "not found" in ds.dropped[1][2][0]
+
+
+def test_check_command_reports_problems_with_nonzero_exit(tmp_path, capsys):
+    datafile, labels = make_dataset(tmp_path)
+    assert data.main(["--check", datafile, labels]) == 0
+    write_wav(str(tmp_path / "clip0.wav"), rate=8000)
+    os.remove(tmp_path / "frame_9" / "clip1.jpg")
+    assert data.main(["--check", datafile, labels]) == 1
+    out = capsys.readouterr().out
+    assert "3 ok, 1 with problems" in out and "8000 Hz" in out and "1 rows miss some" in out
+
+
+# ---------------------------------------------------------------------------------------------- loading at scale
+
+def test_class_balance_weights_follow_the_official_formula(tmp_path):
+    make_dataset(tmp_path, labels=["/m/a", "/m/a,/m/b", "/m/b", "/m/a"])
+    w = data.class_balance_weights(dataset(tmp_path))
+    a, b = 1000 / 3.01, 1000 / 2.01
+    torch.testing.assert_close(w, torch.tensor([a, a + b, b, a], dtype=torch.float64))
+
+
+def test_dataset_stats_are_mean_and_std_of_padded_fbank(tmp_path):
+    make_dataset(tmp_path, n=3)
+    ds = dataset(tmp_path)
+    feats = torch.stack([ds.audio_features(i) for i in range(3)]).double()
+    mean, std = data.dataset_stats(ds)
+    assert mean == pytest.approx(feats.mean().item()) and std == pytest.approx(feats.std().item(), rel=1e-6)
+
+
+def test_dataloader_with_two_workers_loads_and_counts_fallbacks(tmp_path):
+    make_dataset(tmp_path, n=6, frames=range(3))
+    ds = dataset(tmp_path)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 3 and batches[0][0].shape == (2, 128, 128) and batches[0][1].shape == (2, 3, 32, 32)
+    assert ds.frame_fallbacks == 6
+
+
+def test_raw_path_equals_item_path_in_eval_mode(tmp_path):
+    # shorter and longer than 128 frames; from about 16 frames up the BLAS kernel, and so every bit, is the same
+    make_dataset(tmp_path, seconds=(1.0, 0.5, 1.6, 0.2))
+    items, raw = dataset(tmp_path), dataset(tmp_path, raw=True, label_smooth=0.0)
+    batch = next(iter(torch.utils.data.DataLoader(raw, batch_size=4, collate_fn=data.collate_raw)))
+    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
+    for i in range(4):
+        fb, im, lab = items[i]
+        assert torch.equal(audio[i], fb) and torch.equal(image[i], im) and torch.equal(label[i], lab)
+
+
+def test_raw_path_in_training_augments_batchwise(tmp_path):
+    make_dataset(tmp_path, labels=["/m/a", "/m/b", "/m/c", "/m/b"])
+    raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, freqm=20, timem=30, noise=True, label_smooth=0.1)
+    batch = data.collate_raw([raw[i] for i in range(4)])
+    torch.manual_seed(0)
+    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
+    assert audio.shape == (4, 128, 128) and image.shape == (4, 3, 32, 32) and torch.isfinite(audio).all()
+    torch.testing.assert_close(label.sum(1), torch.full((4,), 0.1 + 0.9))  # ls/K * K + lam (1-ls) + (1-lam) (1-ls)
+
+
+def test_raw_path_rows_left_unmixed_keep_plain_smoothed_labels(tmp_path):
+    make_dataset(tmp_path, labels=["/m/a", "/m/b,/m/c", "/m/c", "/m/b"])
+    raw = dataset(tmp_path, raw=True, train=True, mixup=1e-9, label_smooth=0.3)
+    batch = data.collate_raw([raw[i] for i in range(4)])
+    _, _, label = data.BatchPreprocessor.from_dataset(raw)(batch)
+    torch.testing.assert_close(label, data.smooth_labels(batch["label"], 0.3))
+    assert label[1].tolist() == pytest.approx([0.1, 0.7, 0.7])
+
+
+def test_rows_without_labels_get_an_all_zero_target(tmp_path):
+    make_dataset(tmp_path, labels=["", "/m/a", "/m/b", "/m/c"])
+    assert dataset(tmp_path)[0][2].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_bench_command_times_every_path(tmp_path, capsys):
+    datafile, labels = make_dataset(tmp_path)
+    assert data.main(["--bench", "--datafile", datafile, "--label_csv", labels, "--items", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("eval item", "train item", "raw item", "batch of 32", "one clip at a time", "BatchPreprocessor"):
+        assert line in out
