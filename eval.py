@@ -1,0 +1,613 @@
+"""
+Evaluate CAV-MAE the ways the paper does, and run a model on a video.
+
+    python eval.py classify  --checkpoint out/finetune/ckpt.pt --data test.json --label_csv labels.csv --frames all
+    python eval.py retrieval --checkpoint out/pretrain/ckpt.pt --data test.json
+    python eval.py inpaint   --checkpoint out/pretrain/ckpt.pt --data test.json --out inpaint/
+    python eval.py predict   --checkpoint out/finetune/ckpt.pt --video clip.mp4 --topk 5
+
+The metric functions at the top stand alone (numpy + torch) and reproduce scikit-learn's average precision and
+ROC AUC bit for bit, and the official retrieval script's recall@K and median rank.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import runpy
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+import prepare
+from model import FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained
+
+# -----------------------------------------------------------------------------
+# Metrics (Sec. 4 of the paper reports mAP, accuracy and retrieval R@K)
+
+
+def _threshold_counts(y, s):
+    """True/false positives above each distinct score, highest first: tied scores share one threshold."""
+    order = np.argsort(s, kind="stable")[::-1]  # descending; the order inside a tie does not matter
+    s, y = s[order], y[order]
+    last_of_group = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tps = np.cumsum(y, dtype=np.float64)[last_of_group]
+    fps = 1 + last_of_group - tps
+    return fps, tps
+
+
+def average_precision(y, s):
+    """scikit-learn's average_precision_score for one class: sum over thresholds of precision x recall step."""
+    fps, tps = _threshold_counts(y, s)
+    ps = tps + fps
+    precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
+    recall = np.ones_like(tps) if tps[-1] == 0 else tps / tps[-1]  # no positives: AP = 0, as sklearn >= 1.1
+    # sklearn's summation order: recall decreasing, then the point (recall 0, precision 1) appended
+    precision, recall = np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0]
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def roc_auc(y, s):
+    """scikit-learn's roc_auc_score for one class: trapezoids over thresholds (a tie is one diagonal step).
+    NaN when the class has only positives or only negatives, as sklearn 1.9 returns."""
+    if y.min() == y.max():
+        return float("nan")
+    fps, tps = _threshold_counts(y, s)
+    if fps.size > 2:  # roc_curve drops collinear interior points; kept for bit-exact sums
+        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        fps, tps = fps[keep], tps[keep]
+    fpr, tpr = np.r_[0.0, fps] / fps[-1], np.r_[0.0, tps] / tps[-1]
+    return float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0).sum())
+
+
+def d_prime(auc):
+    """sqrt(2) * inverse normal CDF of an AUC (float64): 0 at chance, +inf at AUC 1."""
+    return float(torch.special.ndtri(torch.tensor(auc, dtype=torch.float64)) * math.sqrt(2.0))
+
+
+def _as_numpy(x, name):
+    x = x.detach().cpu().double().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, classes), got shape {x.shape}")
+    return x
+
+
+def classification_metrics(scores, targets):
+    """Per-class AP and ROC AUC exactly as scikit-learn defines them, their means, d-prime and accuracy.
+
+    scores: (N, C) logits or probabilities (only their order matters for AP/AUC); targets: (N, C) in {0, 1}.
+    As the official code does, mAP averages AP over all classes (a class without positives has AP 0.0) and
+    d_prime is computed from the mean AUC. A class without positives (or negatives) has AUC NaN, as in
+    sklearn 1.9; mAUC averages the classes whose AUC is defined (the official code would print NaN).
+    acc: fraction of rows whose argmax of scores equals the argmax of targets (first index on ties)."""
+    scores, targets = _as_numpy(scores, "scores"), _as_numpy(targets, "targets")
+    if scores.shape != targets.shape:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} differ in shape")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf; AP and AUC are undefined")
+    if not np.isin(targets, (0, 1)).all():
+        raise ValueError("targets must be 0/1 (evaluate without label smoothing or mixup)")
+    ap = [average_precision(targets[:, k], scores[:, k]) for k in range(targets.shape[1])]
+    auc = [roc_auc(targets[:, k], scores[:, k]) for k in range(targets.shape[1])]
+    defined = [a for a in auc if not math.isnan(a)]
+    mauc = float(np.mean(defined)) if defined else float("nan")
+    acc = float(np.mean(np.argmax(targets, 1) == np.argmax(scores, 1)))
+    return dict(mAP=float(np.mean(ap)), mAUC=mauc, d_prime=d_prime(mauc), acc=acc, AP=ap, AUC=auc)
+
+
+def retrieval_metrics(similarity):
+    """Recall@1/5/10 and median rank (1-based) with queries as rows and the match on the diagonal.
+
+    Same numbers as the official retrieval script: the match's rank is its position in the row sorted by
+    decreasing similarity; when k other candidates tie with the match exactly, the row counts once at each of
+    the k+1 tied positions (so a collapsed model scores like chance, not perfectly)."""
+    sim = torch.as_tensor(similarity).double()
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"similarity must be a square (queries, candidates) matrix, got {tuple(sim.shape)}")
+    if not torch.isfinite(sim).all():
+        raise ValueError("similarity contains NaN or inf (did the embeddings diverge?)")
+    match = sim.diagonal()[:, None]  # (N, 1)
+    above = (sim > match).sum(1)  # (N,) candidates strictly more similar than the match
+    tied = (sim == match).sum(1)  # (N,) >= 1: the match itself
+    start = torch.cumsum(tied, 0) - tied
+    ranks = above.repeat_interleave(tied) + torch.arange(int(tied.sum())) - start.repeat_interleave(tied)
+    ranks = ranks.numpy()  # 0-based, one per (row, tied position)
+    return dict(R1=float(np.mean(ranks < 1)), R5=float(np.mean(ranks < 5)), R10=float(np.mean(ranks < 10)),
+                MR=float(np.median(ranks) + 1))
+
+
+# -----------------------------------------------------------------------------
+# Rebuilding a model from a checkpoint (ours or the official release)
+
+
+def _state_dict(ckpt):
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    return {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def infer_architecture(state):
+    """The CAVMAEConfig fields a state dict's shapes determine (all but the head counts and mlp_ratio)."""
+    def count(prefix):  # distinct block indices under prefix
+        return len({k[len(prefix) + 1:].split(".")[0] for k in state if k.startswith(prefix + ".")})
+
+    arch = {}
+    pos_a = state.get("pos_embed_a", state.get("encoder.pos_embed_a"))
+    pos_v = state.get("pos_embed_v", state.get("encoder.pos_embed_v"))
+    patch = state.get("patch_embed_a.proj.weight", state.get("encoder.patch_embed_a.weight"))
+    if patch is not None and pos_a is not None and pos_v is not None:
+        p, bands = patch.shape[-1], CAVMAEConfig.num_mel_bins // patch.shape[-1]  # audio grid: bands x time steps
+        arch.update(patch_size=p, embed_dim=pos_a.shape[-1], audio_length=pos_a.shape[1] // bands * p,
+                    img_size=math.isqrt(pos_v.shape[1]) * p)
+    for official, ours, field in (("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
+                                  ("blocks_u", "encoder.joint_blocks", "joint_depth"),
+                                  ("decoder_blocks", "decoder_blocks", "decoder_depth")):
+        if count(official) or count(ours):
+            arch[field] = count(official) or count(ours)
+    if "decoder_embed.weight" in state:
+        arch["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
+    return arch
+
+
+def read_config_file(path):
+    """Settings from a json file or a python config file like train.py's (its top-level assignments)."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    namespace = runpy.run_path(path)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)
+            and type(v).__name__ != "module"}
+
+
+def architecture_from(settings, fields):
+    """CAVMAEConfig fields in a settings dict, named as themselves or as train.py's model_<field>."""
+    out = {k: v for k, v in settings.items() if k in fields}
+    out.update({k[len("model_"):]: v for k, v in settings.items() if k.startswith("model_") and k[6:] in fields})
+    return out
+
+
+def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", **arch_overrides):
+    """Rebuild CAVMAE (task 'pretrain') or CAVMAEClassifier ('finetune') from a checkpoint and load it.
+
+    Ours (train.py's dict with model_args/task/num_classes) needs nothing else. An official state dict gets
+    its architecture from `preset`, then what its tensor shapes say, then `config` (a dict, or a .json / .py
+    file), then `arch_overrides`; its task and class count come from its keys. `task` given and different
+    from the checkpoint's is an error. Returns (model in eval mode on `device`, info dict with the
+    checkpoint's format, task, num_classes, train config and load report)."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{checkpoint}: expected a checkpoint dict or a state dict, got {type(ckpt).__name__}")
+    state = _state_dict(ckpt)
+    fields = set(CAVMAEConfig.__dataclass_fields__)
+    extra = read_config_file(config) if isinstance(config, str) else dict(config or {})
+    if "model_args" in ckpt:  # ours
+        model_args = {**ckpt["model_args"], **arch_overrides}
+        found_task, found_classes = ckpt.get("task", "pretrain"), ckpt.get("num_classes")
+        train_config = ckpt.get("config") or {}
+    else:  # official (or a bare state dict of ours)
+        preset = extra.get("preset", extra.get("model_preset", preset))
+        model_args = {**PRESETS[preset], **infer_architecture(state), **architecture_from(extra, fields),
+                      **arch_overrides}
+        head = state.get("mlp_head.1.weight", state.get("head.1.weight"))
+        found_task = "finetune" if head is not None else "pretrain"
+        found_classes, train_config = (None if head is None else head.shape[0]), extra
+    if task is not None and task != found_task:
+        need = "a fine-tuned classifier" if task == "finetune" else "a pretrained CAV-MAE (with its decoder)"
+        raise ValueError(f"{checkpoint} holds a {found_task} model; this command needs {need}")
+    cfg = CAVMAEConfig(**model_args)
+    model = CAVMAEClassifier(cfg, found_classes) if found_task == "finetune" else CAVMAE(cfg)
+    report = load_pretrained(model, state)
+    if report.missing:
+        raise ValueError(f"{checkpoint} does not fill the model: {report}")
+    info = dict(format=report.source_format, task=found_task, num_classes=found_classes, config=train_config,
+                report=str(report))
+    return model.to(device).eval(), info
+
+
+def coordinated_tokens(model, audio, image):
+    """(B, La, D), (B, Lv, D): each modality through its own stream, no masking (Sec. 3.2), for either model."""
+    if hasattr(model, "embed"):
+        return model.embed(audio, image)
+    enc = model.encoder  # a classifier: the same encoder without the decoder
+    return enc.joint(enc.audio_tokens(audio), "audio"), enc.joint(enc.visual_tokens(image), "visual")
+
+
+def data_settings(model, info, args):
+    """AVDataset keywords for this model: its input sizes, and the fbank mean/std it was trained with."""
+    cfg, train = model.config, info["config"]
+    mean = args.mean if args.mean is not None else train.get("dataset_mean", train.get("mean", data.AUDIOSET_MEAN))
+    std = args.std if args.std is not None else train.get("dataset_std", train.get("std", data.AUDIOSET_STD))
+    return dict(target_length=cfg.audio_length, image_size=cfg.img_size, mean=mean, std=std)
+
+
+def ftmode(args, info):
+    return args.ftmode or info["config"].get("ftmode", "multimodal")
+
+
+def check_classes(ds, info, label_csv):
+    if ds.num_classes != info["num_classes"]:
+        raise ValueError(f"{label_csv} lists {ds.num_classes} classes but the model predicts {info['num_classes']}")
+
+
+def label_csv_for(datafile, label_csv, workdir):
+    """The label csv to read `datafile` with; retrieval needs none, so one is written from the datafile's labels."""
+    if label_csv:
+        return label_csv
+    mids = sorted({m for row in data.read_datafile(datafile) for m in data.label_mids(row)})
+    path = os.path.join(workdir, "labels.csv")
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("index", "mid", "display_name"), *((i, m, m) for i, m in enumerate(mids))])
+    return path
+
+
+def batches(ds, args):
+    """Finished (audio, image, label) batches on args.device, in datafile order."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                                         collate_fn=data.collate_raw)
+    prep = data.BatchPreprocessor.from_dataset(ds)
+    for batch in loader:
+        yield prep(batch, args.device)
+
+
+def autocast(args):
+    dtype = dict(float32=None, bfloat16=torch.bfloat16, float16=torch.float16)[args.dtype]
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def predict_logits(model, ds, args, mode):
+    """Logits (N, K) float32 and labels (N, K) of the whole dataset at its current frame."""
+    logits, labels = [], []
+    for audio, image, label in batches(ds, args):
+        with autocast(args):
+            logits.append(model(audio, image, mode).float().cpu())
+        labels.append(label.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def frame_list(frames, num_frames=10):
+    """--frames: 'all' -> every frame (averaged), an int -> that frame, None -> the middle frame (official)."""
+    if frames is None:
+        return [num_frames // 2]
+    if frames == "all":
+        return list(range(num_frames))
+    if not frames.isdigit() or int(frames) >= num_frames:
+        raise ValueError(f"--frames must be 'all' or a frame number 0..{num_frames - 1}, got {frames!r}")
+    return [int(frames)]
+
+
+def activation_for(args, info, labels=None):
+    """How per-frame predictions are averaged (preprocessing.md 4.4): softmax for accuracy runs, sigmoid for mAP
+    runs, as the checkpoint's config says (metric='acc' | 'mAP'); without one, softmax iff every clip has one label."""
+    if args.activation != "auto":
+        return args.activation
+    metric = info["config"].get("metric")
+    if metric is None:
+        metric = "acc" if labels is not None and bool((labels.sum(1) == 1).all()) else "mAP"
+    return "softmax" if metric == "acc" else "sigmoid"
+
+
+def frame_logits(model, ds, args, mode, frames):
+    """Logits (len(frames), N, K) with each frame in turn, and the labels (N, K)."""
+    logits = []
+    for k in frames:
+        ds.frame = k
+        x, labels = predict_logits(model, ds, args, mode)
+        logits.append(x)
+    return torch.stack(logits), labels
+
+
+def average_frames(logits, activation):
+    """(frames, N, K) logits -> (N, K) mean of per-frame sigmoid or softmax (the official multi-frame score)."""
+    probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=-1)
+    return probs.mean(0)
+
+
+# -----------------------------------------------------------------------------
+# Commands
+
+
+def write_json(path, obj):
+    """json with NaN written as null (json has no NaN)."""
+    clean = lambda x: (None if isinstance(x, float) and math.isnan(x) else
+                       {k: clean(v) for k, v in x.items()} if isinstance(x, dict) else
+                       [clean(v) for v in x] if isinstance(x, (list, tuple)) else x)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(clean(obj), f, indent=1)
+
+
+def print_table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def cmd_classify(args):
+    model, info = load_model(args.checkpoint, "finetune", device=args.device, **arch_flags(args))
+    label_csv = args.label_csv or info["config"].get("label_csv")
+    if not label_csv:
+        raise ValueError("classify needs --label_csv (the checkpoint does not name one)")
+    ds = data.AVDataset(args.data, label_csv, raw=True, **data_settings(model, info, args))
+    check_classes(ds, info, label_csv)
+    frames = frame_list(args.frames)
+    mode = ftmode(args, info)
+    logits, labels = frame_logits(model, ds, args, mode, frames)
+    act = activation_for(args, info, labels) if len(frames) > 1 else None  # one frame: raw logits, as official
+    scores = logits[0] if act is None else average_frames(logits, act)
+    m = classification_metrics(scores, labels)
+    print(f"{args.checkpoint}: {len(ds)} clips, mode {mode}, frames {args.frames or frames[0]}"
+          + (f" ({act} averaged)" if act else ""))
+    print_table([[k, f"{m[k]:.4f}"] for k in ("mAP", "mAUC", "d_prime", "acc")], ["metric", "value"])
+    out = dict(m, mode=mode, frames=frames, activation=act, clips=len(ds), checkpoint=args.checkpoint)
+    per_class = args.per_class_csv or (os.path.splitext(args.out)[0] + "_per_class.csv" if args.out else None)
+    if per_class:
+        with open(per_class, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "mid", "display_name", "positives", "AP", "AUC"])
+            for k, (mid, name) in enumerate(zip(ds.labels.mids, ds.labels.names)):
+                w.writerow([k, mid, name, int(labels[:, k].sum()), f"{m['AP'][k]:.6f}", f"{m['AUC'][k]:.6f}"])
+        print(f"per-class AP/AUC -> {per_class}")
+    if args.out:
+        write_json(args.out, out)
+    return out
+
+
+@torch.no_grad()
+def cmd_retrieval(args):
+    model, info = load_model(args.checkpoint, device=args.device, **arch_flags(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = data.AVDataset(args.data, label_csv_for(args.data, args.label_csv, tmp), raw=True,
+                            **data_settings(model, info, args))
+        ds.frame = frame_list(args.frames)[0]
+        audio_emb, visual_emb = [], []
+        for audio, image, _ in batches(ds, args):
+            with autocast(args):
+                a, v = coordinated_tokens(model, audio, image)  # (B, La, D), (B, Lv, D)
+            audio_emb.append(F.normalize(a.float().mean(1), dim=-1).cpu())  # (B, D) mean-pooled, unit length
+            visual_emb.append(F.normalize(v.float().mean(1), dim=-1).cpu())
+    audio_emb, visual_emb = torch.cat(audio_emb), torch.cat(visual_emb)
+    similarity = audio_emb.double() @ visual_emb.double().T  # (N, N) cosine, rows = audio queries
+    out = dict(audio_to_visual=retrieval_metrics(similarity), visual_to_audio=retrieval_metrics(similarity.T),
+               clips=len(ds), checkpoint=args.checkpoint)
+    print(f"{args.checkpoint} ({info['task']}): retrieval among {len(ds)} clips")
+    print_table([[d, *(f"{out[d][k]:.4f}" for k in ("R1", "R5", "R10")), f"{out[d]['MR']:g}"]
+                 for d in ("audio_to_visual", "visual_to_audio")], ["direction", "R@1", "R@5", "R@10", "MR"])
+    if args.save_embeddings:
+        os.makedirs(args.save_embeddings, exist_ok=True)
+        np.save(os.path.join(args.save_embeddings, "audio.npy"), audio_emb.numpy())
+        np.save(os.path.join(args.save_embeddings, "visual.npy"), visual_emb.numpy())
+        with open(os.path.join(args.save_embeddings, "video_ids.txt"), "w") as f:
+            f.writelines(row["video_id"] + "\n" for row in ds.rows)
+        print(f"embeddings ({len(ds)} x {audio_emb.shape[1]}) -> {args.save_embeddings}")
+    if args.out:
+        write_json(args.out, out)
+    return out
+
+
+# Inpainting pictures (Fig. 3 of the paper): original / masked / reconstructed spectrogram and frame
+
+PAD, TEXT = 4, 14  # pixels between panels, height of a caption line
+GREY = 128
+# a dark-to-bright colormap (black, purple, red, orange, pale yellow) for spectrograms
+COLORMAP = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], dtype=np.float64)
+
+
+def colorize(values, low, high):
+    """(H, W) values -> (H, W, 3) uint8 through COLORMAP between low and high; NaN (masked) -> grey."""
+    t = np.clip((values - low) / max(high - low, 1e-12), 0, 1)
+    anchors = np.linspace(0, 1, len(COLORMAP))
+    rgb = np.stack([np.interp(t, anchors, COLORMAP[:, c]) for c in range(3)], axis=-1)
+    rgb[np.isnan(values)] = GREY
+    return rgb.round().astype(np.uint8)
+
+
+def spectrogram_picture(fbank, low, high):
+    """(T, F) fbank -> (F, T, 3) picture: time to the right, low frequencies at the bottom."""
+    return colorize(fbank.T.flip(0).numpy(), low, high)
+
+
+def image_picture(image, zoom):
+    """(3, S, S) ImageNet-normalised image -> (S*zoom, S*zoom, 3) uint8; NaN (masked) -> grey."""
+    rgb = image * torch.tensor(data.IMAGE_STD)[:, None, None] + torch.tensor(data.IMAGE_MEAN)[:, None, None]
+    rgb = (rgb.clamp(0, 1) * 255).round().nan_to_num(GREY).byte().permute(1, 2, 0).numpy()  # clamp keeps NaN
+    return rgb.repeat(zoom, 0).repeat(zoom, 1)
+
+
+def reconstruct(model, target, pred, mask):
+    """Visible patches from the input, masked ones from the prediction (MAE's visualisation). With norm_pix_loss
+    the prediction is per-patch normalised, so it is mapped back with the input patch's own mean and variance
+    (as MAE's demo does: the picture then shows structure, not the patch's true brightness)."""
+    if model.config.norm_pix_loss:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    visible = target.masked_fill(mask[..., None].bool(), float("nan"))
+    return visible, torch.where(mask[..., None].bool(), pred, target)
+
+
+def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
+    """One clip: rows original / masked / reconstruction, columns spectrogram / frame."""
+    masked_a, recon_a = reconstruct(model, model.patchify_audio(audio[None]), pred_a[None], mask_a[None])
+    masked_v, recon_v = reconstruct(model, model.patchify_image(image[None]), pred_v[None], mask_v[None])
+    spectrograms = [audio, model.unpatchify_audio(masked_a)[0], model.unpatchify_audio(recon_a)[0]]
+    images = [image, model.unpatchify_image(masked_v)[0], model.unpatchify_image(recon_v)[0]]
+    T, bins, S = audio.shape[0], audio.shape[1], image.shape[-1]
+    zoom = max(1, 128 // S)  # small frames are enlarged to about the spectrogram's height
+    panel = max(bins, S * zoom)
+    canvas = Image.new("RGB", (PAD + T + PAD + S * zoom + PAD, TEXT + 3 * (TEXT + panel) + PAD), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, 1), title, fill="black")
+    low, high = audio.min().item(), audio.max().item()
+    ratio = mask_a.mean().item(), mask_v.mean().item()
+    for row, caption in enumerate(("original", f"masked {ratio[0]:.0%} / {ratio[1]:.0%}", "reconstruction")):
+        y = TEXT + row * (TEXT + panel)
+        draw.text((PAD, y + 1), caption, fill="black")
+        canvas.paste(Image.fromarray(spectrogram_picture(spectrograms[row], low, high)), (PAD, y + TEXT))
+        canvas.paste(Image.fromarray(image_picture(images[row], zoom)), (2 * PAD + T, y + TEXT))
+    return canvas
+
+
+@torch.no_grad()
+def cmd_inpaint(args):
+    model, info = load_model(args.checkpoint, "pretrain", device=args.device, **arch_flags(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        label_csv = label_csv_for(args.data, args.label_csv, tmp)
+        ds = data.AVDataset(args.data, label_csv, **data_settings(model, info, args))
+    items = [ds[i] for i in range(min(args.n, len(ds)))]
+    audio, image = torch.stack([x[0] for x in items]), torch.stack([x[1] for x in items])  # (n, T, F), (n, 3, S, S)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)  # structured audio masks draw their rows/columns with `random`
+    out = model(audio.to(args.device), image.to(args.device), mask_ratio_a=args.mask_ratio,
+                mask_ratio_v=args.mask_ratio, mask_mode=args.mask_mode, mae_weight=1.0, contrastive_weight=0.0)
+    out = {k: v.float().cpu() for k, v in out.items() if torch.is_tensor(v)}
+    model.cpu()
+    os.makedirs(args.out, exist_ok=True)
+    note = " (norm_pix_loss: patch mean/std from the input)" if model.config.norm_pix_loss else ""
+    written = []
+    for i in range(len(items)):
+        video_id = ds.rows[i]["video_id"]
+        picture = inpaint_picture(model, audio[i], image[i], out["mask_a"][i], out["mask_v"][i],
+                                  out["pred_a"][i], out["pred_v"][i], f"{video_id}, {args.mask_mode} masking{note}")
+        path = os.path.join(args.out, f"{video_id}.png")
+        picture.save(path)
+        written.append(path)
+    losses = dict(loss_mae_a=out["loss_mae_a"].item(), loss_mae_v=out["loss_mae_v"].item())
+    print(f"{len(written)} pictures -> {args.out}; masked-patch MSE audio {losses['loss_mae_a']:.4f}, "
+          f"visual {losses['loss_mae_v']:.4f}")
+    write_json(os.path.join(args.out, "inpaint.json"), dict(losses, pictures=written, mask_ratio=args.mask_ratio,
+                                                            mask_mode=args.mask_mode, checkpoint=args.checkpoint))
+    return written
+
+
+# Inference on one video
+
+
+@torch.no_grad()
+def cmd_predict(args):
+    model, info = load_model(args.checkpoint, "finetune", device=args.device, **arch_flags(args))
+    label_csv = args.label_csv or info["config"].get("label_csv")  # an explicit --label_csv must exist
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.video:
+            facts = prepare.probe(args.video)
+            wav = prepare.extract_audio(args.video, os.path.join(tmp, "clip.wav"), facts)
+            prepare.extract_frames(args.video, os.path.join(tmp, "frames"), "clip", facts)
+            frames = frame_list(args.frames or "all")
+        elif args.wav and args.image:
+            wav = args.wav
+            os.makedirs(os.path.join(tmp, "frames", "frame_0"))
+            with open(args.image, "rb") as src, open(os.path.join(tmp, "frames", "frame_0", "clip.jpg"), "wb") as dst:
+                dst.write(src.read())  # read_frame decodes by content, whatever the extension
+            frames = [0]
+        else:
+            raise ValueError("predict needs --video, or --wav together with --image")
+        write_json(os.path.join(tmp, "clip.json"), dict(data=[dict(video_id="clip", wav=os.path.abspath(wav),
+                                                                   video_path="frames", labels="")]))
+        if not args.label_csv and not (label_csv and os.path.isfile(label_csv)):
+            print(f"the checkpoint's label csv {label_csv!r} is not here and no --label_csv given: "
+                  "classes are named by their index")
+            label_csv = os.path.join(tmp, "labels.csv")
+            with open(label_csv, "w", newline="") as f:
+                csv.writer(f).writerows([("index", "mid", "display_name"),
+                                         *((k, f"class_{k}", f"class {k}") for k in range(info["num_classes"]))])
+        ds = data.AVDataset(os.path.join(tmp, "clip.json"), label_csv, raw=True, **data_settings(model, info, args))
+        check_classes(ds, info, label_csv)
+        logits, _ = frame_logits(model, ds, args, ftmode(args, info), frames)
+    act = activation_for(args, info)
+    probs = average_frames(logits, act)[0]  # (K,)
+    top = probs.topk(min(args.topk, probs.numel()))
+    result = [dict(index=int(k), mid=ds.labels.mids[k], name=ds.labels.names[k], score=float(p))
+              for p, k in zip(top.values, top.indices)]
+    print(f"{args.video or args.wav}: top {len(result)} of {probs.numel()} classes "
+          f"({act}, mean over {len(frames)} frames)")
+    print_table([[r["name"] or r["mid"], f"{r['score']:.4f}"] for r in result], ["label", "score"])
+    if args.out:
+        write_json(args.out, dict(top=result, activation=act, frames=frames, mode=ftmode(args, info),
+                                  input=args.video or [args.wav, args.image]))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def arch_flags(args):
+    """--preset / --config / --model_arg KEY=VALUE: the architecture of an official checkpoint."""
+    overrides, defaults = {}, CAVMAEConfig()
+    for item in args.model_arg:
+        key, _, value = item.partition("=")
+        if not hasattr(defaults, key):
+            raise ValueError(f"--model_arg {item}: {key!r} is not a CAVMAEConfig field")
+        kind = type(getattr(defaults, key))
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return dict(preset=args.preset, config=args.config, **overrides)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help, needs_data=True):
+        p = commands.add_parser(name, help=help)
+        p.add_argument("--checkpoint", required=True, help="ours (train.py's ckpt.pt) or an official state dict")
+        if needs_data:
+            p.add_argument("--data", required=True, help="datafile (json, official format)")
+        p.add_argument("--label_csv", help="index,mid,display_name csv")
+        p.add_argument("--out", help="json file of the results (inpaint: output folder)")
+        p.add_argument("--preset", default="base", choices=sorted(PRESETS), help="official checkpoints: architecture")
+        p.add_argument("--config", help="official checkpoints: architecture from a .json or .py config file")
+        p.add_argument("--model_arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="official checkpoints: override a CAVMAEConfig field (repeatable)")
+        p.add_argument("--mean", type=float, help="fbank mean (default: the checkpoint's, else AudioSet's)")
+        p.add_argument("--std", type=float, help="fbank normalisation std")
+        p.add_argument("--batch_size", type=int, default=32)
+        p.add_argument("--num_workers", type=int, default=0)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+        return p
+
+    p = command("classify", "mAP, mAUC, d-prime and accuracy of a fine-tuned model")
+    p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's ftmode, else multimodal")
+    p.add_argument("--frames", help="'all' (average over the 10 frames) or a frame number (default: middle frame)")
+    p.add_argument("--activation", default="auto", choices=["auto", "sigmoid", "softmax"],
+                   help="averaging over frames: auto = the checkpoint's metric (acc: softmax, mAP: sigmoid)")
+    p.add_argument("--per_class_csv", help="per-class AP/AUC csv (default: next to --out)")
+    p.set_defaults(run=cmd_classify)
+
+    p = command("retrieval", "audio->visual and visual->audio recall@K and median rank")
+    p.add_argument("--frames", help="which frame (default: the middle one, as the official script)")
+    p.add_argument("--save_embeddings", metavar="DIR", help="write audio.npy, visual.npy and video_ids.txt")
+    p.set_defaults(run=cmd_retrieval)
+
+    p = command("inpaint", "pictures of masked reconstructions of a pretrained model")
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--mask_mode", default="unstructured", choices=MASK_MODES)
+    p.add_argument("--n", type=int, default=4, help="number of clips (the first n of the datafile)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_inpaint)
+
+    p = command("predict", "top labels of a fine-tuned model on one video (or a wav and an image)", needs_data=False)
+    p.add_argument("--video", help="a video file with audio (any format ffmpeg reads)")
+    p.add_argument("--wav", help="a 16 kHz audio file (with --image instead of --video)")
+    p.add_argument("--image", help="one frame (with --wav)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's ftmode, else multimodal")
+    p.add_argument("--frames", help="'all' (default for videos) or a frame number")
+    p.add_argument("--activation", default="auto", choices=["auto", "sigmoid", "softmax"])
+    p.set_defaults(run=cmd_predict)
+
+    args = parser.parse_args(argv)
+    if args.command == "inpaint" and not args.out:
+        parser.error("inpaint needs --out DIR")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, prepare.PrepareError) as e:  # bad input: one readable line, not a traceback
+        sys.exit(f"eval.py: error: {e}")
