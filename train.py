@@ -526,7 +526,8 @@ def train(cfg, device, ddp, rank, world, master):
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if ckpt is None and os.path.exists(os.path.join(cfg["out_dir"], "log.jsonl")):
             os.remove(os.path.join(cfg["out_dir"], "log.jsonl"))  # a new run, a new log
-        json.dump(cfg, open(os.path.join(cfg["out_dir"], "config.json"), "w"), indent=1)
+        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
         trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{cfg['task']}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params "
               f"({trained / 1e6:.2f}M trained) | audio {mcfg.audio_length}x{mcfg.num_mel_bins}, "
@@ -638,11 +639,13 @@ def train(cfg, device, ddp, rank, world, master):
                         dict(count=wa_state["count"] + 1, sum={k: wa_state["sum"][k] + sd[k] for k in sd})
                 want_eval = (cfg["eval_interval"] > 0 and iter_num % cfg["eval_interval"] == 0
                              or cfg["eval_interval"] == 0 and epoch_end)
+                t_pause = time.time()  # evaluation and checkpoint time do not count in samples/s
                 if want_eval and iter_num < total_iters and not stopping:  # the last one is the final evaluation
                     metrics = evaluate()
                     best_metric = max(best_metric or -math.inf, main_metric(cfg, metrics)) if master else None
                 if want_eval or epoch_end or stopping:
                     save()
+                t_log += time.time() - t_pause
                 if epoch_end:
                     break
         if stopping:
