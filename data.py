@@ -282,6 +282,8 @@ def load_label_csv(path):
             raise DataError(f"{path}: expected a header with columns index,mid,display_name, got {reader.fieldnames}")
         rows = []
         for line, row in enumerate(reader, start=2):
+            if not (row.get("mid") or "").strip():
+                raise DataError(f"{path} line {line}: no mid (want index,mid,display_name)")
             try:
                 rows.append((int(row["index"]), row["mid"].strip(), (row.get("display_name") or "").strip()))
             except (TypeError, ValueError):
@@ -340,7 +342,7 @@ def check_row(row, labels, num_frames=10, sample_rate=SAMPLE_RATE):
         if not os.path.isfile(path):
             missing += 1
             if i == 0:
-                problems.append(f"frame_0 missing ({path}): frames at or before a missing one cannot be found")
+                problems.append(f"frame_0 missing ({path}): a missing frame has no earlier one to fall back to")
             continue
         try:
             with Image.open(path):
@@ -396,6 +398,7 @@ class AVDataset(torch.utils.data.Dataset):
         return int(self._fallbacks.item())
 
     def _frame_file(self, i):
+        """Path of row i's frame for this load; decode() adds the datafile and row to a DataError."""
         row = self.rows[i]
         want = random.randint(0, self.num_frames - 1) if self.train else (
             int(self.num_frames / 2) if self.frame is None else self.frame)
@@ -405,8 +408,7 @@ class AVDataset(torch.utils.data.Dataset):
                 if k != want:
                     self._fallbacks += 1
                 return path
-        raise DataError(f"{self.datafile} row {i} (video_id {row['video_id']}): no frame at or before frame_{want} "
-                        f"(looked for {frame_path(row, want)} and earlier)")
+        raise DataError(f"no frame at or before frame_{want} (looked for {frame_path(row, want)} and earlier)")
 
     def decode(self, i):
         """What a raw worker returns: centred waveform [n], uint8 frame [3, S, S], multi-hot label [K]."""

@@ -360,6 +360,8 @@ def cmd_classify(args):
 
 @torch.no_grad()
 def cmd_retrieval(args):
+    if args.frames == "all":
+        raise ValueError("retrieval embeds one frame per clip: --frames must be a frame number (default: 5)")
     model, info = load_model(args.checkpoint, device=args.device, **arch_flags(args))
     with tempfile.TemporaryDirectory() as tmp:
         ds = data.AVDataset(args.data, label_csv_for(args.data, args.label_csv, tmp), raw=True,

@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 
@@ -295,9 +296,10 @@ def prepare_video(job):
             extract_frames(video, frames_root, video_id, info=info, only=need_frames)
         if need_audio:
             extract_audio(video, wav, info=info)
-    except PrepareError as error:
-        _remove(wav, *frames)   # a failed video leaves nothing behind
-        return "failed", str(error)
+    except Exception as error:   # PrepareError, or anything unforeseen (disk full, odd ffprobe output):
+        _remove(wav, *frames)   # one bad video must not stop the run; a failed video leaves nothing behind
+        reason = str(error) if isinstance(error, PrepareError) else f"{type(error).__name__}: {error}"
+        return "failed", reason
     return "done", ""
 
 
@@ -606,7 +608,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "synthetic":
-        import time
         start = time.time()
         make_synthetic(args.out, args.n_train, args.n_test, args.seed, args.image_size, args.seconds,
                        args.num_classes, args.multilabel, args.workers)
