@@ -386,7 +386,9 @@ class CAVMAE(nn.Module):
         block = lambda L, width: 2 * L * width * width * (4 + 2 * c.mlp_ratio) + 4 * L * L * width
         flops = 2 * (La * P + Lv * P * c.in_chans) * D  # patch embeddings
         flops += c.modality_specific_depth * (block(ka, D) + block(kv, D))
-        flops += c.joint_depth * (block(ka + kv, D) + block(ka, D) + block(kv, D))  # three streams
+        # three streams; the single-modality ones pass the last joint block only under the official quirk
+        modality_joint_depth = min(c.joint_depth, 1) if c.official_contrastive_streams else c.joint_depth
+        flops += c.joint_depth * block(ka + kv, D) + modality_joint_depth * (block(ka, D) + block(kv, D))
         flops += 2 * (ka + kv) * D * Dd + c.decoder_depth * block(La + Lv, Dd)
         flops += 2 * Dd * (La * P + Lv * P * c.in_chans)  # prediction heads
         return flops

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 from eval import classification_metrics, retrieval_metrics
-from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained
+from model import FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained
 
 # ----------------------------------------------------------------------------------------------------------
 # default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
@@ -99,9 +99,7 @@ peak_flops = 989e12            # for MFU: H100 SXM dense bf16
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 CHOICES = dict(task=("pretrain", "finetune"), optimizer=("adam", "adamw"), lr_schedule=("step", "cosine"),
                loss=("bce", "ce"), metric=("mAP", "acc"), dtype=("auto", "float32", "bfloat16", "float16"),
-               gpu_preprocess=("auto", "on", "off"), mask_mode=("unstructured", "time", "freq", "tf"),
-               ftmode=("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly"),
-               on_error=("raise", "skip"))
+               gpu_preprocess=("auto", "on", "off"), mask_mode=MASK_MODES, ftmode=FT_MODES, on_error=("raise", "skip"))
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -273,7 +271,9 @@ class GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # (world * B, D) -> (B, D)
+        # Every rank computes the same loss over all gathered clips; summing their gradients here and DDP's mean
+        # over ranks afterwards give each parameter the gradient of that one loss.
         grad = grad.contiguous()
         dist.all_reduce(grad)  # sum over the ranks' losses
         B = grad.shape[0] // dist.get_world_size()
@@ -288,7 +288,8 @@ def pretrain_kwargs(cfg):
 def classification_loss(logits, label, kind):
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits.float(), label)
-    return F.cross_entropy(logits.float(), label)  # soft targets (mixup, smoothing), like the official CE loss
+    # soft targets (mixup, smoothing); the official CE loss uses argmax(label.long()), i.e. hard targets
+    return F.cross_entropy(logits.float(), label)
 
 
 def compute_loss(model, audio, image, label, cfg, gather=None):
@@ -512,8 +513,10 @@ def train(cfg, device, ddp, rank, world, master):
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
-    if ddp:  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient
-        unused = not pretrain or cfg["mae_weight"] == 0 or cfg["contrastive_weight"] == 0
+    if ddp:  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; so do the
+        # single-modality norms of all but the last joint block under the official contrastive-stream quirk
+        unused = (not pretrain or cfg["mae_weight"] == 0 or cfg["contrastive_weight"] == 0
+                  or (mcfg.joint_depth > 1 and mcfg.official_contrastive_streams))
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     gather = GatherWithGrad.apply if ddp and cfg["gather_negatives"] else None
 
@@ -566,6 +569,7 @@ def train(cfg, device, ddp, rank, world, master):
 
     def evaluate(final=False):
         """Rank 0 evaluates the unwrapped model on data_val; the other ranks wait."""
+        check_finite()  # a NaN model gets the clear NonFiniteLoss, not an error from the metrics
         metrics = None
         if master:
             raw_model.eval()
