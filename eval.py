@@ -611,5 +611,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, prepare.PrepareError) as e:  # bad input: one readable line, not a traceback
+    except (ValueError, OSError, prepare.PrepareError, prepare.FFmpegMissing) as e:  # one readable line
         sys.exit(f"eval.py: error: {e}")

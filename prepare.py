@@ -52,6 +52,10 @@ class PrepareError(ValueError):
     """A video that cannot become a sample; the message is the reason shown to the user."""
 
 
+class FFmpegMissing(RuntimeError):
+    """ffmpeg or ffprobe is not installed; the message says how to install it."""
+
+
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
     """list(map(fn, jobs)) over `workers` processes (in this process when 1), with a progress bar."""
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -84,10 +88,10 @@ def _write_label_csv(path, mids, names):
 
 @functools.lru_cache(maxsize=None)
 def check_ffmpeg():
-    """Return ffmpeg's (major, minor) version; raise RuntimeError with install help when it is missing."""
+    """Return ffmpeg's (major, minor) version; raise FFmpegMissing with install help when it is missing."""
     missing = [p for p in ("ffmpeg", "ffprobe") if shutil.which(p) is None]
     if missing:
-        raise RuntimeError(f"{' and '.join(missing)} not found.\n{FFMPEG_HELP}")
+        raise FFmpegMissing(f"{' and '.join(missing)} not found.\n{FFMPEG_HELP}")
     line = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0]
     match = re.search(r"version n?(\d+)\.(\d+)", line)
     return (int(match.group(1)), int(match.group(2))) if match else (99, 0)  # git builds: assume new
