@@ -21,12 +21,12 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
 import prepare
-from model import FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained
+from model import (FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained,
+                   NORM_PIX_EPS, pooled_representation)
 
 # -----------------------------------------------------------------------------
 # Metrics (Sec. 4 of the paper reports mAP, accuracy and retrieval R@K)
@@ -209,14 +209,6 @@ def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", 
     return model.to(device).eval(), info
 
 
-def coordinated_tokens(model, audio, image):
-    """(B, La, D), (B, Lv, D): each modality through its own stream, no masking (Sec. 3.2), for either model."""
-    if hasattr(model, "embed"):
-        return model.embed(audio, image)
-    enc = model.encoder  # a classifier: the same encoder without the decoder
-    return enc.joint(enc.audio_tokens(audio), "audio"), enc.joint(enc.visual_tokens(image), "visual")
-
-
 def data_settings(model, info, args):
     """AVDataset keywords for this model: its input sizes, and the fbank mean/std it was trained with."""
     cfg, train = model.config, info["config"]
@@ -370,9 +362,9 @@ def cmd_retrieval(args):
         audio_emb, visual_emb = [], []
         for audio, image, _ in batches(ds, args):
             with autocast(args):
-                a, v = coordinated_tokens(model, audio, image)  # (B, La, D), (B, Lv, D)
-            audio_emb.append(F.normalize(a.float().mean(1), dim=-1).cpu())  # (B, D) mean-pooled, unit length
-            visual_emb.append(F.normalize(v.float().mean(1), dim=-1).cpu())
+                a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D); classifiers have embed too
+            audio_emb.append(pooled_representation(a).cpu())  # (B, D) mean-pooled, unit length
+            visual_emb.append(pooled_representation(v).cpu())
     audio_emb, visual_emb = torch.cat(audio_emb), torch.cat(visual_emb)
     similarity = audio_emb.double() @ visual_emb.double().T  # (N, N) cosine, rows = audio queries
     out = dict(audio_to_visual=retrieval_metrics(similarity), visual_to_audio=retrieval_metrics(similarity.T),
@@ -427,7 +419,7 @@ def reconstruct(model, target, pred, mask):
     (as MAE's demo does: the picture then shows structure, not the patch's true brightness)."""
     if model.config.norm_pix_loss:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
+        pred = pred * (var + NORM_PIX_EPS) ** 0.5 + mean
     visible = target.masked_fill(mask[..., None].bool(), float("nan"))
     return visible, torch.where(mask[..., None].bool(), pred, target)
 

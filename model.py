@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CONTRASTIVE_TEMPERATURE = 0.05  # Sec. 3: tau in the InfoNCE loss
+NORM_PIX_EPS = 1e-6  # norm_pix_loss: each target patch is normalised by sqrt(var + eps)
 FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")  # official names
 MASK_MODES = ("unstructured", "time", "freq", "tf")
 
@@ -351,7 +352,7 @@ class CAVMAE(nn.Module):
         """Sec. 3: mean squared error per patch, averaged over the masked patches. target/pred: (B, L, P)."""
         if self.config.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
         return (loss * mask).sum() / mask.sum().clamp(min=1)
 
@@ -392,6 +393,11 @@ class CAVMAE(nn.Module):
         flops += 2 * (ka + kv) * D * Dd + c.decoder_depth * block(La + Lv, Dd)
         flops += 2 * Dd * (La * P + Lv * P * c.in_chans)  # prediction heads
         return flops
+
+
+def pooled_representation(tokens):
+    """Sec. 3.2 coordinated representation: tokens (B, L, D) mean-pooled and L2-normalised -> (B, D)."""
+    return F.normalize(tokens.float().mean(dim=1), dim=-1)
 
 
 def contrastive_loss(audio_rep, visual_rep, bidirectional=False, gather=None):

@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from eval import classification_metrics, retrieval_metrics
-from model import FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained
+from eval import average_frames, classification_metrics, retrieval_metrics
+from model import FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained, pooled_representation
 
 # ----------------------------------------------------------------------------------------------------------
 # default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
@@ -50,7 +50,7 @@ label_csv = "data/audioset/class_labels_indices.csv"
 target_length = 0              # fbank frames; 0 = the model's audio_length
 image_size = 0                 # frame side; 0 = the model's img_size
 num_frames = 10
-dataset_mean, dataset_std = -5.081, 4.4849  # fbank normalisation (AudioSet's, also used for VGGSound)
+dataset_mean, dataset_std = data.AUDIOSET_MEAN, data.AUDIOSET_STD  # fbank normalisation (also for VGGSound)
 freqm, timem = 0, 0            # SpecAugment frequency / time mask widths (fine-tuning: 48 / 192)
 mixup = 0.0
 noise = True                   # the official noise augmentation (all recipes)
@@ -317,8 +317,8 @@ def evaluate_pretrain(model, loader, prep, cfg, device, autocast):
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(val) * len(audio)
             n += len(audio)
-            audio_emb.append(F.normalize(a.float().mean(1), dim=-1).cpu())
-            visual_emb.append(F.normalize(v.float().mean(1), dim=-1).cpu())
+            audio_emb.append(pooled_representation(a).cpu())  # (B, D)
+            visual_emb.append(pooled_representation(v).cpu())
     random.setstate(python_state)
     sim = torch.cat(audio_emb) @ torch.cat(visual_emb).T  # (N, N), rows = audio clips
     a2v, v2a = retrieval_metrics(sim), retrieval_metrics(sim.T)
@@ -348,13 +348,14 @@ def evaluate_finetune(model, loader, prep, cfg, device, autocast, all_frames=Fal
     m = classification_metrics(logits, targets)
     out = dict(loss=val_loss, mAP=m["mAP"], mAUC=m["mAUC"], d_prime=m["d_prime"], acc=m["acc"])
     if all_frames:
-        probs = 0
+        per_frame = []
         for frame in range(cfg["num_frames"]):
             ds.frame = frame
-            frame_logits = predict(model, loader, prep, cfg, device, autocast)[0]
-            probs = probs + (frame_logits.sigmoid() if cfg["metric"] == "mAP" else frame_logits.softmax(-1))
+            per_frame.append(predict(model, loader, prep, cfg, device, autocast)[0])
         ds.frame = None
-        m = classification_metrics(probs / cfg["num_frames"], targets)
+        activation = "sigmoid" if cfg["metric"] == "mAP" else "softmax"
+        probs = average_frames(torch.stack(per_frame), activation)  # (frames, N, K) -> (N, K)
+        m = classification_metrics(probs, targets)
         out.update({f"{k}_frames": m[k] for k in ("mAP", "mAUC", "d_prime", "acc")})
     return out
 

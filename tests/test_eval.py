@@ -204,7 +204,7 @@ def test_official_state_dict_loads_with_architecture_flags(golden, tmp_path):
     assert info["format"] == "official" and info["task"] == "pretrain"
     assert (model.config.modality_specific_depth, model.config.joint_depth, model.config.img_size) == (10, 2, 64)
     with torch.no_grad():
-        a, v = ev.coordinated_tokens(model, vec["audio"], vec["image"])
+        a, v = model.embed(vec["audio"], vec["image"])
     assert (a - vec["feat_audio"]).abs().max() < 2e-4 and (v - vec["feat_visual"]).abs().max() < 2e-4
     clf, info = ev.load_model(os.path.join(base, "finetune_state_dict.pth"), num_heads=4)
     assert info["task"] == "finetune" and info["num_classes"] == 7
