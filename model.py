@@ -151,6 +151,10 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
+def take_tokens(x, ids):  # x (B or 1, L, D), ids (B, K) -> (B, K, D): each sample's tokens at ids
+    return torch.gather(x.expand(ids.shape[0], -1, -1), 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
 def num_params(module, trainable_only=True):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
@@ -191,13 +195,22 @@ class Encoder(nn.Module):
         for norm in (self.norm, self.norm_a, self.norm_v):
             init_weights(norm)
 
-    def embed_audio(self, audio):  # (B, T, F) fbank -> (B, La, D), La = F/p * T/p, frequency-major
+    def embed_audio(self, audio, ids_keep=None):  # (B, T, F) fbank -> (B, La, D), La = F/p * T/p, frequency-major
         x = self.patch_embed_a(audio.transpose(1, 2).unsqueeze(1))  # (B, D, F/p, T/p)
-        return x.flatten(2).transpose(1, 2) + self.pos_embed_a + self.modality_a
+        return self.add_positions(x.flatten(2).transpose(1, 2), self.pos_embed_a, self.modality_a, ids_keep)
 
-    def embed_visual(self, image):  # (B, C, H, W) -> (B, Lv, D)
+    def embed_visual(self, image, ids_keep=None):  # (B, C, H, W) -> (B, Lv, D)
         x = self.patch_embed_v(image)  # (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2) + self.pos_embed_v + self.modality_v
+        return self.add_positions(x.flatten(2).transpose(1, 2), self.pos_embed_v, self.modality_v, ids_keep)
+
+    @staticmethod
+    def add_positions(x, pos, modality, ids_keep=None):
+        """Patch embeddings (B, L, D) + positions + modality embedding; with ids_keep (B, L_keep) the kept tokens
+        only. The additions are elementwise, so masking before them gives the same values as masking after,
+        and the masked tokens are never written out in float32 (fewer copies; issue 10's profile)."""
+        if ids_keep is not None:
+            x, pos = take_tokens(x, ids_keep), take_tokens(pos, ids_keep)  # (B, L_keep, D)
+        return x + pos + modality
 
     @staticmethod
     def run(blocks, x, stream="joint"):
@@ -276,48 +289,49 @@ class CAVMAE(nn.Module):
 
     # --- masking (Sec. 3: MAE's per-sample random masking) ------------------------------------------------
     @staticmethod
-    def random_masking(x, mask_ratio, noise=None):
-        """Keep the int(L * (1 - mask_ratio)) tokens with the lowest noise. x: (B, L, D).
-        Returns kept tokens (B, L_keep, D), mask (B, L) with 1 = masked, ids_restore (B, L)."""
-        B, L, D = x.shape
-        keep = int(L * (1 - mask_ratio))
-        if noise is None:
-            noise = torch.rand(B, L, device=x.device)  # uniform in [0, 1)
+    def masking_order(noise, mask_ratio):
+        """Keep the int(L * (1 - mask_ratio)) tokens with the lowest noise (B, L). Returns ids_keep (B, L_keep)
+        in ascending noise, mask (B, L) with 1 = masked, ids_restore (B, L): each token's place in that order."""
+        keep = int(noise.shape[1] * (1 - mask_ratio))
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first `keep` stay
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, keep, D)
-        mask = (ids_restore >= keep).float()  # (B, L)
-        return kept, mask, ids_restore
+        return ids_shuffle[:, :keep], (ids_restore >= keep).float(), ids_restore
 
     def structured_noise(self, B, mask_ratio, mode, device):
         """The paper's audio masking ablation: noise above 1 for whole time columns ('time'), frequency rows
-        ('freq') or both at 0.7x the ratio each ('tf'). Columns/rows are drawn with Python's `random`, as in the
-        official code, so seeding both `random` and torch reproduces its masks."""
+        ('freq') or both at 0.7x the ratio each ('tf'). Columns/rows are drawn with Python's `random` after the
+        torch noise, as in the official code, so seeding both `random` and torch reproduces its masks. They are
+        marked on the CPU and sent in one non-blocking copy: indexing a GPU tensor with per-sample Python lists
+        would make the host wait for the GPU twice per sample (issue 10, item 4)."""
         f, t = self.config.audio_grid
         noise = torch.rand(B, f, t, device=device)  # (B, F/p, T/p), frequency-major like the tokens
+        chosen = torch.zeros(B, f, t, dtype=torch.bool, pin_memory=torch.device(device).type == "cuda")
         scale = 0.7 if mode == "tf" else 1.0
         if mode in ("time", "tf"):
             for i in range(B):
-                noise[i, :, random.sample(range(t), int(t * mask_ratio * scale))] = 1.1  # above any uniform draw
+                chosen[i, :, random.sample(range(t), int(t * mask_ratio * scale))] = True
         if mode in ("freq", "tf"):
             for i in range(B):
-                noise[i, random.sample(range(f), int(f * mask_ratio * scale)), :] = 1.1
+                chosen[i, random.sample(range(f), int(f * mask_ratio * scale)), :] = True
+        noise = noise.masked_fill(chosen.to(device, non_blocking=True), 1.1)  # above any uniform draw
         return noise.reshape(B, f * t)
 
     # --- encoder streams ------------------------------------------------------------------------------------
     def forward_encoder(self, audio, image, mask_ratio_a, mask_ratio_v, mask_mode="unstructured",
                         joint_stream=True, modality_streams=True):
-        """Embed, mask (audio noise drawn first, then visual), run the modality-specific blocks, then the joint
-        blocks in the requested streams. Returns a dict with x (B, La_keep + Lv_keep, D) after `norm`,
-        ca / cv (the audio / visual coordinated tokens after norm_a / norm_v), masks and ids_restore."""
+        """Mask (audio noise drawn first, then visual), embed the kept patches, run the modality-specific blocks,
+        then the joint blocks in the requested streams. Returns a dict with x (B, La_keep + Lv_keep, D) after
+        `norm`, ca / cv (the audio / visual coordinated tokens after norm_a / norm_v), masks and ids_restore."""
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        enc = self.encoder
-        a, v = enc.embed_audio(audio), enc.embed_visual(image)  # (B, La, D), (B, Lv, D)
-        noise_a = None if mask_mode == "unstructured" else self.structured_noise(a.shape[0], mask_ratio_a, mask_mode, a.device)
-        a, mask_a, restore_a = self.random_masking(a, mask_ratio_a, noise_a)
-        v, mask_v, restore_v = self.random_masking(v, mask_ratio_v)
-        a, v = enc.run(enc.audio_blocks, a), enc.run(enc.visual_blocks, v)
+        enc, B, device = self.encoder, audio.shape[0], audio.device
+        La, Lv = math.prod(self.config.audio_grid), math.prod(self.config.visual_grid)
+        noise_a = (torch.rand(B, La, device=device) if mask_mode == "unstructured"
+                   else self.structured_noise(B, mask_ratio_a, mask_mode, device))  # (B, La), uniform in [0, 1)
+        keep_a, mask_a, restore_a = self.masking_order(noise_a, mask_ratio_a)
+        keep_v, mask_v, restore_v = self.masking_order(torch.rand(B, Lv, device=device), mask_ratio_v)
+        a = enc.run(enc.audio_blocks, enc.embed_audio(audio, keep_a))  # (B, La_keep, D)
+        v = enc.run(enc.visual_blocks, enc.embed_visual(image, keep_v))  # (B, Lv_keep, D)
         out = dict(mask_a=mask_a, mask_v=mask_v, restore_a=restore_a, restore_v=restore_v, keep_a=a.shape[1])
         if joint_stream:  # stream 1: concatenated tokens -> decoder
             out["x"] = enc.joint(torch.cat([a, v], dim=1), "joint")
@@ -330,17 +344,25 @@ class CAVMAE(nn.Module):
         return self.encoder.embed(audio, image)
 
     # --- decoder --------------------------------------------------------------------------------------------
-    def unshuffle(self, x, ids_restore):  # (B, L_keep, Dd) -> (B, L, Dd) with mask tokens at masked places
+    def decoder_input(self, x, restore_a, restore_v, keep_a):
+        """Visible tokens (B, keep_a + keep_v, D) -> decoder tokens (B, La + Lv, Dd): projected, a mask token at
+        each masked place, plus the decoder's positions and modality embeddings. One gather from [visible tokens,
+        mask token] writes the sequence once, where per-modality concatenations, gathers and a final
+        concatenation copied it four times (same values; issue 10's profile: copies)."""
+        x = self.decoder_embed(x)  # (B, keep_a + keep_v, Dd)
         B, keep, Dd = x.shape
-        x = torch.cat([x, self.mask_token.expand(B, ids_restore.shape[1] - keep, Dd)], dim=1)
-        return torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, Dd))
+        (La, Lv), keep_v = (restore_a.shape[1], restore_v.shape[1]), keep - keep_a
+        source = torch.cat([torch.where(restore_a < keep_a, restore_a, keep),  # row of x, or `keep`: the mask token
+                            torch.where(restore_v < keep_v, restore_v + keep_a, keep)], dim=1)  # (B, La + Lv)
+        x = torch.cat([x, self.mask_token.expand(B, 1, Dd)], dim=1)  # (B, keep + 1, Dd)
+        pos = torch.cat([self.decoder_pos_embed_a, self.decoder_pos_embed_v], dim=1)  # (1, La + Lv, Dd)
+        modality = torch.cat([self.decoder_modality_a.expand(-1, La, -1), self.decoder_modality_v.expand(-1, Lv, -1)],
+                             dim=1)  # (1, La + Lv, Dd)
+        return take_tokens(x, source) + pos + modality
 
     def forward_decoder(self, x, restore_a, restore_v, keep_a):
         """(B, keep_a + keep_v, D) -> predicted patches (B, La, p*p), (B, Lv, p*p*C)."""
-        x = self.decoder_embed(x)  # (B, keep_a + keep_v, Dd)
-        a = self.unshuffle(x[:, :keep_a], restore_a) + self.decoder_pos_embed_a + self.decoder_modality_a
-        v = self.unshuffle(x[:, keep_a:], restore_v) + self.decoder_pos_embed_v + self.decoder_modality_v
-        x = torch.cat([a, v], dim=1)  # (B, La + Lv, Dd)
+        x = self.decoder_input(x, restore_a, restore_v, keep_a)  # (B, La + Lv, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
@@ -356,6 +378,11 @@ class CAVMAE(nn.Module):
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
         return (loss * mask).sum() / mask.sum().clamp(min=1)
 
+    def reconstruction_loss(self, audio, image, pred_a, pred_v, mask_a, mask_v):
+        """The MAE loss of each modality against its patchified input: (loss_a, loss_v)."""
+        return (self.mae_loss(self.patchify_audio(audio), pred_a, mask_a),
+                self.mae_loss(self.patchify_image(image), pred_v, mask_v))
+
     def forward(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, mae_weight=1.0, contrastive_weight=0.01,
                 mask_mode="unstructured", bidirectional=False, gather=None):
         """One pretraining step's forward. A weight of 0 skips its branch entirely (AV-MAE: contrastive_weight=0;
@@ -369,8 +396,8 @@ class CAVMAE(nn.Module):
                    loss_c=zero, c_acc=zero)
         if mae_weight != 0:
             pred_a, pred_v = self.forward_decoder(enc["x"], enc["restore_a"], enc["restore_v"], enc["keep_a"])
-            out["loss_mae_a"] = self.mae_loss(self.patchify_audio(audio), pred_a, enc["mask_a"])
-            out["loss_mae_v"] = self.mae_loss(self.patchify_image(image), pred_v, enc["mask_v"])
+            out["loss_mae_a"], out["loss_mae_v"] = self.reconstruction_loss(audio, image, pred_a, pred_v,
+                                                                            enc["mask_a"], enc["mask_v"])
             out.update(pred_a=pred_a, pred_v=pred_v, loss_mae=mae_weight * (out["loss_mae_a"] + out["loss_mae_v"]))
         if contrastive_weight != 0:
             nce, out["c_acc"] = contrastive_loss(enc["ca"].mean(dim=1), enc["cv"].mean(dim=1), bidirectional, gather)
@@ -403,21 +430,23 @@ def pooled_representation(tokens):
 def contrastive_loss(audio_rep, visual_rep, bidirectional=False, gather=None):
     """Sec. 3 InfoNCE on pooled representations (B, D). Official default: one direction, softmax over the
     audio axis for each visual column. `gather` (B, D) -> (N, D) adds other ranks' clips as negatives.
-    Returns (loss, accuracy of picking the paired clip)."""
-    a, v = F.normalize(audio_rep.float(), dim=-1), F.normalize(visual_rep.float(), dim=-1)
-    if gather is not None:
-        a, v = gather(a), gather(v)
-    sim = a @ v.T / CONTRASTIVE_TEMPERATURE  # (N, N), rows = audio, columns = visual
-    target = torch.arange(sim.shape[0], device=sim.device)
-
-    def one_direction(s):
-        return -torch.diagonal(F.log_softmax(s, dim=0)).mean(), (s.argmax(dim=0) == target).float().mean()
-
-    loss, acc = one_direction(sim)
-    if bidirectional:
-        loss_t, acc_t = one_direction(sim.T)
-        loss, acc = (loss + loss_t) / 2, (acc + acc_t) / 2
+    Returns (loss, accuracy of picking the paired clip). Computed in float32 even under autocast, which would
+    otherwise run the similarity product in bf16/fp16 whatever its inputs' dtype (a 1-3% gradient error in bf16)."""
+    with torch.autocast(audio_rep.device.type, enabled=False):
+        a, v = F.normalize(audio_rep.float(), dim=-1), F.normalize(visual_rep.float(), dim=-1)
+        if gather is not None:
+            a, v = gather(a), gather(v)
+        sim = a @ v.T / CONTRASTIVE_TEMPERATURE  # (N, N), rows = audio, columns = visual
+        loss, acc = _infonce_one_direction(sim)
+        if bidirectional:
+            loss_t, acc_t = _infonce_one_direction(sim.T)
+            loss, acc = (loss + loss_t) / 2, (acc + acc_t) / 2
     return loss, acc
+
+
+def _infonce_one_direction(sim):  # (N, N) -> (loss, accuracy) of a softmax over dim 0 for each column
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return -torch.diagonal(F.log_softmax(sim, dim=0)).mean(), (sim.argmax(dim=0) == target).float().mean()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -456,6 +485,39 @@ class CAVMAEClassifier(nn.Module):
 
     def embed(self, audio, image):  # coordinated tokens without masking, see Encoder.embed
         return self.encoder.embed(audio, image)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Speed: regional compilation (issue 10)
+
+COMPILED_REGIONS = {Encoder: ("embed_audio", "embed_visual"), CAVMAE: ("decoder_input", "reconstruction_loss")}
+
+
+def apply_compile(model, regions=True, **options):
+    """torch.compile each transformer Block on its own, in place, and with `regions` the RNG-free code around the
+    blocks (COMPILED_REGIONS). `options` go to torch.compile. For CAVMAE and CAVMAEClassifier; returns the model.
+    The masking noise (torch.rand, Python's random) stays eager, so a seed draws the same masks as in eager mode and
+    the losses agree within float tolerance; parameters and state-dict keys are unchanged (checkpoints as eager)."""
+    # What it buys (one H100, base model, bf16; issue 10): compiling the whole model takes ~107 s and crashes at
+    # batch >= 128 (inductor NameError in a kernel fusing the loss with a LayerNorm backward); block by block,
+    # every layer reuses the graph of its shape: 29-37 s, and 1090 / 1130 samples/s at batch 128 / 256 against
+    # 815-875 / 914 eager (LayerNorms, residual adds, GELU and weight casts fuse). The regions (patch embedding +
+    # positions of the kept tokens, the decoder's input, the MAE loss) turn ~40 small eager kernels per step into
+    # a few: expected a few % at batch 256, more at batch 48 where launches count (to be measured on a GPU).
+    # dynamic=False: pretraining has six block shapes (audio, visual, joint, the two single-modality streams,
+    # decoder), each compiled once with static sizes; torch's default makes the later ones dynamic in the token
+    # count (the decoder's in its width too), which denies LayerNorm and reductions their static tuning (expected
+    # a few %; compare `bench.py --dynamic`). Evaluation under no_grad needs other graphs: past torch's recompile
+    # limit (8 per function) dynamo runs them eagerly, with a warning.
+    options = {"dynamic": False, **options}
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(**options)
+        for cls, names in COMPILED_REGIONS.items():
+            if regions and isinstance(module, cls):
+                for name in names:
+                    setattr(module, name, torch.compile(getattr(module, name), **options))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

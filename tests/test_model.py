@@ -1,5 +1,6 @@
 """Specification of model.py: shapes, masking, attention, positions, losses, loading, exactness to the golden
 vectors of the official release."""
+import copy
 import math
 import os
 import random
@@ -9,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (FT_MODES, Attention, CAVMAE, CAVMAEClassifier, CAVMAEConfig, PRESETS, contrastive_loss,
-                   load_pretrained, num_params, sincos_pos_embed)
+from model import (FT_MODES, Attention, CAVMAE, CAVMAEClassifier, CAVMAEConfig, PRESETS, apply_compile,
+                   contrastive_loss, load_pretrained, num_params, sincos_pos_embed)
 
 B = 4
 
@@ -180,15 +181,23 @@ def test_attention_equals_the_explicit_softmax_formula():
 
 # --- masking ------------------------------------------------------------------------------------------------
 
-def test_random_masking_keeps_int_L_times_one_minus_ratio_tokens_in_noise_order():
-    x = torch.randn(3, 10, 2)
+def test_masking_keeps_int_L_times_one_minus_ratio_tokens_in_noise_order():
     noise = torch.rand(3, 10)
-    kept, mask, restore = CAVMAE.random_masking(x, 0.75, noise)
-    assert kept.shape == (3, 2, 2) and torch.equal(mask.sum(1), torch.full((3,), 8.0))
+    kept, mask, restore = CAVMAE.masking_order(noise, 0.75)
+    assert kept.shape == (3, 2) and torch.equal(mask.sum(1), torch.full((3,), 8.0))
     for i in range(3):
         lowest = noise[i].argsort()[:2]
-        assert torch.equal(kept[i], x[i, lowest]) and mask[i, lowest].sum() == 0
+        assert torch.equal(kept[i], lowest) and mask[i, lowest].sum() == 0
         assert torch.equal(restore[i].sort().values, torch.arange(10))
+        assert torch.equal(restore[i][lowest], torch.arange(2))  # the kept tokens come first, in noise order
+
+
+def test_masked_embedding_equals_embedding_then_masking():
+    model = tiny()
+    enc, (audio, image) = model.encoder, inputs(model.config)
+    ids = CAVMAE.masking_order(torch.rand(B, 32), 0.75)[0]  # (B, 8)
+    full = enc.embed_audio(audio)  # (B, 32, D)
+    assert torch.equal(enc.embed_audio(audio, ids), torch.stack([full[i, ids[i]] for i in range(B)]))
 
 
 def test_masks_follow_mae_noise_drawn_audio_first_then_visual():
@@ -240,14 +249,28 @@ def test_tf_masking_masks_whole_columns_and_rows_then_fills_the_ratio():
 def test_structured_masks_draw_columns_with_python_random_after_the_torch_noise():
     """The official draw order, so that seeding torch and `random` reproduces the official masks."""
     model = tiny(audio_length=256)
-    x = torch.zeros(B, 128, 1)
     torch.manual_seed(0), random.seed(0)
-    _, mask, _ = model.random_masking(x, 0.75, model.structured_noise(B, 0.75, "time", x.device))
+    _, mask, _ = model.masking_order(model.structured_noise(B, 0.75, "time", "cpu"), 0.75)
     torch.manual_seed(0), random.seed(0)
     torch.rand(B, 128)  # the uniform noise comes first
     for i in range(B):
         columns = sorted(random.sample(range(16), 12))
         assert mask[i].reshape(8, 16).amin(0).nonzero().flatten().tolist() == columns
+
+
+def test_decoder_input_puts_visible_tokens_back_and_mask_tokens_in_the_masked_places():
+    model = tiny()
+    c, D = model.config, model.config.embed_dim
+    (keep_a, mask_a, restore_a), (keep_v, mask_v, restore_v) = (CAVMAE.masking_order(torch.rand(B, L), 0.75)
+                                                                for L in (32, 4))
+    visible = torch.randn(B, 8 + 1, D)  # 8 audio then 1 visual token, in masking order
+    got = model.decoder_input(visible, restore_a, restore_v, keep_a=8)  # (B, 36, Dd)
+    tokens = model.decoder_embed(visible)
+    want_a = torch.where(mask_a[..., None].bool(), model.mask_token, tokens[:, :8].gather(
+        1, restore_a.clamp(max=7)[..., None].expand(-1, -1, c.decoder_embed_dim)))
+    want_v = torch.where(mask_v[..., None].bool(), model.mask_token, tokens[:, 8:9].expand(-1, 4, -1))
+    assert torch.equal(got[:, :32], want_a + model.decoder_pos_embed_a + model.decoder_modality_a)
+    assert torch.equal(got[:, 32:], want_v + model.decoder_pos_embed_v + model.decoder_modality_v)
 
 
 def test_unknown_mask_mode_is_rejected():
@@ -295,6 +318,19 @@ def test_contrastive_loss_is_single_direction_over_the_audio_axis_by_default():
     assert acc == 1
 
 
+def test_contrastive_loss_and_its_gradient_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    a, v = torch.randn(16, 64, requires_grad=True), torch.randn(16, 64)
+    results = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = contrastive_loss(a, v, bidirectional=True)
+        results.append((loss, *torch.autograd.grad(loss, a)))
+    (want, want_grad), (got, got_grad) = results
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-9)  # a bf16 product is off by ~1e-2
+
+
 def test_gather_adds_other_clips_as_negatives():
     torch.manual_seed(0)
     a, v, others = torch.randn(3, 8), torch.randn(3, 8), torch.randn(5, 8)
@@ -335,6 +371,29 @@ def test_bf16_autocast_runs_forward_and_backward_on_cpu():
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["pred_a"].dtype == torch.bfloat16
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --- speed ------------------------------------------------------------------------------------------------
+
+def test_regional_compile_gives_the_eager_masks_losses_and_gradients():
+    """apply_compile changes speed, not results: masks drawn eagerly from the same seed, losses and gradients
+    equal within float tolerance, the same state-dict keys (checkpoints as in eager mode). ~1 min of CPU compile."""
+    eager = tiny(norm_pix_loss=True)
+    compiled = apply_compile(copy.deepcopy(eager))
+    audio, image = inputs(eager.config)
+    outs = []
+    for model in (eager, compiled):
+        torch.manual_seed(3)
+        outs.append(model(audio, image))
+        outs[-1]["loss"].backward()
+    assert compiled.decoder_blocks[0]._compiled_call_impl is not None
+    assert torch.equal(outs[0]["mask_a"], outs[1]["mask_a"]) and torch.equal(outs[0]["mask_v"], outs[1]["mask_v"])
+    for key in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "pred_v"):
+        assert torch.allclose(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-6), key
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-4,
+                                                                                           atol=1e-6)), name
+    assert list(compiled.state_dict()) == list(eager.state_dict())
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
