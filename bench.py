@@ -1,97 +1,266 @@
-"""Benchmark a CAV-MAE pretraining step (forward + backward) on random inputs.
+"""Benchmark CAV-MAE pretraining on one device: a training step (forward + backward + Adam step) on random inputs,
+eager and compiled, at several batch sizes; or end to end: train.py's real loop on generated clips.
 
-    python bench.py --preset base --batch_size 4 --steps 5 --dtype float32 --device cpu --threads 2
-    python bench.py --preset base --batch_size 128 --steps 20 --dtype bfloat16 --device cuda --compile
+    python bench.py                                      # the GPU table: eager and compiled, batch 48 and 256, bf16
+    python bench.py --dtype float16                      # fp16 autocast with a GradScaler, as train.py runs it
+    python bench.py --modes compiled --compile_scope blocks --batch_sizes 256   # one technique at a time
+    python bench.py --e2e --workers 8 --batch_size 256   # train.py on 224 px / 10 s clips, next to the bench rate
+    python bench.py --preset tiny --device cpu --modes eager --batch_sizes 4 --steps 2   # a CPU smoke test
 
-Prints the median step time, samples/s, peak memory (CPU: max RSS of the process; CUDA: max allocated) and,
-on CUDA, the model FLOPs utilisation: 3 x analytic forward FLOPs x samples/s / --peak_flops.
+Per configuration: samples/s (--steps timed steps after --warmup ones, one synchronisation at each end), MFU
+(3 x analytic forward FLOPs per sample x samples/s / --peak_flops, CUDA only), peak memory (CUDA: max allocated;
+CPU: the process's max RSS) and compile time (the warm-up steps' time minus as many timed steps). The model is the
+paper's pretraining setup: norm_pix_loss, mask ratio 0.75, contrastive weight 0.01, Adam as train.py (fused on CUDA).
 """
 import argparse
+import contextlib
+import gc
+import json
+import os
 import resource
 import statistics
 import time
 
 import torch
 
-from model import CAVMAE, CAVMAEConfig, num_params
+from model import CAVMAE, CAVMAEConfig, apply_compile, num_params
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--preset", default="base", help="model preset: base | small | tiny")
-parser.add_argument("--batch_size", type=int, default=4)
-parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup untimed ones)")
-parser.add_argument("--warmup", type=int, default=1)
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="float32, or autocast to bfloat16 / float16 (weights stay float32)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
-parser.add_argument("--mask_ratio", type=float, default=0.75, help="audio and visual mask ratio")
-parser.add_argument("--norm_pix_loss", type=int, default=1, choices=[0, 1], help="as the released checkpoints")
-parser.add_argument("--contrastive_weight", type=float, default=0.01)
-parser.add_argument("--mae_weight", type=float, default=1.0)
-parser.add_argument("--peak_flops", type=float, default=989e12, help="accelerator peak FLOP/s (H100 SXM dense bf16)")
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
-
-if args.threads:
-    torch.set_num_threads(args.threads)
-torch.manual_seed(args.seed)
-device = torch.device(args.device)
-cuda = device.type == "cuda"
-if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-config = CAVMAEConfig.from_preset(args.preset, norm_pix_loss=bool(args.norm_pix_loss))
-model = CAVMAE(config).to(device).train()
-step_model = torch.compile(model) if args.compile else model
-B = args.batch_size
-audio = torch.randn(B, config.audio_length, config.num_mel_bins, device=device)
-image = torch.randn(B, config.in_chans, config.img_size, config.img_size, device=device)
-autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def sync():
-    if cuda:
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base", help="model preset: base | small | tiny")
+    p.add_argument("--batch_sizes", default="48,256", help="comma-separated batch sizes")
+    p.add_argument("--batch_size", type=int, default=0, help="one batch size (overrides --batch_sizes)")
+    p.add_argument("--modes", default="", help="eager,compiled (default; --e2e: compiled on CUDA, eager on CPU)")
+    p.add_argument("--compile_scope", default="regions", choices=["regions", "blocks", "model"],
+                   help="regions: apply_compile (blocks + RNG-free regions); blocks: Blocks only; "
+                        "model: torch.compile of the whole model (crashes at batch >= 128 on torch 2.11)")
+    p.add_argument("--dynamic", action="store_true", help="compile with torch's automatic dynamic shapes")
+    p.add_argument("--compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                   help="torch.compile mode (longer compiles; CUDA graphs with reduce-overhead)")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                   help="attention kernel (auto: PyTorch's choice; the decoder's head dim is 32)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the compiled ones compile here)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="audio and visual mask ratio")
+    p.add_argument("--norm_pix_loss", type=int, default=1, choices=[0, 1], help="as the released checkpoints")
+    p.add_argument("--contrastive_weight", type=float, default=0.01)
+    p.add_argument("--mae_weight", type=float, default=1.0)
+    p.add_argument("--peak_flops", type=float, default=989e12, help="accelerator peak FLOP/s (H100 SXM dense bf16)")
+    p.add_argument("--seed", type=int, default=0)
+    e = p.add_argument_group("end to end (--e2e): train.py's loop, workers and device preprocessing")
+    e.add_argument("--e2e", action="store_true", help="run train.py on generated clips instead of random tensors")
+    e.add_argument("--workers", type=int, default=8, help="DataLoader workers")
+    e.add_argument("--e2e_clips", type=int, default=4096, help="training clips to generate (test clips: 64)")
+    e.add_argument("--e2e_epochs", type=int, default=3, help="epochs; the first (compilation) is not averaged")
+    e.add_argument("--e2e_data", default="data/bench_e2e", help="cache folder of the generated clips")
+    e.add_argument("--e2e_out", default="out/bench_e2e", help="train.py's out_dir (one subfolder per run)")
+    args = p.parse_args(argv)
+    args.batch_sizes = [args.batch_size] if args.batch_size else [int(b) for b in args.batch_sizes.split(",")]
+    cuda = args.device.startswith("cuda")
+    args.modes = (args.modes.split(",") if args.modes else
+                  ["compiled" if cuda else "eager"] if args.e2e else ["eager", "compiled"])
+    if args.dtype == "auto":
+        args.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+    return args
+
+
+def build(args, device, mode):
+    """A fresh model, compiled as `mode` asks, and its Adam optimizer (fused on CUDA, as train.py)."""
+    torch.manual_seed(args.seed)
+    config = CAVMAEConfig.from_preset(args.preset, norm_pix_loss=bool(args.norm_pix_loss))
+    model = CAVMAE(config).to(device).train()
+    step_model = model
+    if mode == "compiled":
+        torch._dynamo.reset()  # every configuration compiles from scratch: its compile time, its static shapes
+        options = dict(**({"dynamic": None} if args.dynamic else {}),
+                       **({"mode": args.compile_mode} if args.compile_mode != "default" else {}))
+        if args.compile_scope == "model":
+            step_model = torch.compile(model, **options)
+        else:
+            apply_compile(model, regions=args.compile_scope == "regions", **options)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.95, 0.999), weight_decay=5e-7,
+                                 **({"fused": True} if device.type == "cuda" else {}))
+    return model, step_model, optimizer
+
+
+SDPA_BACKENDS = dict(auto=None, flash="FLASH_ATTENTION", cudnn="CUDNN_ATTENTION", efficient="EFFICIENT_ATTENTION",
+                     math="MATH")
+
+
+def train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa=None):
+    """forward + backward + optimizer step, as train.py's loop; returns the loss without synchronising.
+    sdpa: the name of one torch.nn.attention.SDPBackend to force, or None for PyTorch's choice."""
+    backend = (torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, sdpa)) if sdpa
+               else contextlib.nullcontext())
+    with autocast, backend:
+        out = step_model(audio, image, mask_ratio_a=args.mask_ratio, mask_ratio_v=args.mask_ratio,
+                         mae_weight=args.mae_weight, contrastive_weight=args.contrastive_weight)
+    scaler.scale(out["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return out["loss"].detach()
+
+
+def sync(device):
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def step():
-    with autocast:
-        out = step_model(audio, image, mask_ratio_a=args.mask_ratio, mask_ratio_v=args.mask_ratio,
-                         mae_weight=args.mae_weight, contrastive_weight=args.contrastive_weight)
-    out["loss"].backward()
-    model.zero_grad(set_to_none=True)
-    return out["loss"].item()
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
-print(f"preset {args.preset}: {num_params(model):,} trainable parameters, batch {B}, {args.dtype}, {device}, "
-      f"threads {torch.get_num_threads()}, compile {args.compile}, norm_pix_loss {config.norm_pix_loss}")
-for i in range(args.warmup):
+def bench_config(args, device, batch, mode):
+    """Time one (mode, batch) configuration -> a result row."""
+    model, step_model, optimizer = build(args, device, mode)
+    c, dtype = model.config, getattr(torch, args.dtype)
+    audio = torch.randn(batch, c.audio_length, c.num_mel_bins, device=device)
+    image = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    sdpa = SDPA_BACKENDS[args.sdpa]
+    step = lambda: train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa)  # noqa: E731
+    warmup_times = []
+    for _ in range(args.warmup):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        warmup_times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
     t0 = time.perf_counter()
-    step()
-    sync()
-    print(f"warmup step {i}: {time.perf_counter() - t0:.3f} s")
-if cuda:
-    torch.cuda.reset_peak_memory_stats(device)
-times = []
-for i in range(args.steps):
-    sync()
-    t0 = time.perf_counter()
-    loss = step()
-    sync()
-    times.append(time.perf_counter() - t0)
-    print(f"step {i}: {times[-1]:.3f} s, loss {loss:.4f}")
-
-median = statistics.median(times)
-samples_per_s = B / median
-if cuda:
-    peak_memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
-else:
-    peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
-summary = (f"median step {median * 1000:.1f} ms (min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}), "
-           f"{samples_per_s:.2f} samples/s, peak memory {peak_memory:.2f} GiB")
-if cuda:
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    step_s = (time.perf_counter() - t0) / args.steps
+    samples_per_s = batch / step_s
     flops = 3 * model.flops_per_sample(args.mask_ratio, args.mask_ratio) * samples_per_s
-    summary += f", {flops / 1e12:.1f} TFLOP/s, MFU {100 * flops / args.peak_flops:.1f}%"
-print(summary)
+    row = dict(mode=mode, batch=batch, samples_per_s=samples_per_s, step_ms=1000 * step_s,
+               mfu=flops / args.peak_flops if device.type == "cuda" else None, peak_gib=peak_memory_gib(device),
+               compile_s=sum(warmup_times) - len(warmup_times) * step_s if mode == "compiled" else None,
+               loss=float(loss))
+    del model, step_model, optimizer, audio, image
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def describe(row):
+    mfu = f"MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else "MFU -"
+    compile_s = f", compile {row['compile_s']:.1f} s" if row["compile_s"] is not None else ""
+    return (f"{row['mode']:8s} batch {row['batch']:4d}: {row['samples_per_s']:8.1f} samples/s, {mfu}, "
+            f"peak {row['peak_gib']:.1f} GiB, step {row['step_ms']:.1f} ms{compile_s}, loss {row['loss']:.4f}")
+
+
+def print_table(rows):
+    print("\n| mode | batch | samples/s | MFU | peak GiB | compile s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
+        print(f"| {r['mode']} | {r['batch']} | {r['samples_per_s']:.1f} | {mfu} | {r['peak_gib']:.1f} | {compile_s} |")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: train.py's loop (loader workers, device-side preprocessing, logging) on generated clips
+
+
+def e2e_dataset(args, config):
+    """Generate the synthetic clips once per (size, length, count) into args.e2e_data; return the folder."""
+    import prepare
+    seconds = min(10.0, config.audio_length / 100 + 0.05)  # 10 s clips for the base model (padded to 1024 frames)
+    n_test = min(64, args.e2e_clips)
+    out = os.path.join(args.e2e_data, f"{config.img_size}px_{seconds:g}s_{args.e2e_clips}")
+    if not os.path.isfile(os.path.join(out, "test.json")):  # written last
+        print(f"generating {args.e2e_clips} + {n_test} synthetic clips ({config.img_size} px, {seconds:g} s) in {out}")
+        prepare.make_synthetic(out, n_train=args.e2e_clips, n_test=n_test, image_size=config.img_size,
+                               seconds=seconds)
+    return out
+
+
+def epoch_rate(log_path):
+    """Mean samples/s over whole epochs after the first (which compiles and starts the workers) from train.py's
+    log: its "epoch" records, or while train.py writes none, its "train" records (one per epoch here)."""
+    records = [json.loads(line) for line in open(log_path)]
+    rows = [r for r in records if r["split"] == "epoch"] or [r for r in records if r["split"] == "train"]
+    rates = [r["samples_per_s"] for r in rows]
+    return statistics.mean(rates[1:] if len(rates) > 1 else rates), len(rates)
+
+
+def e2e_config(args, device, batch, mode):
+    """train.py on the generated clips at this batch size and mode, then the bench step at the same settings."""
+    import train
+    data_dir = e2e_dataset(args, CAVMAEConfig.from_preset(args.preset))
+    per_epoch = args.e2e_clips // batch
+    if per_epoch < 1:
+        raise SystemExit(f"--e2e_clips={args.e2e_clips} is less than one batch of {batch}")
+    out_dir = os.path.join(args.e2e_out, f"{args.preset}_b{batch}_{mode}_w{args.workers}")
+    train.main([os.path.join(ROOT, "config", "bench_gpu.py"), f"--data_train={data_dir}/train.json",
+                f"--data_val={data_dir}/test.json", f"--label_csv={data_dir}/labels.csv", f"--out_dir={out_dir}",
+                f"--model_preset={args.preset}", f"--model_norm_pix_loss={bool(args.norm_pix_loss)}",
+                f"--batch_size={batch}", f"--num_workers={args.workers}", f"--max_iters={args.e2e_epochs * per_epoch}",
+                "--eval_interval=-1", f"--log_interval={per_epoch}", f"--device={device}", f"--dtype={args.dtype}",
+                f"--compile={mode == 'compiled'}", "--gpu_preprocess=on", f"--mask_ratio={args.mask_ratio}",
+                f"--mae_weight={args.mae_weight}", f"--contrastive_weight={args.contrastive_weight}",
+                f"--seed={args.seed}"])
+    rate, epochs = epoch_rate(os.path.join(out_dir, "log.jsonl"))
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    row = bench_config(args, device, batch, mode)
+    row.update(e2e_samples_per_s=rate, e2e_epochs=epochs, ratio=rate / row["samples_per_s"])
+    return row
+
+
+def describe_e2e(row, workers):
+    n = row["e2e_epochs"]
+    epochs = "one epoch" if n == 1 else "epoch 2" if n == 2 else f"mean of epochs 2-{n}"
+    return (f"{row['mode']:8s} batch {row['batch']:4d}: end to end {row['e2e_samples_per_s']:8.1f} samples/s "
+            f"({workers} workers, {epochs}) vs bench {row['samples_per_s']:.1f}: "
+            f"{100 * row['ratio']:.0f}% (goal >= 90%)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+    with torch.device("meta"):
+        size = num_params(CAVMAE(CAVMAEConfig.from_preset(args.preset)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"preset {args.preset} ({size / 1e6:.1f}M trainable), {args.dtype}, {name}, torch {torch.__version__}, "
+          f"compile {args.compile_scope} {args.compile_mode}{' dynamic' if args.dynamic else ''}, attention "
+          f"{args.sdpa}, norm_pix_loss "
+          f"{bool(args.norm_pix_loss)}, mask {args.mask_ratio}, forward + backward + Adam step")
+    rows = []
+    for mode in args.modes:
+        for batch in args.batch_sizes:
+            try:
+                row = e2e_config(args, device, batch, mode) if args.e2e else bench_config(args, device, batch, mode)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{mode:8s} batch {batch:4d}: out of memory")
+                gc.collect(), torch.cuda.empty_cache()
+                continue
+            rows.append(row)
+            print(describe_e2e(row, args.workers) if args.e2e else describe(row), flush=True)
+    if not args.e2e:
+        print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
-"""Specification of model.py: shapes, masking, attention, positions, losses, loading, exactness to the golden
-vectors of the official release."""
+"""Specification of model.py: shapes, masking, attention, positions, losses, regional compilation, loading,
+exactness to the golden vectors of the official release; and of bench.py at tiny scale on the CPU."""
 import copy
+import json
 import math
 import os
 import random
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 from model import (FT_MODES, Attention, CAVMAE, CAVMAEClassifier, CAVMAEConfig, PRESETS, apply_compile,
                    contrastive_loss, load_pretrained, num_params, sincos_pos_embed)
 
@@ -378,8 +380,9 @@ def test_bf16_autocast_runs_forward_and_backward_on_cpu():
 def test_regional_compile_gives_the_eager_masks_losses_and_gradients():
     """apply_compile changes speed, not results: masks drawn eagerly from the same seed, losses and gradients
     equal within float tolerance, the same state-dict keys (checkpoints as in eager mode). ~1 min of CPU compile."""
+    torch._dynamo.reset()  # no graphs of other tests' shapes in the recompile limit
     eager = tiny(norm_pix_loss=True)
-    compiled = apply_compile(copy.deepcopy(eager))
+    compiled = apply_compile(copy.deepcopy(eager), fullgraph=True)  # a graph break in a region is an error
     audio, image = inputs(eager.config)
     outs = []
     for model in (eager, compiled):
@@ -394,6 +397,48 @@ def test_regional_compile_gives_the_eager_masks_losses_and_gradients():
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-4,
                                                                                            atol=1e-6)), name
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_regional_compile_traces_the_classifier_in_every_mode_without_graph_breaks():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = CAVMAEConfig.from_preset("tiny")
+    eager = CAVMAEClassifier(cfg, num_classes=5)
+    traced = apply_compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)  # tracing, no code generation
+    audio, image = inputs(cfg)
+    for mode in FT_MODES:
+        assert torch.allclose(traced(audio, image, mode), eager(audio, image, mode), atol=1e-6), mode
+    traced(audio, image).sum().backward()
+    assert traced.encoder.patch_embed_v.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_bench_times_training_steps_and_prints_one_row_per_configuration(dtype, capsys):
+    rows = bench.main(["--preset", "tiny", "--device", "cpu", "--modes", "eager", "--batch_sizes", "2,4",
+                       "--steps", "2", "--warmup", "1", "--dtype", dtype])
+    assert [(r["mode"], r["batch"]) for r in rows] == [("eager", 2), ("eager", 4)]
+    assert all(r["samples_per_s"] > 0 and math.isfinite(r["loss"]) and r["compile_s"] is None for r in rows)
+    assert "| eager | 4 |" in capsys.readouterr().out
+
+
+def test_bench_end_to_end_runs_train_py_on_generated_clips_next_to_the_bench_rate(tmp_path):
+    argv = ["--e2e", "--preset", "tiny", "--device", "cpu", "--batch_size", "4", "--workers", "0",
+            "--e2e_clips", "12", "--e2e_epochs", "2", "--e2e_data", str(tmp_path / "data"),
+            "--e2e_out", str(tmp_path / "out"), "--steps", "2", "--warmup", "1"]
+    (row,) = bench.main(argv)
+    assert row["mode"] == "eager" and row["e2e_epochs"] == 2 and row["e2e_samples_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["e2e_samples_per_s"] / row["samples_per_s"])
+    assert len(os.listdir(tmp_path / "data")) == 1 and len(os.listdir(tmp_path / "out")) == 1
+
+
+def test_bench_end_to_end_rate_averages_epoch_records_after_the_first(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [dict(split="train", samples_per_s=1.0), dict(split="epoch", epoch=1, samples_per_s=10.0),
+               dict(split="epoch", epoch=2, samples_per_s=20.0), dict(split="epoch", epoch=3, samples_per_s=40.0)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench.epoch_rate(log) == (30.0, 3)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records[:1] * 3))  # no epoch records: the train ones
+    assert bench.epoch_rate(log) == (1.0, 3)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
