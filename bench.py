@@ -252,6 +252,8 @@ def main(argv=None):
             try:
                 row = e2e_config(args, device, batch, mode) if args.e2e else bench_config(args, device, batch, mode)
             except torch.cuda.OutOfMemoryError:
+                row = None
+            if row is None:  # outside the except block, whose traceback would keep the model's memory alive
                 print(f"{mode:8s} batch {batch:4d}: out of memory")
                 gc.collect(), torch.cuda.empty_cache()
                 continue

@@ -490,7 +490,7 @@ class CAVMAEClassifier(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Speed: regional compilation (issue 10)
 
-COMPILED_REGIONS = {Encoder: ("embed_audio", "embed_visual"), CAVMAE: ("decoder_input", "reconstruction_loss")}
+COMPILED_REGIONS = {Encoder: ("add_positions",), CAVMAE: ("decoder_input", "reconstruction_loss")}
 
 
 def apply_compile(model, regions=True, **options):
@@ -501,10 +501,11 @@ def apply_compile(model, regions=True, **options):
     # What it buys (one H100, base model, bf16; issue 10): compiling the whole model takes ~107 s and crashes at
     # batch >= 128 (inductor NameError in a kernel fusing the loss with a LayerNorm backward); block by block,
     # every layer reuses the graph of its shape: 29-37 s, and 1090 / 1130 samples/s at batch 128 / 256 against
-    # 815-875 / 914 eager (LayerNorms, residual adds, GELU and weight casts fuse). The regions (patch embedding +
-    # positions of the kept tokens, the decoder's input, the MAE loss) are ~120 small eager ops per step (forward
-    # + backward, counted on the CPU) that fuse into a few kernels; they move ~5 GB per step at batch 256: expected
-    # 2-3% there, more at batch 48 where kernel launches count (to be measured on a GPU).
+    # 815-875 / 914 eager (LayerNorms, residual adds, GELU and weight casts fuse). The regions (positions of the
+    # kept tokens, the decoder's input, the MAE loss; the patch-embedding convolutions stay eager, which keeps their
+    # gradients in the layout DDP's buckets expect) are ~110 small eager ops per step (forward + backward, counted
+    # on the CPU) that fuse into a few kernels; they move ~5 GB per step at batch 256: expected 2-3% there, more
+    # at batch 48 where kernel launches count (to be measured on a GPU).
     # dynamic=False: pretraining has six block shapes (audio, visual, joint, the two single-modality streams,
     # decoder), each compiled once with static sizes; torch's default makes the later ones dynamic in the token
     # count (the decoder's in its width too), which denies LayerNorm and reductions their static tuning (expected
