@@ -9,8 +9,10 @@ eager and compiled, at several batch sizes; or end to end: train.py's real loop 
 
 Per configuration: samples/s (--steps timed steps after --warmup ones, one synchronisation at each end), MFU
 (3 x analytic forward FLOPs per sample x samples/s / --peak_flops, CUDA only), peak memory (CUDA: max allocated;
-CPU: the process's max RSS) and compile time (the warm-up steps' time minus as many timed steps). The model is the
-paper's pretraining setup: norm_pix_loss, mask ratio 0.75, contrastive weight 0.01, Adam as train.py (fused on CUDA).
+CPU: the process's max RSS) and compile time (the warm-up steps' time minus as many timed steps; inductor's on-disk
+cache shortens it on later runs: TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench.py measures a cold one). The model
+is the paper's pretraining setup: norm_pix_loss, mask ratio 0.75, contrastive weight 0.01, Adam as train.py (fused
+on CUDA). --e2e runs train.py's own compile and attention settings; the bench row next to it uses this file's.
 """
 import argparse
 import contextlib
