@@ -4,29 +4,33 @@ Equal to the official loader (../shared/preprocessing.md), with torch, numpy, so
     fbank(waveform)            Kaldi log-mel filterbank, [N] -> [T, 128] or [B, N] -> [B, T, 128], CPU or GPU
     load_audio(path)           float32 [N] in [-1, 1), first channel, 16 kHz, or a DataError naming the file
     load_image(path, size)     [3, S, S]: bicubic resize of the shorter side, centre crop, ImageNet normalisation
-    load_label_csv, read_datafile, class_balance_weights, dataset_stats
+    load_label_csv, read_datafile (compact Rows), class_balance_weights, dataset_stats
     AVDataset(datafile, label_csv, train=False, ...)[i] -> fbank [T, 128], image [3, S, S], label [K]
 
-Two ways to feed a model:
-  * per item (raw=False): each ds[i] is finished on the worker, as the official loader does.
-  * device-side (raw=True): workers only read and decode; the training device does the rest batch-wise:
-        ds = AVDataset(..., raw=True)            # ds[i] -> (waveform [n], uint8 image [3, S, S], 0/1 label [K])
-        loader = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
-        prep = BatchPreprocessor.from_dataset(ds)        # fbank, pad/cut, SpecAugment, normalisation, mixup,
-        for batch in loader:                             # noise and label smoothing, all on `device`
-            audio, image, label = prep(batch, device)    # [B, T, 128], [B, 3, S, S], [B, K]
-    In evaluation mode both give the same tensors on the CPU (bit for bit; within 1 ulp for clips shorter than
-    about 16 fbank frames, where BLAS picks another kernel). In training, the mixup partner is a random member
-    of the same batch rather than of the whole dataset.
+One definition of every augmentation, two places to run it. A worker decodes a row and draws every random choice
+of the item (frame, mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and
+roll); BatchPreprocessor only applies them, batch-wise, on any device:
+    ds = AVDataset(..., raw=True)            # ds[i] or ds[(i, frame)] -> a raw item (dict), see collate_raw
+    loader = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
+    prep = BatchPreprocessor.from_dataset(ds)        # fbank, pad/cut, mixup, SpecAugment, normalisation,
+    for batch in loader:                             # noise and label smoothing, all on `device`
+        audio, image, label = prep(batch, device)    # [B, T, 128], [B, 3, S, S], [B, K]
+The per-item path (raw=False) is the same code on a batch of one on the CPU, so with the same random state a row
+of a device batch equals the item (bit for bit in evaluation; within 1 ulp for clips shorter than about 16 fbank
+frames, where BLAS picks another kernel). The noise field comes from a counter-based hash (hash_uniform): the
+same numbers on every device. Missing frames fall back to an earlier one and are reported per batch
+(batch["fallbacks"]), so the main process counts them without races.
 
-Random draws use torch and Python's `random`, which DataLoader seeds per worker (the official np.random draws
-repeat across workers). Deviations decided by the project: bad input raises a clear error instead of becoming
-a 0.01-filled sample; non-RGB frames are converted to RGB; augmentation only runs when train=True; a mixup
-partner's frame comes from its own video_path (the official code looks under the first sample's).
-Run `python data.py --check DATAFILE LABEL_CSV` to validate a datafile, `python data.py --bench` to time it.
+Random draws use Python's `random`, NumPy and torch's CPU generator inside ds[i] only (train.py seeds them per
+item). Deviations decided by the project: bad input raises a clear error instead of becoming a 0.01-filled sample;
+non-RGB frames are converted to RGB; augmentation only runs when train=True; a mixup partner's frame comes from
+its own video_path (the official code looks under the first sample's); the noise field is hash_uniform's.
+Run `python data.py --check DATAFILE LABEL_CSV` to validate a datafile, `--bench` to time it, `--scale N` to
+measure building a dataset over N generated rows.
 """
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -36,6 +40,8 @@ import sys
 import tempfile
 import time
 import warnings
+from array import array
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -89,10 +95,17 @@ def _fbank_constants(win, n_fft, num_mel_bins, sample_rate, low_freq, high_freq,
         for g in range(0, num_mel_bins, BAND_GROUP):
             support = weights[g:g + BAND_GROUP].ne(0).any(0).nonzero().flatten().tolist() or [0]
             lo, hi = support[0], support[-1] + 1                                     # each triangle is contiguous
-            bands.append((g, lo, hi, weights[g:g + BAND_GROUP, lo:hi].T.contiguous().to(device, dtype)))
-        window = torch.hann_window(win, periodic=False).to(device, dtype)           # symmetric Hann
-        _CACHE[key] = window, weights.to(device, dtype), bands
+            bands.append((g, lo, hi, constant_on(weights[g:g + BAND_GROUP, lo:hi].T.to(dtype), device)))
+        window = torch.hann_window(win, periodic=False).to(dtype)                    # symmetric Hann
+        _CACHE[key] = constant_on(window, device), constant_on(weights.to(dtype), device), bands
     return _CACHE[key]
+
+
+def constant_on(t, device):
+    """A CPU constant's copy on `device` with no host sync: a CUDA copy starts from pinned memory, non-blocking
+    (a plain copy would block the CPU until the GPU has caught up)."""
+    t, device = t.contiguous(), torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def fbank_geometry(sample_rate=SAMPLE_RATE, frame_length=25.0, frame_shift=10.0):
@@ -161,58 +174,98 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
 
 
 def fbank_features(wave, length, target_length):
-    """Centred waveforms (B, N), their lengths (B,) on the CPU -> fbank cut or padded with zero rows to
+    """Centred waveforms (B, N) and their lengths (B,) on the same device -> fbank cut or padded with zero rows to
     (B, target_length, M). Rows past a clip's own frames are zero: a clip in a padded batch equals its own fbank."""
     win, hop = fbank_geometry()
     feats = fbank(wave[:, :win + hop * (target_length - 1)])                        # (B, <=T, M), no unused frames
-    frames = torch.div(length.cpu() - win, hop, rounding_mode="floor") + 1          # (B,)
-    if bool((frames < feats.shape[1]).any()):                                        # decided without a GPU sync
-        past_end = torch.arange(feats.shape[1]) >= frames[:, None]                   # (B, <=T)
-        feats = feats.masked_fill(past_end[..., None].to(wave.device), 0.0)
+    frames = torch.div(length - win, hop, rounding_mode="floor") + 1                 # (B,) a clip's own frames
+    past_end = torch.arange(feats.shape[1], device=wave.device) >= frames[:, None]   # (B, <=T)
+    feats = feats.masked_fill(past_end[..., None], 0.0)
     return F.pad(feats, (0, 0, 0, target_length - feats.shape[1]))                  # zero rows, not padded audio
 
 
+def mix(a, b, lam):
+    """lam a + (1 - lam) b per sample, lam (B,) float64 rounded to float32 as the official numpy scalar is."""
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    return lam.float().view(shape) * a + (1 - lam).float().view(shape) * b
+
+
 def mix_waveforms(w1, w2, lam, length):
-    """Mixup of centred waveforms (B, N) that are zero past length: w2 cut to w1's length, lam w1 + (1 - lam) w2,
-    centred again over the clip."""
-    w2 = w2.masked_fill(torch.arange(w1.shape[1], device=w1.device) >= length[:, None], 0.0)
-    mix = lam[:, None] * w1 + (1 - lam[:, None]) * w2                               # (B, N)
-    return mix - mix.sum(1, keepdim=True) / length[:, None]
+    """Mixup of centred waveforms (B, N), w2 already cut or zero-padded to w1's length: mixed, then centred again
+    over the clip (samples past `length` are never framed)."""
+    mixed = mix(w1, w2, lam)                                                         # (B, N)
+    return mixed - mixed.sum(1, keepdim=True) / length[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Augmentation and labels, batched over the leading dim (one item is a batch of one)
+# Augmentation: a worker draws (draw_band, draw_noise), BatchPreprocessor applies (spec_augment, add_noise)
 
-def draw_band(B, length, max_width, device):
-    """One SpecAugment mask per sample as torchaudio draws it: width = floor(u1 F) in [0, F), start =
-    floor(u2 (L - u1 F)), so start + width <= L. Returns (B, L) bool, True = masked."""
-    value = torch.rand(B, device=device) * max_width                                # draw 1: width
-    start = (torch.rand(B, device=device) * (length - value)).long()                # draw 2: start
-    pos = torch.arange(length, device=device)
-    return (pos >= start[:, None]) & (pos < (start + value.long())[:, None])
+def draw_band(length, max_width):
+    """One SpecAugment band as torchaudio draws it from torch's CPU generator: width = floor(u1 F) in [0, F),
+    start = floor(u2 (L - u1 F)), so start + width <= L. Returns (start, width); max_width 0 draws nothing."""
+    if not max_width:
+        return 0, 0
+    value = torch.rand(1) * max_width                                                # draw 1: width
+    start = (torch.rand(1) * (length - value)).long()                                # draw 2: start
+    return int(start), int(value.long())
 
 
-def spec_augment(feats, freqm, timem):
-    """SpecAugment on (B, T, M): a frequency band, then a time band (that draw order), set to 0 (preprocessing.md 3).
-    A width of 0 turns a mask off, and then no random numbers are drawn."""
+def draw_noise(T):
+    """The noise augmentation's draws: a seed for its (T, M) U(0,1) field (hash_uniform), the scale s ~ U(0,1) and
+    the roll in [-T, T) (NumPy, as the official loader)."""
+    seed = int(torch.randint(2 ** 32, (1,)))
+    return seed, float(np.random.rand()), int(np.random.randint(-T, T))
+
+
+def spec_augment(feats, bands):
+    """SpecAugment on (B, T, M) with bands (B, 4) = (freq start, freq width, time start, time width): whole mel bands
+    and whole frames set to 0 (preprocessing.md 3). A width of 0 masks nothing."""
     B, T, M = feats.shape
-    masked = torch.zeros(B, T, M, dtype=torch.bool, device=feats.device)
-    if freqm:
-        masked = masked | draw_band(B, M, freqm, feats.device)[:, None, :]          # whole mel bands
-    if timem:
-        masked = masked | draw_band(B, T, timem, feats.device)[:, :, None]          # whole frames
-    return feats.masked_fill(masked, 0.0) if freqm or timem else feats
+    def inside(n, start, width):                                                     # (B, n) bool
+        pos = torch.arange(n, device=feats.device)
+        return (pos >= start[:, None]) & (pos < (start + width)[:, None])
+    masked = inside(M, bands[:, 0], bands[:, 1])[:, None, :] | inside(T, bands[:, 2], bands[:, 3])[:, :, None]
+    return feats.masked_fill(masked, 0.0)
 
 
-def add_noise(feats):
-    """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10 with s ~ U(0,1) per
-    sample, and a roll in time by an integer in [-T, T) (the noise is iid, so adding it after the roll is the same)."""
+MASK32 = 0xFFFFFFFF
+
+
+def mul32(x, c):
+    """x * c mod 2^32 for 0 <= x, c < 2^32 in int64 without overflow: x is split at 16 bits (products < 2^48)."""
+    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & MASK32
+
+
+def lowbias32(x):
+    """A 32-bit integer mixing hash (Chris Wellons' "lowbias32"), elementwise on int64 holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seeds, shape, device):
+    """U[0, 1) float32 (B, *shape) from integer seeds (B,): element k of sample b is a hash of (seed b, k), with
+    24 random bits. Counter-based rather than a generator's stream, so the numbers are the same on every device and
+    for any batch composition, a worker ships one integer instead of a (T, M) field, and the device makes the
+    field in a few integer kernels."""
+    key = ("counter", math.prod(shape), str(device))
+    if key not in _CACHE:
+        _CACHE[key] = lowbias32(torch.arange(math.prod(shape), device=device))      # (n,) the same for every seed
+    seed = lowbias32(seeds.to(device, torch.int64) & MASK32)                          # (B,)
+    bits = lowbias32(_CACHE[key] ^ seed[:, None])                                     # (B, n) uint32 values
+    return ((bits >> 8).float() * 2.0 ** -24).view(-1, *shape)
+
+
+def add_noise(feats, seed, scale, shift):
+    """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10, then a roll in time by
+    `shift` (out[t] = in[t - shift]). seed, scale (float64) and shift are (B,) tensors drawn by draw_noise."""
     B, T, M = feats.shape
-    shift = torch.randint(-T, T, (B,), device=feats.device)
-    source = (torch.arange(T, device=feats.device) - shift[:, None]) % T             # roll: out[t] = in[t - s]
+    noisy = feats + hash_uniform(seed, (T, M), feats.device) * scale.float()[:, None, None] / 10
+    source = (torch.arange(T, device=feats.device) - shift[:, None]) % T            # (B, T)
     rows = (source + T * torch.arange(B, device=feats.device)[:, None]).flatten()   # (B * T,)
-    rolled = feats.reshape(B * T, M).index_select(0, rows).view(B, T, M)
-    return rolled + torch.rand(B, T, M, device=feats.device) * torch.rand(B, 1, 1, device=feats.device) / 10
+    return noisy.reshape(B * T, M).index_select(0, rows).view(B, T, M)
 
 
 def smooth_labels(y1, label_smooth, y2=None, lam=None):
@@ -255,8 +308,10 @@ def read_frame(path, image_size=224):
 
 def normalise_image(image_u8):
     """uint8 (..., 3, S, S) -> float32 /255, then ImageNet mean/std (torchvision ToTensor + Normalize)."""
-    mean = torch.tensor(IMAGE_MEAN, device=image_u8.device)[:, None, None]
-    std = torch.tensor(IMAGE_STD, device=image_u8.device)[:, None, None]
+    key = ("image", str(image_u8.device))
+    if key not in _CACHE:                                                            # (3, 1, 1) each, once a device
+        _CACHE[key] = [constant_on(torch.tensor(c)[:, None, None], image_u8.device) for c in (IMAGE_MEAN, IMAGE_STD)]
+    mean, std = _CACHE[key]
     return (image_u8.float().div(255) - mean) / std
 
 
@@ -301,22 +356,93 @@ def read_datafile(path):
     """Rows {video_id, wav, video_path, labels} of an official json datafile, paths resolved against its folder."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)["data"]
+            records = json.load(f)["data"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read datafile {path} (want json {{'data': [...]}}): {e}") from None
-    root = os.path.dirname(os.path.abspath(path))
-    rows = []
-    for i, d in enumerate(data):
-        missing = [k for k in ("video_id", "wav", "video_path", "labels") if k not in d]
-        if missing:
-            raise DataError(f"{path} row {i}: missing field(s) {', '.join(missing)}")
-        rows.append(dict(video_id=str(d["video_id"]), wav=os.path.normpath(os.path.join(root, d["wav"])),
-                         video_path=os.path.normpath(os.path.join(root, d["video_path"])), labels=str(d["labels"])))
-    return rows
+    return Rows(records, os.path.dirname(os.path.abspath(path)), path)
+
+
+def split_mids(labels):
+    return [m.strip() for m in labels.split(",") if m.strip()]
 
 
 def label_mids(row):
-    return [m.strip() for m in row["labels"].split(",") if m.strip()]
+    return split_mids(row["labels"])
+
+
+def pack_strings(strings):
+    """A list of str -> one UTF-8 buffer (uint8) and offsets (int32, or int64 past 2 GB)."""
+    encoded = [s.encode() for s in strings]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8), offsets.astype(np.int32 if offsets[-1] < 2 ** 31 else np.int64)
+
+
+class StringColumn:
+    """n strings as (folder, name): the few distinct folders packed once, each string's folder code (int32) and
+    its name packed in one buffer. Numpy only: forked DataLoader workers share the pages (no refcounts to touch)."""
+
+    def __init__(self, strings):
+        folders, codes, names = {}, array("i"), []
+        for s in strings:
+            head, sep, name = s.rpartition("/")
+            codes.append(folders.setdefault(head + sep, len(folders)))
+            names.append(name)
+        self.folders, self.codes, self.names = pack_strings(list(folders)), np.array(codes, np.int32), pack_strings(names)
+
+    def __getitem__(self, i):
+        (fb, fo), (nb, no), f = self.folders, self.names, self.codes[i]
+        return (fb[fo[f]:fo[f + 1]].tobytes() + nb[no[i]:no[i + 1]].tobytes()).decode()
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (*self.folders, self.codes, *self.names))
+
+
+class Rows(Sequence):
+    """A datafile's rows in compact numpy arrays instead of a list of dicts (~340 B a row, 0.7 GB per process for
+    AudioSet-2M, copied into every worker as refcounts touch the pages). rows[i] -> dict(video_id, wav, video_path,
+    labels), paths resolved against `root` on demand; labels as CSR codes into `mids` (label_codes, label_offsets)."""
+
+    def __init__(self, records, root, source):
+        self.root, fields = root, {}
+        for key in ("video_id", "wav", "video_path", "labels"):
+            try:
+                fields[key] = [str(r[key]) for r in records]
+            except (KeyError, TypeError):
+                i, r = next((i, r) for i, r in enumerate(records) if not isinstance(r, dict) or key not in r)
+                missing = [k for k in ("video_id", "wav", "video_path", "labels") if not isinstance(r, dict) or k not in r]
+                raise DataError(f"{source} row {i}: missing field(s) {', '.join(missing)}") from None
+        self.video_id, self.wav, self.video_path = (StringColumn(fields.pop(k)) for k in ("video_id", "wav", "video_path"))
+        mids, codes, counts = {}, array("i"), array("q", [0])
+        for text in fields.pop("labels"):
+            row = [mids.setdefault(m, len(mids)) for m in split_mids(text)]
+            codes.extend(row)
+            counts.append(len(row))
+        self.mids, self.label_codes = list(mids), np.array(codes, np.int32)    # distinct mids in first-seen order
+        self.label_offsets = np.cumsum(np.array(counts, np.int64))              # (n + 1,) row i: [off[i], off[i+1])
+
+    def __len__(self):
+        return len(self.label_offsets) - 1
+
+    def codes(self, i):
+        i = range(len(self))[i]                                                 # negative i; IndexError past the end
+        return self.label_codes[self.label_offsets[i]:self.label_offsets[i + 1]]
+
+    def __getitem__(self, i):
+        i = range(len(self))[i]
+        return dict(video_id=self.video_id[i], wav=os.path.normpath(os.path.join(self.root, self.wav[i])),
+                    video_path=os.path.normpath(os.path.join(self.root, self.video_path[i])),
+                    labels=",".join(self.mids[c] for c in self.codes(i)))
+
+    def select(self, keep):
+        """The rows at indices `keep`, as a new Rows."""
+        return Rows([self[i] for i in keep], self.root, "")
+
+    @property
+    def nbytes(self):
+        return self.video_id.nbytes + self.wav.nbytes + self.video_path.nbytes + self.label_codes.nbytes + \
+            self.label_offsets.nbytes
 
 
 def frame_path(row, i):
@@ -356,7 +482,10 @@ def check_row(row, labels, num_frames=10, sample_rate=SAMPLE_RATE):
 # The dataset
 
 class AVDataset(torch.utils.data.Dataset):
-    """Official-format datafile -> (fbank [T, 128], image [3, S, S], label [K]); see the module docstring."""
+    """Official-format datafile -> (fbank [T, 128], image [3, S, S], label [K]); see the module docstring.
+    ds[i] or ds[(i, frame)]: frame (int or None) overrides ds.frame for that load in evaluation (training draws).
+    With raw=True, ds[key] is the raw item that collate_raw batches. frame_fallbacks counts the per-item path's
+    fallbacks in this process (num_workers=0); loaders read them per batch from batch["fallbacks"] instead."""
 
     def __init__(self, datafile, label_csv, train=False, target_length=1024, num_frames=10, frame=None,
                  mean=AUDIOSET_MEAN, std=AUDIOSET_STD, freqm=0, timem=0, mixup=0.0, noise=False,
@@ -366,83 +495,91 @@ class AVDataset(torch.utils.data.Dataset):
         self.datafile, self.train, self.target_length, self.num_frames = datafile, train, target_length, num_frames
         self.frame, self.mean, self.std, self.freqm, self.timem = frame, mean, std, freqm, timem
         self.mixup, self.noise, self.label_smooth = mixup, noise, label_smooth
-        self.image_size, self.raw = image_size, raw
+        self.image_size, self.raw, self.frame_fallbacks = image_size, raw, 0
         self.labels = load_label_csv(label_csv)
         self.num_classes = len(self.labels.mids)
-        rows = read_datafile(datafile)
+        self.rows = read_datafile(datafile)
         self.dropped = []                       # (row in the datafile, video_id, problems) dropped by on_error="skip"
-        if on_error == "raise":
-            for i, row in enumerate(rows):
-                for m in label_mids(row):
-                    if m not in self.labels.index:
-                        raise DataError(f"{datafile} row {i} (video_id {row['video_id']}): label {m!r} is not in "
-                                        f"{label_csv}")
-        else:
+        if on_error == "skip":
             with ThreadPoolExecutor(8) as pool:
-                checks = list(pool.map(lambda r: check_row(r, self.labels, num_frames)[0], rows))
-            self.dropped = [(i, r["video_id"], p) for i, (r, p) in enumerate(zip(rows, checks)) if p]
-            rows = [r for r, p in zip(rows, checks) if not p]
+                checks = list(pool.map(lambda r: check_row(r, self.labels, num_frames)[0], self.rows))
+            self.dropped = [(i, self.rows[i]["video_id"], p) for i, p in enumerate(checks) if p]
+            self.rows = self.rows.select([i for i, p in enumerate(checks) if not p])
             if self.dropped:
                 warnings.warn(f"{datafile}: skipped {len(self.dropped)} of {len(checks)} rows with unreadable "
                               f"files or unknown labels (first: row {self.dropped[0][0]}: {self.dropped[0][2][0]}); "
                               f"the list is in .dropped", stacklevel=2)
-        self.rows = rows
-        self._fallbacks = torch.zeros(1, dtype=torch.int64).share_memory_()  # counted across DataLoader workers
+        self.class_of_code = np.array([self.labels.index.get(m, -1) for m in self.rows.mids], np.int64)
+        unknown = self.class_of_code[self.rows.label_codes] < 0                        # (labels of all rows,)
+        if unknown.any():
+            first = int(unknown.argmax())
+            i = int(np.searchsorted(self.rows.label_offsets, first, side="right")) - 1
+            raise DataError(f"{datafile} row {i} (video_id {self.rows.video_id[i]}): label "
+                            f"{self.rows.mids[self.rows.label_codes[first]]!r} is not in {label_csv}")
 
     def __len__(self):
         return len(self.rows)
 
-    @property
-    def frame_fallbacks(self):
-        """How many loads used an earlier frame because the chosen one was missing (all workers together)."""
-        return int(self._fallbacks.item())
+    def label_classes(self, i):
+        """Class indices of row i (int64 numpy)."""
+        return self.class_of_code[self.rows.codes(i)]
 
-    def _frame_file(self, i):
-        """Path of row i's frame for this load; decode() adds the datafile and row to a DataError."""
-        row = self.rows[i]
-        want = random.randint(0, self.num_frames - 1) if self.train else (
-            int(self.num_frames / 2) if self.frame is None else self.frame)
+    def choose_frame(self, row, frame=None):
+        """(path, frame loaded, the wanted frame's path if it was missing else None) for one load of `row`."""
+        if self.train:
+            want = random.randint(0, self.num_frames - 1)
+        else:
+            want = next(f for f in (frame, self.frame, self.num_frames // 2) if f is not None)
         for k in range(want, -1, -1):                   # missing frame -> nearest earlier one, as the official code
             path = frame_path(row, k)
             if os.path.isfile(path):
-                if k != want:
-                    self._fallbacks += 1
-                return path
+                return path, k, (frame_path(row, want) if k != want else None)
         raise DataError(f"no frame at or before frame_{want} (looked for {frame_path(row, want)} and earlier)")
 
-    def decode(self, i):
-        """What a raw worker returns: centred waveform [n], uint8 frame [3, S, S], multi-hot label [K]."""
+    def decode(self, i, frame=None):
+        """Row i read: centred waveform [n], uint8 frame [3, S, S], 0/1 label [K], frame index, missing path or None."""
         row = self.rows[i]
         try:
             wave = load_audio(row["wav"])
-            image = read_frame(self._frame_file(i), self.image_size)
+            path, k, missing = self.choose_frame(row, frame)
+            image = read_frame(path, self.image_size)
         except DataError as e:
             raise DataError(f"{self.datafile} row {i} (video_id {row['video_id']}): {e}") from None
         label = torch.zeros(self.num_classes)
-        label[[self.labels.index[m] for m in label_mids(row)]] = 1.0
-        return wave - wave.mean(), image, label
+        label[torch.from_numpy(self.label_classes(i))] = 1.0
+        return wave - wave.mean(), image, label, k, missing
 
-    def __getitem__(self, i):
-        mix = self.train and not self.raw and self.mixup > 0 and random.random() < self.mixup
-        j, lam = (random.randrange(len(self)), random.betavariate(MIXUP_BETA, MIXUP_BETA)) if mix else (None, None)
-        wave, image_u8, y = self.decode(i)
-        if self.raw:
+    def load(self, i, frame=None):
+        """The raw item of row i: decoded, with every random choice of its augmentation drawn here, in the official
+        order (mixup test, partner, lambda, frames, SpecAugment bands, noise). Keys: see collate_raw."""
+        mixed = self.train and self.mixup > 0 and random.random() < self.mixup
+        if mixed:                                               # partner from the whole dataset, as the official
+            partner, lam = random.randrange(len(self)), random.betavariate(MIXUP_BETA, MIXUP_BETA)
+        wave, image, label, k, missing = self.decode(i, frame)
+        item = dict(wave=wave, image=image, label=label, frame=k, fallbacks=[missing] if missing else [])
+        if mixed:                                               # partner wave cut or zero-padded to this one's length
+            wave2, image2, label2, _, missing2 = self.decode(partner)
+            wave2 = F.pad(wave2, (0, max(0, len(wave) - len(wave2))))[:len(wave)]
+            item.update(partner=partner, lam=lam, partner_wave=wave2, partner_image=image2, partner_label=label2)
+            item["fallbacks"] += [missing2] if missing2 else []
+        else:                                                   # only samples that reach target_length frames travel
             win, hop = fbank_geometry()
-            keep = win + hop * (self.target_length - 1)                 # samples that reach target_length frames
-            return (wave[:keep].clone() if wave.shape[0] > keep else wave), image_u8, y
-        image, length = normalise_image(image_u8), torch.tensor([wave.shape[0]])
-        wave = wave[None]                                               # (1, N)
-        y2 = lam_t = None
-        if mix:
-            wave2, image2_u8, y2 = self.decode(j)
-            wave2 = F.pad(wave2, (0, max(0, wave.shape[1] - wave2.shape[0])))[None, :wave.shape[1]]
-            lam_t = torch.tensor([lam])
-            wave = mix_waveforms(wave, wave2, lam_t, length)
-            image = lam * image + (1 - lam) * normalise_image(image2_u8)
-            y2 = y2[None]
-        feats = fbank_features(wave, length, self.target_length)        # (1, T, 128)
-        feats = finish_fbank(feats, self.mean, self.std, self.freqm, self.timem, self.noise, self.train)
-        return feats[0], image, smooth_labels(y[None], self.label_smooth, y2, lam_t)[0]
+            keep = win + hop * (self.target_length - 1)
+            item["wave"] = wave[:keep].clone() if len(wave) > keep else wave
+        if self.train:
+            item["bands"] = (*draw_band(128, self.freqm), *draw_band(self.target_length, self.timem))
+            seed, scale, shift = draw_noise(self.target_length) if self.noise else (0, 0.0, 0)
+            item.update(noise_seed=seed, noise_scale=scale, noise_shift=shift)
+        return item
+
+    def __getitem__(self, key):
+        i, frame = key if isinstance(key, tuple) else (key, None)
+        item = self.load(int(i), frame)
+        if self.raw:
+            return item
+        self.frame_fallbacks += len(item["fallbacks"])
+        audio, image, label = BatchPreprocessor.from_dataset(self)(collate_raw([item]), "cpu")  # a batch of one
+        return audio[0], image[0], label[0]
 
     def audio_features(self, i):
         """Unnormalised, unaugmented fbank [T, 128] of row i (for dataset_stats)."""
@@ -450,68 +587,86 @@ class AVDataset(torch.utils.data.Dataset):
         return fbank_features((wave - wave.mean())[None], torch.tensor([wave.shape[0]]), self.target_length)[0]
 
 
-def finish_fbank(feats, mean, std, freqm, timem, noise, train):
-    """(B, T, M) padded fbank -> SpecAugment (train), normalisation, noise (train), in the official order."""
-    if train:
-        feats = spec_augment(feats, freqm, timem)
-    feats = normalise(feats, mean, std)
-    return add_noise(feats) if train and noise else feats
+def pad_stack(waves, n):
+    """1-D tensors -> (B, n) zero-padded at the end."""
+    out = torch.zeros(len(waves), n)
+    for b, w in enumerate(waves):
+        out[b, :w.shape[0]] = w
+    return out
 
 
 def collate_raw(items):
-    """Raw items -> dict(wave [B, N] zero-padded, length [B], image uint8 [B, 3, S, S], label [B, K])."""
-    waves, images, labels = zip(*items)
-    length = torch.tensor([w.shape[0] for w in waves])
-    wave = torch.zeros(len(waves), int(length.max()))
-    for b, w in enumerate(waves):
-        wave[b, :w.shape[0]] = w
-    return dict(wave=wave, length=length, image=torch.stack(images), label=torch.stack(labels))
+    """Raw items -> a batch dict of tensors, plus `fallbacks`: the paths of the wanted frames that were missing.
+        wave (B, N) float32 centred, zero-padded; length (B,) int64; image (B, 3, S, S) uint8; label (B, K) 0/1;
+        frame (B,) the frame index loaded.
+      training adds the draws: bands (B, 4) int64 = (freq start, freq width, time start, time width);
+        noise_seed (B,) int64, noise_scale (B,) float64, noise_shift (B,) int64;
+      and if any item is mixed: mixed (B,) bool, partner (B,) row index (-1: none), lam (B,) float64,
+        partner_wave (B, N), partner_image (B, 3, S, S) uint8, partner_label (B, K) (zeros where not mixed)."""
+    length = torch.tensor([it["wave"].shape[0] for it in items])
+    n = int(length.max())
+    batch = dict(wave=pad_stack([it["wave"] for it in items], n), length=length,
+                 image=torch.stack([it["image"] for it in items]), label=torch.stack([it["label"] for it in items]),
+                 frame=torch.tensor([it["frame"] for it in items]), fallbacks=[p for it in items for p in it["fallbacks"]])
+    if "bands" in items[0]:
+        batch.update(bands=torch.tensor([it["bands"] for it in items]),
+                     noise_seed=torch.tensor([it["noise_seed"] for it in items]),
+                     noise_scale=torch.tensor([it["noise_scale"] for it in items], dtype=torch.float64),
+                     noise_shift=torch.tensor([it["noise_shift"] for it in items]))
+    if any("partner" in it for it in items):
+        batch.update(mixed=torch.tensor(["partner" in it for it in items]),
+                     partner=torch.tensor([it.get("partner", -1) for it in items]),
+                     lam=torch.tensor([it.get("lam", 1.0) for it in items], dtype=torch.float64),
+                     partner_wave=pad_stack([it.get("partner_wave", torch.zeros(0)) for it in items], n),
+                     partner_image=torch.stack([it.get("partner_image", torch.zeros_like(it["image"])) for it in items]),
+                     partner_label=torch.stack([it.get("partner_label", torch.zeros_like(it["label"])) for it in items]))
+    return batch
 
 
 class BatchPreprocessor:
-    """Finishes a collate_raw batch on a device: fbank, pad/cut, SpecAugment, normalisation, in-batch mixup
-    (partner drawn uniformly from the batch), noise and label smoothing. Same settings as AVDataset."""
+    """Finishes a collate_raw batch on a device, drawing nothing: fbank, pad/cut, mixup with each item's partner
+    and lambda (waveforms before fbank, images after normalisation, labels), SpecAugment with the drawn bands,
+    normalisation, noise from the drawn seed/scale/roll, label smoothing. Same settings as AVDataset.
+    No host sync on CUDA: tensors move with non_blocking=True (pinned by the DataLoader), constants are cached per
+    device, masks come from a device copy of the lengths, and no shape depends on data."""
 
     def __init__(self, target_length=1024, mean=AUDIOSET_MEAN, std=AUDIOSET_STD, train=False, freqm=0, timem=0,
-                 mixup=0.0, noise=False, label_smooth=0.0):
+                 noise=False, label_smooth=0.0):
         self.target_length, self.mean, self.std, self.train = target_length, mean, std, train
-        self.freqm, self.timem, self.mixup, self.noise, self.label_smooth = freqm, timem, mixup, noise, label_smooth
+        self.freqm, self.timem, self.noise, self.label_smooth = freqm, timem, noise, label_smooth
 
     @classmethod
     def from_dataset(cls, ds):
-        return cls(ds.target_length, ds.mean, ds.std, ds.train, ds.freqm, ds.timem, ds.mixup, ds.noise,
-                   ds.label_smooth)
+        return cls(ds.target_length, ds.mean, ds.std, ds.train, ds.freqm, ds.timem, ds.noise, ds.label_smooth)
 
     def __call__(self, batch, device="cpu"):
-        wave, length = batch["wave"].to(device, non_blocking=True), batch["length"]              # length on CPU
-        image = normalise_image(batch["image"].to(device, non_blocking=True))          # (B, 3, S, S)
-        y = batch["label"].to(device, non_blocking=True)
+        def get(key):
+            return batch[key].to(device, non_blocking=True)
+        wave, length, y = get("wave"), get("length"), get("label")                   # (B, N), (B,), (B, K)
+        image = normalise_image(get("image"))                                         # (B, 3, S, S)
         label = smooth_labels(y, self.label_smooth)                                   # (B, K)
-        if self.train and self.mixup > 0:                                            # mixup with a batch partner
-            B = wave.shape[0]
-            mixed = torch.rand(B, device=device) < self.mixup                        # (B,)
-            partner = torch.randint(0, B, (B,), device=device)
-            lam = torch.distributions.Beta(*torch.full((2,), MIXUP_BETA, device=device)).sample((B,))
-            mixed_wave = mix_waveforms(wave, wave[partner], lam, length.to(device))
-            wave = torch.where(mixed[:, None], mixed_wave, wave)
-            lam_image = lam[:, None, None, None]
-            mixed_image = lam_image * image + (1 - lam_image) * image[partner]
+        if self.train and "lam" in batch:                                             # mixup: rows the worker mixed
+            mixed, lam = get("mixed"), get("lam")                                     # (B,) bool, (B,) float64
+            wave = torch.where(mixed[:, None], mix_waveforms(wave, get("partner_wave"), lam, length), wave)
+            mixed_image = mix(image, normalise_image(get("partner_image")), lam)
             image = torch.where(mixed[:, None, None, None], mixed_image, image)
-            label = torch.where(mixed[:, None], smooth_labels(y, self.label_smooth, y[partner], lam), label)
-        feats = fbank_features(wave, length, self.target_length)                    # (B, T, 128)
-        feats = finish_fbank(feats, self.mean, self.std, self.freqm, self.timem, self.noise, self.train)
+            label = torch.where(mixed[:, None], smooth_labels(y, self.label_smooth, get("partner_label"), lam), label)
+        feats = fbank_features(wave, length, self.target_length)                      # (B, T, 128)
+        if self.train and (self.freqm or self.timem):
+            feats = spec_augment(feats, get("bands"))
+        feats = normalise(feats, self.mean, self.std)
+        if self.train and self.noise:
+            feats = add_noise(feats, get("noise_seed"), get("noise_scale"), get("noise_shift"))
         return feats, image, label
 
 
 def class_balance_weights(ds):
     """Per-sample weights for WeightedRandomSampler (official formula): a label weighs 1000 / (count + 0.01)
     over the dataset's rows, a sample the sum over its labels. float64 [len(ds)], aligned with ds (after skips)."""
-    counts = np.zeros(ds.num_classes)
-    indices = [[ds.labels.index[m] for m in label_mids(r)] for r in ds.rows]
-    for idx in indices:
-        np.add.at(counts, idx, 1)
-    label_weight = 1000.0 / (counts + 0.01)
-    return torch.tensor([label_weight[idx].sum() for idx in indices], dtype=torch.float64)
+    classes = ds.class_of_code[ds.rows.label_codes]                                  # (labels of all rows,)
+    label_weight = 1000.0 / (np.bincount(classes, minlength=ds.num_classes) + 0.01)
+    owner = np.repeat(np.arange(len(ds)), np.diff(ds.rows.label_offsets))            # row of each label
+    return torch.from_numpy(np.bincount(owner, weights=label_weight[classes], minlength=len(ds)))
 
 
 def dataset_stats(ds, max_items=None):
