@@ -4,32 +4,26 @@ Equal to the official loader (../shared/preprocessing.md), with torch, numpy, so
     fbank(waveform)            Kaldi log-mel filterbank, [N] -> [T, 128] or [B, N] -> [B, T, 128], CPU or GPU
     load_audio(path)           float32 [N] in [-1, 1), first channel, 16 kHz, or a DataError naming the file
     load_image(path, size)     [3, S, S]: bicubic resize of the shorter side, centre crop, ImageNet normalisation
-    load_label_csv, read_datafile (compact Rows), class_balance_weights, dataset_stats
     AVDataset(datafile, label_csv, train=False, ...)[i] -> fbank [T, 128], image [3, S, S], label [K]
 
-One definition of every augmentation, two places to run it. A worker decodes a row and draws every random choice
-of the item (frame, mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and
-roll); BatchPreprocessor only applies them, batch-wise, on any device:
-    ds = AVDataset(..., raw=True)            # ds[i] or ds[(i, frame)] -> a raw item (dict), see collate_raw
+One definition of every augmentation: a worker decodes a row and draws every random choice of the item (frame,
+mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and roll, from Python's
+`random`, NumPy and torch's CPU generator, which train.py seeds per item); BatchPreprocessor applies them:
+    ds = AVDataset(..., raw=True)            # ds[i] or ds[(i, frame)] -> a raw item (dict)
     loader = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
-    prep = BatchPreprocessor.from_dataset(ds)        # fbank, pad/cut, mixup, SpecAugment, normalisation,
-    for batch in loader:                             # noise and label smoothing, all on `device`
+    prep = BatchPreprocessor.from_dataset(ds)
+    for batch in loader:                     # fbank, mixup, SpecAugment, normalisation, noise, label smoothing
         audio, image, label = prep(batch, device)    # [B, T, 128], [B, 3, S, S], [B, K]
-The per-item path (raw=False) is the same code on a batch of one on the CPU, so with the same random state a row
-of a device batch equals the item (bit for bit in evaluation; within 1 ulp for clips shorter than about 16 fbank
-frames, where BLAS picks another kernel). The noise field comes from a counter-based hash (hash_uniform): the
-same numbers on every device. Missing frames fall back to an earlier one and are reported per batch
-(batch["fallbacks"]), so the main process counts them without races.
-
-Random draws use Python's `random`, NumPy and torch's CPU generator inside ds[i] only (train.py seeds them per
-item). Deviations decided by the project: bad input raises a clear error instead of becoming a 0.01-filled sample;
-non-RGB frames are converted to RGB; augmentation only runs when train=True; a mixup partner's frame comes from
-its own video_path (the official code looks under the first sample's); the noise field is hash_uniform's.
-Run `python data.py --check DATAFILE LABEL_CSV` to validate a datafile, `--bench` to time it, `--scale N` to
-measure building a dataset over N generated rows.
+The per-item path (raw=False) runs the same code on a batch of one on the CPU: with the same random state a row of
+a device batch equals the item (on the CPU bit for bit, or within 1 ulp for clips under about 16 fbank frames, where
+BLAS picks another kernel). Deviations decided by the project: bad input raises a clear error instead of becoming
+a 0.01-filled sample; non-RGB frames are converted to RGB; augmentation only runs when train=True; a mixup
+partner's frame comes from its own video_path (the official code looks under the first sample's); the noise
+field is hash_uniform's. `python data.py --check DATAFILE LABEL_CSV | --bench | --scale N` (see main).
 """
 import argparse
 import csv
+import ctypes
 import gc
 import json
 import math
@@ -185,16 +179,9 @@ def fbank_features(wave, length, target_length):
 
 
 def mix(a, b, lam):
-    """lam a + (1 - lam) b per sample, lam (B,) float64 rounded to float32 as the official numpy scalar is."""
+    """Mixup lam a + (1 - lam) b per sample, lam (B,) float64 rounded to float32 as the official numpy scalar is."""
     shape = (-1,) + (1,) * (a.dim() - 1)
     return lam.float().view(shape) * a + (1 - lam).float().view(shape) * b
-
-
-def mix_waveforms(w1, w2, lam, length):
-    """Mixup of centred waveforms (B, N), w2 already cut or zero-padded to w1's length: mixed, then centred again
-    over the clip (samples past `length` are never framed)."""
-    mixed = mix(w1, w2, lam)                                                         # (B, N)
-    return mixed - mixed.sum(1, keepdim=True) / length[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,10 +225,8 @@ def mul32(x, c):
 
 def lowbias32(x):
     """A 32-bit integer mixing hash (Chris Wellons' "lowbias32"), elementwise on int64 holding uint32 values."""
-    x = x ^ (x >> 16)
-    x = mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = mul32(x, 0x846CA68B)
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = mul32(x ^ (x >> shift), multiplier)
     return x ^ (x >> 16)
 
 
@@ -278,10 +263,6 @@ def smooth_labels(y1, label_smooth, y2=None, lam=None):
     return (base + y1 * (lam * (1.0 - label_smooth)) + y2.double() * ((1 - lam) * (1.0 - label_smooth))).float()
 
 
-def normalise(feats, mean, std):
-    return (feats - mean) / std
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Images (preprocessing.md 2)
 
@@ -300,10 +281,10 @@ def read_frame(path, image_size=224):
                 img = img.resize((new_w, new_h), Image.BICUBIC)
             top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
             img = img.crop((left, top, left + image_size, top + image_size))
-            array = np.array(img)                                                    # (S, S, 3) uint8
+            pixels = np.array(img)                                                   # (S, S, 3) uint8
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()                     # (3, S, S)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()                    # (3, S, S)
 
 
 def normalise_image(image_u8):
@@ -359,7 +340,19 @@ def read_datafile(path):
             records = json.load(f)["data"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read datafile {path} (want json {{'data': [...]}}): {e}") from None
-    return Rows(records, os.path.dirname(os.path.abspath(path)), path)
+    rows = Rows(records, os.path.dirname(os.path.abspath(path)), path)
+    del records
+    release_freed_heap()
+    return rows
+
+
+def release_freed_heap():
+    """Give the heap pages that parsing freed back to the OS: glibc keeps them otherwise (~100 MB of the process's
+    memory after AudioSet-2M's json). A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def split_mids(labels):
@@ -378,49 +371,44 @@ def pack_strings(strings):
     return np.frombuffer(b"".join(encoded), np.uint8), offsets.astype(np.int32 if offsets[-1] < 2 ** 31 else np.int64)
 
 
-class StringColumn:
-    """n strings as (folder, name): the few distinct folders packed once, each string's folder code (int32) and
-    its name packed in one buffer. Numpy only: forked DataLoader workers share the pages (no refcounts to touch)."""
+def pack_paths(strings):
+    """Strings -> numpy arrays (folder buffer, folder offsets, folder code per string, name buffer, name offsets):
+    the few distinct folders once, the names in one buffer. Forked workers share numpy pages (no refcounts touched)."""
+    folders, codes, names = {}, array("i"), []
+    for s in strings:
+        head, sep, name = s.rpartition("/")
+        codes.append(folders.setdefault(head + sep, len(folders)))
+        names.append(name)
+    return (*pack_strings(list(folders)), np.array(codes, np.int32), *pack_strings(names))
 
-    def __init__(self, strings):
-        folders, codes, names = {}, array("i"), []
-        for s in strings:
-            head, sep, name = s.rpartition("/")
-            codes.append(folders.setdefault(head + sep, len(folders)))
-            names.append(name)
-        self.folders, self.codes, self.names = pack_strings(list(folders)), np.array(codes, np.int32), pack_strings(names)
 
-    def __getitem__(self, i):
-        (fb, fo), (nb, no), f = self.folders, self.names, self.codes[i]
-        return (fb[fo[f]:fo[f + 1]].tobytes() + nb[no[i]:no[i + 1]].tobytes()).decode()
-
-    @property
-    def nbytes(self):
-        return sum(a.nbytes for a in (*self.folders, self.codes, *self.names))
+def unpack_path(arrays, i):
+    folder_buffer, folder_offsets, codes, buffer, offsets = arrays
+    f = codes[i]
+    return (folder_buffer[folder_offsets[f]:folder_offsets[f + 1]].tobytes() + buffer[offsets[i]:offsets[i + 1]]
+            .tobytes()).decode()
 
 
 class Rows(Sequence):
-    """A datafile's rows in compact numpy arrays instead of a list of dicts (~340 B a row, 0.7 GB per process for
+    """A datafile's rows in numpy arrays instead of a list of dicts (~340 B a row, 0.7 GB per process for
     AudioSet-2M, copied into every worker as refcounts touch the pages). rows[i] -> dict(video_id, wav, video_path,
     labels), paths resolved against `root` on demand; labels as CSR codes into `mids` (label_codes, label_offsets)."""
+    FIELDS = ("video_id", "wav", "video_path", "labels")
 
     def __init__(self, records, root, source):
-        self.root, fields = root, {}
-        for key in ("video_id", "wav", "video_path", "labels"):
-            try:
-                fields[key] = [str(r[key]) for r in records]
-            except (KeyError, TypeError):
-                i, r = next((i, r) for i, r in enumerate(records) if not isinstance(r, dict) or key not in r)
-                missing = [k for k in ("video_id", "wav", "video_path", "labels") if not isinstance(r, dict) or k not in r]
-                raise DataError(f"{source} row {i}: missing field(s) {', '.join(missing)}") from None
-        self.video_id, self.wav, self.video_path = (StringColumn(fields.pop(k)) for k in ("video_id", "wav", "video_path"))
-        mids, codes, counts = {}, array("i"), array("q", [0])
-        for text in fields.pop("labels"):
-            row = [mids.setdefault(m, len(mids)) for m in split_mids(text)]
-            codes.extend(row)
-            counts.append(len(row))
+        try:
+            fields = {k: [str(r[k]) for r in records] for k in self.FIELDS}
+        except (KeyError, TypeError):
+            i, r = next((i, r) for i, r in enumerate(records) if not (isinstance(r, dict) and set(self.FIELDS) <= set(r)))
+            missing = [k for k in self.FIELDS if not isinstance(r, dict) or k not in r]
+            raise DataError(f"{source} row {i}: missing field(s) {', '.join(missing)}") from None
+        self.root, self.columns = root, [pack_paths(fields[k]) for k in self.FIELDS[:3]]  # video_id, wav, video_path
+        mids, codes, offsets = {}, array("i"), array("q", [0])
+        for text in fields["labels"]:
+            codes.extend(mids.setdefault(m, len(mids)) for m in split_mids(text))
+            offsets.append(len(codes))
         self.mids, self.label_codes = list(mids), np.array(codes, np.int32)    # distinct mids in first-seen order
-        self.label_offsets = np.cumsum(np.array(counts, np.int64))              # (n + 1,) row i: [off[i], off[i+1])
+        self.label_offsets = np.array(offsets, np.int64)                        # (n + 1,) row i: [off[i], off[i+1])
 
     def __len__(self):
         return len(self.label_offsets) - 1
@@ -431,18 +419,14 @@ class Rows(Sequence):
 
     def __getitem__(self, i):
         i = range(len(self))[i]
-        return dict(video_id=self.video_id[i], wav=os.path.normpath(os.path.join(self.root, self.wav[i])),
-                    video_path=os.path.normpath(os.path.join(self.root, self.video_path[i])),
+        video_id, wav, video_path = (unpack_path(c, i) for c in self.columns)
+        return dict(video_id=video_id, wav=os.path.normpath(os.path.join(self.root, wav)),
+                    video_path=os.path.normpath(os.path.join(self.root, video_path)),
                     labels=",".join(self.mids[c] for c in self.codes(i)))
-
-    def select(self, keep):
-        """The rows at indices `keep`, as a new Rows."""
-        return Rows([self[i] for i in keep], self.root, "")
 
     @property
     def nbytes(self):
-        return self.video_id.nbytes + self.wav.nbytes + self.video_path.nbytes + self.label_codes.nbytes + \
-            self.label_offsets.nbytes
+        return sum(a.nbytes for a in (*(a for c in self.columns for a in c), self.label_codes, self.label_offsets))
 
 
 def frame_path(row, i):
@@ -462,20 +446,16 @@ def check_row(row, labels, num_frames=10, sample_rate=SAMPLE_RATE):
     except Exception as e:
         problems.append(f"cannot open audio {row['wav']}: {e}" if os.path.isfile(row["wav"])
                         else f"audio file not found: {row['wav']}")
-    missing = 0
-    for i in range(num_frames):
-        path = frame_path(row, i)
-        if not os.path.isfile(path):
-            missing += 1
-            if i == 0:
-                problems.append(f"frame_0 missing ({path}): a missing frame has no earlier one to fall back to")
-            continue
+    paths = [frame_path(row, i) for i in range(num_frames)]
+    present = [p for p in paths if os.path.isfile(p)]
+    if paths[0] not in present:
+        problems.append(f"frame_0 missing ({paths[0]}): a missing frame has no earlier one to fall back to")
+    for path in present:
         try:
-            with Image.open(path):
-                pass
+            Image.open(path).close()
         except Exception as e:
             problems.append(f"cannot open image {path}: {e}")
-    return problems, missing
+    return problems, num_frames - len(present)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -504,7 +484,7 @@ class AVDataset(torch.utils.data.Dataset):
             with ThreadPoolExecutor(8) as pool:
                 checks = list(pool.map(lambda r: check_row(r, self.labels, num_frames)[0], self.rows))
             self.dropped = [(i, self.rows[i]["video_id"], p) for i, p in enumerate(checks) if p]
-            self.rows = self.rows.select([i for i, p in enumerate(checks) if not p])
+            self.rows = Rows([r for r, p in zip(self.rows, checks) if not p], "", datafile)  # paths resolved
             if self.dropped:
                 warnings.warn(f"{datafile}: skipped {len(self.dropped)} of {len(checks)} rows with unreadable "
                               f"files or unknown labels (first: row {self.dropped[0][0]}: {self.dropped[0][2][0]}); "
@@ -514,7 +494,7 @@ class AVDataset(torch.utils.data.Dataset):
         if unknown.any():
             first = int(unknown.argmax())
             i = int(np.searchsorted(self.rows.label_offsets, first, side="right")) - 1
-            raise DataError(f"{datafile} row {i} (video_id {self.rows.video_id[i]}): label "
+            raise DataError(f"{datafile} row {i} (video_id {self.rows[i]['video_id']}): label "
                             f"{self.rows.mids[self.rows.label_codes[first]]!r} is not in {label_csv}")
 
     def __len__(self):
@@ -581,19 +561,6 @@ class AVDataset(torch.utils.data.Dataset):
         audio, image, label = BatchPreprocessor.from_dataset(self)(collate_raw([item]), "cpu")  # a batch of one
         return audio[0], image[0], label[0]
 
-    def audio_features(self, i):
-        """Unnormalised, unaugmented fbank [T, 128] of row i (for dataset_stats)."""
-        wave = load_audio(self.rows[i]["wav"])
-        return fbank_features((wave - wave.mean())[None], torch.tensor([wave.shape[0]]), self.target_length)[0]
-
-
-def pad_stack(waves, n):
-    """1-D tensors -> (B, n) zero-padded at the end."""
-    out = torch.zeros(len(waves), n)
-    for b, w in enumerate(waves):
-        out[b, :w.shape[0]] = w
-    return out
-
 
 def collate_raw(items):
     """Raw items -> a batch dict of tensors, plus `fallbacks`: the paths of the wanted frames that were missing.
@@ -603,32 +570,28 @@ def collate_raw(items):
         noise_seed (B,) int64, noise_scale (B,) float64, noise_shift (B,) int64;
       and if any item is mixed: mixed (B,) bool, partner (B,) row index (-1: none), lam (B,) float64,
         partner_wave (B, N), partner_image (B, 3, S, S) uint8, partner_label (B, K) (zeros where not mixed)."""
+    if any("partner" in it for it in items):                                          # unmixed rows: no partner
+        items = [{"partner": -1, "lam": 1.0, "partner_wave": torch.zeros(0), "partner_image": torch.zeros_like(
+            it["image"]), "partner_label": torch.zeros_like(it["label"]), **it, "mixed": "partner" in it} for it in items]
     length = torch.tensor([it["wave"].shape[0] for it in items])
-    n = int(length.max())
-    batch = dict(wave=pad_stack([it["wave"] for it in items], n), length=length,
-                 image=torch.stack([it["image"] for it in items]), label=torch.stack([it["label"] for it in items]),
-                 frame=torch.tensor([it["frame"] for it in items]), fallbacks=[p for it in items for p in it["fallbacks"]])
-    if "bands" in items[0]:
-        batch.update(bands=torch.tensor([it["bands"] for it in items]),
-                     noise_seed=torch.tensor([it["noise_seed"] for it in items]),
-                     noise_scale=torch.tensor([it["noise_scale"] for it in items], dtype=torch.float64),
-                     noise_shift=torch.tensor([it["noise_shift"] for it in items]))
-    if any("partner" in it for it in items):
-        batch.update(mixed=torch.tensor(["partner" in it for it in items]),
-                     partner=torch.tensor([it.get("partner", -1) for it in items]),
-                     lam=torch.tensor([it.get("lam", 1.0) for it in items], dtype=torch.float64),
-                     partner_wave=pad_stack([it.get("partner_wave", torch.zeros(0)) for it in items], n),
-                     partner_image=torch.stack([it.get("partner_image", torch.zeros_like(it["image"])) for it in items]),
-                     partner_label=torch.stack([it.get("partner_label", torch.zeros_like(it["label"])) for it in items]))
+    batch = dict(length=length, fallbacks=[p for it in items for p in it["fallbacks"]])
+    for key in items[0].keys() - batch.keys():
+        values = [it[key] for it in items]
+        if key.endswith("wave"):                                                      # zero-padded to (B, N)
+            batch[key] = torch.zeros(len(items), int(length.max()))
+            for row, w in zip(batch[key], values):
+                row[:w.shape[0]] = w
+        else:                                                                         # python floats as float64
+            batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else \
+                torch.tensor(values, dtype=torch.float64 if isinstance(values[0], float) else None)
     return batch
 
 
 class BatchPreprocessor:
-    """Finishes a collate_raw batch on a device, drawing nothing: fbank, pad/cut, mixup with each item's partner
-    and lambda (waveforms before fbank, images after normalisation, labels), SpecAugment with the drawn bands,
-    normalisation, noise from the drawn seed/scale/roll, label smoothing. Same settings as AVDataset.
-    No host sync on CUDA: tensors move with non_blocking=True (pinned by the DataLoader), constants are cached per
-    device, masks come from a device copy of the lengths, and no shape depends on data."""
+    """Applies a collate_raw batch's draws on a device, in the official order: mixup (waveforms before fbank,
+    images after normalisation, labels), fbank, pad/cut, SpecAugment, normalisation, noise, label smoothing.
+    No host sync on CUDA: tensors move non_blocking (pinned by the DataLoader), constants are cached per device,
+    masks come from the lengths' device copy, no shape depends on data."""
 
     def __init__(self, target_length=1024, mean=AUDIOSET_MEAN, std=AUDIOSET_STD, train=False, freqm=0, timem=0,
                  noise=False, label_smooth=0.0):
@@ -647,14 +610,15 @@ class BatchPreprocessor:
         label = smooth_labels(y, self.label_smooth)                                   # (B, K)
         if self.train and "lam" in batch:                                             # mixup: rows the worker mixed
             mixed, lam = get("mixed"), get("lam")                                     # (B,) bool, (B,) float64
-            wave = torch.where(mixed[:, None], mix_waveforms(wave, get("partner_wave"), lam, length), wave)
+            mixed_wave = mix(wave, get("partner_wave"), lam)                          # then centred over the clip
+            wave = torch.where(mixed[:, None], mixed_wave - mixed_wave.sum(1, keepdim=True) / length[:, None], wave)
             mixed_image = mix(image, normalise_image(get("partner_image")), lam)
             image = torch.where(mixed[:, None, None, None], mixed_image, image)
             label = torch.where(mixed[:, None], smooth_labels(y, self.label_smooth, get("partner_label"), lam), label)
         feats = fbank_features(wave, length, self.target_length)                      # (B, T, 128)
         if self.train and (self.freqm or self.timem):
             feats = spec_augment(feats, get("bands"))
-        feats = normalise(feats, self.mean, self.std)
+        feats = (feats - self.mean) / self.std
         if self.train and self.noise:
             feats = add_noise(feats, get("noise_seed"), get("noise_scale"), get("noise_shift"))
         return feats, image, label
@@ -674,14 +638,15 @@ def dataset_stats(ds, max_items=None):
     dataset as the paper normalises AudioSet (-5.081, 4.4849)."""
     total = total_sq = count = 0.0
     for i in range(min(len(ds), max_items or len(ds))):
-        feats = ds.audio_features(i).double()
+        wave = load_audio(ds.rows[i]["wav"])
+        feats = fbank_features((wave - wave.mean())[None], torch.tensor([len(wave)]), ds.target_length).double()
         total, total_sq, count = total + feats.sum().item(), total_sq + (feats ** 2).sum().item(), count + feats.numel()
     mean = total / count
     return mean, math.sqrt(max(total_sq / count - mean ** 2, 0.0) * count / max(count - 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# python data.py --check DATAFILE LABEL_CSV | --bench [--datafile F --label_csv L]
+# python data.py --check DATAFILE LABEL_CSV | --bench [--datafile F --label_csv L] | --scale N
 
 def check_datafile(datafile, label_csv, num_frames=10, show=20):
     """Validate every row (audio opens at 16 kHz, frames exist and open, labels known); print a summary and
@@ -708,17 +673,15 @@ def check_datafile(datafile, label_csv, num_frames=10, show=20):
 
 def make_bench_data(root, n=64, seconds=10.0, image_size=224, seed=0):
     """A throwaway dataset of n clips (16 kHz PCM-16 tones in noise) with 10 JPEG frames each."""
-    rng, rows = np.random.default_rng(seed), []
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    rng, t = np.random.default_rng(seed), np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     for i in range(n):
-        vid = f"clip{i}"
         wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.05 * rng.standard_normal(t.shape)
-        sf.write(os.path.join(root, vid + ".wav"), wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+        sf.write(os.path.join(root, f"clip{i}.wav"), wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
         for k in range(10):
             os.makedirs(os.path.join(root, f"frame_{k}"), exist_ok=True)
             small = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
-            small.resize((image_size, image_size), Image.BILINEAR).save(os.path.join(root, f"frame_{k}", vid + ".jpg"))
-        rows.append(dict(video_id=vid, wav=vid + ".wav", video_path=".", labels=f"/m/{i % 5}"))
+            small.resize((image_size, image_size), Image.BILINEAR).save(os.path.join(root, f"frame_{k}", f"clip{i}.jpg"))
+    rows = [dict(video_id=f"clip{i}", wav=f"clip{i}.wav", video_path=".", labels=f"/m/{i % 5}") for i in range(n)]
     with open(os.path.join(root, "data.json"), "w") as f:
         json.dump({"data": rows}, f)
     with open(os.path.join(root, "labels.csv"), "w") as f:
@@ -727,69 +690,88 @@ def make_bench_data(root, n=64, seconds=10.0, image_size=224, seed=0):
 
 
 def bench(datafile, label_csv, items=64, repeats=5, target_length=1024, image_size=224):
-    """CPU time of items and fbank on one thread, interleaved so that load from other processes hits all alike."""
+    """CPU time of items and batches on one thread, medians of rounds interleaved so that load from other
+    processes hits every path alike."""
     torch.set_num_threads(1)
-    train = dict(train=True, mixup=0.5, freqm=48, timem=192, noise=True, label_smooth=0.1)
-    shape = dict(target_length=target_length, image_size=image_size)
-    sets = dict(eval=AVDataset(datafile, label_csv, **shape), train=AVDataset(datafile, label_csv, **train, **shape),
-                raw=AVDataset(datafile, label_csv, raw=True, **train, **shape))
-    n = min(items, len(sets["eval"]))
+    kw = dict(target_length=target_length, image_size=image_size)
+    train = dict(train=True, mixup=0.5, freqm=48, timem=192, noise=True, label_smooth=0.1, **kw)
+    sets = dict(eval=AVDataset(datafile, label_csv, **kw), train=AVDataset(datafile, label_csv, **train),
+                raw=AVDataset(datafile, label_csv, raw=True, **train))
+    n, prep = min(items, len(sets["eval"])), BatchPreprocessor.from_dataset(sets["raw"])
     batch = collate_raw([sets["raw"][i % n] for i in range(32)])                # also warms the file cache
-    prep = BatchPreprocessor.from_dataset(sets["raw"])
-    batch_jobs = dict(fbank32=lambda: fbank(batch["wave"]), prep32=lambda: prep(batch),
-                      loop_exact=lambda: [fbank(w[:k], exact=True) for w, k in zip(batch["wave"], batch["length"])])
-    ms = {name: [] for name in [*sets, *batch_jobs]}
-    for _ in range(repeats):                     # interleaved: load from other processes hits every path alike
-        for i in range(n):
-            for name, ds in sets.items():
-                start = time.process_time()
-                ds[i]
-                ms[name].append(1000 * (time.process_time() - start))
-        for name, job in batch_jobs.items():
-            start = time.process_time()
-            job()
-            ms[name].append(1000 * (time.process_time() - start))
+    jobs = [(name, lambda ds=ds, i=i: ds[i]) for i in range(n) for name, ds in sets.items()] + [
+        ("fbank32", lambda: fbank(batch["wave"])), ("prep32", lambda: prep(batch)),
+        ("loop", lambda: [fbank(w[:k], exact=True) for w, k in zip(batch["wave"], batch["length"])])]
+    ms = {name: [] for name, _ in jobs}
+    for name, job in jobs * repeats:
+        start = time.process_time()
+        job()
+        ms[name].append(1000 * (time.process_time() - start))
     ms = {name: statistics.median(v) for name, v in ms.items()}
     print(f"{n} clips of {datafile}; CPU time, 1 thread, medians over {repeats} interleaved rounds")
-    print(f"  eval item (wav + fbank + one JPEG)               {ms['eval']:7.2f} ms   official loader 9.8 ms")
-    print(f"  train item (mixup .5, SpecAugment 48/192, noise) {ms['train']:7.2f} ms   official loader 14.3 ms")
-    print(f"  raw item (read + decode only)                    {ms['raw']:7.2f} ms   "
-          f"= {1000 / ms['raw']:.0f} samples/s per worker")
-    print(f"  fbank, batch of 32 clips                         {ms['fbank32']:7.2f} ms   "
-          f"({ms['fbank32'] / 32:.2f} ms per clip)")
-    print(f"  fbank, one clip at a time with torchaudio's ops  {ms['loop_exact']:7.2f} ms   "
-          f"(batch / loop = {ms['fbank32'] / ms['loop_exact']:.2f}; torchaudio: 7.8 ms per clip)")
-    print(f"  BatchPreprocessor, train batch of 32 on the CPU  {ms['prep32']:7.2f} ms")
+    for label, name, note in [
+            ("eval item (wav + fbank + one JPEG)", "eval", "official loader 9.8 ms"),
+            ("train item (mixup .5, SpecAugment 48/192, noise)", "train", "official loader 14.3 ms"),
+            ("raw item (read, decode, draw)", "raw", f"= {1000 / ms['raw']:.0f} samples/s per worker"),
+            ("fbank, batch of 32 clips", "fbank32", f"({ms['fbank32'] / 32:.2f} ms per clip)"),
+            ("fbank, one clip at a time with torchaudio's ops", "loop",
+             f"(batch / loop = {ms['fbank32'] / ms['loop']:.2f}; torchaudio: 7.8 ms per clip)"),
+            ("BatchPreprocessor, train batch of 32 on the CPU", "prep32", "")]:
+        print(f"  {label:<50} {ms[name]:7.2f} ms   {note}")
     return ms
 
 
+def measure_scale(n, num_classes=527):
+    """Seconds to build AVDataset over n generated AudioSet-like rows (files need not exist), and the memory it
+    holds once the json is freed (growth of this process's resident memory; Linux)."""
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    mids = [f"/m/0{k:06x}" for k in range(num_classes)]
+    with tempfile.TemporaryDirectory() as root:
+        with open(os.path.join(root, "labels.csv"), "w") as f:
+            f.write("index,mid,display_name\n" + "".join(f"{k},{m},class {k}\n" for k, m in enumerate(mids)))
+        with open(os.path.join(root, "data.json"), "w") as f:              # 1-4 labels a row, 150 bytes of json
+            f.write('{"data": [' + ",".join(
+                f'{{"video_id": "{i:011x}_30.000", "wav": "/data/audioset/audio/{i:011x}_30.000.flac", '
+                f'"video_path": "/data/audioset/frames", "labels": '
+                f'"{",".join(mids[(i * 7919 + j * 131) % num_classes] for j in range(1 + i % 4))}"}}'
+                for i in range(n)) + "]}")
+        gc.collect(), release_freed_heap()                                    # what writing the json freed
+        before, start = rss_mb(), time.time()
+        ds = AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"))
+        seconds, held = time.time() - start, (gc.collect(), rss_mb() - before)[1]
+    print(f"{n} rows: {seconds:.1f} s to build AVDataset, {held:.0f} MB held (RSS growth after the json is freed); "
+          f"the rows' numpy arrays: {ds.rows.nbytes / 2 ** 20:.0f} MB")
+    return seconds, held
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check or benchmark a CAV-MAE datafile.")
+    parser = argparse.ArgumentParser(description="Check, benchmark or size a CAV-MAE datafile.")
     parser.add_argument("--check", nargs=2, metavar=("DATAFILE", "LABEL_CSV"), help="validate every row")
-    parser.add_argument("--num_frames", type=int, default=10)
-    parser.add_argument("--bench", action="store_true", help="time items, fbank and the raw path")
-    parser.add_argument("--datafile", help="--bench on this datafile instead of a generated one")
-    parser.add_argument("--label_csv")
-    parser.add_argument("--items", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--target_length", type=int, default=1024)
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--bench", action="store_true", help="time items, fbank and BatchPreprocessor")
+    parser.add_argument("--scale", type=int, metavar="N", help="time and memory of AVDataset over N generated rows")
+    parser.add_argument("--datafile", help="--bench on this datafile (with --label_csv) instead of a generated one")
+    for name, default in dict(label_csv="", num_frames=10, items=64, repeats=5, target_length=1024,
+                              image_size=224).items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
     args = parser.parse_args(argv)
-    if args.check:
-        try:
+    try:
+        if args.check:
             return 1 if check_datafile(*args.check, num_frames=args.num_frames) else 0
-        except (DataError, OSError) as e:                                   # unreadable datafile or label csv
-            print(f"error: {e}")
-            return 1
-    if args.bench:
-        if args.datafile:
-            bench(args.datafile, args.label_csv, args.items, args.repeats, args.target_length, args.image_size)
-        else:
-            with tempfile.TemporaryDirectory() as root:
-                bench(*make_bench_data(root, n=args.items), items=args.items, repeats=args.repeats)
-        return 0
-    parser.print_help()
-    return 2
+    except (DataError, OSError) as e:                                       # unreadable datafile or label csv
+        print(f"error: {e}")
+        return 1
+    if args.scale:
+        measure_scale(args.scale)
+    elif args.bench:
+        with tempfile.TemporaryDirectory() as root:
+            files = (args.datafile, args.label_csv) if args.datafile else make_bench_data(root, n=args.items)
+            bench(*files, args.items, args.repeats, args.target_length, args.image_size)
+    else:
+        parser.print_help()
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
