@@ -1,25 +1,18 @@
-"""The audio-visual input pipeline of CAV-MAE: files on disk -> (fbank, image, label) tensors.
-
-Equal to the official loader (../shared/preprocessing.md), with torch, numpy, soundfile and Pillow only:
-    fbank(waveform)            Kaldi log-mel filterbank, [N] -> [T, 128] or [B, N] -> [B, T, 128], CPU or GPU
-    load_audio(path)           float32 [N] in [-1, 1), first channel, 16 kHz, or a DataError naming the file
-    load_image(path, size)     [3, S, S]: bicubic resize of the shorter side, centre crop, ImageNet normalisation
-    AVDataset(datafile, label_csv, train=False, ...)[i] -> fbank [T, 128], image [3, S, S], label [K]
+"""The audio-visual input pipeline of CAV-MAE: files on disk -> (fbank, image, label) tensors, equal to the official
+loader (../shared/preprocessing.md), with torch, numpy, soundfile and Pillow only.
 
 One definition of every augmentation: a worker decodes a row and draws every random choice of the item (frame,
-mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and roll, from Python's
-`random`, NumPy and torch's CPU generator, which train.py seeds per item); BatchPreprocessor applies them:
-    ds = AVDataset(..., raw=True)            # ds[i] or ds[(i, frame)] -> a raw item (dict)
+mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and roll) from Python's
+`random`, NumPy and torch's CPU generator (train.py seeds them per item); BatchPreprocessor applies the draws:
+    ds = AVDataset(datafile, label_csv, raw=True, ...)   # ds[i] or ds[(i, frame)] -> a raw item (dict)
     loader = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
     prep = BatchPreprocessor.from_dataset(ds)
-    for batch in loader:                     # fbank, mixup, SpecAugment, normalisation, noise, label smoothing
-        audio, image, label = prep(batch, device)    # [B, T, 128], [B, 3, S, S], [B, K]
-The per-item path (raw=False) runs the same code on a batch of one on the CPU: with the same random state a row of
-a device batch equals the item (on the CPU bit for bit, or within 1 ulp for clips under about 16 fbank frames, where
-BLAS picks another kernel). Deviations decided by the project: bad input raises a clear error instead of becoming
-a 0.01-filled sample; non-RGB frames are converted to RGB; augmentation only runs when train=True; a mixup
-partner's frame comes from its own video_path (the official code looks under the first sample's); the noise
-field is hash_uniform's. `python data.py --check DATAFILE LABEL_CSV | --bench | --scale N` (see main).
+    for batch in loader:
+        audio, image, label = prep(batch, device)        # [B, T, 128], [B, 3, S, S], [B, K]
+AVDataset(raw=False)[i] -> (fbank [T, 128], image [3, S, S], label [K]) is the same code on a batch of one.
+Project deviations: bad input raises a clear error instead of becoming a 0.01-filled sample; non-RGB frames are
+converted to RGB; augmentation only when train=True; a mixup partner's frame comes from its own video_path (the
+official code looks under the first sample's); the noise field is hash_uniform's. CLI: see main().
 """
 import argparse
 import csv
@@ -35,17 +28,19 @@ import tempfile
 import time
 import warnings
 from array import array
+from collections import namedtuple
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 SAMPLE_RATE = 16000
+WIN, HOP = 400, 160                                   # fbank window and hop in samples: 25 ms and 10 ms at 16 kHz
 AUDIOSET_MEAN, AUDIOSET_STD = -5.081, 4.4849          # fbank normalisation of the paper (AudioSet's)
 IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MIXUP_BETA = 10.0                                     # lambda ~ Beta(10, 10)
@@ -96,15 +91,9 @@ def _fbank_constants(win, n_fft, num_mel_bins, sample_rate, low_freq, high_freq,
 
 
 def constant_on(t, device):
-    """A CPU constant's copy on `device` with no host sync: a CUDA copy starts from pinned memory, non-blocking
-    (a plain copy would block the CPU until the GPU has caught up)."""
+    """A CPU constant on `device` without a host sync: a CUDA copy from pinned memory, non-blocking."""
     t, device = t.contiguous(), torch.device(device)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def fbank_geometry(sample_rate=SAMPLE_RATE, frame_length=25.0, frame_shift=10.0):
-    """(window, hop) in samples, as Kaldi rounds them."""
-    return int(sample_rate * frame_length * 0.001), int(sample_rate * frame_shift * 0.001)
 
 
 def fbank(waveform, sample_rate=SAMPLE_RATE, num_mel_bins=128, frame_length=25.0, frame_shift=10.0,
@@ -114,7 +103,7 @@ def fbank(waveform, sample_rate=SAMPLE_RATE, num_mel_bins=128, frame_length=25.0
     T = 1 + (N - window) // hop (snip_edges). The waveform's own scale is kept (CAV-MAE feeds [-1, 1)).
     exact=True repeats torchaudio's float32 ops one for one (bit-identical on the CPU); the default computes
     |X|^2 as re^2 + im^2 and skips the zeros of the filterbank, within 1e-6 of it and about twice as fast."""
-    win, hop = fbank_geometry(sample_rate, frame_length, frame_shift)
+    win, hop = int(sample_rate * frame_length * 0.001), int(sample_rate * frame_shift * 0.001)  # Kaldi's rounding
     if waveform.shape[-1] < win:
         raise DataError(f"fbank needs at least {win} samples (one {frame_length} ms frame), got {waveform.shape[-1]}")
     n_fft = 1 << (win - 1).bit_length()                                              # 400 -> 512
@@ -158,9 +147,8 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
     if rate != sample_rate:
         raise DataError(f"{path} is sampled at {rate} Hz, the model needs {sample_rate} Hz: extract it with "
                         f"`python prepare.py videos` (which resamples), or `ffmpeg -i IN -ar {sample_rate} OUT.wav`")
-    win, _ = fbank_geometry(sample_rate)
-    if data.shape[0] < win:
-        raise DataError(f"{path} has {data.shape[0]} samples, fewer than one fbank frame ({win}): empty or too short")
+    if data.shape[0] < WIN:
+        raise DataError(f"{path} has {data.shape[0]} samples, fewer than one fbank frame ({WIN}): empty or too short")
     wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))                       # stereo -> first channel
     if subtype in ("FLOAT", "DOUBLE") and not torch.isfinite(wave).all():          # integer PCM cannot be NaN
         raise DataError(f"{path} contains NaN or infinite samples")
@@ -170,22 +158,15 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
 def fbank_features(wave, length, target_length):
     """Centred waveforms (B, N) and their lengths (B,) on the same device -> fbank cut or padded with zero rows to
     (B, target_length, M). Rows past a clip's own frames are zero: a clip in a padded batch equals its own fbank."""
-    win, hop = fbank_geometry()
-    feats = fbank(wave[:, :win + hop * (target_length - 1)])                        # (B, <=T, M), no unused frames
-    frames = torch.div(length - win, hop, rounding_mode="floor") + 1                 # (B,) a clip's own frames
+    feats = fbank(wave[:, :WIN + HOP * (target_length - 1)])                        # (B, <=T, M), no unused frames
+    frames = torch.div(length - WIN, HOP, rounding_mode="floor") + 1                 # (B,) a clip's own frames
     past_end = torch.arange(feats.shape[1], device=wave.device) >= frames[:, None]   # (B, <=T)
     feats = feats.masked_fill(past_end[..., None], 0.0)
     return F.pad(feats, (0, 0, 0, target_length - feats.shape[1]))                  # zero rows, not padded audio
 
 
-def mix(a, b, lam):
-    """Mixup lam a + (1 - lam) b per sample, lam (B,) float64 rounded to float32 as the official numpy scalar is."""
-    shape = (-1,) + (1,) * (a.dim() - 1)
-    return lam.float().view(shape) * a + (1 - lam).float().view(shape) * b
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Augmentation: a worker draws (draw_band, draw_noise), BatchPreprocessor applies (spec_augment, add_noise)
+# Augmentation: a worker draws (AVDataset.load, draw_band), BatchPreprocessor applies (spec_augment, add_noise)
 
 def draw_band(length, max_width):
     """One SpecAugment band as torchaudio draws it from torch's CPU generator: width = floor(u1 F) in [0, F),
@@ -197,55 +178,39 @@ def draw_band(length, max_width):
     return int(start), int(value.long())
 
 
-def draw_noise(T):
-    """The noise augmentation's draws: a seed for its (T, M) U(0,1) field (hash_uniform), the scale s ~ U(0,1) and
-    the roll in [-T, T) (NumPy, as the official loader)."""
-    seed = int(torch.randint(2 ** 32, (1,)))
-    return seed, float(np.random.rand()), int(np.random.randint(-T, T))
-
-
 def spec_augment(feats, bands):
     """SpecAugment on (B, T, M) with bands (B, 4) = (freq start, freq width, time start, time width): whole mel bands
     and whole frames set to 0 (preprocessing.md 3). A width of 0 masks nothing."""
-    B, T, M = feats.shape
-    def inside(n, start, width):                                                     # (B, n) bool
-        pos = torch.arange(n, device=feats.device)
-        return (pos >= start[:, None]) & (pos < (start + width)[:, None])
-    masked = inside(M, bands[:, 0], bands[:, 1])[:, None, :] | inside(T, bands[:, 2], bands[:, 3])[:, :, None]
-    return feats.masked_fill(masked, 0.0)
-
-
-MASK32 = 0xFFFFFFFF
-
-
-def mul32(x, c):
-    """x * c mod 2^32 for 0 <= x, c < 2^32 in int64 without overflow: x is split at 16 bits (products < 2^48)."""
-    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & MASK32
+    frame, mel = (torch.arange(n, device=feats.device) for n in feats.shape[1:])                # (T,), (M,)
+    in_band = ((mel >= bands[:, :1]) & (mel < bands[:, :1] + bands[:, 1:2]))[:, None, :]       # (B, 1, M)
+    in_time = ((frame >= bands[:, 2:3]) & (frame < bands[:, 2:3] + bands[:, 3:]))[:, :, None]  # (B, T, 1)
+    return feats.masked_fill(in_band | in_time, 0.0)
 
 
 def lowbias32(x):
-    """A 32-bit integer mixing hash (Chris Wellons' "lowbias32"), elementwise on int64 holding uint32 values."""
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        x = mul32(x ^ (x >> shift), multiplier)
+    """A 32-bit integer mixing hash (Chris Wellons' "lowbias32"), elementwise on int64 holding uint32 values.
+    x * c mod 2^32 is computed with x split at 16 bits, so no product passes 2^48 (no int64 overflow)."""
+    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & 0xFFFFFFFF
     return x ^ (x >> 16)
 
 
 def hash_uniform(seeds, shape, device):
-    """U[0, 1) float32 (B, *shape) from integer seeds (B,): element k of sample b is a hash of (seed b, k), with
-    24 random bits. Counter-based rather than a generator's stream, so the numbers are the same on every device and
-    for any batch composition, a worker ships one integer instead of a (T, M) field, and the device makes the
-    field in a few integer kernels."""
+    """U[0, 1) float32 (B, *shape) from integer seeds (B,): element k of sample b is a hash of (seed b, k), 24 bits.
+    Counter-based, not a generator's stream: the same numbers on every device and for any batch composition, a
+    worker ships one integer instead of a (T, M) field, and the device makes the field in a few integer kernels."""
     key = ("counter", math.prod(shape), str(device))
     if key not in _CACHE:
         _CACHE[key] = lowbias32(torch.arange(math.prod(shape), device=device))      # (n,) the same for every seed
-    seed = lowbias32(seeds.to(device, torch.int64) & MASK32)                          # (B,)
+    seed = lowbias32(seeds.to(device, torch.int64) & 0xFFFFFFFF)                      # (B,)
     bits = lowbias32(_CACHE[key] ^ seed[:, None])                                     # (B, n) uint32 values
     return ((bits >> 8).float() * 2.0 ** -24).view(-1, *shape)
 
 
 def add_noise(feats, seed, scale, shift):
     """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10, then a roll in time by
-    `shift` (out[t] = in[t - shift]). seed, scale (float64) and shift are (B,) tensors drawn by draw_noise."""
+    `shift` (out[t] = in[t - shift]). seed, scale (float64) and shift are (B,) tensors a worker drew."""
     B, T, M = feats.shape
     noisy = feats + hash_uniform(seed, (T, M), feats.device) * scale.float()[:, None, None] / 10
     source = (torch.arange(T, device=feats.device) - shift[:, None]) % T            # (B, T)
@@ -304,10 +269,7 @@ def load_image(path, image_size=224):
 # ----------------------------------------------------------------------------------------------------------
 # Datafiles and labels
 
-class LabelCSV(NamedTuple):
-    index: dict   # mid -> class index
-    mids: list    # by class index
-    names: list   # display names by class index
+LabelCSV = namedtuple("LabelCSV", "index mids names")  # {mid: class index}, mids and display names by index
 
 
 def load_label_csv(path):
@@ -347,46 +309,32 @@ def read_datafile(path):
 
 
 def release_freed_heap():
-    """Give the heap pages that parsing freed back to the OS: glibc keeps them otherwise (~100 MB of the process's
-    memory after AudioSet-2M's json). A no-op off glibc."""
+    """Give the heap pages that parsing freed back to the OS (glibc keeps ~100 MB after AudioSet-2M's json)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):                                         # not glibc: nothing to do
         pass
 
 
-def split_mids(labels):
-    return [m.strip() for m in labels.split(",") if m.strip()]
-
-
 def label_mids(row):
-    return split_mids(row["labels"])
-
-
-def pack_strings(strings):
-    """A list of str -> one UTF-8 buffer (uint8) and offsets (int32, or int64 past 2 GB)."""
-    encoded = [s.encode() for s in strings]
-    offsets = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), np.uint8), offsets.astype(np.int32 if offsets[-1] < 2 ** 31 else np.int64)
+    """The mids of a row (or of a labels string)."""
+    return [m.strip() for m in (row if isinstance(row, str) else row["labels"]).split(",") if m.strip()]
 
 
 def pack_paths(strings):
     """Strings -> numpy arrays (folder buffer, folder offsets, folder code per string, name buffer, name offsets):
-    the few distinct folders once, the names in one buffer. Forked workers share numpy pages (no refcounts touched)."""
+    the few distinct folders once, the names in one UTF-8 buffer. Forked workers share numpy pages untouched."""
+    def pack(texts):                                                          # offsets int32, int64 past 2 GB
+        encoded = [s.encode() for s in texts]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+        return np.frombuffer(b"".join(encoded), np.uint8), offsets.astype(np.int32 if offsets[-1] < 2 ** 31 else None)
     folders, codes, names = {}, array("i"), []
     for s in strings:
         head, sep, name = s.rpartition("/")
         codes.append(folders.setdefault(head + sep, len(folders)))
         names.append(name)
-    return (*pack_strings(list(folders)), np.array(codes, np.int32), *pack_strings(names))
-
-
-def unpack_path(arrays, i):
-    folder_buffer, folder_offsets, codes, buffer, offsets = arrays
-    f = codes[i]
-    return (folder_buffer[folder_offsets[f]:folder_offsets[f + 1]].tobytes() + buffer[offsets[i]:offsets[i + 1]]
-            .tobytes()).decode()
+    return (*pack(list(folders)), np.array(codes, np.int32), *pack(names))
 
 
 class Rows(Sequence):
@@ -399,13 +347,12 @@ class Rows(Sequence):
         try:
             fields = {k: [str(r[k]) for r in records] for k in self.FIELDS}
         except (KeyError, TypeError):
-            i, r = next((i, r) for i, r in enumerate(records) if not (isinstance(r, dict) and set(self.FIELDS) <= set(r)))
-            missing = [k for k in self.FIELDS if not isinstance(r, dict) or k not in r]
+            i, missing = next((i, m) for i, r in enumerate(records) if (m := [k for k in self.FIELDS if k not in r]))
             raise DataError(f"{source} row {i}: missing field(s) {', '.join(missing)}") from None
         self.root, self.columns = root, [pack_paths(fields[k]) for k in self.FIELDS[:3]]  # video_id, wav, video_path
         mids, codes, offsets = {}, array("i"), array("q", [0])
         for text in fields["labels"]:
-            codes.extend(mids.setdefault(m, len(mids)) for m in split_mids(text))
+            codes.extend(mids.setdefault(m, len(mids)) for m in label_mids(text))
             offsets.append(len(codes))
         self.mids, self.label_codes = list(mids), np.array(codes, np.int32)    # distinct mids in first-seen order
         self.label_offsets = np.array(offsets, np.int64)                        # (n + 1,) row i: [off[i], off[i+1])
@@ -419,14 +366,11 @@ class Rows(Sequence):
 
     def __getitem__(self, i):
         i = range(len(self))[i]
-        video_id, wav, video_path = (unpack_path(c, i) for c in self.columns)
+        video_id, wav, video_path = ((fb[fo[c[i]]:fo[c[i] + 1]].tobytes() + nb[no[i]:no[i + 1]].tobytes()).decode()
+                                     for fb, fo, c, nb, no in self.columns)              # folder + name, see pack_paths
         return dict(video_id=video_id, wav=os.path.normpath(os.path.join(self.root, wav)),
                     video_path=os.path.normpath(os.path.join(self.root, video_path)),
                     labels=",".join(self.mids[c] for c in self.codes(i)))
-
-    @property
-    def nbytes(self):
-        return sum(a.nbytes for a in (*(a for c in self.columns for a in c), self.label_codes, self.label_offsets))
 
 
 def frame_path(row, i):
@@ -441,7 +385,7 @@ def check_row(row, labels, num_frames=10, sample_rate=SAMPLE_RATE):
         if info.samplerate != sample_rate:
             problems.append(f"{row['wav']}: {info.samplerate} Hz, not {sample_rate} "
                             f"(resample: python prepare.py videos)")
-        elif info.frames < fbank_geometry(sample_rate)[0]:
+        elif info.frames < WIN:
             problems.append(f"{row['wav']}: only {info.frames} samples")
     except Exception as e:
         problems.append(f"cannot open audio {row['wav']}: {e}" if os.path.isfile(row["wav"])
@@ -462,10 +406,9 @@ def check_row(row, labels, num_frames=10, sample_rate=SAMPLE_RATE):
 # The dataset
 
 class AVDataset(torch.utils.data.Dataset):
-    """Official-format datafile -> (fbank [T, 128], image [3, S, S], label [K]); see the module docstring.
-    ds[i] or ds[(i, frame)]: frame (int or None) overrides ds.frame for that load in evaluation (training draws).
-    With raw=True, ds[key] is the raw item that collate_raw batches. frame_fallbacks counts the per-item path's
-    fallbacks in this process (num_workers=0); loaders read them per batch from batch["fallbacks"] instead."""
+    """ds[i] or ds[(i, frame)] -> (fbank [T, 128], image [3, S, S], label [K]), or the raw item that collate_raw
+    batches (raw=True). A key's frame (int or None) overrides ds.frame for that load in evaluation. frame_fallbacks
+    counts the per-item path's fallbacks in this process (num_workers=0); loaders read batch["fallbacks"]."""
 
     def __init__(self, datafile, label_csv, train=False, target_length=1024, num_frames=10, frame=None,
                  mean=AUDIOSET_MEAN, std=AUDIOSET_STD, freqm=0, timem=0, mixup=0.0, noise=False,
@@ -476,9 +419,8 @@ class AVDataset(torch.utils.data.Dataset):
         self.frame, self.mean, self.std, self.freqm, self.timem = frame, mean, std, freqm, timem
         self.mixup, self.noise, self.label_smooth = mixup, noise, label_smooth
         self.image_size, self.raw, self.frame_fallbacks = image_size, raw, 0
-        self.labels = load_label_csv(label_csv)
+        self.labels, self.rows = load_label_csv(label_csv), read_datafile(datafile)
         self.num_classes = len(self.labels.mids)
-        self.rows = read_datafile(datafile)
         self.dropped = []                       # (row in the datafile, video_id, problems) dropped by on_error="skip"
         if on_error == "skip":
             with ThreadPoolExecutor(8) as pool:
@@ -490,26 +432,19 @@ class AVDataset(torch.utils.data.Dataset):
                               f"files or unknown labels (first: row {self.dropped[0][0]}: {self.dropped[0][2][0]}); "
                               f"the list is in .dropped", stacklevel=2)
         self.class_of_code = np.array([self.labels.index.get(m, -1) for m in self.rows.mids], np.int64)
-        unknown = self.class_of_code[self.rows.label_codes] < 0                        # (labels of all rows,)
-        if unknown.any():
-            first = int(unknown.argmax())
-            i = int(np.searchsorted(self.rows.label_offsets, first, side="right")) - 1
+        unknown = np.flatnonzero(self.class_of_code[self.rows.label_codes] < 0)       # positions in label_codes
+        if len(unknown):
+            i = int(np.searchsorted(self.rows.label_offsets, unknown[0], side="right")) - 1
             raise DataError(f"{datafile} row {i} (video_id {self.rows[i]['video_id']}): label "
-                            f"{self.rows.mids[self.rows.label_codes[first]]!r} is not in {label_csv}")
+                            f"{self.rows.mids[self.rows.label_codes[unknown[0]]]!r} is not in {label_csv}")
 
     def __len__(self):
         return len(self.rows)
 
-    def label_classes(self, i):
-        """Class indices of row i (int64 numpy)."""
-        return self.class_of_code[self.rows.codes(i)]
-
     def choose_frame(self, row, frame=None):
         """(path, frame loaded, the wanted frame's path if it was missing else None) for one load of `row`."""
-        if self.train:
-            want = random.randint(0, self.num_frames - 1)
-        else:
-            want = next(f for f in (frame, self.frame, self.num_frames // 2) if f is not None)
+        want = random.randint(0, self.num_frames - 1) if self.train else next(
+            f for f in (frame, self.frame, self.num_frames // 2) if f is not None)  # key's frame, ds.frame, middle
         for k in range(want, -1, -1):                   # missing frame -> nearest earlier one, as the official code
             path = frame_path(row, k)
             if os.path.isfile(path):
@@ -526,7 +461,7 @@ class AVDataset(torch.utils.data.Dataset):
         except DataError as e:
             raise DataError(f"{self.datafile} row {i} (video_id {row['video_id']}): {e}") from None
         label = torch.zeros(self.num_classes)
-        label[torch.from_numpy(self.label_classes(i))] = 1.0
+        label[torch.from_numpy(self.class_of_code[self.rows.codes(i)])] = 1.0
         return wave - wave.mean(), image, label, k, missing
 
     def load(self, i, frame=None):
@@ -542,14 +477,15 @@ class AVDataset(torch.utils.data.Dataset):
             wave2 = F.pad(wave2, (0, max(0, len(wave) - len(wave2))))[:len(wave)]
             item.update(partner=partner, lam=lam, partner_wave=wave2, partner_image=image2, partner_label=label2)
             item["fallbacks"] += [missing2] if missing2 else []
-        else:                                                   # only samples that reach target_length frames travel
-            win, hop = fbank_geometry()
-            keep = win + hop * (self.target_length - 1)
-            item["wave"] = wave[:keep].clone() if len(wave) > keep else wave
-        if self.train:
-            item["bands"] = (*draw_band(128, self.freqm), *draw_band(self.target_length, self.timem))
-            seed, scale, shift = draw_noise(self.target_length) if self.noise else (0, 0.0, 0)
-            item.update(noise_seed=seed, noise_scale=scale, noise_shift=shift)
+        elif len(wave) > WIN + HOP * (self.target_length - 1):  # only samples that reach target_length frames travel
+            item["wave"] = wave[:WIN + HOP * (self.target_length - 1)].clone()
+        if self.train:                          # SpecAugment bands; noise: field seed, s ~ U(0,1), roll in [-T, T)
+            T = self.target_length
+            item["bands"] = (*draw_band(128, self.freqm), *draw_band(T, self.timem))
+            item.update(noise_seed=0, noise_scale=0.0, noise_shift=0)
+            if self.noise:
+                item.update(noise_seed=int(torch.randint(2 ** 32, (1,))), noise_scale=float(np.random.rand()),
+                            noise_shift=int(np.random.randint(-T, T)))
         return item
 
     def __getitem__(self, key):
@@ -570,28 +506,28 @@ def collate_raw(items):
         noise_seed (B,) int64, noise_scale (B,) float64, noise_shift (B,) int64;
       and if any item is mixed: mixed (B,) bool, partner (B,) row index (-1: none), lam (B,) float64,
         partner_wave (B, N), partner_image (B, 3, S, S) uint8, partner_label (B, K) (zeros where not mixed)."""
-    if any("partner" in it for it in items):                                          # unmixed rows: no partner
-        items = [{"partner": -1, "lam": 1.0, "partner_wave": torch.zeros(0), "partner_image": torch.zeros_like(
-            it["image"]), "partner_label": torch.zeros_like(it["label"]), **it, "mixed": "partner" in it} for it in items]
-    length = torch.tensor([it["wave"].shape[0] for it in items])
-    batch = dict(length=length, fallbacks=[p for it in items for p in it["fallbacks"]])
+    def with_partner(it):                                                             # unmixed: zero partner, lam 1
+        zeros = {f"partner_{k}": torch.zeros_like(it[k]) for k in ("wave", "image", "label")}
+        return {"partner": -1, "lam": 1.0, **zeros, **it, "mixed": "partner" in it}
+    if any("partner" in it for it in items):
+        items = [with_partner(it) for it in items]
+    batch = dict(length=torch.tensor([len(it["wave"]) for it in items]),
+                 fallbacks=[path for it in items for path in it["fallbacks"]])
     for key in items[0].keys() - batch.keys():
         values = [it[key] for it in items]
-        if key.endswith("wave"):                                                      # zero-padded to (B, N)
-            batch[key] = torch.zeros(len(items), int(length.max()))
-            for row, w in zip(batch[key], values):
-                row[:w.shape[0]] = w
-        else:                                                                         # python floats as float64
-            batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else \
-                torch.tensor(values, dtype=torch.float64 if isinstance(values[0], float) else None)
+        if key.endswith("wave"):
+            batch[key] = pad_sequence(values, batch_first=True)                       # (B, N) zero-padded
+        elif torch.is_tensor(values[0]):
+            batch[key] = torch.stack(values)
+        else:                                                                          # python floats as float64
+            batch[key] = torch.tensor(values, dtype=torch.float64 if isinstance(values[0], float) else None)
     return batch
 
 
 class BatchPreprocessor:
-    """Applies a collate_raw batch's draws on a device, in the official order: mixup (waveforms before fbank,
-    images after normalisation, labels), fbank, pad/cut, SpecAugment, normalisation, noise, label smoothing.
-    No host sync on CUDA: tensors move non_blocking (pinned by the DataLoader), constants are cached per device,
-    masks come from the lengths' device copy, no shape depends on data."""
+    """Applies a collate_raw batch's draws on a device in the official order: mixup (waveforms before fbank, images
+    after normalisation, labels), fbank, pad/cut, SpecAugment, normalisation, noise, label smoothing. No host sync
+    on CUDA: pinned tensors move non_blocking, constants are cached per device, masks come from device lengths."""
 
     def __init__(self, target_length=1024, mean=AUDIOSET_MEAN, std=AUDIOSET_STD, train=False, freqm=0, timem=0,
                  noise=False, label_smooth=0.0):
@@ -609,12 +545,14 @@ class BatchPreprocessor:
         image = normalise_image(get("image"))                                         # (B, 3, S, S)
         label = smooth_labels(y, self.label_smooth)                                   # (B, K)
         if self.train and "lam" in batch:                                             # mixup: rows the worker mixed
-            mixed, lam = get("mixed"), get("lam")                                     # (B,) bool, (B,) float64
-            mixed_wave = mix(wave, get("partner_wave"), lam)                          # then centred over the clip
-            wave = torch.where(mixed[:, None], mixed_wave - mixed_wave.sum(1, keepdim=True) / length[:, None], wave)
-            mixed_image = mix(image, normalise_image(get("partner_image")), lam)
-            image = torch.where(mixed[:, None, None, None], mixed_image, image)
-            label = torch.where(mixed[:, None], smooth_labels(y, self.label_smooth, get("partner_label"), lam), label)
+            mixed, lam = get("mixed")[:, None], get("lam")[:, None]                   # (B, 1) bool, float64
+            lam_f, rest_f = lam.float(), (1 - lam).float()                            # as the official numpy scalar
+            mixed_wave = lam_f * wave + rest_f * get("partner_wave")                  # (B, N), centred over the clip
+            wave = torch.where(mixed, mixed_wave - mixed_wave.sum(1, keepdim=True) / length[:, None], wave)
+            partner_image = normalise_image(get("partner_image"))
+            image = torch.where(mixed[..., None, None], lam_f[..., None, None] * image + rest_f[..., None, None]
+                                * partner_image, image)
+            label = torch.where(mixed, smooth_labels(y, self.label_smooth, get("partner_label"), lam[:, 0]), label)
         feats = fbank_features(wave, length, self.target_length)                      # (B, T, 128)
         if self.train and (self.freqm or self.timem):
             feats = spec_augment(feats, get("bands"))
@@ -664,34 +602,15 @@ def check_datafile(datafile, label_csv, num_frames=10, show=20):
     partial = sum(0 < missing < num_frames for _, missing in results)
     if partial:
         print(f"  {partial} rows miss some of their {num_frames} frames (loading falls back to an earlier frame)")
-    seen = {labels.index[m] for row in rows for m in label_mids(row) if m in labels.index}
-    unlabelled = sum(not label_mids(row) for row in rows)
+    seen, unlabelled = [m for m in rows.mids if m in labels.index], int((np.diff(rows.label_offsets) == 0).sum())
     print(f"  labels: {len(seen)} of {len(labels.mids)} classes have examples"
           + (f", {unlabelled} rows have no label" if unlabelled else ""))
     return len(bad)
 
 
-def make_bench_data(root, n=64, seconds=10.0, image_size=224, seed=0):
-    """A throwaway dataset of n clips (16 kHz PCM-16 tones in noise) with 10 JPEG frames each."""
-    rng, t = np.random.default_rng(seed), np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    for i in range(n):
-        wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.05 * rng.standard_normal(t.shape)
-        sf.write(os.path.join(root, f"clip{i}.wav"), wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-        for k in range(10):
-            os.makedirs(os.path.join(root, f"frame_{k}"), exist_ok=True)
-            small = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
-            small.resize((image_size, image_size), Image.BILINEAR).save(os.path.join(root, f"frame_{k}", f"clip{i}.jpg"))
-    rows = [dict(video_id=f"clip{i}", wav=f"clip{i}.wav", video_path=".", labels=f"/m/{i % 5}") for i in range(n)]
-    with open(os.path.join(root, "data.json"), "w") as f:
-        json.dump({"data": rows}, f)
-    with open(os.path.join(root, "labels.csv"), "w") as f:
-        f.write("index,mid,display_name\n" + "".join(f'{k},/m/{k},"class {k}, synthetic"\n' for k in range(5)))
-    return os.path.join(root, "data.json"), os.path.join(root, "labels.csv")
-
-
 def bench(datafile, label_csv, items=64, repeats=5, target_length=1024, image_size=224):
-    """CPU time of items and batches on one thread, medians of rounds interleaved so that load from other
-    processes hits every path alike."""
+    """CPU time of items and batches on one thread, medians of interleaved rounds (load from other processes hits
+    every path alike)."""
     torch.set_num_threads(1)
     kw = dict(target_length=target_length, image_size=image_size)
     train = dict(train=True, mixup=0.5, freqm=48, timem=192, noise=True, label_smooth=0.1, **kw)
@@ -709,14 +628,14 @@ def bench(datafile, label_csv, items=64, repeats=5, target_length=1024, image_si
         ms[name].append(1000 * (time.process_time() - start))
     ms = {name: statistics.median(v) for name, v in ms.items()}
     print(f"{n} clips of {datafile}; CPU time, 1 thread, medians over {repeats} interleaved rounds")
-    for label, name, note in [
-            ("eval item (wav + fbank + one JPEG)", "eval", "official loader 9.8 ms"),
-            ("train item (mixup .5, SpecAugment 48/192, noise)", "train", "official loader 14.3 ms"),
-            ("raw item (read, decode, draw)", "raw", f"= {1000 / ms['raw']:.0f} samples/s per worker"),
-            ("fbank, batch of 32 clips", "fbank32", f"({ms['fbank32'] / 32:.2f} ms per clip)"),
-            ("fbank, one clip at a time with torchaudio's ops", "loop",
+    for name, label, note in [
+            ("eval", "eval item (wav + fbank + one JPEG)", "official loader 9.8 ms"),
+            ("train", "train item (mixup .5, SpecAugment 48/192, noise)", "official loader 14.3 ms"),
+            ("raw", "raw item (read, decode, draw)", f"= {1000 / ms['raw']:.0f} samples/s per worker"),
+            ("fbank32", "fbank, batch of 32 clips", f"({ms['fbank32'] / 32:.2f} ms per clip)"),
+            ("loop", "fbank, one clip at a time with torchaudio's ops",
              f"(batch / loop = {ms['fbank32'] / ms['loop']:.2f}; torchaudio: 7.8 ms per clip)"),
-            ("BatchPreprocessor, train batch of 32 on the CPU", "prep32", "")]:
+            ("prep32", "BatchPreprocessor, train batch of 32 on the CPU", "")]:
         print(f"  {label:<50} {ms[name]:7.2f} ms   {note}")
     return ms
 
@@ -731,43 +650,44 @@ def measure_scale(n, num_classes=527):
     with tempfile.TemporaryDirectory() as root:
         with open(os.path.join(root, "labels.csv"), "w") as f:
             f.write("index,mid,display_name\n" + "".join(f"{k},{m},class {k}\n" for k, m in enumerate(mids)))
-        with open(os.path.join(root, "data.json"), "w") as f:              # 1-4 labels a row, 150 bytes of json
-            f.write('{"data": [' + ",".join(
-                f'{{"video_id": "{i:011x}_30.000", "wav": "/data/audioset/audio/{i:011x}_30.000.flac", '
-                f'"video_path": "/data/audioset/frames", "labels": '
-                f'"{",".join(mids[(i * 7919 + j * 131) % num_classes] for j in range(1 + i % 4))}"}}'
-                for i in range(n)) + "]}")
+        rows = (f'{{"video_id": "{i:011x}_30.000", "wav": "/data/audioset/audio/{i:011x}_30.000.flac", '
+                f'"video_path": "/data/audioset/frames", "labels": "{labels}"}}' for i in range(n)   # ~150 B of json
+                for labels in [",".join(mids[(i * 7919 + j) % num_classes] for j in range(1 + i % 4))])  # 1-4 labels
+        with open(os.path.join(root, "data.json"), "w") as f:
+            f.write('{"data": [' + ",".join(rows) + "]}")
         gc.collect(), release_freed_heap()                                    # what writing the json freed
         before, start = rss_mb(), time.time()
         ds = AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"))
         seconds, held = time.time() - start, (gc.collect(), rss_mb() - before)[1]
-    print(f"{n} rows: {seconds:.1f} s to build AVDataset, {held:.0f} MB held (RSS growth after the json is freed); "
-          f"the rows' numpy arrays: {ds.rows.nbytes / 2 ** 20:.0f} MB")
+    print(f"{n} rows of {ds.datafile}: {seconds:.1f} s to build AVDataset, {held:.0f} MB held (RSS growth after "
+          f"the json is freed)")
     return seconds, held
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Check, benchmark or size a CAV-MAE datafile.")
     parser.add_argument("--check", nargs=2, metavar=("DATAFILE", "LABEL_CSV"), help="validate every row")
-    parser.add_argument("--bench", action="store_true", help="time items, fbank and BatchPreprocessor")
+    parser.add_argument("--bench", action="store_true", help="time items and batches on --datafile and --label_csv, "
+                        "or on --items synthetic 10 s clips")
     parser.add_argument("--scale", type=int, metavar="N", help="time and memory of AVDataset over N generated rows")
-    parser.add_argument("--datafile", help="--bench on this datafile (with --label_csv) instead of a generated one")
-    for name, default in dict(label_csv="", num_frames=10, items=64, repeats=5, target_length=1024,
+    for name, default in dict(datafile="", label_csv="", num_frames=10, items=64, repeats=5, target_length=1024,
                               image_size=224).items():
         parser.add_argument(f"--{name}", type=type(default), default=default)
     args = parser.parse_args(argv)
-    try:
-        if args.check:
+    if args.check:
+        try:
             return 1 if check_datafile(*args.check, num_frames=args.num_frames) else 0
-    except (DataError, OSError) as e:                                       # unreadable datafile or label csv
-        print(f"error: {e}")
-        return 1
+        except (DataError, OSError) as e:                                   # unreadable datafile or label csv
+            print(f"error: {e}")
+            return 1
     if args.scale:
         measure_scale(args.scale)
     elif args.bench:
         with tempfile.TemporaryDirectory() as root:
-            files = (args.datafile, args.label_csv) if args.datafile else make_bench_data(root, n=args.items)
-            bench(*files, args.items, args.repeats, args.target_length, args.image_size)
+            if not args.datafile:                                           # synthetic clips of 10 s, 224 px
+                __import__("prepare").make_synthetic(root, n_train=args.items, n_test=0, image_size=224, seconds=10.0)
+                args.datafile, args.label_csv = os.path.join(root, "train.json"), os.path.join(root, "labels.csv")
+            bench(args.datafile, args.label_csv, args.items, args.repeats, args.target_length, args.image_size)
     else:
         parser.print_help()
         return 2

@@ -373,8 +373,8 @@ def test_compact_rows_give_back_every_row_and_its_labels(tmp_path):
         assert ds.rows[i] == dict(video_id=want["video_id"], wav=os.path.normpath(str(tmp_path / want["wav"])),
                                   video_path=os.path.normpath(str(tmp_path / want["video_path"])),
                                   labels=want["labels"])
-        assert sorted(ds.label_classes(i).tolist()) == sorted("/m/a /m/b /m/c".split().index(m)
-                                                              for m in data.split_mids(want["labels"]))
+        assert sorted(ds.class_of_code[ds.rows.codes(i)].tolist()) == sorted("/m/a /m/b /m/c".split().index(m)
+                                                              for m in data.label_mids(want["labels"]))
     assert [r["video_id"] for r in ds.rows][:3] == [r["video_id"] for r in rows[:3]]
     with pytest.raises(IndexError):
         ds.rows[3000]
@@ -383,8 +383,8 @@ def test_compact_rows_give_back_every_row_and_its_labels(tmp_path):
 def test_class_balance_weights_on_compact_rows_equal_the_formula_over_dicts(tmp_path):
     rows = write_rows(tmp_path, 2000, seed=1)
     got = data.class_balance_weights(dataset(tmp_path))
-    counts = {m: sum(m in data.split_mids(r["labels"]) for r in rows) for m in ("/m/a", "/m/b", "/m/c")}
-    want = [sum(1000 / (counts[m] + 0.01) for m in data.split_mids(r["labels"])) for r in rows]
+    counts = {m: sum(m in data.label_mids(r["labels"]) for r in rows) for m in ("/m/a", "/m/b", "/m/c")}
+    want = [sum(1000 / (counts[m] + 0.01) for m in data.label_mids(r["labels"])) for r in rows]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
