@@ -1,5 +1,4 @@
-"""The audio-visual input pipeline of CAV-MAE: files on disk -> (fbank, image, label) tensors, equal to the official
-loader (../shared/preprocessing.md), with torch, numpy, soundfile and Pillow only.
+"""CAV-MAE's input pipeline: files -> (fbank, image, label) tensors, equal to the official loader (preprocessing.md).
 
 One definition of every augmentation: a worker decodes a row and draws every random choice of the item (frame,
 mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and roll) from Python's
@@ -17,7 +16,6 @@ official code looks under the first sample's); the noise field is hash_uniform's
 import argparse
 import csv
 import ctypes
-import gc
 import json
 import math
 import os
@@ -84,7 +82,7 @@ def _fbank_constants(win, n_fft, num_mel_bins, sample_rate, low_freq, high_freq,
         for g in range(0, num_mel_bins, BAND_GROUP):
             support = weights[g:g + BAND_GROUP].ne(0).any(0).nonzero().flatten().tolist() or [0]
             lo, hi = support[0], support[-1] + 1                                     # each triangle is contiguous
-            bands.append((g, lo, hi, constant_on(weights[g:g + BAND_GROUP, lo:hi].T.to(dtype), device)))
+            bands.append((g, lo, hi, constant_on(weights[g:g + BAND_GROUP, lo:hi].T.contiguous().to(dtype), device)))
         window = torch.hann_window(win, periodic=False).to(dtype)                    # symmetric Hann
         _CACHE[key] = constant_on(window, device), constant_on(weights.to(dtype), device), bands
     return _CACHE[key]
@@ -92,8 +90,7 @@ def _fbank_constants(win, n_fft, num_mel_bins, sample_rate, low_freq, high_freq,
 
 def constant_on(t, device):
     """A CPU constant on `device` without a host sync: a CUDA copy from pinned memory, non-blocking."""
-    t, device = t.contiguous(), torch.device(device)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 
 def fbank(waveform, sample_rate=SAMPLE_RATE, num_mel_bins=128, frame_length=25.0, frame_shift=10.0,
@@ -187,32 +184,37 @@ def spec_augment(feats, bands):
     return feats.masked_fill(in_band | in_time, 0.0)
 
 
-def lowbias32(x):
-    """A 32-bit integer mixing hash (Chris Wellons' "lowbias32"), elementwise on int64 holding uint32 values.
-    x * c mod 2^32 is computed with x split at 16 bits, so no product passes 2^48 (no int64 overflow)."""
-    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        x = x ^ (x >> shift)
-        x = (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+def hash32(x):
+    """A 32-bit integer mixing hash, in place on int64 holding uint32 values: hash-prospector's xorshift-multiply
+    [16 21f0aaad 15 735a2d97 15], whose multipliers are below 2^31, so x * c < 2^63 never overflows int64."""
+    for shift, multiplier in ((16, 0x21F0AAAD), (15, 0x735A2D97)):
+        x ^= x >> shift
+        x.mul_(multiplier).bitwise_and_(0xFFFFFFFF)
+    x ^= x >> 15
+    return x
 
 
 def hash_uniform(seeds, shape, device):
     """U[0, 1) float32 (B, *shape) from integer seeds (B,): element k of sample b is a hash of (seed b, k), 24 bits.
     Counter-based, not a generator's stream: the same numbers on every device and for any batch composition, a
     worker ships one integer instead of a (T, M) field, and the device makes the field in a few integer kernels."""
-    key = ("counter", math.prod(shape), str(device))
+    device, n = torch.device(device), math.prod(shape)
+    key = ("counter", n, str(device))
     if key not in _CACHE:
-        _CACHE[key] = lowbias32(torch.arange(math.prod(shape), device=device))      # (n,) the same for every seed
-    seed = lowbias32(seeds.to(device, torch.int64) & 0xFFFFFFFF)                      # (B,)
-    bits = lowbias32(_CACHE[key] ^ seed[:, None])                                     # (B, n) uint32 values
-    return ((bits >> 8).float() * 2.0 ** -24).view(-1, *shape)
+        _CACHE[key] = hash32(torch.arange(n, device=device))                        # (n,) the same for every seed
+    seed = hash32(seeds.to(device, torch.int64) & 0xFFFFFFFF)                         # (B,)
+    out = torch.empty(len(seed), n, device=device)
+    blocks = range(len(seed)) if device.type == "cpu" else [slice(None)]             # CPU: a sample stays in cache
+    for b in blocks:
+        torch.mul(hash32(_CACHE[key] ^ seed[b, None]) >> 8, 2.0 ** -24, out=out[b])  # top 24 bits -> [0, 1)
+    return out.view(-1, *shape)
 
 
 def add_noise(feats, seed, scale, shift):
     """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10, then a roll in time by
     `shift` (out[t] = in[t - shift]). seed, scale (float64) and shift are (B,) tensors a worker drew."""
     B, T, M = feats.shape
-    noisy = feats + hash_uniform(seed, (T, M), feats.device) * scale.float()[:, None, None] / 10
+    noisy = hash_uniform(seed, (T, M), feats.device).mul_(scale.float()[:, None, None]).div_(10).add_(feats)
     source = (torch.arange(T, device=feats.device) - shift[:, None]) % T            # (B, T)
     rows = (source + T * torch.arange(B, device=feats.device)[:, None]).flatten()   # (B * T,)
     return noisy.reshape(B * T, M).index_select(0, rows).view(B, T, M)
@@ -480,12 +482,11 @@ class AVDataset(torch.utils.data.Dataset):
         elif len(wave) > WIN + HOP * (self.target_length - 1):  # only samples that reach target_length frames travel
             item["wave"] = wave[:WIN + HOP * (self.target_length - 1)].clone()
         if self.train:                          # SpecAugment bands; noise: field seed, s ~ U(0,1), roll in [-T, T)
-            T = self.target_length
-            item["bands"] = (*draw_band(128, self.freqm), *draw_band(T, self.timem))
+            item["bands"] = (*draw_band(128, self.freqm), *draw_band(self.target_length, self.timem))
             item.update(noise_seed=0, noise_scale=0.0, noise_shift=0)
             if self.noise:
                 item.update(noise_seed=int(torch.randint(2 ** 32, (1,))), noise_scale=float(np.random.rand()),
-                            noise_shift=int(np.random.randint(-T, T)))
+                            noise_shift=int(np.random.randint(-self.target_length, self.target_length)))
         return item
 
     def __getitem__(self, key):
@@ -655,10 +656,10 @@ def measure_scale(n, num_classes=527):
                 for labels in [",".join(mids[(i * 7919 + j) % num_classes] for j in range(1 + i % 4))])  # 1-4 labels
         with open(os.path.join(root, "data.json"), "w") as f:
             f.write('{"data": [' + ",".join(rows) + "]}")
-        gc.collect(), release_freed_heap()                                    # what writing the json freed
+        release_freed_heap()                                                  # what writing the json freed
         before, start = rss_mb(), time.time()
         ds = AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"))
-        seconds, held = time.time() - start, (gc.collect(), rss_mb() - before)[1]
+        seconds, held = time.time() - start, rss_mb() - before
     print(f"{n} rows of {ds.datafile}: {seconds:.1f} s to build AVDataset, {held:.0f} MB held (RSS growth after "
           f"the json is freed)")
     return seconds, held

@@ -228,20 +228,20 @@ def test_noise_adds_at_most_a_tenth_of_its_scale_then_rolls_in_time_by_the_drawn
         assert extra.min() >= 0 and extra.max() <= 0.1 * scale + 1e-5 and extra.std() > 0.01 * scale
 
 
-def lowbias32_reference(x):
-    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):
+def hash32_reference(x):
+    for shift, multiplier in ((16, 0x21F0AAAD), (15, 0x735A2D97)):
         x ^= x >> shift
-        x = x * mult & 0xFFFFFFFF if mult else x
-    return x
+        x = x * multiplier & 0xFFFFFFFF
+    return x ^ (x >> 15)
 
 
-def test_hash_uniform_is_the_lowbias32_hash_of_seed_and_position_with_24_bits():
+def test_hash_uniform_is_the_hash_of_seed_and_position_with_24_bits():
     seeds = [0, 1, 2 ** 32 - 1, 123456789]
     got = data.hash_uniform(torch.tensor(seeds), (3, 5), "cpu")
     assert got.shape == (4, 3, 5) and got.dtype == torch.float32
     for b, seed in enumerate(seeds):
         for k in (0, 1, 7, 14):
-            bits = lowbias32_reference(lowbias32_reference(k) ^ lowbias32_reference(seed))
+            bits = hash32_reference(hash32_reference(k) ^ hash32_reference(seed))
             assert got[b].flatten()[k].item() == (bits >> 8) / 2 ** 24
 
 
