@@ -51,7 +51,7 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Audio: Kaldi fbank (preprocessing.md 1.2-1.4)
 
-_CACHE = {}                 # mel filters and windows per (parameters, device, dtype)
+_CACHE = {}                 # device constants: mel filters, windows, image mean/std, noise counters
 CPU_BLOCK_FRAMES = 1024     # fbank works through a CPU batch in cache-sized blocks; other devices take it whole
 BAND_GROUP = 16             # mel bands per block of the band-limited filterbank product
 
@@ -326,11 +326,11 @@ def label_mids(row):
 def pack_paths(strings):
     """Strings -> numpy arrays (folder buffer, folder offsets, folder code per string, name buffer, name offsets):
     the few distinct folders once, the names in one UTF-8 buffer. Forked workers share numpy pages untouched."""
-    def pack(texts):                                                          # offsets int32, int64 past 2 GB
+    def pack(texts):                                                          # one UTF-8 buffer and its offsets
         encoded = [s.encode() for s in texts]
-        offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
-        return np.frombuffer(b"".join(encoded), np.uint8), offsets.astype(np.int32 if offsets[-1] < 2 ** 31 else None)
+        offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        small = offsets[-1] < 2 ** 31                                         # int32 offsets up to 2 GB of text
+        return np.frombuffer(b"".join(encoded), np.uint8), offsets.astype(np.int32) if small else offsets
     folders, codes, names = {}, array("i"), []
     for s in strings:
         head, sep, name = s.rpartition("/")

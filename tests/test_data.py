@@ -253,6 +253,12 @@ def test_hash_uniform_rows_depend_only_on_their_seed_and_look_uniform():
     assert abs(field.std().item() - (1 / 12) ** 0.5) < 1e-3 and not torch.equal(field[0], field[1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hash_uniform_gives_the_same_field_on_cuda_as_on_the_cpu():
+    seeds = torch.tensor([0, 5, 2 ** 32 - 1])
+    assert torch.equal(data.hash_uniform(seeds, (1024, 128), "cuda").cpu(), data.hash_uniform(seeds, (1024, 128), "cpu"))
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 def test_wrong_sample_rate_names_file_rate_and_fix(tmp_path):
@@ -435,7 +441,7 @@ def test_raw_path_equals_item_path_in_eval_mode(tmp_path):
         assert torch.equal(audio[i], fb) and torch.equal(image[i], im) and torch.equal(label[i], lab)
 
 
-def test_raw_path_in_training_augments_batchwise(tmp_path):
+def test_raw_path_in_training_keeps_the_label_mass_of_mixed_rows(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/b", "/m/c", "/m/b"])
     raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, freqm=20, timem=30, noise=True, label_smooth=0.1)
     batch = data.collate_raw([raw[i] for i in range(4)])
