@@ -362,17 +362,15 @@ class Rows(Sequence):
     def __len__(self):
         return len(self.label_offsets) - 1
 
-    def codes(self, i):
-        i = range(len(self))[i]                                                 # negative i; IndexError past the end
-        return self.label_codes[self.label_offsets[i]:self.label_offsets[i + 1]]
-
     def __getitem__(self, i):
-        i = range(len(self))[i]
+        if isinstance(i, slice):                                                # a list of row dicts, like a list's
+            return [self[j] for j in range(len(self))[i]]
+        i, o = range(len(self))[i], self.label_offsets                          # negative i; IndexError past the end
         video_id, wav, video_path = ((fb[fo[c[i]]:fo[c[i] + 1]].tobytes() + nb[no[i]:no[i + 1]].tobytes()).decode()
                                      for fb, fo, c, nb, no in self.columns)              # folder + name, see pack_paths
         return dict(video_id=video_id, wav=os.path.normpath(os.path.join(self.root, wav)),
                     video_path=os.path.normpath(os.path.join(self.root, video_path)),
-                    labels=",".join(self.mids[c] for c in self.codes(i)))
+                    labels=",".join(self.mids[c] for c in self.label_codes[o[i]:o[i + 1]]))
 
 
 def frame_path(row, i):
@@ -463,7 +461,7 @@ class AVDataset(torch.utils.data.Dataset):
         except DataError as e:
             raise DataError(f"{self.datafile} row {i} (video_id {row['video_id']}): {e}") from None
         label = torch.zeros(self.num_classes)
-        label[torch.from_numpy(self.class_of_code[self.rows.codes(i)])] = 1.0
+        label[[self.labels.index[m] for m in label_mids(row)]] = 1.0             # ds.rows may also be a list
         return wave - wave.mean(), image, label, k, missing
 
     def load(self, i, frame=None):
