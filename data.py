@@ -1,32 +1,21 @@
-"""The audio-visual input pipeline of CAV-MAE: files on disk -> (fbank, image, label) tensors.
+"""CAV-MAE's input pipeline: files -> (fbank, image, label) tensors, equal to the official loader (preprocessing.md).
 
-Equal to the official loader (../shared/preprocessing.md), with torch, numpy, soundfile and Pillow only:
-    fbank(waveform)            Kaldi log-mel filterbank, [N] -> [T, 128] or [B, N] -> [B, T, 128], CPU or GPU
-    load_audio(path)           float32 [N] in [-1, 1), first channel, 16 kHz, or a DataError naming the file
-    load_image(path, size)     [3, S, S]: bicubic resize of the shorter side, centre crop, ImageNet normalisation
-    load_label_csv, read_datafile, class_balance_weights, dataset_stats
-    AVDataset(datafile, label_csv, train=False, ...)[i] -> fbank [T, 128], image [3, S, S], label [K]
-
-Two ways to feed a model:
-  * per item (raw=False): each ds[i] is finished on the worker, as the official loader does.
-  * device-side (raw=True): workers only read and decode; the training device does the rest batch-wise:
-        ds = AVDataset(..., raw=True)            # ds[i] -> (waveform [n], uint8 image [3, S, S], 0/1 label [K])
-        loader = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
-        prep = BatchPreprocessor.from_dataset(ds)        # fbank, pad/cut, SpecAugment, normalisation, mixup,
-        for batch in loader:                             # noise and label smoothing, all on `device`
-            audio, image, label = prep(batch, device)    # [B, T, 128], [B, 3, S, S], [B, K]
-    In evaluation mode both give the same tensors on the CPU (bit for bit; within 1 ulp for clips shorter than
-    about 16 fbank frames, where BLAS picks another kernel). In training, the mixup partner is a random member
-    of the same batch rather than of the whole dataset.
-
-Random draws use torch and Python's `random`, which DataLoader seeds per worker (the official np.random draws
-repeat across workers). Deviations decided by the project: bad input raises a clear error instead of becoming
-a 0.01-filled sample; non-RGB frames are converted to RGB; augmentation only runs when train=True; a mixup
-partner's frame comes from its own video_path (the official code looks under the first sample's).
-Run `python data.py --check DATAFILE LABEL_CSV` to validate a datafile, `python data.py --bench` to time it.
+One definition of every augmentation: a worker decodes a row and draws every random choice of the item (frame,
+mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and roll) from Python's
+`random`, NumPy and torch's CPU generator (train.py seeds them per item); BatchPreprocessor applies the draws:
+    ds = AVDataset(datafile, label_csv, raw=True, ...)   # ds[i] or ds[(i, frame)] -> a raw item (dict)
+    loader = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
+    prep = BatchPreprocessor.from_dataset(ds)
+    for batch in loader:
+        audio, image, label = prep(batch, device)        # [B, T, 128], [B, 3, S, S], [B, K]
+AVDataset(raw=False)[i] -> (fbank [T, 128], image [3, S, S], label [K]) is the same code on a batch of one.
+Project deviations: bad input raises a clear error instead of becoming a 0.01-filled sample; non-RGB frames are
+converted to RGB; augmentation only when train=True; a mixup partner's frame comes from its own video_path (the
+official code looks under the first sample's); the noise field is hash_uniform's. CLI: see main().
 """
 import argparse
 import csv
+import ctypes
 import json
 import math
 import os
@@ -36,16 +25,20 @@ import sys
 import tempfile
 import time
 import warnings
+from array import array
+from collections import namedtuple
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 SAMPLE_RATE = 16000
+WIN, HOP = 400, 160                                   # fbank window and hop in samples: 25 ms and 10 ms at 16 kHz
 AUDIOSET_MEAN, AUDIOSET_STD = -5.081, 4.4849          # fbank normalisation of the paper (AudioSet's)
 IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MIXUP_BETA = 10.0                                     # lambda ~ Beta(10, 10)
@@ -58,7 +51,7 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Audio: Kaldi fbank (preprocessing.md 1.2-1.4)
 
-_CACHE = {}                 # mel filters and windows per (parameters, device, dtype)
+_CACHE = {}                 # device constants: mel filters, windows, image mean/std, noise counters
 CPU_BLOCK_FRAMES = 1024     # fbank works through a CPU batch in cache-sized blocks; other devices take it whole
 BAND_GROUP = 16             # mel bands per block of the band-limited filterbank product
 
@@ -89,15 +82,15 @@ def _fbank_constants(win, n_fft, num_mel_bins, sample_rate, low_freq, high_freq,
         for g in range(0, num_mel_bins, BAND_GROUP):
             support = weights[g:g + BAND_GROUP].ne(0).any(0).nonzero().flatten().tolist() or [0]
             lo, hi = support[0], support[-1] + 1                                     # each triangle is contiguous
-            bands.append((g, lo, hi, weights[g:g + BAND_GROUP, lo:hi].T.contiguous().to(device, dtype)))
-        window = torch.hann_window(win, periodic=False).to(device, dtype)           # symmetric Hann
-        _CACHE[key] = window, weights.to(device, dtype), bands
+            bands.append((g, lo, hi, constant_on(weights[g:g + BAND_GROUP, lo:hi].T.contiguous().to(dtype), device)))
+        window = torch.hann_window(win, periodic=False).to(dtype)                    # symmetric Hann
+        _CACHE[key] = constant_on(window, device), constant_on(weights.to(dtype), device), bands
     return _CACHE[key]
 
 
-def fbank_geometry(sample_rate=SAMPLE_RATE, frame_length=25.0, frame_shift=10.0):
-    """(window, hop) in samples, as Kaldi rounds them."""
-    return int(sample_rate * frame_length * 0.001), int(sample_rate * frame_shift * 0.001)
+def constant_on(t, device):
+    """A CPU constant on `device` without a host sync: a CUDA copy from pinned memory, non-blocking."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 
 def fbank(waveform, sample_rate=SAMPLE_RATE, num_mel_bins=128, frame_length=25.0, frame_shift=10.0,
@@ -107,7 +100,7 @@ def fbank(waveform, sample_rate=SAMPLE_RATE, num_mel_bins=128, frame_length=25.0
     T = 1 + (N - window) // hop (snip_edges). The waveform's own scale is kept (CAV-MAE feeds [-1, 1)).
     exact=True repeats torchaudio's float32 ops one for one (bit-identical on the CPU); the default computes
     |X|^2 as re^2 + im^2 and skips the zeros of the filterbank, within 1e-6 of it and about twice as fast."""
-    win, hop = fbank_geometry(sample_rate, frame_length, frame_shift)
+    win, hop = int(sample_rate * frame_length * 0.001), int(sample_rate * frame_shift * 0.001)  # Kaldi's rounding
     if waveform.shape[-1] < win:
         raise DataError(f"fbank needs at least {win} samples (one {frame_length} ms frame), got {waveform.shape[-1]}")
     n_fft = 1 << (win - 1).bit_length()                                              # 400 -> 512
@@ -151,9 +144,8 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
     if rate != sample_rate:
         raise DataError(f"{path} is sampled at {rate} Hz, the model needs {sample_rate} Hz: extract it with "
                         f"`python prepare.py videos` (which resamples), or `ffmpeg -i IN -ar {sample_rate} OUT.wav`")
-    win, _ = fbank_geometry(sample_rate)
-    if data.shape[0] < win:
-        raise DataError(f"{path} has {data.shape[0]} samples, fewer than one fbank frame ({win}): empty or too short")
+    if data.shape[0] < WIN:
+        raise DataError(f"{path} has {data.shape[0]} samples, fewer than one fbank frame ({WIN}): empty or too short")
     wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))                       # stereo -> first channel
     if subtype in ("FLOAT", "DOUBLE") and not torch.isfinite(wave).all():          # integer PCM cannot be NaN
         raise DataError(f"{path} contains NaN or infinite samples")
@@ -161,58 +153,71 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
 
 
 def fbank_features(wave, length, target_length):
-    """Centred waveforms (B, N), their lengths (B,) on the CPU -> fbank cut or padded with zero rows to
+    """Centred waveforms (B, N) and their lengths (B,) on the same device -> fbank cut or padded with zero rows to
     (B, target_length, M). Rows past a clip's own frames are zero: a clip in a padded batch equals its own fbank."""
-    win, hop = fbank_geometry()
-    feats = fbank(wave[:, :win + hop * (target_length - 1)])                        # (B, <=T, M), no unused frames
-    frames = torch.div(length.cpu() - win, hop, rounding_mode="floor") + 1          # (B,)
-    if bool((frames < feats.shape[1]).any()):                                        # decided without a GPU sync
-        past_end = torch.arange(feats.shape[1]) >= frames[:, None]                   # (B, <=T)
-        feats = feats.masked_fill(past_end[..., None].to(wave.device), 0.0)
+    feats = fbank(wave[:, :WIN + HOP * (target_length - 1)])                        # (B, <=T, M), no unused frames
+    frames = torch.div(length - WIN, HOP, rounding_mode="floor") + 1                 # (B,) a clip's own frames
+    past_end = torch.arange(feats.shape[1], device=wave.device) >= frames[:, None]   # (B, <=T)
+    feats = feats.masked_fill(past_end[..., None], 0.0)
     return F.pad(feats, (0, 0, 0, target_length - feats.shape[1]))                  # zero rows, not padded audio
 
 
-def mix_waveforms(w1, w2, lam, length):
-    """Mixup of centred waveforms (B, N) that are zero past length: w2 cut to w1's length, lam w1 + (1 - lam) w2,
-    centred again over the clip."""
-    w2 = w2.masked_fill(torch.arange(w1.shape[1], device=w1.device) >= length[:, None], 0.0)
-    mix = lam[:, None] * w1 + (1 - lam[:, None]) * w2                               # (B, N)
-    return mix - mix.sum(1, keepdim=True) / length[:, None]
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Augmentation and labels, batched over the leading dim (one item is a batch of one)
+# Augmentation: a worker draws (AVDataset.load, draw_band), BatchPreprocessor applies (spec_augment, add_noise)
 
-def draw_band(B, length, max_width, device):
-    """One SpecAugment mask per sample as torchaudio draws it: width = floor(u1 F) in [0, F), start =
-    floor(u2 (L - u1 F)), so start + width <= L. Returns (B, L) bool, True = masked."""
-    value = torch.rand(B, device=device) * max_width                                # draw 1: width
-    start = (torch.rand(B, device=device) * (length - value)).long()                # draw 2: start
-    pos = torch.arange(length, device=device)
-    return (pos >= start[:, None]) & (pos < (start + value.long())[:, None])
+def draw_band(length, max_width):
+    """One SpecAugment band as torchaudio draws it from torch's CPU generator: width = floor(u1 F) in [0, F),
+    start = floor(u2 (L - u1 F)), so start + width <= L. Returns (start, width); max_width 0 draws nothing."""
+    if not max_width:
+        return 0, 0
+    value = torch.rand(1) * max_width                                                # draw 1: width
+    start = (torch.rand(1) * (length - value)).long()                                # draw 2: start
+    return int(start), int(value.long())
 
 
-def spec_augment(feats, freqm, timem):
-    """SpecAugment on (B, T, M): a frequency band, then a time band (that draw order), set to 0 (preprocessing.md 3).
-    A width of 0 turns a mask off, and then no random numbers are drawn."""
+def spec_augment(feats, bands):
+    """SpecAugment on (B, T, M) with bands (B, 4) = (freq start, freq width, time start, time width): whole mel bands
+    and whole frames set to 0 (preprocessing.md 3). A width of 0 masks nothing."""
+    frame, mel = (torch.arange(n, device=feats.device) for n in feats.shape[1:])                # (T,), (M,)
+    in_band = ((mel >= bands[:, :1]) & (mel < bands[:, :1] + bands[:, 1:2]))[:, None, :]       # (B, 1, M)
+    in_time = ((frame >= bands[:, 2:3]) & (frame < bands[:, 2:3] + bands[:, 3:]))[:, :, None]  # (B, T, 1)
+    return feats.masked_fill(in_band | in_time, 0.0)
+
+
+def hash32(x):
+    """A 32-bit integer mixing hash, in place on int64 holding uint32 values: hash-prospector's xorshift-multiply
+    [16 21f0aaad 15 735a2d97 15], whose multipliers are below 2^31, so x * c < 2^63 never overflows int64."""
+    for shift, multiplier in ((16, 0x21F0AAAD), (15, 0x735A2D97)):
+        x ^= x >> shift
+        x.mul_(multiplier).bitwise_and_(0xFFFFFFFF)
+    x ^= x >> 15
+    return x
+
+
+def hash_uniform(seeds, shape, device):
+    """U[0, 1) float32 (B, *shape) from integer seeds (B,): element k of sample b is a hash of (seed b, k), 24 bits.
+    Counter-based, not a generator's stream: the same numbers on every device and for any batch composition, a
+    worker ships one integer instead of a (T, M) field, and the device makes the field in a few integer kernels."""
+    device, n = torch.device(device), math.prod(shape)
+    key = ("counter", n, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = hash32(torch.arange(n, device=device))                        # (n,) the same for every seed
+    seed = hash32(seeds.to(device, torch.int64) & 0xFFFFFFFF)                         # (B,)
+    out = torch.empty(len(seed), n, device=device)
+    blocks = range(len(seed)) if device.type == "cpu" else [slice(None)]             # CPU: a sample stays in cache
+    for b in blocks:
+        torch.mul(hash32(_CACHE[key] ^ seed[b, None]) >> 8, 2.0 ** -24, out=out[b])  # top 24 bits -> [0, 1)
+    return out.view(-1, *shape)
+
+
+def add_noise(feats, seed, scale, shift):
+    """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10, then a roll in time by
+    `shift` (out[t] = in[t - shift]). seed, scale (float64) and shift are (B,) tensors a worker drew."""
     B, T, M = feats.shape
-    masked = torch.zeros(B, T, M, dtype=torch.bool, device=feats.device)
-    if freqm:
-        masked = masked | draw_band(B, M, freqm, feats.device)[:, None, :]          # whole mel bands
-    if timem:
-        masked = masked | draw_band(B, T, timem, feats.device)[:, :, None]          # whole frames
-    return feats.masked_fill(masked, 0.0) if freqm or timem else feats
-
-
-def add_noise(feats):
-    """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10 with s ~ U(0,1) per
-    sample, and a roll in time by an integer in [-T, T) (the noise is iid, so adding it after the roll is the same)."""
-    B, T, M = feats.shape
-    shift = torch.randint(-T, T, (B,), device=feats.device)
-    source = (torch.arange(T, device=feats.device) - shift[:, None]) % T             # roll: out[t] = in[t - s]
+    noisy = hash_uniform(seed, (T, M), feats.device).mul_(scale.float()[:, None, None]).div_(10).add_(feats)
+    source = (torch.arange(T, device=feats.device) - shift[:, None]) % T            # (B, T)
     rows = (source + T * torch.arange(B, device=feats.device)[:, None]).flatten()   # (B * T,)
-    rolled = feats.reshape(B * T, M).index_select(0, rows).view(B, T, M)
-    return rolled + torch.rand(B, T, M, device=feats.device) * torch.rand(B, 1, 1, device=feats.device) / 10
+    return noisy.reshape(B * T, M).index_select(0, rows).view(B, T, M)
 
 
 def smooth_labels(y1, label_smooth, y2=None, lam=None):
@@ -223,10 +228,6 @@ def smooth_labels(y1, label_smooth, y2=None, lam=None):
         return torch.where(y1 > 0, 1.0 - label_smooth, base).float()
     lam = lam.double()[:, None]
     return (base + y1 * (lam * (1.0 - label_smooth)) + y2.double() * ((1 - lam) * (1.0 - label_smooth))).float()
-
-
-def normalise(feats, mean, std):
-    return (feats - mean) / std
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,16 +248,18 @@ def read_frame(path, image_size=224):
                 img = img.resize((new_w, new_h), Image.BICUBIC)
             top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
             img = img.crop((left, top, left + image_size, top + image_size))
-            array = np.array(img)                                                    # (S, S, 3) uint8
+            pixels = np.array(img)                                                   # (S, S, 3) uint8
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()                     # (3, S, S)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()                    # (3, S, S)
 
 
 def normalise_image(image_u8):
     """uint8 (..., 3, S, S) -> float32 /255, then ImageNet mean/std (torchvision ToTensor + Normalize)."""
-    mean = torch.tensor(IMAGE_MEAN, device=image_u8.device)[:, None, None]
-    std = torch.tensor(IMAGE_STD, device=image_u8.device)[:, None, None]
+    key = ("image", str(image_u8.device))
+    if key not in _CACHE:                                                            # (3, 1, 1) each, once a device
+        _CACHE[key] = [constant_on(torch.tensor(c)[:, None, None], image_u8.device) for c in (IMAGE_MEAN, IMAGE_STD)]
+    mean, std = _CACHE[key]
     return (image_u8.float().div(255) - mean) / std
 
 
@@ -268,10 +271,7 @@ def load_image(path, image_size=224):
 # ----------------------------------------------------------------------------------------------------------
 # Datafiles and labels
 
-class LabelCSV(NamedTuple):
-    index: dict   # mid -> class index
-    mids: list    # by class index
-    names: list   # display names by class index
+LabelCSV = namedtuple("LabelCSV", "index mids names")  # {mid: class index}, mids and display names by index
 
 
 def load_label_csv(path):
@@ -301,22 +301,76 @@ def read_datafile(path):
     """Rows {video_id, wav, video_path, labels} of an official json datafile, paths resolved against its folder."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)["data"]
+            records = json.load(f)["data"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read datafile {path} (want json {{'data': [...]}}): {e}") from None
-    root = os.path.dirname(os.path.abspath(path))
-    rows = []
-    for i, d in enumerate(data):
-        missing = [k for k in ("video_id", "wav", "video_path", "labels") if k not in d]
-        if missing:
-            raise DataError(f"{path} row {i}: missing field(s) {', '.join(missing)}")
-        rows.append(dict(video_id=str(d["video_id"]), wav=os.path.normpath(os.path.join(root, d["wav"])),
-                         video_path=os.path.normpath(os.path.join(root, d["video_path"])), labels=str(d["labels"])))
+    rows = Rows(records, os.path.dirname(os.path.abspath(path)), path)
+    del records
+    release_freed_heap()
     return rows
 
 
+def release_freed_heap():
+    """Give the heap pages that parsing freed back to the OS (glibc keeps ~100 MB after AudioSet-2M's json)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):                                         # not glibc: nothing to do
+        pass
+
+
 def label_mids(row):
-    return [m.strip() for m in row["labels"].split(",") if m.strip()]
+    """The mids of a row (or of a labels string)."""
+    return [m.strip() for m in (row if isinstance(row, str) else row["labels"]).split(",") if m.strip()]
+
+
+def pack_paths(strings):
+    """Strings -> numpy arrays (folder buffer, folder offsets, folder code per string, name buffer, name offsets):
+    the few distinct folders once, the names in one UTF-8 buffer. Forked workers share numpy pages untouched."""
+    def pack(texts):                                                          # one UTF-8 buffer and its offsets
+        encoded = [s.encode() for s in texts]
+        offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        small = offsets[-1] < 2 ** 31                                         # int32 offsets up to 2 GB of text
+        return np.frombuffer(b"".join(encoded), np.uint8), offsets.astype(np.int32) if small else offsets
+    folders, codes, names = {}, array("i"), []
+    for s in strings:
+        head, sep, name = s.rpartition("/")
+        codes.append(folders.setdefault(head + sep, len(folders)))
+        names.append(name)
+    return (*pack(list(folders)), np.array(codes, np.int32), *pack(names))
+
+
+class Rows(Sequence):
+    """A datafile's rows in numpy arrays instead of a list of dicts (~340 B a row, 0.7 GB per process for
+    AudioSet-2M, copied into every worker as refcounts touch the pages). rows[i] -> dict(video_id, wav, video_path,
+    labels), paths resolved against `root` on demand; labels as CSR codes into `mids` (label_codes, label_offsets)."""
+    FIELDS = ("video_id", "wav", "video_path", "labels")
+
+    def __init__(self, records, root, source):
+        try:
+            fields = {k: [str(r[k]) for r in records] for k in self.FIELDS}
+        except (KeyError, TypeError):
+            i, missing = next((i, m) for i, r in enumerate(records) if (m := [k for k in self.FIELDS if k not in r]))
+            raise DataError(f"{source} row {i}: missing field(s) {', '.join(missing)}") from None
+        self.root, self.columns = root, [pack_paths(fields[k]) for k in self.FIELDS[:3]]  # video_id, wav, video_path
+        mids, codes, offsets = {}, array("i"), array("q", [0])
+        for text in fields["labels"]:
+            codes.extend(mids.setdefault(m, len(mids)) for m in label_mids(text))
+            offsets.append(len(codes))
+        self.mids, self.label_codes = list(mids), np.array(codes, np.int32)    # distinct mids in first-seen order
+        self.label_offsets = np.array(offsets, np.int64)                        # (n + 1,) row i: [off[i], off[i+1])
+
+    def __len__(self):
+        return len(self.label_offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):                                                # a list of row dicts, like a list's
+            return [self[j] for j in range(len(self))[i]]
+        i, o = range(len(self))[i], self.label_offsets                          # negative i; IndexError past the end
+        video_id, wav, video_path = ((fb[fo[c[i]]:fo[c[i] + 1]].tobytes() + nb[no[i]:no[i + 1]].tobytes()).decode()
+                                     for fb, fo, c, nb, no in self.columns)              # folder + name, see pack_paths
+        return dict(video_id=video_id, wav=os.path.normpath(os.path.join(self.root, wav)),
+                    video_path=os.path.normpath(os.path.join(self.root, video_path)),
+                    labels=",".join(self.mids[c] for c in self.label_codes[o[i]:o[i + 1]]))
 
 
 def frame_path(row, i):
@@ -331,32 +385,30 @@ def check_row(row, labels, num_frames=10, sample_rate=SAMPLE_RATE):
         if info.samplerate != sample_rate:
             problems.append(f"{row['wav']}: {info.samplerate} Hz, not {sample_rate} "
                             f"(resample: python prepare.py videos)")
-        elif info.frames < fbank_geometry(sample_rate)[0]:
+        elif info.frames < WIN:
             problems.append(f"{row['wav']}: only {info.frames} samples")
     except Exception as e:
         problems.append(f"cannot open audio {row['wav']}: {e}" if os.path.isfile(row["wav"])
                         else f"audio file not found: {row['wav']}")
-    missing = 0
-    for i in range(num_frames):
-        path = frame_path(row, i)
-        if not os.path.isfile(path):
-            missing += 1
-            if i == 0:
-                problems.append(f"frame_0 missing ({path}): a missing frame has no earlier one to fall back to")
-            continue
+    paths = [frame_path(row, i) for i in range(num_frames)]
+    present = [p for p in paths if os.path.isfile(p)]
+    if paths[0] not in present:
+        problems.append(f"frame_0 missing ({paths[0]}): a missing frame has no earlier one to fall back to")
+    for path in present:
         try:
-            with Image.open(path):
-                pass
+            Image.open(path).close()
         except Exception as e:
             problems.append(f"cannot open image {path}: {e}")
-    return problems, missing
+    return problems, num_frames - len(present)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The dataset
 
 class AVDataset(torch.utils.data.Dataset):
-    """Official-format datafile -> (fbank [T, 128], image [3, S, S], label [K]); see the module docstring."""
+    """ds[i] or ds[(i, frame)] -> (fbank [T, 128], image [3, S, S], label [K]), or the raw item that collate_raw
+    batches (raw=True). A key's frame (int or None) overrides ds.frame for that load in evaluation. frame_fallbacks
+    counts the per-item path's fallbacks in this process (num_workers=0); loaders read batch["fallbacks"]."""
 
     def __init__(self, datafile, label_csv, train=False, target_length=1024, num_frames=10, frame=None,
                  mean=AUDIOSET_MEAN, std=AUDIOSET_STD, freqm=0, timem=0, mixup=0.0, noise=False,
@@ -366,152 +418,156 @@ class AVDataset(torch.utils.data.Dataset):
         self.datafile, self.train, self.target_length, self.num_frames = datafile, train, target_length, num_frames
         self.frame, self.mean, self.std, self.freqm, self.timem = frame, mean, std, freqm, timem
         self.mixup, self.noise, self.label_smooth = mixup, noise, label_smooth
-        self.image_size, self.raw = image_size, raw
-        self.labels = load_label_csv(label_csv)
+        self.image_size, self.raw, self.frame_fallbacks = image_size, raw, 0
+        self.labels, self.rows = load_label_csv(label_csv), read_datafile(datafile)
         self.num_classes = len(self.labels.mids)
-        rows = read_datafile(datafile)
         self.dropped = []                       # (row in the datafile, video_id, problems) dropped by on_error="skip"
-        if on_error == "raise":
-            for i, row in enumerate(rows):
-                for m in label_mids(row):
-                    if m not in self.labels.index:
-                        raise DataError(f"{datafile} row {i} (video_id {row['video_id']}): label {m!r} is not in "
-                                        f"{label_csv}")
-        else:
+        if on_error == "skip":
             with ThreadPoolExecutor(8) as pool:
-                checks = list(pool.map(lambda r: check_row(r, self.labels, num_frames)[0], rows))
-            self.dropped = [(i, r["video_id"], p) for i, (r, p) in enumerate(zip(rows, checks)) if p]
-            rows = [r for r, p in zip(rows, checks) if not p]
+                checks = list(pool.map(lambda r: check_row(r, self.labels, num_frames)[0], self.rows))
+            self.dropped = [(i, self.rows[i]["video_id"], p) for i, p in enumerate(checks) if p]
+            self.rows = Rows([r for r, p in zip(self.rows, checks) if not p], "", datafile)  # paths resolved
             if self.dropped:
                 warnings.warn(f"{datafile}: skipped {len(self.dropped)} of {len(checks)} rows with unreadable "
                               f"files or unknown labels (first: row {self.dropped[0][0]}: {self.dropped[0][2][0]}); "
                               f"the list is in .dropped", stacklevel=2)
-        self.rows = rows
-        self._fallbacks = torch.zeros(1, dtype=torch.int64).share_memory_()  # counted across DataLoader workers
+        self.class_of_code = np.array([self.labels.index.get(m, -1) for m in self.rows.mids], np.int64)
+        unknown = np.flatnonzero(self.class_of_code[self.rows.label_codes] < 0)       # positions in label_codes
+        if len(unknown):
+            i = int(np.searchsorted(self.rows.label_offsets, unknown[0], side="right")) - 1
+            raise DataError(f"{datafile} row {i} (video_id {self.rows[i]['video_id']}): label "
+                            f"{self.rows.mids[self.rows.label_codes[unknown[0]]]!r} is not in {label_csv}")
 
     def __len__(self):
         return len(self.rows)
 
-    @property
-    def frame_fallbacks(self):
-        """How many loads used an earlier frame because the chosen one was missing (all workers together)."""
-        return int(self._fallbacks.item())
-
-    def _frame_file(self, i):
-        """Path of row i's frame for this load; decode() adds the datafile and row to a DataError."""
-        row = self.rows[i]
-        want = random.randint(0, self.num_frames - 1) if self.train else (
-            int(self.num_frames / 2) if self.frame is None else self.frame)
+    def choose_frame(self, row, frame=None):
+        """(path, frame loaded, the wanted frame's path if it was missing else None) for one load of `row`."""
+        want = random.randint(0, self.num_frames - 1) if self.train else next(
+            f for f in (frame, self.frame, self.num_frames // 2) if f is not None)  # key's frame, ds.frame, middle
         for k in range(want, -1, -1):                   # missing frame -> nearest earlier one, as the official code
             path = frame_path(row, k)
             if os.path.isfile(path):
-                if k != want:
-                    self._fallbacks += 1
-                return path
+                return path, k, (frame_path(row, want) if k != want else None)
         raise DataError(f"no frame at or before frame_{want} (looked for {frame_path(row, want)} and earlier)")
 
-    def decode(self, i):
-        """What a raw worker returns: centred waveform [n], uint8 frame [3, S, S], multi-hot label [K]."""
+    def decode(self, i, frame=None):
+        """Row i read: centred waveform [n], uint8 frame [3, S, S], 0/1 label [K], frame index, missing path or None."""
         row = self.rows[i]
         try:
             wave = load_audio(row["wav"])
-            image = read_frame(self._frame_file(i), self.image_size)
+            path, k, missing = self.choose_frame(row, frame)
+            image = read_frame(path, self.image_size)
         except DataError as e:
             raise DataError(f"{self.datafile} row {i} (video_id {row['video_id']}): {e}") from None
         label = torch.zeros(self.num_classes)
-        label[[self.labels.index[m] for m in label_mids(row)]] = 1.0
-        return wave - wave.mean(), image, label
+        label[[self.labels.index[m] for m in label_mids(row)]] = 1.0             # ds.rows may also be a list
+        return wave - wave.mean(), image, label, k, missing
 
-    def __getitem__(self, i):
-        mix = self.train and not self.raw and self.mixup > 0 and random.random() < self.mixup
-        j, lam = (random.randrange(len(self)), random.betavariate(MIXUP_BETA, MIXUP_BETA)) if mix else (None, None)
-        wave, image_u8, y = self.decode(i)
+    def load(self, i, frame=None):
+        """The raw item of row i: decoded, with every random choice of its augmentation drawn here, in the official
+        order (mixup test, partner, lambda, frames, SpecAugment bands, noise). Keys: see collate_raw."""
+        mixed = self.train and self.mixup > 0 and random.random() < self.mixup
+        if mixed:                                               # partner from the whole dataset, as the official
+            partner, lam = random.randrange(len(self)), random.betavariate(MIXUP_BETA, MIXUP_BETA)
+        wave, image, label, k, missing = self.decode(i, frame)
+        item = dict(wave=wave, image=image, label=label, frame=k, fallbacks=[missing] if missing else [])
+        if mixed:                                               # partner wave cut or zero-padded to this one's length
+            wave2, image2, label2, _, missing2 = self.decode(partner)
+            wave2 = F.pad(wave2, (0, max(0, len(wave) - len(wave2))))[:len(wave)]
+            item.update(partner=partner, lam=lam, partner_wave=wave2, partner_image=image2, partner_label=label2)
+            item["fallbacks"] += [missing2] if missing2 else []
+        elif len(wave) > WIN + HOP * (self.target_length - 1):  # only samples that reach target_length frames travel
+            item["wave"] = wave[:WIN + HOP * (self.target_length - 1)].clone()
+        if self.train:                          # SpecAugment bands; noise: field seed, s ~ U(0,1), roll in [-T, T)
+            item["bands"] = (*draw_band(128, self.freqm), *draw_band(self.target_length, self.timem))
+            item.update(noise_seed=0, noise_scale=0.0, noise_shift=0)
+            if self.noise:
+                item.update(noise_seed=int(torch.randint(2 ** 32, (1,))), noise_scale=float(np.random.rand()),
+                            noise_shift=int(np.random.randint(-self.target_length, self.target_length)))
+        return item
+
+    def __getitem__(self, key):
+        i, frame = key if isinstance(key, tuple) else (key, None)
+        item = self.load(int(i), frame)
         if self.raw:
-            win, hop = fbank_geometry()
-            keep = win + hop * (self.target_length - 1)                 # samples that reach target_length frames
-            return (wave[:keep].clone() if wave.shape[0] > keep else wave), image_u8, y
-        image, length = normalise_image(image_u8), torch.tensor([wave.shape[0]])
-        wave = wave[None]                                               # (1, N)
-        y2 = lam_t = None
-        if mix:
-            wave2, image2_u8, y2 = self.decode(j)
-            wave2 = F.pad(wave2, (0, max(0, wave.shape[1] - wave2.shape[0])))[None, :wave.shape[1]]
-            lam_t = torch.tensor([lam])
-            wave = mix_waveforms(wave, wave2, lam_t, length)
-            image = lam * image + (1 - lam) * normalise_image(image2_u8)
-            y2 = y2[None]
-        feats = fbank_features(wave, length, self.target_length)        # (1, T, 128)
-        feats = finish_fbank(feats, self.mean, self.std, self.freqm, self.timem, self.noise, self.train)
-        return feats[0], image, smooth_labels(y[None], self.label_smooth, y2, lam_t)[0]
-
-    def audio_features(self, i):
-        """Unnormalised, unaugmented fbank [T, 128] of row i (for dataset_stats)."""
-        wave = load_audio(self.rows[i]["wav"])
-        return fbank_features((wave - wave.mean())[None], torch.tensor([wave.shape[0]]), self.target_length)[0]
-
-
-def finish_fbank(feats, mean, std, freqm, timem, noise, train):
-    """(B, T, M) padded fbank -> SpecAugment (train), normalisation, noise (train), in the official order."""
-    if train:
-        feats = spec_augment(feats, freqm, timem)
-    feats = normalise(feats, mean, std)
-    return add_noise(feats) if train and noise else feats
+            return item
+        self.frame_fallbacks += len(item["fallbacks"])
+        audio, image, label = BatchPreprocessor.from_dataset(self)(collate_raw([item]), "cpu")  # a batch of one
+        return audio[0], image[0], label[0]
 
 
 def collate_raw(items):
-    """Raw items -> dict(wave [B, N] zero-padded, length [B], image uint8 [B, 3, S, S], label [B, K])."""
-    waves, images, labels = zip(*items)
-    length = torch.tensor([w.shape[0] for w in waves])
-    wave = torch.zeros(len(waves), int(length.max()))
-    for b, w in enumerate(waves):
-        wave[b, :w.shape[0]] = w
-    return dict(wave=wave, length=length, image=torch.stack(images), label=torch.stack(labels))
+    """Raw items -> a batch dict of tensors, plus `fallbacks`: the paths of the wanted frames that were missing.
+        wave (B, N) float32 centred, zero-padded; length (B,) int64; image (B, 3, S, S) uint8; label (B, K) 0/1;
+        frame (B,) the frame index loaded.
+      training adds the draws: bands (B, 4) int64 = (freq start, freq width, time start, time width);
+        noise_seed (B,) int64, noise_scale (B,) float64, noise_shift (B,) int64;
+      and if any item is mixed: mixed (B,) bool, partner (B,) row index (-1: none), lam (B,) float64,
+        partner_wave (B, N), partner_image (B, 3, S, S) uint8, partner_label (B, K) (zeros where not mixed)."""
+    def with_partner(it):                                                             # unmixed: zero partner, lam 1
+        zeros = {f"partner_{k}": torch.zeros_like(it[k]) for k in ("wave", "image", "label")}
+        return {"partner": -1, "lam": 1.0, **zeros, **it, "mixed": "partner" in it}
+    if any("partner" in it for it in items):
+        items = [with_partner(it) for it in items]
+    batch = dict(length=torch.tensor([len(it["wave"]) for it in items]),
+                 fallbacks=[path for it in items for path in it["fallbacks"]])
+    for key in items[0].keys() - batch.keys():
+        values = [it[key] for it in items]
+        if key.endswith("wave"):
+            batch[key] = pad_sequence(values, batch_first=True)                       # (B, N) zero-padded
+        elif torch.is_tensor(values[0]):
+            batch[key] = torch.stack(values)
+        else:                                                                          # python floats as float64
+            batch[key] = torch.tensor(values, dtype=torch.float64 if isinstance(values[0], float) else None)
+    return batch
 
 
 class BatchPreprocessor:
-    """Finishes a collate_raw batch on a device: fbank, pad/cut, SpecAugment, normalisation, in-batch mixup
-    (partner drawn uniformly from the batch), noise and label smoothing. Same settings as AVDataset."""
+    """Applies a collate_raw batch's draws on a device in the official order: mixup (waveforms before fbank, images
+    after normalisation, labels), fbank, pad/cut, SpecAugment, normalisation, noise, label smoothing. No host sync
+    on CUDA: pinned tensors move non_blocking, constants are cached per device, masks come from device lengths."""
 
     def __init__(self, target_length=1024, mean=AUDIOSET_MEAN, std=AUDIOSET_STD, train=False, freqm=0, timem=0,
-                 mixup=0.0, noise=False, label_smooth=0.0):
+                 noise=False, label_smooth=0.0):
         self.target_length, self.mean, self.std, self.train = target_length, mean, std, train
-        self.freqm, self.timem, self.mixup, self.noise, self.label_smooth = freqm, timem, mixup, noise, label_smooth
+        self.freqm, self.timem, self.noise, self.label_smooth = freqm, timem, noise, label_smooth
 
     @classmethod
     def from_dataset(cls, ds):
-        return cls(ds.target_length, ds.mean, ds.std, ds.train, ds.freqm, ds.timem, ds.mixup, ds.noise,
-                   ds.label_smooth)
+        return cls(ds.target_length, ds.mean, ds.std, ds.train, ds.freqm, ds.timem, ds.noise, ds.label_smooth)
 
     def __call__(self, batch, device="cpu"):
-        wave, length = batch["wave"].to(device, non_blocking=True), batch["length"]              # length on CPU
-        image = normalise_image(batch["image"].to(device, non_blocking=True))          # (B, 3, S, S)
-        y = batch["label"].to(device, non_blocking=True)
+        def get(key):
+            return batch[key].to(device, non_blocking=True)
+        wave, length, y = get("wave"), get("length"), get("label")                   # (B, N), (B,), (B, K)
+        image = normalise_image(get("image"))                                         # (B, 3, S, S)
         label = smooth_labels(y, self.label_smooth)                                   # (B, K)
-        if self.train and self.mixup > 0:                                            # mixup with a batch partner
-            B = wave.shape[0]
-            mixed = torch.rand(B, device=device) < self.mixup                        # (B,)
-            partner = torch.randint(0, B, (B,), device=device)
-            lam = torch.distributions.Beta(*torch.full((2,), MIXUP_BETA, device=device)).sample((B,))
-            mixed_wave = mix_waveforms(wave, wave[partner], lam, length.to(device))
-            wave = torch.where(mixed[:, None], mixed_wave, wave)
-            lam_image = lam[:, None, None, None]
-            mixed_image = lam_image * image + (1 - lam_image) * image[partner]
-            image = torch.where(mixed[:, None, None, None], mixed_image, image)
-            label = torch.where(mixed[:, None], smooth_labels(y, self.label_smooth, y[partner], lam), label)
-        feats = fbank_features(wave, length, self.target_length)                    # (B, T, 128)
-        feats = finish_fbank(feats, self.mean, self.std, self.freqm, self.timem, self.noise, self.train)
+        if self.train and "lam" in batch:                                             # mixup: rows the worker mixed
+            mixed, lam = get("mixed")[:, None], get("lam")[:, None]                   # (B, 1) bool, float64
+            lam_f, rest_f = lam.float(), (1 - lam).float()                            # as the official numpy scalar
+            mixed_wave = lam_f * wave + rest_f * get("partner_wave")                  # (B, N), centred over the clip
+            wave = torch.where(mixed, mixed_wave - mixed_wave.sum(1, keepdim=True) / length[:, None], wave)
+            partner_image = normalise_image(get("partner_image"))
+            image = torch.where(mixed[..., None, None], lam_f[..., None, None] * image + rest_f[..., None, None]
+                                * partner_image, image)
+            label = torch.where(mixed, smooth_labels(y, self.label_smooth, get("partner_label"), lam[:, 0]), label)
+        feats = fbank_features(wave, length, self.target_length)                      # (B, T, 128)
+        if self.train and (self.freqm or self.timem):
+            feats = spec_augment(feats, get("bands"))
+        feats = (feats - self.mean) / self.std
+        if self.train and self.noise:
+            feats = add_noise(feats, get("noise_seed"), get("noise_scale"), get("noise_shift"))
         return feats, image, label
 
 
 def class_balance_weights(ds):
     """Per-sample weights for WeightedRandomSampler (official formula): a label weighs 1000 / (count + 0.01)
     over the dataset's rows, a sample the sum over its labels. float64 [len(ds)], aligned with ds (after skips)."""
-    counts = np.zeros(ds.num_classes)
-    indices = [[ds.labels.index[m] for m in label_mids(r)] for r in ds.rows]
-    for idx in indices:
-        np.add.at(counts, idx, 1)
-    label_weight = 1000.0 / (counts + 0.01)
-    return torch.tensor([label_weight[idx].sum() for idx in indices], dtype=torch.float64)
+    classes = ds.class_of_code[ds.rows.label_codes]                                  # (labels of all rows,)
+    label_weight = 1000.0 / (np.bincount(classes, minlength=ds.num_classes) + 0.01)
+    owner = np.repeat(np.arange(len(ds)), np.diff(ds.rows.label_offsets))            # row of each label
+    return torch.from_numpy(np.bincount(owner, weights=label_weight[classes], minlength=len(ds)))
 
 
 def dataset_stats(ds, max_items=None):
@@ -519,14 +575,15 @@ def dataset_stats(ds, max_items=None):
     dataset as the paper normalises AudioSet (-5.081, 4.4849)."""
     total = total_sq = count = 0.0
     for i in range(min(len(ds), max_items or len(ds))):
-        feats = ds.audio_features(i).double()
+        wave = load_audio(ds.rows[i]["wav"])
+        feats = fbank_features((wave - wave.mean())[None], torch.tensor([len(wave)]), ds.target_length).double()
         total, total_sq, count = total + feats.sum().item(), total_sq + (feats ** 2).sum().item(), count + feats.numel()
     mean = total / count
     return mean, math.sqrt(max(total_sq / count - mean ** 2, 0.0) * count / max(count - 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# python data.py --check DATAFILE LABEL_CSV | --bench [--datafile F --label_csv L]
+# python data.py --check DATAFILE LABEL_CSV | --bench [--datafile F --label_csv L] | --scale N
 
 def check_datafile(datafile, label_csv, num_frames=10, show=20):
     """Validate every row (audio opens at 16 kHz, frames exist and open, labels known); print a summary and
@@ -544,81 +601,77 @@ def check_datafile(datafile, label_csv, num_frames=10, show=20):
     partial = sum(0 < missing < num_frames for _, missing in results)
     if partial:
         print(f"  {partial} rows miss some of their {num_frames} frames (loading falls back to an earlier frame)")
-    seen = {labels.index[m] for row in rows for m in label_mids(row) if m in labels.index}
-    unlabelled = sum(not label_mids(row) for row in rows)
+    seen, unlabelled = [m for m in rows.mids if m in labels.index], int((np.diff(rows.label_offsets) == 0).sum())
     print(f"  labels: {len(seen)} of {len(labels.mids)} classes have examples"
           + (f", {unlabelled} rows have no label" if unlabelled else ""))
     return len(bad)
 
 
-def make_bench_data(root, n=64, seconds=10.0, image_size=224, seed=0):
-    """A throwaway dataset of n clips (16 kHz PCM-16 tones in noise) with 10 JPEG frames each."""
-    rng, rows = np.random.default_rng(seed), []
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    for i in range(n):
-        vid = f"clip{i}"
-        wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.05 * rng.standard_normal(t.shape)
-        sf.write(os.path.join(root, vid + ".wav"), wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-        for k in range(10):
-            os.makedirs(os.path.join(root, f"frame_{k}"), exist_ok=True)
-            small = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
-            small.resize((image_size, image_size), Image.BILINEAR).save(os.path.join(root, f"frame_{k}", vid + ".jpg"))
-        rows.append(dict(video_id=vid, wav=vid + ".wav", video_path=".", labels=f"/m/{i % 5}"))
-    with open(os.path.join(root, "data.json"), "w") as f:
-        json.dump({"data": rows}, f)
-    with open(os.path.join(root, "labels.csv"), "w") as f:
-        f.write("index,mid,display_name\n" + "".join(f'{k},/m/{k},"class {k}, synthetic"\n' for k in range(5)))
-    return os.path.join(root, "data.json"), os.path.join(root, "labels.csv")
-
-
 def bench(datafile, label_csv, items=64, repeats=5, target_length=1024, image_size=224):
-    """CPU time of items and fbank on one thread, interleaved so that load from other processes hits all alike."""
+    """CPU time of items and batches on one thread, medians of interleaved rounds (load from other processes hits
+    every path alike)."""
     torch.set_num_threads(1)
-    train = dict(train=True, mixup=0.5, freqm=48, timem=192, noise=True, label_smooth=0.1)
-    shape = dict(target_length=target_length, image_size=image_size)
-    sets = dict(eval=AVDataset(datafile, label_csv, **shape), train=AVDataset(datafile, label_csv, **train, **shape),
-                raw=AVDataset(datafile, label_csv, raw=True, **train, **shape))
-    n = min(items, len(sets["eval"]))
+    kw = dict(target_length=target_length, image_size=image_size)
+    train = dict(train=True, mixup=0.5, freqm=48, timem=192, noise=True, label_smooth=0.1, **kw)
+    sets = dict(eval=AVDataset(datafile, label_csv, **kw), train=AVDataset(datafile, label_csv, **train),
+                raw=AVDataset(datafile, label_csv, raw=True, **train))
+    n, prep = min(items, len(sets["eval"])), BatchPreprocessor.from_dataset(sets["raw"])
     batch = collate_raw([sets["raw"][i % n] for i in range(32)])                # also warms the file cache
-    prep = BatchPreprocessor.from_dataset(sets["raw"])
-    batch_jobs = dict(fbank32=lambda: fbank(batch["wave"]), prep32=lambda: prep(batch),
-                      loop_exact=lambda: [fbank(w[:k], exact=True) for w, k in zip(batch["wave"], batch["length"])])
-    ms = {name: [] for name in [*sets, *batch_jobs]}
-    for _ in range(repeats):                     # interleaved: load from other processes hits every path alike
-        for i in range(n):
-            for name, ds in sets.items():
-                start = time.process_time()
-                ds[i]
-                ms[name].append(1000 * (time.process_time() - start))
-        for name, job in batch_jobs.items():
-            start = time.process_time()
-            job()
-            ms[name].append(1000 * (time.process_time() - start))
+    jobs = [(name, lambda ds=ds, i=i: ds[i]) for i in range(n) for name, ds in sets.items()] + [
+        ("fbank32", lambda: fbank(batch["wave"])), ("prep32", lambda: prep(batch)),
+        ("loop", lambda: [fbank(w[:k], exact=True) for w, k in zip(batch["wave"], batch["length"])])]
+    ms = {name: [] for name, _ in jobs}
+    for name, job in jobs * repeats:
+        start = time.process_time()
+        job()
+        ms[name].append(1000 * (time.process_time() - start))
     ms = {name: statistics.median(v) for name, v in ms.items()}
     print(f"{n} clips of {datafile}; CPU time, 1 thread, medians over {repeats} interleaved rounds")
-    print(f"  eval item (wav + fbank + one JPEG)               {ms['eval']:7.2f} ms   official loader 9.8 ms")
-    print(f"  train item (mixup .5, SpecAugment 48/192, noise) {ms['train']:7.2f} ms   official loader 14.3 ms")
-    print(f"  raw item (read + decode only)                    {ms['raw']:7.2f} ms   "
-          f"= {1000 / ms['raw']:.0f} samples/s per worker")
-    print(f"  fbank, batch of 32 clips                         {ms['fbank32']:7.2f} ms   "
-          f"({ms['fbank32'] / 32:.2f} ms per clip)")
-    print(f"  fbank, one clip at a time with torchaudio's ops  {ms['loop_exact']:7.2f} ms   "
-          f"(batch / loop = {ms['fbank32'] / ms['loop_exact']:.2f}; torchaudio: 7.8 ms per clip)")
-    print(f"  BatchPreprocessor, train batch of 32 on the CPU  {ms['prep32']:7.2f} ms")
+    for name, label, note in [
+            ("eval", "eval item (wav + fbank + one JPEG)", "official loader 9.8 ms"),
+            ("train", "train item (mixup .5, SpecAugment 48/192, noise)", "official loader 14.3 ms"),
+            ("raw", "raw item (read, decode, draw)", f"= {1000 / ms['raw']:.0f} samples/s per worker"),
+            ("fbank32", "fbank, batch of 32 clips", f"({ms['fbank32'] / 32:.2f} ms per clip)"),
+            ("loop", "fbank, one clip at a time with torchaudio's ops",
+             f"(batch / loop = {ms['fbank32'] / ms['loop']:.2f}; torchaudio: 7.8 ms per clip)"),
+            ("prep32", "BatchPreprocessor, train batch of 32 on the CPU", "")]:
+        print(f"  {label:<50} {ms[name]:7.2f} ms   {note}")
     return ms
 
 
+def measure_scale(n, num_classes=527):
+    """Seconds to build AVDataset over n generated AudioSet-like rows (files need not exist), and the memory it
+    holds once the json is freed (growth of this process's resident memory; Linux)."""
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    mids = [f"/m/0{k:06x}" for k in range(num_classes)]
+    with tempfile.TemporaryDirectory() as root:
+        with open(os.path.join(root, "labels.csv"), "w") as f:
+            f.write("index,mid,display_name\n" + "".join(f"{k},{m},class {k}\n" for k, m in enumerate(mids)))
+        rows = (f'{{"video_id": "{i:011x}_30.000", "wav": "/data/audioset/audio/{i:011x}_30.000.flac", '
+                f'"video_path": "/data/audioset/frames", "labels": "{labels}"}}' for i in range(n)   # ~150 B of json
+                for labels in [",".join(mids[(i * 7919 + j) % num_classes] for j in range(1 + i % 4))])  # 1-4 labels
+        with open(os.path.join(root, "data.json"), "w") as f:
+            f.write('{"data": [' + ",".join(rows) + "]}")
+        release_freed_heap()                                                  # what writing the json freed
+        before, start = rss_mb(), time.time()
+        ds = AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"))
+        seconds, held = time.time() - start, rss_mb() - before
+    print(f"{n} rows of {ds.datafile}: {seconds:.1f} s to build AVDataset, {held:.0f} MB held (RSS growth after "
+          f"the json is freed)")
+    return seconds, held
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check or benchmark a CAV-MAE datafile.")
+    parser = argparse.ArgumentParser(description="Check, benchmark or size a CAV-MAE datafile.")
     parser.add_argument("--check", nargs=2, metavar=("DATAFILE", "LABEL_CSV"), help="validate every row")
-    parser.add_argument("--num_frames", type=int, default=10)
-    parser.add_argument("--bench", action="store_true", help="time items, fbank and the raw path")
-    parser.add_argument("--datafile", help="--bench on this datafile instead of a generated one")
-    parser.add_argument("--label_csv")
-    parser.add_argument("--items", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--target_length", type=int, default=1024)
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--bench", action="store_true", help="time items and batches on --datafile and --label_csv, "
+                        "or on --items synthetic 10 s clips")
+    parser.add_argument("--scale", type=int, metavar="N", help="time and memory of AVDataset over N generated rows")
+    for name, default in dict(datafile="", label_csv="", num_frames=10, items=64, repeats=5, target_length=1024,
+                              image_size=224).items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
     args = parser.parse_args(argv)
     if args.check:
         try:
@@ -626,15 +679,18 @@ def main(argv=None):
         except (DataError, OSError) as e:                                   # unreadable datafile or label csv
             print(f"error: {e}")
             return 1
-    if args.bench:
-        if args.datafile:
+    if args.scale:
+        measure_scale(args.scale)
+    elif args.bench:
+        with tempfile.TemporaryDirectory() as root:
+            if not args.datafile:                                           # synthetic clips of 10 s, 224 px
+                __import__("prepare").make_synthetic(root, n_train=args.items, n_test=0, image_size=224, seconds=10.0)
+                args.datafile, args.label_csv = os.path.join(root, "train.json"), os.path.join(root, "labels.csv")
             bench(args.datafile, args.label_csv, args.items, args.repeats, args.target_length, args.image_size)
-        else:
-            with tempfile.TemporaryDirectory() as root:
-                bench(*make_bench_data(root, n=args.items), items=args.items, repeats=args.repeats)
-        return 0
-    parser.print_help()
-    return 2
+    else:
+        parser.print_help()
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

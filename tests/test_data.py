@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -170,26 +171,36 @@ def test_train_item_with_mixup_mixes_labels_and_images(tmp_path):
 def test_train_frames_are_drawn_from_all_num_frames_and_eval_uses_the_middle(tmp_path):
     make_dataset(tmp_path, n=1)
     ds = dataset(tmp_path)
-    assert ds._frame_file(0).endswith(os.path.join("frame_5", "clip0.jpg"))
+    row = ds.rows[0]
+    assert ds.choose_frame(row)[0].endswith(os.path.join("frame_5", "clip0.jpg"))
     ds.frame = 2
-    assert ds._frame_file(0).endswith(os.path.join("frame_2", "clip0.jpg"))
+    assert ds.choose_frame(row)[0].endswith(os.path.join("frame_2", "clip0.jpg"))
     ds.train = True
-    assert {ds._frame_file(0) for _ in range(300)} == {str(tmp_path / f"frame_{k}" / "clip0.jpg") for k in range(10)}
+    assert {ds.choose_frame(row)[0] for _ in range(300)} == {str(tmp_path / f"frame_{k}" / "clip0.jpg")
+                                                             for k in range(10)}
+
+
+def test_a_key_with_a_frame_overrides_the_evaluation_frame_for_that_load(tmp_path):
+    make_dataset(tmp_path, n=2)
+    ds, raw = dataset(tmp_path), dataset(tmp_path, raw=True)
+    assert torch.equal(ds[(1, 2)][1], data.load_image(str(tmp_path / "frame_2" / "clip1.jpg"), 32))
+    assert torch.equal(ds[(1, None)][1], ds[1][1])                             # None: ds.frame's rule (middle)
+    assert raw[(0, 7)]["frame"] == 7 and raw[0]["frame"] == 5
+    ds.frame = 3                                                               # ds.frame still works
+    assert torch.equal(ds[1][1], data.load_image(str(tmp_path / "frame_3" / "clip1.jpg"), 32))
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_spec_augment_masks_whole_bands_within_bounds_with_torchaudio_draws(seed):
-    feats = torch.ones(1, 100, 128)
     torch.manual_seed(seed)
-    out = data.spec_augment(feats, freqm=48, timem=30)[0]
+    bands = [data.draw_band(128, 48), data.draw_band(100, 30)]
     torch.manual_seed(seed)
-    bands = []
-    for width_max, length in ((48, 128), (30, 100)):
+    for (start, width), (width_max, length) in zip(bands, ((48, 128), (30, 100))):
         value = torch.rand(1) * width_max
-        start = int(torch.rand(1) * (length - value))
-        bands.append((start, int(value)))
-        assert int(value) < width_max and start + int(value) <= length
+        assert (start, width) == (int(torch.rand(1) * (length - value)), int(value))
+        assert width < width_max and start + width <= length
     (f0, fw), (t0, tw) = bands
+    out = data.spec_augment(torch.ones(1, 100, 128), torch.tensor([[f0, fw, t0, tw]]))[0]
     assert out.eq(0).all(0).nonzero().flatten().tolist() == list(range(f0, f0 + fw))   # whole mel bands
     assert out.eq(0).all(1).nonzero().flatten().tolist() == list(range(t0, t0 + tw))   # whole frames
     assert out.eq(0).sum() == fw * 100 + tw * 128 - fw * tw                             # and nothing else
@@ -198,21 +209,55 @@ def test_spec_augment_masks_whole_bands_within_bounds_with_torchaudio_draws(seed
 def test_spec_augment_with_zero_widths_changes_nothing_and_draws_nothing():
     feats = torch.randn(2, 50, 128)
     torch.manual_seed(0)
-    assert torch.equal(data.spec_augment(feats, 0, 0), feats)
+    assert data.draw_band(128, 0) == (0, 0) and data.draw_band(50, 0) == (0, 0)
+    assert torch.equal(data.spec_augment(feats, torch.tensor([[5, 0, 7, 0], [0, 0, 0, 0]])), feats)
     after = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(1))
 
 
-def test_noise_adds_at_most_a_tenth_then_rolls_in_time():
+def test_noise_adds_at_most_a_tenth_of_its_scale_then_rolls_in_time_by_the_drawn_shift():
     T = 64
-    feats = (10.0 * torch.arange(T)).repeat(128, 1).T[None]   # row t holds 10 t
-    out = data.add_noise(feats)[0]
-    source = torch.div(out, 10, rounding_mode="floor")[:, 0]
-    shift = int(-source[0]) % T
-    assert torch.equal(source.long(), (torch.arange(T) - shift) % T)
-    extra = out - 10 * source[:, None]
-    assert extra.min() >= 0 and extra.max() < 0.1
+    feats = torch.arange(T, dtype=torch.float32).repeat(128, 1).T[None].repeat(2, 1, 1)   # row t holds t
+    out = data.add_noise(feats, torch.tensor([3, 4]), torch.tensor([1.0, 0.5], dtype=torch.float64),
+                         torch.tensor([5, -70]))
+    for b, (scale, shift) in enumerate([(1.0, 5), (0.5, -70)]):
+        source = out[b].floor()[:, 0]
+        assert torch.equal(source.long(), (torch.arange(T) - shift) % T)
+        extra = out[b] - source[:, None]
+        assert extra.min() >= 0 and extra.max() <= 0.1 * scale + 1e-5 and extra.std() > 0.01 * scale
+
+
+def hash32_reference(x):
+    for shift, multiplier in ((16, 0x21F0AAAD), (15, 0x735A2D97)):
+        x ^= x >> shift
+        x = x * multiplier & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def test_hash_uniform_is_the_hash_of_seed_and_position_with_24_bits():
+    seeds = [0, 1, 2 ** 32 - 1, 123456789]
+    got = data.hash_uniform(torch.tensor(seeds), (3, 5), "cpu")
+    assert got.shape == (4, 3, 5) and got.dtype == torch.float32
+    for b, seed in enumerate(seeds):
+        for k in (0, 1, 7, 14):
+            bits = hash32_reference(hash32_reference(k) ^ hash32_reference(seed))
+            assert got[b].flatten()[k].item() == (bits >> 8) / 2 ** 24
+
+
+def test_hash_uniform_rows_depend_only_on_their_seed_and_look_uniform():
+    seeds = torch.tensor([7, 8, 9])
+    field = data.hash_uniform(seeds, (1024, 128), "cpu")
+    assert torch.equal(field[1], data.hash_uniform(seeds[1:2], (1024, 128), "cpu")[0])   # any batch composition
+    assert field.min() >= 0 and field.max() < 1 and abs(field.mean().item() - 0.5) < 1e-3
+    assert abs(field.std().item() - (1 / 12) ** 0.5) < 1e-3 and not torch.equal(field[0], field[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hash_uniform_gives_the_same_field_on_cuda_as_on_the_cpu():
+    seeds = torch.tensor([0, 5, 2 ** 32 - 1])
+    on_cuda, on_cpu = (data.hash_uniform(seeds, (1024, 128), device) for device in ("cuda", "cpu"))
+    assert torch.equal(on_cuda.cpu(), on_cpu)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -313,6 +358,59 @@ def test_check_command_reports_problems_with_nonzero_exit(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- loading at scale
 
+def write_rows(root, n, seed=0):
+    """A datafile of n generated rows (files need not exist) over the three labels of LABELS_CSV."""
+    rng = random.Random(seed)
+    rows = [dict(video_id=f"vid{i}_{rng.random():.3f}", wav=f"audio/part{i % 3}/v{i}.flac",
+                 video_path=rng.choice(["frames", "/abs/frames", "x/../frames2"]),
+                 labels=",".join(rng.sample(["/m/a", "/m/b", "/m/c"], rng.randint(0, 3)))) for i in range(n)]
+    with open(os.path.join(root, "data.json"), "w") as f:
+        json.dump({"data": rows}, f)
+    with open(os.path.join(root, "labels.csv"), "w") as f:
+        f.write(LABELS_CSV)
+    return rows
+
+
+def test_compact_rows_give_back_every_row_and_its_labels(tmp_path):
+    rows = write_rows(tmp_path, 3000)
+    ds = dataset(tmp_path)
+    codes, offsets = ds.rows.label_codes, ds.rows.label_offsets
+    assert len(ds) == len(ds.rows) == 3000
+    for i in range(0, 3000, 7):
+        want = rows[i]
+        assert ds.rows[i] == dict(video_id=want["video_id"], wav=os.path.normpath(str(tmp_path / want["wav"])),
+                                  video_path=os.path.normpath(str(tmp_path / want["video_path"])),
+                                  labels=want["labels"])
+        classes = ds.class_of_code[codes[offsets[i]:offsets[i + 1]]].tolist()
+        assert classes == [["/m/a", "/m/b", "/m/c"].index(m) for m in data.label_mids(want)]
+    assert [r["video_id"] for r in ds.rows] == [r["video_id"] for r in rows]                 # iteration
+    assert ds.rows[-1] == ds.rows[2999] and ds.rows[:3] == [ds.rows[0], ds.rows[1], ds.rows[2]]
+    with pytest.raises(IndexError):
+        ds.rows[3000]
+
+
+def test_rows_cut_to_a_list_of_dicts_still_load(tmp_path):
+    make_dataset(tmp_path)
+    ds = dataset(tmp_path)
+    want = ds[1]
+    ds.rows = ds.rows[:2]                                                     # as eval.py --limit may do
+    assert len(ds) == 2 and all(torch.equal(a, b) for a, b in zip(ds[1], want))
+
+
+def test_class_balance_weights_on_compact_rows_equal_the_formula_over_dicts(tmp_path):
+    rows = write_rows(tmp_path, 2000, seed=1)
+    got = data.class_balance_weights(dataset(tmp_path))
+    counts = {m: sum(m in data.label_mids(r["labels"]) for r in rows) for m in ("/m/a", "/m/b", "/m/c")}
+    want = [sum(1000 / (counts[m] + 0.01) for m in data.label_mids(r["labels"])) for r in rows]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_scale_command_reports_build_time_and_memory(capsys):
+    assert data.main(["--scale", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "2000 rows" in out and "s to build" in out and "MB held" in out
+
+
 def test_class_balance_weights_follow_the_official_formula(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/a,/m/b", "/m/b", "/m/a"])
     w = data.class_balance_weights(dataset(tmp_path))
@@ -323,18 +421,24 @@ def test_class_balance_weights_follow_the_official_formula(tmp_path):
 def test_dataset_stats_are_mean_and_std_of_padded_fbank(tmp_path):
     make_dataset(tmp_path, n=3)
     ds = dataset(tmp_path)
-    feats = torch.stack([ds.audio_features(i) for i in range(3)]).double()
+    waves = [data.load_audio(str(tmp_path / f"clip{i}.wav")) for i in range(3)]
+    feats = torch.stack([F.pad(data.fbank(w - w.mean()), (0, 0, 0, 128 - data.fbank(w).shape[0])) for w in waves])
     mean, std = data.dataset_stats(ds)
     assert mean == pytest.approx(feats.mean().item()) and std == pytest.approx(feats.std().item(), rel=1e-6)
 
 
-def test_dataloader_with_two_workers_loads_and_counts_fallbacks(tmp_path):
-    make_dataset(tmp_path, n=6, frames=range(3))
-    ds = dataset(tmp_path)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
-    batches = list(loader)
+def test_dataloader_with_two_workers_loads_items(tmp_path):
+    make_dataset(tmp_path, n=6)
+    batches = list(torch.utils.data.DataLoader(dataset(tmp_path), batch_size=2, num_workers=2))
     assert len(batches) == 3 and batches[0][0].shape == (2, 128, 128) and batches[0][1].shape == (2, 3, 32, 32)
-    assert ds.frame_fallbacks == 6
+
+
+def test_raw_batches_report_each_missing_frame_they_fell_back_from(tmp_path):
+    make_dataset(tmp_path, n=6, frames=range(3))
+    raw = dataset(tmp_path, raw=True)
+    loader = torch.utils.data.DataLoader(raw, batch_size=2, num_workers=2, collate_fn=data.collate_raw)
+    fallbacks = [p for batch in loader for p in batch["fallbacks"]]
+    assert fallbacks == [str(tmp_path / "frame_5" / f"clip{i}.jpg") for i in range(6)]
 
 
 def test_raw_path_equals_item_path_in_eval_mode(tmp_path):
@@ -348,7 +452,7 @@ def test_raw_path_equals_item_path_in_eval_mode(tmp_path):
         assert torch.equal(audio[i], fb) and torch.equal(image[i], im) and torch.equal(label[i], lab)
 
 
-def test_raw_path_in_training_augments_batchwise(tmp_path):
+def test_raw_path_in_training_keeps_the_label_mass_of_mixed_rows(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/b", "/m/c", "/m/b"])
     raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, freqm=20, timem=30, noise=True, label_smooth=0.1)
     batch = data.collate_raw([raw[i] for i in range(4)])
@@ -362,9 +466,73 @@ def test_raw_path_rows_left_unmixed_keep_plain_smoothed_labels(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/b,/m/c", "/m/c", "/m/b"])
     raw = dataset(tmp_path, raw=True, train=True, mixup=1e-9, label_smooth=0.3)
     batch = data.collate_raw([raw[i] for i in range(4)])
+    assert "lam" not in batch and "partner_wave" not in batch
     _, _, label = data.BatchPreprocessor.from_dataset(raw)(batch)
     torch.testing.assert_close(label, data.smooth_labels(batch["label"], 0.3))
     assert label[1].tolist() == pytest.approx([0.1, 0.7, 0.7])
+
+
+TRAIN = dict(train=True, mixup=0.5, freqm=20, timem=30, noise=True, label_smooth=0.1)
+
+
+def seeded(ds, key, seed):
+    """ds[key] with Python, NumPy and torch seeded as train.py's SeededItems does."""
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    return ds[key]
+
+
+def test_items_equal_rows_of_a_device_batch_built_from_the_same_draws(tmp_path):
+    make_dataset(tmp_path, n=6, seconds=(1.0, 0.5, 1.6, 0.2, 0.03, 1.2))
+    items, raw = dataset(tmp_path, **TRAIN), dataset(tmp_path, raw=True, **TRAIN)
+    keys = [(i % 6, 100 + i) for i in range(8)]
+    batch = data.collate_raw([seeded(raw, i, s) for i, s in keys])
+    assert 0 < int(batch["mixed"].sum()) < len(keys)                             # both kinds of rows in the batch
+    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch, "cpu")
+    for b, (i, s) in enumerate(keys):
+        fb, im, lab = seeded(items, i, s)
+        torch.testing.assert_close(audio[b], fb, atol=1e-5, rtol=0)
+        torch.testing.assert_close(image[b], im, atol=1e-5, rtol=0)
+        torch.testing.assert_close(label[b], lab, atol=1e-6, rtol=0)
+
+
+def test_mixup_partner_is_drawn_from_the_whole_dataset_and_lambda_from_beta_10_10(tmp_path):
+    make_dataset(tmp_path, n=6)
+    raw = dataset(tmp_path, raw=True, train=True, mixup=1.0)
+    draws = [seeded(raw, 0, s) for s in range(200)]
+    assert {d["partner"] for d in draws} == set(range(6))
+    lams = np.array([d["lam"] for d in draws])
+    assert abs(lams.mean() - 0.5) < 0.03 and abs(lams.std() - (1 / 84) ** 0.5) < 0.03  # Beta(10, 10): sd 0.109
+
+
+def test_mixup_mixes_waveforms_cut_to_the_first_then_centres_before_fbank(tmp_path):
+    make_dataset(tmp_path, n=4)
+    raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, mean=0.0, std=1.0)
+    item = next(it for it in (seeded(raw, 0, s) for s in range(50)) if it["partner"] == 2)  # 1.0 s with 1.3 s
+    w1, w2 = (data.load_audio(str(tmp_path / f"clip{k}.wav")) for k in (0, 2))
+    w1, w2 = w1 - w1.mean(), (w2 - w2.mean())[:len(w1)]
+    lam = item["lam"]
+    mixed = lam * w1 + (1 - lam) * w2
+    want = data.fbank(mixed - mixed.mean())
+    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(data.collate_raw([item]))
+    torch.testing.assert_close(audio[0, :len(want)], want, atol=1e-4, rtol=0)
+    want_image = lam * data.normalise_image(item["image"]) + (1 - lam) * data.normalise_image(item["partner_image"])
+    torch.testing.assert_close(image[0], want_image, atol=1e-6, rtol=0)
+    torch.testing.assert_close(label[0], data.smooth_labels(item["label"][None], 0.0, item["partner_label"][None],
+                                                            torch.tensor([lam], dtype=torch.float64))[0])
+
+
+def test_every_random_choice_is_in_the_raw_item_and_the_preprocessor_draws_nothing(tmp_path):
+    make_dataset(tmp_path)
+    raw = dataset(tmp_path, raw=True, **TRAIN)
+    batch = data.collate_raw([seeded(raw, i, i) for i in range(4)])
+    assert {"bands", "noise_seed", "noise_scale", "noise_shift", "mixed", "lam", "partner"} <= set(batch)
+    assert all(torch.is_tensor(v) for k, v in batch.items() if k != "fallbacks")
+    prep = data.BatchPreprocessor.from_dataset(raw)
+    torch.manual_seed(0)
+    first = prep(batch)
+    state = torch.get_rng_state()
+    second = prep(batch)
+    assert torch.equal(state, torch.get_rng_state()) and all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_rows_without_labels_get_an_all_zero_target(tmp_path):
