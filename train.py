@@ -7,14 +7,18 @@ Train CAV-MAE: self-supervised pretraining (task='pretrain') or fine-tuning a cl
     torchrun --standalone --nproc_per_node=4 train.py config/pretrain_audioset.py
 
 Settings: the defaults below (the paper's base pretraining recipe), then each config file (plain Python
-assignments), then --key=value flags. Model fields are set with --model_<field>=value (e.g. --model_embed_dim=256)
-on top of --model_preset. batch_size is per process and micro-step: one optimizer step sees
+assignments), then --key=value flags (configurator.py). Model fields are set with --model_<field>=value (e.g.
+--model_embed_dim=256) on top of --model_preset. batch_size is per process and micro-step: one optimizer step sees
 batch_size x grad_accum x world_size clips, and the contrastive negatives are the batch_size clips of one step on
 one process (the official code: the per-GPU batch) unless gather_negatives=True.
+
+Read train() first: it builds a Run, then loops over train_step, logging, epoch ends, evaluation and checkpoints.
+Long runs lose minutes, not hours: a checkpoint at every evaluation, every save_interval steps or save_minutes,
+on SIGINT/SIGTERM, and on any error inside the loop (the state after the last completed step).
 """
-import ast
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -31,9 +35,16 @@ from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import configurator
 import data
+from configurator import ConfigError
+from loader import build_data, gather_in_order, to_device
 from eval import average_frames, classification_metrics, retrieval_metrics
-from model import FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained, pooled_representation
+from model import (FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, apply_compile, load_pretrained,
+                   pooled_representation)
+
+# ----------------------------------------------------------------------------------------------------------
+# default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
 
 # ----------------------------------------------------------------------------------------------------------
 # default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
@@ -42,6 +53,9 @@ out_dir = "out/pretrain"
 task = "pretrain"              # 'pretrain' (CAV-MAE objective) | 'finetune' (CAVMAEClassifier)
 init_from = "scratch"          # 'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint (ours, official, ImageNet MAE)
 eval_interval = 0              # evaluate (and save) every N iterations; 0 = every epoch; -1 = only at the end
+save_interval = 0              # also save every N iterations (0: at evaluations, epoch ends and the end only)
+save_minutes = 30.0            # also save when this many minutes have passed since the last save (0: off)
+overwrite = False              # a new run may replace the checkpoint in out_dir (else: --init_from=resume)
 log_interval = 10
 # data
 data_train = "data/audioset/train.json"
@@ -56,7 +70,7 @@ mixup = 0.0
 noise = True                   # the official noise augmentation (all recipes)
 label_smooth = 0.0
 balanced_sampling = False      # sample clips with the official per-label weights 1000 / (count + 0.01)
-num_workers = 4
+num_workers = 4                # loader processes; they live for the whole run (persistent)
 gpu_preprocess = "auto"        # 'auto' (on for CUDA) | 'on' | 'off': workers decode; fbank, augmentation on device
 on_error = "raise"             # 'raise' | 'skip' unreadable rows (data.AVDataset)
 # model
@@ -77,6 +91,7 @@ loss = "bce"                   # 'bce' (multi-label) | 'ce' (single-label)
 metric = "mAP"                 # 'mAP' | 'acc': main metric, and sigmoid vs softmax in the multi-frame evaluation
 wa = False                     # average the weights of epochs wa_start..wa_end (1-based) before the final evaluation
 wa_start, wa_end = 1, 10
+select_best = True             # fine-tuning without wa: report the best validation weights (best.pt), as official
 # optimisation
 optimizer = "adam"             # 'adam' (official: L2 weight decay) | 'adamw'
 lr = 5e-5
@@ -92,8 +107,9 @@ lrscheduler_start, lrscheduler_step, lrscheduler_decay = 10, 5, 0.5
 warmup_iters, min_lr_ratio = 0, 0.0  # cosine schedule: linear warm-up steps, final lr / lr
 # system
 device = "auto"                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = "auto"                 # 'auto' (bfloat16 on CUDA, else float32) | 'float32' | 'bfloat16' | 'float16'
-compile = False
+dtype = "auto"                 # 'auto' (CUDA: bfloat16, or float16 + GradScaler where no bf16; CPU: float32)
+compile = False                # compile each transformer block on its own (model.apply_compile)
+ddp_timeout_minutes = 30.0     # torchrun: how long a rank waits for the others in a collective
 seed = 0
 peak_flops = 989e12            # for MFU: H100 SXM dense bf16
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
@@ -103,162 +119,204 @@ CHOICES = dict(task=("pretrain", "finetune"), optimizer=("adam", "adamw"), lr_sc
 # ----------------------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
-    """An unknown config key or a value of the wrong type."""
-
-
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def model_fields():
-    return {"model_" + f.name: getattr(CAVMAEConfig(), f.name) for f in dataclasses.fields(CAVMAEConfig)}
-
-
-def check_value(key, value, default):
-    """`value` as the type of `default`, or a ConfigError naming the key."""
-    kind = type(default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is tuple and isinstance(value, list):
-        value = tuple(value)
-    if type(value) is not kind or (kind is tuple and len(value) != len(default)):
-        raise ConfigError(f"{key}={value!r}: expected {kind.__name__} like the default {default!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(CHOICES[key])}")
-    return value
-
-
-def parse_flag(key, text, default):
-    if isinstance(default, bool):
-        table = {"true": True, "1": True, "false": False, "0": False}
-        if text.lower() not in table:
-            raise ConfigError(f"--{key}={text}: expected a bool (True/False/true/false/1/0)")
-        return table[text.lower()]
-    if isinstance(default, str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise ConfigError(f"--{key}={text}: not a {type(default).__name__} literal") from None
-
-
 def configure(argv):
-    """Defaults <- config files (positional args) <- --key=value flags; returns the resolved config dict."""
-    cfg, known = dict(DEFAULTS), {**DEFAULTS, **model_fields()}
-    for arg in argv:
-        if not arg.startswith("--"):  # a config file: its top-level assignments
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg} not found")
-            namespace = {}
-            exec(open(arg).read(), namespace)
-            items = [(k, v) for k, v in namespace.items() if not k.startswith("_") and not callable(v)
-                     and type(v).__name__ != "module"]
-            where = f" in {arg}"
-        else:
-            if "=" not in arg:
-                raise ConfigError(f"{arg}: flags take the form --key=value")
-            key, text = arg[2:].split("=", 1)
-            items, where = [(key, parse_flag(key, text, known[key]) if key in known else None)], ""
-        for key, value in items:
-            if key not in known:
-                close = [k for k in known if k.split("_")[0] == key.split("_")[0]][:6]
-                hint = f" (similar: {', '.join(close)})" if close else ""
-                raise ConfigError(f"unknown config key {key!r}{where}{hint}")
-            cfg[key] = check_value(key, value, known[key])
-    return cfg
+    """Defaults <- config files <- --key=value flags (configurator.py); model_<field> keys only where set."""
+    model_fields = {"model_" + f.name: f.default for f in dataclasses.fields(CAVMAEConfig)}
+    return configurator.configure(argv, DEFAULTS, CHOICES, optional=model_fields)
 
 
-def model_config(cfg, model_args=None):
-    if model_args is not None:  # a checkpoint of ours fixes the architecture
-        return CAVMAEConfig(**model_args)
+def model_config(cfg, model_args=None, resume=False):
+    """The architecture: a resumed checkpoint's; else a checkpoint of ours with the --model_<field> values that
+    differ from the paper's model (e.g. --model_audio_length=512: load_pretrained cuts the audio positions); else
+    the preset with the model_<field> overrides."""
     overrides = {k[len("model_"):]: v for k, v in cfg.items() if k.startswith("model_") and k != "model_preset"}
-    return CAVMAEConfig.from_preset(cfg["model_preset"], **overrides)
+    if model_args is None:
+        return CAVMAEConfig.from_preset(cfg["model_preset"], **overrides)
+    changed = {} if resume else {k: v for k, v in overrides.items() if v != getattr(CAVMAEConfig(), k)}
+    return CAVMAEConfig(**{**model_args, **changed})
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: an epoch-seeded order, and per-item randomness that depends only on (seed, epoch, position)
+# The run: everything a training run carries from step to step
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, position, index) for this rank: a permutation (or class-balanced draw with replacement)
-    seeded by (seed, epoch), split across ranks like DistributedSampler (the remainder dropped), from position
-    `start` on. (epoch, start) is all a resumed run needs to continue the same order."""
+@dataclasses.dataclass
+class Run:
+    cfg: dict
+    mcfg: CAVMAEConfig
+    device: torch.device
+    rank: int
+    world: int
+    model: torch.nn.Module        # the plain model: weights, checkpoints, evaluation
+    step_model: torch.nn.Module   # what a training step calls: the same model, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    dtype: str
+    data: dict                    # build_data's datasets, loaders and preprocessors
+    batches: object               # the iterator over the training loader, for the whole run
+    total_iters: int
+    num_classes: int = None
+    gather: object = None         # all_gather for contrastive negatives from every rank
+    wa: object = None             # WeightAverage
+    iter_num: int = 0
+    best_metric: float = None
+    best_iter: int = None
+    last_eval_iter: int = None
+    last_save: float = dataclasses.field(default_factory=time.time)
+    saved_iter: int = 0           # the iteration ckpt.pt holds
+    step_rng: dict = None         # RNG states at the start of the current step (an error's checkpoint)
+    updating: bool = False        # inside optimizer.step: the weights are not consistent
+    nonfinite: torch.Tensor = None  # steps with a NaN/inf loss, counted on the device (no host sync per step)
+    fallbacks: list = dataclasses.field(default_factory=list)  # this epoch's missing frames
+    resume_cmd: str = ""
 
-    def __init__(self, n, seed, rank=0, world=1, weights=None):
-        self.n, self.seed, self.rank, self.world, self.weights = n, seed, rank, world, weights
-        self.epoch, self.start = 0, 0
+    @property
+    def master(self):
+        return self.rank == 0
 
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
+    @property
+    def pretrain(self):
+        return self.cfg["task"] == "pretrain"
 
-    def __len__(self):
-        return self.n // self.world - self.start
+    @property
+    def iters_per_epoch(self):
+        return self.data["iters_per_epoch"]
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = (torch.multinomial(self.weights, self.n, replacement=True, generator=g) if self.weights is not None
-                 else torch.randperm(self.n, generator=g)).tolist()
-        for j in range(self.start, self.n // self.world):
-            position = j * self.world + self.rank
-            yield self.epoch, position, order[position]
-
-
-class SeededItems(torch.utils.data.Dataset):
-    """ds[index] with Python, NumPy and torch RNGs seeded from (seed, epoch, position) and the caller's RNG
-    state restored afterwards: augmentations are then the same for any num_workers, world size or resume."""
-
-    def __init__(self, ds, seed):
-        self.ds, self.seed = ds, seed
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, key):
-        epoch, position, index = key
-        s = ((self.seed * 1_000_003 + epoch) * 1_000_003 + position) % 2 ** 62
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(s), np.random.seed(s % 2 ** 32), torch.manual_seed(s)
-        try:
-            return self.ds[index]
-        finally:
-            random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
-
-
-def ignore_sigint(worker_id):  # Ctrl-C is the main process's business: it saves a checkpoint and stops
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def path(self, name):
+        return os.path.join(self.cfg["out_dir"], name)
 
 
-def build_data(cfg, mcfg, raw, rank, world):
-    common = dict(label_csv=cfg["label_csv"], target_length=mcfg.audio_length, num_frames=cfg["num_frames"],
-                  mean=cfg["dataset_mean"], std=cfg["dataset_std"], image_size=mcfg.img_size,
-                  on_error=cfg["on_error"], raw=raw)
-    train_ds = data.AVDataset(cfg["data_train"], train=True, freqm=cfg["freqm"], timem=cfg["timem"],
-                              mixup=cfg["mixup"], noise=cfg["noise"], label_smooth=cfg["label_smooth"], **common)
-    val_ds = data.AVDataset(cfg["data_val"], train=False, **common)
-    weights = data.class_balance_weights(train_ds) if cfg["balanced_sampling"] else None
-    sampler = EpochSampler(len(train_ds), cfg["seed"], rank, world, weights)
-    if len(train_ds) // world < cfg["batch_size"] * cfg["grad_accum"]:
-        raise ConfigError(f"{cfg['data_train']}: {len(train_ds)} clips over {world} process(es) do not fill one step "
-                          f"of batch_size={cfg['batch_size']} x grad_accum={cfg['grad_accum']}")
-    loader_args = dict(batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
-                       pin_memory=raw and torch.cuda.is_available(), collate_fn=data.collate_raw if raw else None,
-                       worker_init_fn=ignore_sigint)
-    train_loader = torch.utils.data.DataLoader(SeededItems(train_ds, cfg["seed"]), sampler=sampler, drop_last=True,
-                                               generator=torch.Generator(), **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_args)
-    return train_ds, val_ds, sampler, train_loader, val_loader
+class WeightAverage:
+    """Official fine-tuning WA: the element-wise mean of the weights at the ends of epochs start..end (1-based),
+    kept as a running sum on the CPU; stored in checkpoints as {'count', 'sum'}."""
+
+    def __init__(self, start, end, state=None):
+        self.start, self.end = start, end
+        self.count, self.sum = (state["count"], state["sum"]) if state else (0, None)
+
+    def update(self, model, epochs_done):
+        if self.start <= epochs_done <= self.end:
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.sum = weights if self.sum is None else {k: self.sum[k] + weights[k] for k in weights}
+            self.count += 1
+
+    def averaged(self, current):
+        return {k: s / self.count if s.is_floating_point() else current[k] for k, s in self.sum.items()}
+
+    def state_dict(self):
+        return dict(count=self.count, sum=self.sum) if self.count else None
 
 
-def batch_to_device(batch, prep, device):
-    """A loader batch -> (fbank (B, T, 128), image (B, 3, S, S), label (B, K)) on the device."""
-    if prep is not None:  # raw batch: fbank, augmentation, normalisation on the device
-        return prep(batch, device)
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+def resolve_dtype(cfg, device):
+    if cfg["dtype"] != "auto":
+        return cfg["dtype"]
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"  # float16: the official AMP
+
+
+def load_start(cfg, ckpt_path):
+    """-> (our checkpoint to resume, or None; weights to initialise from, or None). A new run refuses an out_dir
+    that holds a checkpoint unless overwrite=True: nothing is replaced by accident."""
+    if cfg["init_from"] == "resume":
+        if not os.path.isfile(ckpt_path):
+            raise ConfigError(f"init_from=resume but {ckpt_path} does not exist")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["task"] != cfg["task"]:
+            raise ConfigError(f"{ckpt_path} is a {ckpt['task']} checkpoint but task={cfg['task']}")
+        return ckpt, None
+    if os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        raise ConfigError(f"{ckpt_path} exists: continue that run with --init_from=resume, or start a new one with "
+                          f"--overwrite=True (which replaces it) or another --out_dir")
+    if cfg["init_from"] == "scratch":
+        return None, None
+    if not os.path.isfile(cfg["init_from"]):
+        raise ConfigError(f"init_from={cfg['init_from']}: no such file")
+    return None, torch.load(cfg["init_from"], map_location="cpu", weights_only=False)
+
+
+def build_model(cfg, mcfg, num_classes, ckpt, init):
+    """The model with its initial weights (seeded: the same on every rank), pretrained or resumed."""
+    torch.manual_seed(cfg["seed"])
+    model = CAVMAE(mcfg) if num_classes is None else CAVMAEClassifier(mcfg, num_classes)
+    report = load_pretrained(model, init) if init is not None else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_last"] or ckpt["model"])
+    if cfg["freeze_base"]:  # linear probing: the head alone trains
+        if num_classes is None:
+            raise ConfigError("freeze_base=True is for fine-tuning (linear probing)")
+        head = {id(p) for p in model.head.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    return model, report
+
+
+def build_optimizer(cfg, model, device):
+    """Adam(W) with the newly initialised head at head_lr x lr; fused kernels on CUDA."""
+    head = set() if isinstance(model, CAVMAE) else {id(p) for p in model.head.parameters()}
+    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head],
+                   lr_scale=cfg["head_lr"] if is_head else 1.0) for is_head in (False, True)]
+    return (torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW)(
+        [g for g in groups if g["params"]], lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
+        **({"fused": True} if device.type == "cuda" else {}))
+
+
+def build_run(cfg, device, rank, world, resume_cmd=""):
+    ckpt, init = load_start(cfg, os.path.join(cfg["out_dir"], "ckpt.pt"))
+    ours = (ckpt or init) if isinstance(ckpt or init, dict) else {}
+    mcfg = model_config(cfg, ours.get("model_args"), resume=ckpt is not None)
+    for key, size in (("target_length", mcfg.audio_length), ("image_size", mcfg.img_size)):
+        if cfg[key] not in (0, size):
+            raise ConfigError(f"{key}={cfg[key]} but the model takes {size}: set {key}=0 or change the model")
+    sampler = ckpt["sampler"] if ckpt else dict(epoch=0, start=0)
+    loaders = build_data(cfg, mcfg, device, rank, world, sampler["epoch"], sampler["start"])
+    num_classes = None if cfg["task"] == "pretrain" else loaders["train_ds"].num_classes
+    model, report = build_model(cfg, mcfg, num_classes, ckpt, init)
+    model.to(device)
+    dtype = resolve_dtype(cfg, device)
+    run = Run(cfg, mcfg, device, rank, world, model, model, build_optimizer(cfg, model, device),
+              torch.amp.GradScaler(device.type, enabled=dtype == "float16"),
+              torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"), dtype, loaders,
+              None, 0, num_classes, resume_cmd=resume_cmd)
+    run.nonfinite = torch.zeros((), device=device)
+    run.total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * run.iters_per_epoch
+    run.wa = WeightAverage(cfg["wa_start"], cfg["wa_end"], ckpt and ckpt["wa"]) if cfg["wa"] else None
+    if ckpt is not None:
+        run.optimizer.load_state_dict(ckpt["optimizer"]), run.scaler.load_state_dict(ckpt["scaler"])
+        run.iter_num, run.best_metric, run.best_iter = ckpt["iter_num"], ckpt["best_metric"], ckpt.get("best_iter")
+        run.saved_iter = run.iter_num
+    seed_rngs(cfg, rank, device, ckpt)
+    if cfg["compile"]:
+        apply_compile(model)  # regional: each block on its own; same state-dict keys, same random draws
+    if world > 1:  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; so do the
+        # single-modality norms of all but the last joint block under the official contrastive-stream quirk
+        unused = (num_classes is not None or cfg["mae_weight"] == 0 or cfg["contrastive_weight"] == 0
+                  or (mcfg.joint_depth > 1 and mcfg.official_contrastive_streams))
+        run.step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                             find_unused_parameters=unused)
+        run.gather = GatherWithGrad.apply if cfg["gather_negatives"] else None
+    run.batches = iter(loaders["train_loader"])
+    return run, report
+
+
+def seed_rngs(cfg, rank, device, ckpt):
+    """Per-rank RNG streams (masking, structured masks): from the checkpoint when resuming; an error's checkpoint
+    under torchrun has none, and the streams start again from (seed, rank, iteration)."""
+    states = ckpt and ckpt["rng"]
+    if states:
+        set_rng_state(states[rank] if len(states) > rank else states[0], device)
+    else:
+        s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
+        torch.manual_seed(s), np.random.seed(s), random.seed(s)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objectives and evaluation
+# Objectives and a training step
 
 
 class GatherWithGrad(torch.autograd.Function):
@@ -288,8 +346,7 @@ def pretrain_kwargs(cfg):
 def classification_loss(logits, label, kind):
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits.float(), label)
-    # soft targets (mixup, smoothing); the official CE loss uses argmax(label.long()), i.e. hard targets
-    return F.cross_entropy(logits.float(), label)
+    return F.cross_entropy(logits.float(), label)  # soft targets (mixup, smoothing), as the official loss
 
 
 def compute_loss(model, audio, image, label, cfg, gather=None):
@@ -301,71 +358,28 @@ def compute_loss(model, audio, image, label, cfg, gather=None):
     return loss, {"loss": loss.detach()}
 
 
-@torch.no_grad()
-def evaluate_pretrain(model, loader, prep, cfg, device, autocast):
-    """Validation losses (fixed masking seed) and audio<->visual retrieval R@1 from mean-pooled, L2-normalised
-    coordinated tokens (Sec. 4.2)."""
-    sums, n, audio_emb, visual_emb = {}, 0, [], []
-    python_state = random.getstate()  # structured masking draws from Python's RNG
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg["seed"]), random.seed(cfg["seed"])
-        for batch in loader:
-            audio, image, label = batch_to_device(batch, prep, device)
-            with autocast:
-                _, stats = compute_loss(model, audio, image, label, cfg)
-                a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D)
-            for k, val in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(val) * len(audio)
-            n += len(audio)
-            audio_emb.append(pooled_representation(a).cpu())  # (B, D)
-            visual_emb.append(pooled_representation(v).cpu())
-    random.setstate(python_state)
-    sim = torch.cat(audio_emb) @ torch.cat(visual_emb).T  # (N, N), rows = audio clips
-    a2v, v2a = retrieval_metrics(sim), retrieval_metrics(sim.T)
-    return {**{k: s / n for k, s in sums.items()}, "a2v_R1": a2v["R1"], "v2a_R1": v2a["R1"],
-            "a2v_R5": a2v["R5"], "v2a_R5": v2a["R5"]}
-
-
-@torch.no_grad()
-def predict(model, loader, prep, cfg, device, autocast):
-    """-> logits (N, K) float32, targets (N, K), mean loss."""
-    logits, targets, loss_sum = [], [], 0.0
-    for batch in loader:
-        audio, image, label = batch_to_device(batch, prep, device)
-        with autocast:
-            out = model(audio, image, mode=cfg["ftmode"]).float()
-        loss_sum += float(classification_loss(out, label, cfg["loss"])) * len(out)
-        logits.append(out.cpu()), targets.append(label.cpu())
-    logits, targets = torch.cat(logits), torch.cat(targets)
-    return logits, targets, loss_sum / len(logits)
-
-
-def evaluate_finetune(model, loader, prep, cfg, device, autocast, all_frames=False):
-    """Middle-frame metrics; with all_frames, also the official multi-frame evaluation: probabilities (sigmoid
-    for mAP runs, softmax for acc runs) averaged over the num_frames frames (preprocessing.md 4.4)."""
-    ds = loader.dataset
-    logits, targets, val_loss = predict(model, loader, prep, cfg, device, autocast)
-    m = classification_metrics(logits, targets)
-    out = dict(loss=val_loss, mAP=m["mAP"], mAUC=m["mAUC"], d_prime=m["d_prime"], acc=m["acc"])
-    if all_frames:
-        per_frame = []
-        for frame in range(cfg["num_frames"]):
-            ds.frame = frame
-            per_frame.append(predict(model, loader, prep, cfg, device, autocast)[0])
-        ds.frame = None
-        activation = "sigmoid" if cfg["metric"] == "mAP" else "softmax"
-        probs = average_frames(torch.stack(per_frame), activation)  # (frames, N, K) -> (N, K)
-        m = classification_metrics(probs, targets)
-        out.update({f"{k}_frames": m[k] for k in ("mAP", "mAUC", "d_prime", "acc")})
-    return out
-
-
-def main_metric(cfg, metrics):
-    return (metrics["a2v_R1"] + metrics["v2a_R1"]) / 2 if cfg["task"] == "pretrain" else metrics[cfg["metric"]]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Schedule, checkpoints, log
+def train_step(run):
+    """One optimizer step over grad_accum micro-batches -> the step's statistics as device scalars (no host sync)."""
+    cfg, accum, stats = run.cfg, run.cfg["grad_accum"], {}
+    for micro in range(accum):
+        batch = next(run.batches)
+        run.fallbacks += batch["fallbacks"]
+        audio, image, label = to_device(batch, run.data["prep"], run.device)
+        sync = run.step_model is run.model or micro == accum - 1  # DDP: all-reduce gradients on the last one
+        with (contextlib.nullcontext() if sync else run.step_model.no_sync()), run.autocast:
+            loss, micro_stats = compute_loss(run.step_model, audio, image, label, cfg, run.gather)
+        run.scaler.scale(loss / accum).backward()
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0.0) + v.float() / accum
+    if cfg["grad_clip"] > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["grad_clip"])
+    run.updating = True
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.updating = False
+    run.optimizer.zero_grad(set_to_none=True)
+    return stats
 
 
 def lr_factor(cfg, it, epoch, total_iters):
@@ -375,6 +389,119 @@ def lr_factor(cfg, it, epoch, total_iters):
         return (it + 1) / cfg["warmup_iters"]
     progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, total_iters - cfg["warmup_iters"]))
     return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(run):
+    factor = lr_factor(run.cfg, run.iter_num, run.iter_num // run.iters_per_epoch, run.total_iters)
+    for g in run.optimizer.param_groups:
+        g["lr"] = run.cfg["lr"] * g["lr_scale"] * factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: every rank takes its share of the validation set, and the results are gathered
+
+
+def val_batches(run, frame=None):
+    run.data["val_keys"].frame = frame
+    for batch in run.data["val_loader"]:
+        yield to_device(batch, run.data["val_prep"], run.device)
+
+
+@torch.no_grad()
+def evaluate_pretrain(run):
+    """Validation losses (masks from a fixed seed; under torchrun each rank masks its own share) and audio<->visual
+    retrieval from mean-pooled, L2-normalised coordinated tokens (Sec. 4.2), over the whole validation set."""
+    cfg, model, sums, audio_emb, visual_emb = run.cfg, run.model, {}, [], []
+    python_state = random.getstate()  # structured masking draws from Python's RNG
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(cfg["seed"]), random.seed(cfg["seed"])
+        for audio, image, label in val_batches(run):
+            with run.autocast:
+                _, stats = compute_loss(model, audio, image, label, cfg)
+                a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D)
+            for k, val in stats.items():
+                sums[k] = sums.get(k, 0.0) + val.double() * len(audio)
+            sums["n"] = sums.get("n", 0.0) + len(audio)
+            audio_emb.append(pooled_representation(a).cpu())  # (B, D)
+            visual_emb.append(pooled_representation(v).cpu())
+    random.setstate(python_state)
+    keys, totals = list(sums), torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in sums])
+    if run.world > 1:
+        totals = totals.to(run.device)
+        dist.all_reduce(totals)
+    audio_emb, visual_emb = gather_in_order([torch.cat(audio_emb), torch.cat(visual_emb)], run.rank, run.world)
+    sim = audio_emb @ visual_emb.T  # (N, N), rows = audio clips
+    a2v, v2a = retrieval_metrics(sim), retrieval_metrics(sim.T)
+    losses = {k: float(t / totals[-1]) for k, t in zip(keys[:-1], totals[:-1])}
+    return {**losses, "a2v_R1": a2v["R1"], "v2a_R1": v2a["R1"], "a2v_R5": a2v["R5"], "v2a_R5": v2a["R5"]}
+
+
+@torch.no_grad()
+def predict(run, frame=None):
+    """Logits (N, K) float32 and targets (N, K) of the whole validation set at `frame` (None: the middle one)."""
+    logits, targets = [], []
+    for audio, image, label in val_batches(run, frame):
+        with run.autocast:
+            logits.append(run.model(audio, image, mode=run.cfg["ftmode"]).float().cpu())
+        targets.append(label.float().cpu())
+    return gather_in_order([torch.cat(logits), torch.cat(targets)], run.rank, run.world)
+
+
+def evaluate_finetune(run, all_frames=False):
+    """Middle-frame metrics; with all_frames, also the official multi-frame evaluation: probabilities (sigmoid
+    for mAP runs, softmax for acc runs) averaged over the num_frames frames (preprocessing.md 4.4)."""
+    cfg = run.cfg
+    logits, targets = predict(run)
+    m = classification_metrics(logits, targets)
+    out = dict(loss=float(classification_loss(logits, targets, cfg["loss"])), mAP=m["mAP"], mAUC=m["mAUC"],
+               d_prime=m["d_prime"], acc=m["acc"])
+    if all_frames:
+        per_frame = torch.stack([predict(run, frame)[0] for frame in range(cfg["num_frames"])])  # (frames, N, K)
+        probs = average_frames(per_frame, "sigmoid" if cfg["metric"] == "mAP" else "softmax")
+        m = classification_metrics(probs, targets)
+        out.update({f"{k}_frames": m[k] for k in ("mAP", "mAUC", "d_prime", "acc")})
+    return out
+
+
+def main_metric(cfg, metrics):
+    return (metrics["a2v_R1"] + metrics["v2a_R1"]) / 2 if cfg["task"] == "pretrain" else metrics[cfg["metric"]]
+
+
+def eager_evaluation():
+    """Compiled blocks run eagerly in evaluation: graphs without gradients would need compiling again."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
+
+
+def evaluate(run, final=False):
+    """Evaluate the plain model on data_val (every rank its share); rank 0 logs and prints the metrics."""
+    run.model.eval()
+    with eager_evaluation():
+        metrics = evaluate_pretrain(run) if run.pretrain else evaluate_finetune(run, all_frames=final)
+    run.model.train()
+    run.last_eval_iter = run.iter_num
+    if run.master:
+        split = "final" if final else "val"
+        log_line(run.cfg, dict(split=split, iter=run.iter_num, epoch=run.iter_num / run.iters_per_epoch, **metrics))
+        tqdm.write(f"{split} iter {run.iter_num}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def update_best(run, metrics):
+    """Keep the best validation weights by the main metric in out_dir/best.pt (the official fine-tuning keeps its
+    best_audio_model.pth and evaluates it at the end)."""
+    value = main_metric(run.cfg, metrics)
+    if run.best_metric is not None and value <= run.best_metric:
+        return
+    run.best_metric, run.best_iter = value, run.iter_num
+    if run.master:
+        atomic_save(dict(model=run.model.state_dict(), model_args=dataclasses.asdict(run.mcfg), task=run.cfg["task"],
+                         num_classes=run.num_classes, config=run.cfg, iter_num=run.iter_num, metric=value),
+                    run.path("best.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and the log
 
 
 def rng_state(device):
@@ -397,6 +524,44 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(run, rngs=None, model_last=None):
+    """Rank 0 writes out_dir/ckpt.pt atomically. Every rank calls it (their RNG states are gathered) unless `rngs`
+    is given. `model` holds what the run reports (after the final evaluation: the weight average or the best
+    weights), `model_last` the training state that a resumed run continues (None: the same as `model`)."""
+    if rngs is None:
+        rngs = [rng_state(run.device)]
+        if run.world > 1:
+            rngs = [None] * run.world
+            dist.all_gather_object(rngs, rng_state(run.device))
+    run.last_save, run.saved_iter = time.time(), run.iter_num
+    if not run.master:
+        return
+    cfg, (epoch, done) = run.cfg, divmod(run.iter_num, run.iters_per_epoch)
+    atomic_save(dict(model=run.model.state_dict(), model_last=model_last, model_args=dataclasses.asdict(run.mcfg),
+                     task=cfg["task"], num_classes=run.num_classes, config=cfg, optimizer=run.optimizer.state_dict(),
+                     scaler=run.scaler.state_dict(), scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
+                     iter_num=run.iter_num, epoch=epoch, rng=rngs, best_metric=run.best_metric,
+                     best_iter=run.best_iter, wa=run.wa and run.wa.state_dict(),
+                     sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])), run.path("ckpt.pt"))
+
+
+def save_on_error(run, error):
+    """An exception inside the loop: save the state after the last completed step before the error propagates,
+    and say how to resume. A NaN keeps the last good checkpoint instead; so does an error inside the weight update.
+    Under torchrun the other ranks may be gone: rank 0 saves alone, without their RNG streams."""
+    if isinstance(error, NonFiniteLoss) or run.updating or not run.master:
+        return
+    if run.saved_iter != run.iter_num:
+        try:
+            save_checkpoint(run, rngs=[run.step_rng] if run.world == 1 else [])
+        except Exception as e:  # the original error matters more
+            print(f"could not save a checkpoint after the error: {e}", file=sys.stderr)
+            return
+    if run.iter_num > 0 or run.cfg["init_from"] == "resume":  # else ckpt.pt is not this run's
+        print(f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that state; once the "
+              f"cause is fixed, continue with:\n  {run.resume_cmd}", file=sys.stderr)
 
 
 def log_line(cfg, record):
@@ -433,247 +598,214 @@ def plot_losses(log_path, png_path, width=720, height=420, margin=(70, 20, 30, 5
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class StopSignal:
+    """SIGINT / SIGTERM while the loop runs set `requested`: the loop saves after the step and returns."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@dataclasses.dataclass
+class Meter:
+    """Step statistics summed on the device since `start`, and the training time they took (evaluation and
+    checkpoint time, added to `paused`, excluded)."""
+    sums: dict = dataclasses.field(default_factory=dict)
+    steps: int = 0
+    start: float = dataclasses.field(default_factory=time.time)
+    paused: float = 0.0
+
+    def add(self, stats):
+        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in stats.items()}
+        self.steps += 1
+
+    def samples_per_s(self, step_samples):
+        return self.steps * step_samples / max(time.time() - self.start - self.paused, 1e-9)
+
+
+def step_samples(run):
+    return run.cfg["batch_size"] * run.cfg["grad_accum"] * run.world
+
+
+def check_point(run, stop):
+    """The loop's one host sync (at log intervals, evaluations, saves): a NaN/inf loss on any rank raises
+    NonFiniteLoss; the ranks agree on stopping after a signal and on a save that save_minutes asks for."""
+    due = run.cfg["save_minutes"] > 0 and time.time() - run.last_save > 60 * run.cfg["save_minutes"]
+    flags = torch.cat([run.nonfinite.view(1), torch.tensor([float(stop.requested), float(due)], device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(flags)  # any rank's NaN, signal or clock counts for all
+    bad, stopping, save_due = flags.tolist()
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss at iter {run.iter_num}: stopped; {run.path('ckpt.pt')} (if any) keeps "
+                            "the last good state: continue with --init_from=resume and a lower lr or --grad_clip=1.0")
+    return stopping > 0, save_due > 0
+
+
+def log_train(run, meter, bar):
+    record = {k: float(v) / meter.steps for k, v in meter.sums.items()}
+    record["samples_per_s"] = meter.samples_per_s(step_samples(run))
+    if run.pretrain and run.device.type == "cuda":  # model FLOPs utilisation; training = 3 forward passes
+        ratios = pretrain_kwargs(run.cfg)
+        flops = 3 * run.model.flops_per_sample(ratios["mask_ratio_a"], ratios["mask_ratio_v"])
+        record["mfu"] = flops * record["samples_per_s"] / run.world / run.cfg["peak_flops"]
+    if run.master:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+        log_line(run.cfg, dict(split="train", iter=run.iter_num, epoch=run.iter_num / run.iters_per_epoch,
+                               lr=run.optimizer.param_groups[0]["lr"], **record))
+
+
+def end_epoch(run, meter):
+    """Weight averaging, and the epoch's record: throughput over the whole epoch and the loads that fell back to
+    an earlier frame because the chosen one was missing (counted from the batches: no race between workers)."""
+    epoch = run.iter_num // run.iters_per_epoch  # epochs done, 1-based
+    if run.wa is not None:
+        run.wa.update(run.model, epoch)
+    count = torch.tensor([len(run.fallbacks)], device=run.device)
+    if run.world > 1:
+        dist.all_reduce(count)
+    count = int(count.item())
+    if run.master:
+        log_line(run.cfg, dict(split="epoch", epoch=epoch, iter=run.iter_num, samples_per_s=meter.samples_per_s(
+            step_samples(run)), seconds=time.time() - meter.start - meter.paused, frame_fallbacks=count,
+            fallback_examples=run.fallbacks[:3]))
+        if count:
+            tqdm.write(f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was missing, "
+                       f"e.g. {', '.join(run.fallbacks[:3])} (python data.py --check lists them all)")
+    run.fallbacks = []
+
+
+def loop(run):
+    """The training steps from run.iter_num to total_iters. Returns True when a signal stopped it (saved)."""
+    cfg, bar = run.cfg, tqdm(total=run.total_iters, initial=run.iter_num, disable=not run.master, dynamic_ncols=True)
+    window, epoch_meter = Meter(), Meter()
+    try:
+        with StopSignal() as stop:
+            while run.iter_num < run.total_iters:
+                run.step_rng = rng_state(run.device) if run.world == 1 else None
+                set_lr(run)
+                stats = train_step(run)
+                run.iter_num, run.nonfinite = run.iter_num + 1, run.nonfinite + ~torch.isfinite(stats["loss"])
+                window.add(stats), epoch_meter.add(stats), bar.update(1)
+                it, last = run.iter_num, run.iter_num == run.total_iters
+                epoch_end = it % run.iters_per_epoch == 0
+                want_eval = not last and (cfg["eval_interval"] > 0 and it % cfg["eval_interval"] == 0
+                                          or cfg["eval_interval"] == 0 and epoch_end)
+                want_save = epoch_end or last or want_eval or cfg["save_interval"] > 0 and it % cfg["save_interval"] == 0
+                stopping = save_due = False
+                if want_save or it % cfg["log_interval"] == 0 or stop.requested and run.world == 1:
+                    stopping, save_due = check_point(run, stop)
+                    log_train(run, window, bar)
+                    window = Meter()
+                paused_at = time.time()
+                if epoch_end:
+                    end_epoch(run, epoch_meter)
+                if want_eval and not stopping:
+                    update_best(run, evaluate(run))
+                if want_save or stopping or save_due:
+                    save_checkpoint(run)
+                window.paused += time.time() - paused_at
+                epoch_meter = Meter() if epoch_end else dataclasses.replace(
+                    epoch_meter, paused=epoch_meter.paused + time.time() - paused_at)
+                if stopping:
+                    if run.master:
+                        tqdm.write(f"stopped by a signal at iter {it}: saved {run.path('ckpt.pt')}; continue with "
+                                   f"{run.resume_cmd}")
+                    return True
+    except Exception as error:
+        save_on_error(run, error)
+        raise
+    finally:
+        bar.close()
+    return False
+
+
+def finish(run):
+    """After the last step: the weights the run reports (the weight average; when fine-tuning, the best validation
+    weights, as the official code does; else the last ones), evaluated on all frames, saved, and the loss plot."""
+    last_state = None
+    if run.wa is not None and run.wa.count:
+        last_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        run.model.load_state_dict(run.wa.averaged(last_state))
+    elif run.cfg["select_best"] and not run.pretrain:
+        if run.last_eval_iter != run.iter_num:  # the last weights are candidates too
+            update_best(run, evaluate(run))
+        if run.best_iter not in (None, run.iter_num):
+            last_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+            if run.world > 1:
+                dist.barrier()  # rank 0 has written best.pt
+            best = torch.load(run.path("best.pt"), map_location=run.device, weights_only=False)
+            run.model.load_state_dict(best["model"])
+    final = evaluate(run, final=True)
+    save_checkpoint(run, model_last=last_state)
+    if run.master:
+        plot_losses(run.path("log.jsonl"), run.path("loss.png"))
+    return dict(model=run.model, iter_num=run.iter_num, final=final, stopped=False)
+
+
+def start_log(run, report):
+    """out_dir, config.json, a fresh log for a new run, and one line that says what is about to run."""
+    cfg, mcfg, d = run.cfg, run.mcfg, run.data
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    if cfg["init_from"] != "resume":  # a new run (load_start has checked overwrite): a new log, no old best
+        for name in ("log.jsonl", "best.pt"):
+            if os.path.exists(run.path(name)):
+                os.remove(run.path(name))
+    with open(run.path("config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    params = sum(p.numel() for p in run.model.parameters())
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    print(f"{cfg['task']}: {params / 1e6:.2f}M params ({trained / 1e6:.2f}M trained) | audio {mcfg.audio_length}x"
+          f"{mcfg.num_mel_bins}, image {mcfg.img_size} | data {len(d['train_ds'])} train, {len(d['val_ds'])} val"
+          f"{f', {run.num_classes} classes' if run.num_classes else ''} | {run.device} {run.dtype} x{run.world}"
+          f"{', compiled' if cfg['compile'] else ''}, {'device' if d['prep'] else 'worker'} preprocessing | "
+          f"{run.total_iters} iters of {step_samples(run)} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
+          + (f"\ninit_from {cfg['init_from']}: {report}" if report else ""))
+
+
+def train(cfg, device, rank=0, world=1, resume_cmd=""):
+    """Build the run, loop over the steps, finish: the whole of training in the order it happens."""
+    run, report = build_run(cfg, device, rank, world, resume_cmd)
+    try:
+        if run.master:
+            start_log(run, report)
+        if loop(run):
+            return dict(model=run.model, iter_num=run.iter_num, stopped=True)
+        return finish(run)
+    finally:
+        run.batches = run.data = None  # the loader workers stop now, not whenever the run is collected
 
 
 def main(argv=None):
-    cfg = configure(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = configure(argv)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
     device_name = cfg["device"] if cfg["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if ddp:
         if device_name.startswith("cuda"):
             device_name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
             torch.cuda.set_device(device_name)
-        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(minutes=cfg["ddp_timeout_minutes"]))
+    launcher = f"torchrun --nproc_per_node={world}" if ddp else "python"
+    resume_cmd = " ".join([launcher, "train.py", *(a for a in argv if not a.startswith(("--init_from=", "--overwrite="))),
+                           "--init_from=resume"])
     try:
-        return train(cfg, device=torch.device(device_name), ddp=ddp, rank=rank, world=world, master=master)
+        return train(cfg, torch.device(device_name), rank, world, resume_cmd)
     finally:
         if ddp:
             dist.destroy_process_group()
-
-
-def load_start(cfg, ckpt_path):
-    """-> (our checkpoint to resume, or None; weights to initialise from, or None)."""
-    if cfg["init_from"] == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"init_from=resume but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["task"] != cfg["task"]:
-            raise ConfigError(f"{ckpt_path} is a {ckpt['task']} checkpoint but task={cfg['task']}")
-        return ckpt, None
-    if cfg["init_from"] == "scratch":
-        return None, None
-    if not os.path.isfile(cfg["init_from"]):
-        raise ConfigError(f"init_from={cfg['init_from']}: no such file")
-    return None, torch.load(cfg["init_from"], map_location="cpu", weights_only=False)
-
-
-def train(cfg, device, ddp, rank, world, master):
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else (
-        "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-    autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32"
-                else contextlib.nullcontext())
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    raw = cfg["gpu_preprocess"] == "on" or (cfg["gpu_preprocess"] == "auto" and device.type == "cuda")
-    pretrain, ckpt_path = cfg["task"] == "pretrain", os.path.join(cfg["out_dir"], "ckpt.pt")
-
-    # --- model, from scratch, from pretrained weights, or resumed ----------------------------------------------
-    ckpt, init = load_start(cfg, ckpt_path)
-    mcfg = model_config(cfg, (ckpt or init).get("model_args") if isinstance(ckpt or init, dict) else None)
-    for key, size in (("target_length", mcfg.audio_length), ("image_size", mcfg.img_size)):
-        if cfg[key] not in (0, size):
-            raise ConfigError(f"{key}={cfg[key]} but the model takes {size}: set {key}=0 or change the model")
-    train_ds, val_ds, sampler, train_loader, val_loader = build_data(cfg, mcfg, raw, rank, world)
-    prep, val_prep = (data.BatchPreprocessor.from_dataset(ds) if raw else None for ds in (train_ds, val_ds))
-    num_classes = None if pretrain else train_ds.num_classes
-    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-    model = CAVMAE(mcfg) if pretrain else CAVMAEClassifier(mcfg, num_classes)
-    load_report = load_pretrained(model, init) if init is not None else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model_last"] or ckpt["model"])
-    head = set() if pretrain else {id(p) for p in model.head.parameters()}
-    if cfg["freeze_base"]:  # linear probing
-        if pretrain:
-            raise ConfigError("freeze_base=True is for fine-tuning (linear probing)")
-        for p in model.parameters():
-            p.requires_grad_(id(p) in head)
-    model.to(device)
-
-    # --- optimizer: the newly initialised head at head_lr x lr ---------------------------------------------------
-    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head],
-                   lr_scale=cfg["head_lr"] if is_head else 1.0) for is_head in (False, True)]
-    optimizer = (torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW)(
-        [g for g in groups if g["params"]], lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
-        **({"fused": True} if device.type == "cuda" else {}))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    iter_num, best_metric, wa_state = 0, None, None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_metric, wa_state = ckpt["iter_num"], ckpt["best_metric"], ckpt["wa"]
-    raw_model = model
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if ddp:  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; so do the
-        # single-modality norms of all but the last joint block under the official contrastive-stream quirk
-        unused = (not pretrain or cfg["mae_weight"] == 0 or cfg["contrastive_weight"] == 0
-                  or (mcfg.joint_depth > 1 and mcfg.official_contrastive_streams))
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
-    gather = GatherWithGrad.apply if ddp and cfg["gather_negatives"] else None
-
-    iters_per_epoch = len(train_ds) // world // cfg["batch_size"] // cfg["grad_accum"]
-    total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * iters_per_epoch
-    step_samples = cfg["batch_size"] * cfg["grad_accum"] * world
-    ratios = pretrain_kwargs(cfg)  # training FLOPs = forward + backward = 3 forward passes
-    flops = 3 * raw_model.flops_per_sample(ratios["mask_ratio_a"], ratios["mask_ratio_v"]) if pretrain else 0
-    if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        if ckpt is None and os.path.exists(os.path.join(cfg["out_dir"], "log.jsonl")):
-            os.remove(os.path.join(cfg["out_dir"], "log.jsonl"))  # a new run, a new log
-        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-        trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"{cfg['task']}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params "
-              f"({trained / 1e6:.2f}M trained) | audio {mcfg.audio_length}x{mcfg.num_mel_bins}, "
-              f"image {mcfg.img_size} | "
-              f"data {len(train_ds)} train, {len(val_ds)} val{f', {num_classes} classes' if num_classes else ''} | "
-              f"{device} {dtype} x{world}{', compiled' if cfg['compile'] else ''}, "
-              f"{'device' if raw else 'worker'} preprocessing | {total_iters} iters of {step_samples} clips "
-              f"({iters_per_epoch}/epoch) from iter {iter_num}"
-              + (f"\ninit_from {cfg['init_from']}: {load_report}" if load_report else ""))
-
-    nonfinite = torch.zeros((), device=device)  # steps with a NaN/inf loss, counted on the device (no sync per step)
-
-    def check_finite():
-        bad = nonfinite.clone()
-        if ddp:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
-            raise NonFiniteLoss(f"non-finite loss at iter {iter_num}: stopped; {ckpt_path} (if any) keeps the last "
-                                "good state: continue with --init_from=resume and a lower lr or --grad_clip=1.0")
-
-    def save(last_state=None):
-        """Every rank calls this (RNG states are gathered); rank 0 writes out_dir/ckpt.pt atomically. After weight
-        averaging, `model` holds the averaged weights and `model_last` the training state that resume continues."""
-        check_finite()
-        rngs = [rng_state(device)]
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
-        if master:
-            epoch, done = divmod(iter_num, iters_per_epoch)
-            atomic_save(dict(model=raw_model.state_dict(), model_last=last_state, model_args=dataclasses.asdict(mcfg),
-                             task=cfg["task"], num_classes=num_classes, config=cfg, optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
-                             iter_num=iter_num, epoch=epoch, rng=rngs, best_metric=best_metric, wa=wa_state,
-                             sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])), ckpt_path)
-
-    def evaluate(final=False):
-        """Rank 0 evaluates the unwrapped model on data_val; the other ranks wait."""
-        check_finite()  # a NaN model gets the clear NonFiniteLoss, not an error from the metrics
-        metrics = None
-        if master:
-            raw_model.eval()
-            metrics = (evaluate_pretrain(raw_model, val_loader, val_prep, cfg, device, autocast) if pretrain else
-                       evaluate_finetune(raw_model, val_loader, val_prep, cfg, device, autocast, all_frames=final))
-            raw_model.train()
-            log_line(cfg, dict(split="final" if final else "val", iter=iter_num, epoch=iter_num / iters_per_epoch,
-                               **metrics))
-            tqdm.write(f"{'final' if final else 'val'} iter {iter_num}: " +
-                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if ddp:
-            dist.barrier()
-        return metrics
-
-    # --- the loop: SIGINT/SIGTERM finish the step, save and return ----------------------------------------------
-    stop = []
-    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0], device)
-    else:
-        torch.manual_seed(cfg["seed"] + rank), np.random.seed(cfg["seed"] + rank), random.seed(cfg["seed"] + rank)
-    model.train()
-    bar = tqdm(total=total_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
-    sums, sums_n, t_log, stopping = {}, 0, time.time(), False
-    try:
-        while iter_num < total_iters and not stopping:
-            epoch, done = divmod(iter_num, iters_per_epoch)
-            sampler.set_epoch(epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])
-            train_loader.generator.manual_seed(cfg["seed"] * 7919 + epoch)  # worker seeds; augmentation: SeededItems
-            batches = iter(train_loader)
-            while iter_num < total_iters and not stopping:
-                for g in optimizer.param_groups:
-                    g["lr"] = cfg["lr"] * g["lr_scale"] * lr_factor(cfg, iter_num, epoch, total_iters)
-                for micro in range(cfg["grad_accum"]):
-                    audio, image, label = batch_to_device(next(batches), prep, device)
-                    sync = not ddp or micro == cfg["grad_accum"] - 1  # DDP: all-reduce gradients on the last one
-                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                        loss, stats = compute_loss(model, audio, image, label, cfg, gather)
-                    scaler.scale(loss / cfg["grad_accum"]).backward()
-                    nonfinite += ~torch.isfinite(stats["loss"])
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v.float() / cfg["grad_accum"]
-                if cfg["grad_clip"] > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                iter_num, sums_n, stopping = iter_num + 1, sums_n + 1, bool(stop)
-                bar.update(1)
-                if ddp:  # every rank stops at the same step
-                    flag = torch.tensor([float(stopping)], device=device)
-                    dist.all_reduce(flag)
-                    stopping = flag.item() > 0
-                if iter_num % cfg["log_interval"] == 0 or iter_num == total_iters or stopping:
-                    check_finite()
-                    record = {k: float(v) / sums_n for k, v in sums.items()}
-                    record["samples_per_s"] = sums_n * step_samples / (time.time() - t_log)
-                    if flops and device.type == "cuda":  # model FLOPs utilisation
-                        record["mfu"] = flops * record["samples_per_s"] / world / cfg["peak_flops"]
-                    if master:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                        log_line(cfg, dict(split="train", iter=iter_num, epoch=iter_num / iters_per_epoch,
-                                           lr=optimizer.param_groups[0]["lr"], **record))
-                    sums, sums_n, t_log = {}, 0, time.time()
-                epoch_end, e = iter_num % iters_per_epoch == 0, iter_num // iters_per_epoch  # e: epochs done
-                if epoch_end and cfg["wa"] and cfg["wa_start"] <= e <= cfg["wa_end"]:  # running sum of epoch weights
-                    sd = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
-                    wa_state = dict(count=1, sum=sd) if wa_state is None else \
-                        dict(count=wa_state["count"] + 1, sum={k: wa_state["sum"][k] + sd[k] for k in sd})
-                want_eval = (cfg["eval_interval"] > 0 and iter_num % cfg["eval_interval"] == 0
-                             or cfg["eval_interval"] == 0 and epoch_end)
-                t_pause = time.time()  # evaluation and checkpoint time do not count in samples/s
-                if want_eval and iter_num < total_iters and not stopping:  # the last one is the final evaluation
-                    metrics = evaluate()
-                    best_metric = max(best_metric or -math.inf, main_metric(cfg, metrics)) if master else None
-                if want_eval or epoch_end or stopping:
-                    save()
-                t_log += time.time() - t_pause
-                if epoch_end:
-                    break
-        if stopping:
-            if master:
-                tqdm.write(f"stopped by a signal at iter {iter_num}: saved {ckpt_path}; continue: --init_from=resume")
-            return dict(model=raw_model, iter_num=iter_num, stopped=True)
-
-        # --- the end: weight averaging (official WA: element-wise mean of the epoch weights), final evaluation ---
-        last_state = None
-        if cfg["wa"] and wa_state is not None:
-            last_state = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
-            raw_model.load_state_dict({k: s / wa_state["count"] if s.is_floating_point() else last_state[k]
-                                       for k, s in wa_state["sum"].items()})
-        final = evaluate(final=True)
-        best_metric = max(best_metric or -math.inf, main_metric(cfg, final)) if master else None
-        save(last_state)
-        if master:
-            plot_losses(os.path.join(cfg["out_dir"], "log.jsonl"), os.path.join(cfg["out_dir"], "loss.png"))
-        return dict(model=raw_model, iter_num=iter_num, final=final, stopped=False)
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 config, and keeps DDP ranks in sync. Tiny model on 16 synthetic clips made on the fly."""
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import data
+import loader
 import prepare
 import train
 
@@ -33,6 +37,11 @@ def flags(synth, out_dir, *extra):
 
 def train_losses(out_dir):
     return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"]
+
+
+def training_state(path):
+    ckpt = torch.load(path, weights_only=False)
+    return ckpt["model_last"] or ckpt["model"]
 
 
 def same_weights(a, b):
@@ -100,10 +109,11 @@ def test_sigint_saves_and_resume_continues_exactly(synth, tmp_path, monkeypatch)
 def test_finetuning_resume_is_exact_with_augmentation_and_balanced_sampling(synth, tmp_path):
     common = ["--task=finetune", "--mixup=0.5", "--freqm=8", "--timem=16", "--label_smooth=0.1",
               "--balanced_sampling=True", "--grad_accum=2", "--grad_clip=1.0"]
-    straight = train.main(flags(synth, tmp_path / "a", *common, "--max_iters=5"))["model"].state_dict()
+    train.main(flags(synth, tmp_path / "a", *common, "--max_iters=5"))
     train.main(flags(synth, tmp_path / "b", *common, "--max_iters=3"))
-    resumed = train.main(flags(synth, tmp_path / "b", *common, "--max_iters=5", "--init_from=resume"))
-    assert same_weights(straight, resumed["model"].state_dict())
+    train.main(flags(synth, tmp_path / "b", *common, "--max_iters=5", "--init_from=resume"))
+    # the training state (the reported weights are the best validation ones, evaluated at other iterations)
+    assert same_weights(*(training_state(tmp_path / run / "ckpt.pt") for run in "ab"))
 
 
 def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
@@ -186,17 +196,40 @@ def _ddp_worker(rank, world, port, argv, out):
     torch.save(result["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(synth, tmp_path):
+def run_ddp(argv, out):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, argv, str(out)), nprocs=2, join=True)
+
+
+def final_records(out_dir):
+    return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "final"]
+
+
+def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(synth, tmp_path):
     argv = flags(synth, tmp_path, "--max_iters=3", "--gather_negatives=True", "--batch_size=2", "--grad_accum=2")
-    mp.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    run_ddp(argv, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert same_weights(rank0, rank1)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 3 and len(os.listdir(tmp_path)) >= 4
     torch.manual_seed(0)  # the initial weights
     assert not same_weights(train.CAVMAE(train.CAVMAEConfig.from_preset("tiny")).state_dict(), rank0)
+    # each rank retrieved over its half of the clips; gathered, that is one process's retrieval over all of them
+    train.main(argv + ["--init_from=resume"])  # one process, nothing left to train: the final evaluation again
+    ddp, single = final_records(tmp_path)[-2:]
+    assert {k: ddp[k] for k in ("a2v_R1", "v2a_R1", "a2v_R5", "v2a_R5")} == \
+        {k: single[k] for k in ("a2v_R1", "v2a_R1", "a2v_R5", "v2a_R5")}
+
+
+def test_ddp_fine_tuning_evaluation_equals_one_process(synth, tmp_path):
+    argv = flags(synth, tmp_path, "--task=finetune", "--max_iters=2", "--batch_size=2", "--num_workers=1")
+    run_ddp(argv, tmp_path)
+    train.main(argv + ["--init_from=resume"])
+    ddp, single = final_records(tmp_path)[-2:]
+    assert ddp.keys() == single.keys() and "acc_frames" in ddp
+    metrics = [k for k in ddp if k not in ("split", "iter", "epoch")]
+    assert all(ddp[k] == pytest.approx(single[k], rel=1e-6, abs=1e-9) for k in metrics)
 
 
 def test_step_schedule_matches_the_official_multisteplr():
@@ -219,3 +252,123 @@ def test_device_side_preprocessing_path_trains(synth, tmp_path):
     result = train.main(flags(synth, tmp_path, "--task=finetune", "--gpu_preprocess=on", "--mixup=0.5",
                               "--freqm=8", "--timem=16", "--max_iters=2"))
     assert result["iter_num"] == 2 and 0 <= result["final"]["acc_frames"] <= 1
+
+
+def test_a_new_run_refuses_an_out_dir_with_a_checkpoint_unless_told(synth, tmp_path):
+    train.main(flags(synth, tmp_path, "--max_iters=1"))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(train.ConfigError, match="--init_from=resume, or start a new one with --overwrite=True"):
+        train.main(flags(synth, tmp_path, "--max_iters=2"))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and len(train_losses(tmp_path)) == 1
+    train.main(flags(synth, tmp_path, "--max_iters=2", "--overwrite=True"))
+    assert len(train_losses(tmp_path)) == 2  # a new log
+
+
+def test_an_error_inside_the_loop_saves_the_last_step_and_resume_is_exact(synth, tmp_path, monkeypatch, capsys):
+    common = ["--max_iters=6", "--mixup=0.5", "--save_minutes=0"]
+    train.main(flags(synth, tmp_path / "a", *common))
+    real, calls = train.train_step, []
+
+    def failing_step(run):  # the 6th step's data cannot be read
+        calls.append(1)
+        if len(calls) == 6:
+            raise data.DataError("clip7.wav: cannot read audio")
+        return real(run)
+    monkeypatch.setattr(train, "train_step", failing_step)
+    with pytest.raises(data.DataError, match="clip7.wav"):
+        train.main(flags(synth, tmp_path / "b", *common))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["iter_num"] == 5  # not the epoch end (4)
+    message = capsys.readouterr().err
+    assert f"{tmp_path / 'b' / 'ckpt.pt'} holds that state" in message and "--init_from=resume" in message
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(flags(synth, tmp_path / "b", *common, "--init_from=resume"))
+    assert same_weights(*(training_state(tmp_path / run / "ckpt.pt") for run in "ab"))
+
+
+def test_save_interval_writes_checkpoints_between_epoch_ends(synth, tmp_path, monkeypatch):
+    saved, real = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda run, **kw: (saved.append(run.iter_num), real(run, **kw)))
+    train.main(flags(synth, tmp_path, "--max_iters=7", "--save_interval=3", "--eval_interval=-1"))
+    assert saved == [3, 4, 6, 7, 7]  # every 3 iterations, each epoch end (4 iterations), the last step, the end
+
+
+def test_fine_tuning_reports_the_best_validation_weights_without_weight_averaging(synth, tmp_path):
+    result = train.main(flags(synth, tmp_path, "--task=finetune", "--loss=ce", "--metric=acc", "--lr=3e-2",
+                              "--epochs=4", "--eval_interval=2"))
+    records = list(map(json.loads, open(tmp_path / "log.jsonl")))
+    val = [r["acc"] for r in records if r["split"] == "val"]
+    assert len(val) == 8  # every 2 iterations, the last weights included
+    assert result["final"]["acc"] == max(val)
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert same_weights(best["model"], result["model"].state_dict()) and best["metric"] == max(val)
+
+
+def test_persistent_validation_workers_see_the_frame_of_each_pass():
+    keys = loader.EvalKeys(5)
+    workers = torch.utils.data.DataLoader(_KeyEcho(), sampler=keys, batch_size=2, num_workers=2,
+                                          persistent_workers=True)
+    seen = []
+    for frame in (None, 3, 7):  # the final evaluation's passes over the same workers
+        keys.frame = frame
+        seen.append([f for batch in workers for f in batch[1].tolist()])
+    assert seen == [[-1] * 5, [3] * 5, [7] * 5]
+
+
+class _KeyEcho(torch.utils.data.Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, key):  # (index, frame) -> (index, frame or -1)
+        return key[0], -1 if key[1] is None else key[1]
+
+
+def test_worker_count_does_not_change_training_or_evaluation(synth, tmp_path):
+    finals = [train.main(flags(synth, tmp_path / str(w), "--task=finetune", "--max_iters=4", f"--num_workers={w}",
+                               "--mixup=0.5", "--freqm=8", "--timem=16"))["final"] for w in (0, 2)]
+    assert finals[0] == pytest.approx(finals[1])
+
+
+def test_epoch_records_report_throughput_and_frame_fallbacks(synth, tmp_path):
+    train.main(flags(synth, tmp_path, "--max_iters=8"))
+    epochs = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if r["split"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["samples_per_s"] > 0 for r in epochs)
+    assert all(r["frame_fallbacks"] == 0 and r["fallback_examples"] == [] for r in epochs)
+
+
+def test_seeded_items_touch_and_restore_only_the_cpu_generators(monkeypatch):
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    items = loader.SeededItems(_RandomItems(), seed=1)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    first, again = items[(0, 5, 1)], items[(0, 5, 1)]
+    assert first == again and items[(0, 6, 1)] != first
+    assert (random.getstate(), torch.get_rng_state().tolist()) == (states[0], states[2].tolist())
+    assert (np.random.get_state()[1] == states[1]).all() and seeded == []
+
+
+class _RandomItems:
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_one_gpu_reproduction_recipes_run_on_the_cpu_at_a_tiny_size(synth, tmp_path):
+    tiny = [f"--data_train={synth}/train.json", f"--data_val={synth}/test.json", f"--label_csv={synth}/labels.csv",
+            "--device=cpu", "--compile=False", "--model_preset=tiny", "--num_workers=0", "--batch_size=4",
+            "--max_iters=2"]  # the recipes' bf16 autocast, optimiser, schedule and augmentation stay as they are
+    pre = train.main([os.path.join(ROOT, "config/pretrain_synthetic_gpu.py"), *tiny, f"--out_dir={tmp_path}/pre"])
+    ft = train.main([os.path.join(ROOT, "config/finetune_synthetic_gpu.py"), *tiny, f"--out_dir={tmp_path}/ft",
+                     f"--init_from={tmp_path}/pre/ckpt.pt"])
+    assert pre["iter_num"] == ft["iter_num"] == 2 and 0 <= ft["final"]["acc_frames"] <= 1
+    assert torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=False)["config"]["dtype"] == "bfloat16"
+
+
+def test_device_side_and_worker_side_preprocessing_log_the_same_losses(synth, tmp_path):
+    common = ["--task=finetune", "--mixup=0.5", "--freqm=8", "--timem=16", "--noise=True", "--label_smooth=0.1",
+              "--max_iters=6", "--num_workers=1"]
+    for where in ("on", "off"):
+        train.main(flags(synth, tmp_path / where, *common, f"--gpu_preprocess={where}"))
+    on, off = train_losses(tmp_path / "on"), train_losses(tmp_path / "off")
+    assert len(on) == 6 and on == pytest.approx(off, rel=1e-4)
