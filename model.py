@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -447,6 +448,26 @@ def contrastive_loss(audio_rep, visual_rep, bidirectional=False, gather=None):
 def _infonce_one_direction(sim):  # (N, N) -> (loss, accuracy) of a softmax over dim 0 for each column
     target = torch.arange(sim.shape[0], device=sim.device)
     return -torch.diagonal(F.log_softmax(sim, dim=0)).mean(), (sim.argmax(dim=0) == target).float().mean()
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """torchrun: contrastive_loss's `gather` for negatives from every rank (train.py gather_negatives=True). An
+    all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own slice."""
+
+    @staticmethod
+    def forward(ctx, x):  # (B, D) -> (world * B, D)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):  # (world * B, D) -> (B, D)
+        # Every rank computes the same loss over all gathered clips; summing their gradients here and DDP's mean
+        # over ranks afterwards give each parameter the gradient of that one loss.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over the ranks' losses
+        B = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -37,11 +36,12 @@ from tqdm import tqdm
 
 import configurator
 import data
+from checkpoint import WeightAverage, atomic_save, load_start, restore_rngs, rng_state, save_checkpoint
 from configurator import ConfigError
 from loader import build_data, gather_in_order, to_device
 from eval import average_frames, classification_metrics, retrieval_metrics
-from model import (FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, apply_compile, load_pretrained,
-                   pooled_representation)
+from model import (FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, GatherWithGrad, apply_compile,
+                   load_pretrained, pooled_representation)
 
 # ----------------------------------------------------------------------------------------------------------
 # default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
@@ -191,53 +191,12 @@ class Run:
         return os.path.join(self.cfg["out_dir"], name)
 
 
-class WeightAverage:
-    """Official fine-tuning WA: the element-wise mean of the weights at the ends of epochs start..end (1-based),
-    kept as a running sum on the CPU; stored in checkpoints as {'count', 'sum'}."""
-
-    def __init__(self, start, end, state=None):
-        self.start, self.end = start, end
-        self.count, self.sum = (state["count"], state["sum"]) if state else (0, None)
-
-    def update(self, model, epochs_done):
-        if self.start <= epochs_done <= self.end:
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.sum = weights if self.sum is None else {k: self.sum[k] + weights[k] for k in weights}
-            self.count += 1
-
-    def averaged(self, current):
-        return {k: s / self.count if s.is_floating_point() else current[k] for k, s in self.sum.items()}
-
-    def state_dict(self):
-        return dict(count=self.count, sum=self.sum) if self.count else None
-
-
 def resolve_dtype(cfg, device):
     if cfg["dtype"] != "auto":
         return cfg["dtype"]
     if device.type != "cuda":
         return "float32"
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"  # float16: the official AMP
-
-
-def load_start(cfg, ckpt_path):
-    """-> (our checkpoint to resume, or None; weights to initialise from, or None). A new run refuses an out_dir
-    that holds a checkpoint unless overwrite=True: nothing is replaced by accident."""
-    if cfg["init_from"] == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"init_from=resume but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["task"] != cfg["task"]:
-            raise ConfigError(f"{ckpt_path} is a {ckpt['task']} checkpoint but task={cfg['task']}")
-        return ckpt, None
-    if os.path.exists(ckpt_path) and not cfg["overwrite"]:
-        raise ConfigError(f"{ckpt_path} exists: continue that run with --init_from=resume, or start a new one with "
-                          f"--overwrite=True (which replaces it) or another --out_dir")
-    if cfg["init_from"] == "scratch":
-        return None, None
-    if not os.path.isfile(cfg["init_from"]):
-        raise ConfigError(f"init_from={cfg['init_from']}: no such file")
-    return None, torch.load(cfg["init_from"], map_location="cpu", weights_only=False)
 
 
 def build_model(cfg, mcfg, num_classes, ckpt, init):
@@ -290,7 +249,7 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
         run.optimizer.load_state_dict(ckpt["optimizer"]), run.scaler.load_state_dict(ckpt["scaler"])
         run.iter_num, run.best_metric, run.best_iter = ckpt["iter_num"], ckpt["best_metric"], ckpt.get("best_iter")
         run.saved_iter = run.iter_num
-    seed_rngs(cfg, rank, device, ckpt)
+    restore_rngs(cfg, rank, device, ckpt)
     if cfg["compile"]:
         apply_compile(model)  # regional: each block on its own; same state-dict keys, same random draws
     if world > 1:  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; so do the
@@ -304,38 +263,8 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
     return run, report
 
 
-def seed_rngs(cfg, rank, device, ckpt):
-    """Per-rank RNG streams (masking, structured masks): from the checkpoint when resuming; an error's checkpoint
-    under torchrun has none, and the streams start again from (seed, rank, iteration)."""
-    states = ckpt and ckpt["rng"]
-    if states:
-        set_rng_state(states[rank] if len(states) > rank else states[0], device)
-    else:
-        s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
-        torch.manual_seed(s), np.random.seed(s), random.seed(s)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Objectives and a training step
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own slice."""
-
-    @staticmethod
-    def forward(ctx, x):  # (B, D) -> (world * B, D)
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):  # (world * B, D) -> (B, D)
-        # Every rank computes the same loss over all gathered clips; summing their gradients here and DDP's mean
-        # over ranks afterwards give each parameter the gradient of that one loss.
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # sum over the ranks' losses
-        B = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
 
 
 def pretrain_kwargs(cfg):
@@ -502,49 +431,6 @@ def update_best(run, metrics):
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints and the log
-
-
-def rng_state(device):
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"]), np.random.set_state(state["numpy"]), random.setstate(state["python"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def atomic_save(obj, path):
-    """torch.save to path.tmp, then rename: a crash leaves either the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(run, rngs=None, model_last=None):
-    """Rank 0 writes out_dir/ckpt.pt atomically. Every rank calls it (their RNG states are gathered) unless `rngs`
-    is given. `model` holds what the run reports (after the final evaluation: the weight average or the best
-    weights), `model_last` the training state that a resumed run continues (None: the same as `model`)."""
-    if rngs is None:
-        rngs = [rng_state(run.device)]
-        if run.world > 1:
-            rngs = [None] * run.world
-            dist.all_gather_object(rngs, rng_state(run.device))
-    run.last_save, run.saved_iter = time.time(), run.iter_num
-    if not run.master:
-        return
-    cfg, (epoch, done) = run.cfg, divmod(run.iter_num, run.iters_per_epoch)
-    atomic_save(dict(model=run.model.state_dict(), model_last=model_last, model_args=dataclasses.asdict(run.mcfg),
-                     task=cfg["task"], num_classes=run.num_classes, config=cfg, optimizer=run.optimizer.state_dict(),
-                     scaler=run.scaler.state_dict(), scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
-                     iter_num=run.iter_num, epoch=epoch, rng=rngs, best_metric=run.best_metric,
-                     best_iter=run.best_iter, wa=run.wa and run.wa.state_dict(),
-                     sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])), run.path("ckpt.pt"))
 
 
 def save_on_error(run, error):
