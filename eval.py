@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import data
 import pictures
 import prepare
-from model import (FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained,
-                   pooled_representation)
+from model import (FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, infer_architecture,
+                   load_pretrained, pooled_representation)
 
 # -----------------------------------------------------------------------------
 # Metrics (Sec. 4 of the paper reports mAP, accuracy and retrieval R@K)
@@ -132,29 +132,6 @@ def retrieval_metrics(similarity):
 def _state_dict(ckpt):
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
     return {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state.items()}
-
-
-def infer_architecture(state):
-    """The CAVMAEConfig fields a state dict's shapes determine (all but the head counts and mlp_ratio)."""
-    def count(prefix):  # distinct block indices under prefix
-        return len({k[len(prefix) + 1:].split(".")[0] for k in state if k.startswith(prefix + ".")})
-
-    arch = {}
-    pos_a = state.get("pos_embed_a", state.get("encoder.pos_embed_a"))
-    pos_v = state.get("pos_embed_v", state.get("encoder.pos_embed_v"))
-    patch = state.get("patch_embed_a.proj.weight", state.get("encoder.patch_embed_a.weight"))
-    if patch is not None and pos_a is not None and pos_v is not None:
-        p, bands = patch.shape[-1], CAVMAEConfig.num_mel_bins // patch.shape[-1]  # audio grid: bands x time steps
-        arch.update(patch_size=p, embed_dim=pos_a.shape[-1], audio_length=pos_a.shape[1] // bands * p,
-                    img_size=math.isqrt(pos_v.shape[1]) * p)
-    for official, ours, field in (("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
-                                  ("blocks_u", "encoder.joint_blocks", "joint_depth"),
-                                  ("decoder_blocks", "decoder_blocks", "decoder_depth")):
-        if count(official) or count(ours):
-            arch[field] = count(official) or count(ours)
-    if "decoder_embed.weight" in state:
-        arch["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
-    return arch
 
 
 def read_config_file(path):
@@ -485,21 +462,37 @@ def peak_patch(similarity):
     return k // similarity.shape[1], k % similarity.shape[1]
 
 
-def pointing_game(inside, peak, patch_size, image_size, samples=256):
-    """One frame's pointing game: hit = the peak patch's centre lies inside an object; its chance level = the
-    fraction of the frame the objects cover (`area`, on samples x samples points) and, for a uniformly drawn
-    patch, the fraction of patch centres inside (`patch_centres`). inside(x, y): objects test in image pixels."""
+def object_patches(inside, patch_size, image_size, samples=256):
+    """The pointing game's truth on one frame: which patch centres lie inside an object ((h, w) bool: a map hits
+    when its peak patch is one), and the fraction of the frame the objects cover (on samples x samples points).
+    inside(x, y): the objects test, in pixels of the (image_size, image_size) image the model sees."""
     centres = (np.arange(image_size // patch_size) + 0.5) * patch_size
-    in_patch = inside(centres[None, :], centres[:, None])  # (h, w)
     points = (np.arange(samples) + 0.5) * image_size / samples
-    return dict(hit=bool(in_patch[peak]), area=float(inside(points[None, :], points[:, None]).mean()),
-                patch_centres=float(in_patch.mean()))
+    return inside(centres[None, :], centres[:, None]), float(inside(points[None, :], points[:, None]).mean())
+
+
+def score_clip(objects, video_id, frame, sim, other, patch_size, image_size):
+    """One clip's entry of localization.json: its peak patch and, where objects.json says where the objects are,
+    hit (the pointing game), area (its chance level), patch_centres (the chance of a random patch) and
+    hit_other_audio (the control: the map of another clip's audio, `other`; None to skip). Returns (the entry,
+    the objects test inside(x, y) in image pixels, or None)."""
+    clip = dict(video_id=video_id, peak=list(peak_patch(sim)))
+    if objects is None:
+        return clip, None
+    # objects.json is in pixels of the stored (square) frame, which read_frame rescales to image_size
+    scale = objects["frame_size"] / image_size
+    inside = lambda x, y: prepare.inside_objects(objects["clips"][video_id][frame], x * scale, y * scale)  # noqa: E731
+    in_patch, area = object_patches(inside, patch_size, image_size)
+    clip.update(hit=bool(in_patch[tuple(clip["peak"])]), area=area, patch_centres=float(in_patch.mean()))
+    if other is not None:
+        clip["hit_other_audio"] = bool(in_patch[peak_patch(other)])
+    return clip, inside
 
 
 @torch.no_grad()
 def cmd_localize(args):
     model, info = load_model(args.checkpoint, device=args.device, **arch_flags(args))
-    p, S = model.config.patch_size, model.config.img_size
+    p, S, grid = model.config.patch_size, model.config.img_size, model.config.visual_grid
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         ds = clip_dataset(model, info, args, tmp)
@@ -508,27 +501,28 @@ def cmd_localize(args):
         for audio, image, _ in batches(ds, args):
             with autocast(args):
                 a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D); classifiers have embed too
-            for sim, img in zip(similarity_map(a, v, model.config.visual_grid).cpu(), image.cpu()):
-                row = ds.rows[len(clips)]
-                clip = dict(video_id=row["video_id"], peak=list(peak_patch(sim)))
-                inside = None
-                if objects is not None:  # objects.json is in pixels of the stored frame, rescaled to S by read_frame
-                    frame_objects, scale = objects["clips"][row["video_id"]][ds.frame], objects["frame_size"] / S
-                    inside = lambda x, y, o=frame_objects, s=scale: prepare.inside_objects(o, x * s, y * s)  # noqa: E731
-                    clip.update(pointing_game(inside, tuple(clip["peak"]), p, S))
+            sims = similarity_map(a, v, grid).cpu()  # (B, h, w)
+            others = similarity_map(a.roll(1, 0), v, grid).cpu() if len(a) > 1 else [None] * len(a)  # control
+            for sim, other, img in zip(sims, others, image.cpu()):
+                video_id = ds.rows[len(clips)]["video_id"]
+                clip, inside = score_clip(objects, video_id, ds.frame, sim, other, p, S)
                 verdict = "" if inside is None else ": hit" if clip["hit"] else ": miss"
-                title = f"{row['video_id']}, frame {ds.frame}{verdict}"
-                clip["picture"] = os.path.join(args.out, f"{row['video_id']}.png")
-                pictures.localization_picture(img, sim, clip["peak"], p, title, inside).save(clip["picture"])
+                clip["picture"] = os.path.join(args.out, f"{video_id}.png")
+                pictures.localization_picture(img, sim, clip["peak"], p, f"{video_id}, frame {ds.frame}{verdict}",
+                                              inside).save(clip["picture"])
                 clips.append(clip)
-    mean = lambda key: float(np.mean([c[key] for c in clips])) if objects and clips else None  # noqa: E731
+    def mean(key):  # over the clips that have it, None if none has
+        values = [c[key] for c in clips if key in c]
+        return float(np.mean(values)) if values else None
+
     out = dict(pointing_game=mean("hit"), chance=mean("area"), chance_patch_centres=mean("patch_centres"),
-               n=len(clips), frame=ds.frame, grid=list(model.config.visual_grid), objects=objects_path,
-               checkpoint=args.checkpoint, clips=clips)
+               pointing_game_other_audio=mean("hit_other_audio"), n=len(clips), frame=ds.frame, grid=list(grid),
+               objects=objects_path, checkpoint=args.checkpoint, clips=clips)
     write_json(os.path.join(args.out, "localization.json"), out)
-    score = ("no objects.json: pictures only" if objects is None else f"pointing game {out['pointing_game']:.3f} "
-             f"(chance: area {out['chance']:.3f}, patch centres {out['chance_patch_centres']:.3f})")
-    print(f"{len(clips)} clips, frame {ds.frame}: {score}; pictures and localization.json -> {args.out}")
+    print(f"{len(clips)} clips, frame {ds.frame}: " + ("no objects.json, pictures only" if objects is None else
+          ", ".join(f"{k} {out[k]:.3f}" for k in ("pointing_game", "chance", "chance_patch_centres",
+                                                   "pointing_game_other_audio") if out[k] is not None))
+          + f"; pictures and localization.json -> {args.out}")
     return out
 
 

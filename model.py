@@ -547,6 +547,30 @@ def _mae_to_ours(state, config):
     return out, ignored
 
 
+def infer_architecture(state):
+    """The CAVMAEConfig fields a state dict's shapes determine, ours or official (all but the head counts
+    and mlp_ratio): what eval.py needs to rebuild a model around an official checkpoint."""
+    def count(prefix):  # distinct block indices under prefix
+        return len({k[len(prefix) + 1:].split(".")[0] for k in state if k.startswith(prefix + ".")})
+
+    arch = {}
+    pos_a = state.get("pos_embed_a", state.get("encoder.pos_embed_a"))
+    pos_v = state.get("pos_embed_v", state.get("encoder.pos_embed_v"))
+    patch = state.get("patch_embed_a.proj.weight", state.get("encoder.patch_embed_a.weight"))
+    if patch is not None and pos_a is not None and pos_v is not None:
+        p, bands = patch.shape[-1], CAVMAEConfig.num_mel_bins // patch.shape[-1]  # audio grid: bands x time steps
+        arch.update(patch_size=p, embed_dim=pos_a.shape[-1], audio_length=pos_a.shape[1] // bands * p,
+                    img_size=math.isqrt(pos_v.shape[1]) * p)
+    for official, ours, name in (("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
+                                 ("blocks_u", "encoder.joint_blocks", "joint_depth"),
+                                 ("decoder_blocks", "decoder_blocks", "decoder_depth")):
+        if count(official) or count(ours):
+            arch[name] = count(official) or count(ours)
+    if "decoder_embed.weight" in state:
+        arch["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
+    return arch
+
+
 AUDIO_POSITION_KEYS = ("encoder.pos_embed_a", "decoder_pos_embed_a")
 
 

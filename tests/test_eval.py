@@ -344,11 +344,11 @@ def test_similarity_map_is_the_cosine_of_the_pooled_audio_with_each_visual_patch
     assert ev.peak_patch(sim[0]) == (1, 0)
 
 
-def test_pointing_game_hits_when_the_peak_patch_centre_lies_inside_an_object():
-    disk = lambda x, y: (x - 24) ** 2 + (y - 8) ** 2 <= 5 ** 2  # noqa: E731  centre of patch (row 0, col 1)
-    hit = ev.pointing_game(disk, (0, 1), patch_size=16, image_size=32)
-    assert hit["hit"] and not ev.pointing_game(disk, (1, 1), 16, 32)["hit"]
-    assert hit["area"] == pytest.approx(math.pi * 25 / 32 ** 2, rel=0.02) and hit["patch_centres"] == 0.25
+def test_object_patches_marks_the_patches_whose_centre_lies_inside_an_object():
+    disk = lambda x, y: (x - 24) ** 2 + (y - 8) ** 2 <= 5 ** 2  # noqa: E731  around the centre of patch (0, 1)
+    in_patch, area = ev.object_patches(disk, patch_size=16, image_size=32)
+    assert in_patch.tolist() == [[False, True], [False, False]]  # a map hits iff its peak is patch (0, 1)
+    assert area == pytest.approx(math.pi * 25 / 32 ** 2, rel=0.02)
 
 
 def test_heat_overlay_is_hottest_where_the_similarity_peaks():
@@ -374,26 +374,43 @@ def object_tokens(self, audio, image):
     return audio_tokens, visual
 
 
-def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak(tmp_path, monkeypatch):
-    prepare.make_synthetic(str(tmp_path / "data"), n_train=0, n_test=6, seed=1, image_size=64, seconds=0.7,
-                           num_classes=2, workers=1)  # disks and squares, 64 px frames
-    cfg = CAVMAEConfig.from_preset("tiny", img_size=48, patch_size=4)  # frames resized to 48 px: a 12 x 12 grid
+def localize_argv(tmp_path, clips):
+    """Disks and squares on 64 px frames, a checkpoint that sees them at 48 px (a 12 x 12 grid of 4 px patches),
+    and the localize command line for them."""
+    prepare.make_synthetic(str(tmp_path / "data"), n_train=0, n_test=clips, seed=1, image_size=64, seconds=0.7,
+                           num_classes=2, workers=1)
+    cfg = CAVMAEConfig.from_preset("tiny", img_size=48, patch_size=4)
     torch.save(dict(model=CAVMAE(cfg).state_dict(), model_args=dataclasses.asdict(cfg), task="pretrain",
                     num_classes=None, config={}), tmp_path / "ckpt.pt")
+    return ["localize", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "data" / "test.json"),
+            "--out", str(tmp_path / "loc")]
+
+
+def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak(tmp_path, monkeypatch):
+    argv = localize_argv(tmp_path, clips=6)
     monkeypatch.setattr(ev.CAVMAE, "embed", object_tokens)
-    out = ev.main(["localize", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "data" / "test.json"),
-                   "--out", str(tmp_path / "loc")])
+    out = ev.main(argv)
     assert out == json.load(open(tmp_path / "loc" / "localization.json"))
     assert out["n"] == 6 and out["pointing_game"] == 1.0 and 0 < out["chance"] < 0.2
+    assert out["pointing_game_other_audio"] == 1.0  # this stand-in sees objects whatever it hears
     clip = out["clips"][0]
     with Image.open(clip["picture"]) as img:  # frame and heat map, 96 px each (48 enlarged x2)
         assert img.size == (4 + 2 * (96 + 4), 2 * 14 + 96 + 4)
         row, col = clip["peak"]
         assert img.getpixel((4 + 96 + 4 + (col + 0.5) * 8, 28 + (row + 0.5) * 8)) == (255, 255, 255)  # the cross
-    monkeypatch.setattr(ev.CAVMAE, "embed", lambda self, a, v: (lambda t: (t[0], -t[1]))(object_tokens(self, a, v)))
-    out = ev.main(["localize", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "data" / "test.json"),
-                   "--out", str(tmp_path / "away")])
-    assert out["pointing_game"] == 0.0  # a map that points away from the objects never hits
+
+
+def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, monkeypatch):
+    def opposite_audio(self, audio, image):  # clips 0, 2 are (+e0, +f e0), clips 1, 3 (-e0, -f e0): their own
+        a, v = object_tokens(self, audio, image)  # maps are as above, the previous clip's audio inverts them
+        sign = torch.tensor([1.0, -1, 1, -1])[:, None]
+        v[..., 0] *= sign
+        return a * sign[..., None], v
+
+    argv = localize_argv(tmp_path, clips=4)
+    monkeypatch.setattr(ev.CAVMAE, "embed", opposite_audio)
+    out = ev.main(argv + ["--batch_size", "4"])
+    assert out["pointing_game"] == 1.0 and out["pointing_game_other_audio"] == 0.0
 
 
 def test_localize_without_object_positions_draws_pictures_only(tiny):
