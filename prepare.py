@@ -566,6 +566,12 @@ def draw_clip(rng, classes, image_size, seconds):
     return frames, pcm, objects
 
 
+OBJECTS = "objects.json"   # beside the datafiles: where each object is on each frame
+OBJECTS_HELP = ("clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
+                "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
+                "prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true")
+
+
 def inside_objects(objects, x, y):
     """Which points lie inside one of a frame's objects (draw_clip's geometry): boolean array shaped like x and y,
     which are coordinates in pixels of the frame (arrays of any shape)."""
@@ -579,8 +585,8 @@ def inside_objects(objects, x, y):
 def read_objects(path, datafile, video_ids):
     """make_synthetic's objects.json: `path`, else the one next to `datafile` if there (real data has none: then
     (None, None)). Checked to hold every clip of video_ids. Returns (the objects, the path read)."""
-    if not path and datafile and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(datafile)), OBJECTS)):
-        path = os.path.join(os.path.dirname(os.path.abspath(datafile)), OBJECTS)
+    beside = datafile and os.path.join(os.path.dirname(os.path.abspath(datafile)), OBJECTS)
+    path = path or (beside if beside and os.path.isfile(beside) else None)
     if not path:
         return None, None
     with open(path) as f:
@@ -605,12 +611,6 @@ def _make_clip(job):
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(frame_path(os.path.join(out, "frames"), i, video_id), "JPEG")
     return sorted(set(int(c) for c in classes)), objects
-
-
-OBJECTS = "objects.json"   # beside the datafiles: where each object is on each frame
-OBJECTS_HELP = ("clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
-                "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
-                "prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true")
 
 
 def synthetic_mid(cls):
