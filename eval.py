@@ -473,7 +473,8 @@ def object_patches(inside, patch_size, image_size, samples=256):
 
 def score_clip(objects, video_id, frame, sim, other, patch_size, image_size):
     """One clip's entry of localization.json: its peak patch and, where objects.json says where the objects are,
-    hit (the pointing game), area (its chance level), patch_centres (the chance of a random patch) and
+    hit (the pointing game), area (its chance level), patch_centres (the chance of a random patch), hit_min (a
+    diagnostic: the map's minimum on an object, i.e. a map that finds the objects with the wrong sign) and
     hit_other_audio (the control: the map of another clip's audio, `other`; None to skip). Returns (the entry,
     the objects test inside(x, y) in image pixels, or None)."""
     clip = dict(video_id=video_id, peak=list(peak_patch(sim)))
@@ -483,7 +484,8 @@ def score_clip(objects, video_id, frame, sim, other, patch_size, image_size):
     scale = objects["frame_size"] / image_size
     inside = lambda x, y: prepare.inside_objects(objects["clips"][video_id][frame], x * scale, y * scale)  # noqa: E731
     in_patch, area = object_patches(inside, patch_size, image_size)
-    clip.update(hit=bool(in_patch[tuple(clip["peak"])]), area=area, patch_centres=float(in_patch.mean()))
+    clip.update(hit=bool(in_patch[tuple(clip["peak"])]), area=area, patch_centres=float(in_patch.mean()),
+                hit_min=bool(in_patch[peak_patch(-sim)]))
     if other is not None:
         clip["hit_other_audio"] = bool(in_patch[peak_patch(other)])
     return clip, inside
@@ -511,18 +513,17 @@ def cmd_localize(args):
                 pictures.localization_picture(img, sim, clip["peak"], p, f"{video_id}, frame {ds.frame}{verdict}",
                                               inside).save(clip["picture"])
                 clips.append(clip)
+
     def mean(key):  # over the clips that have it, None if none has
         values = [c[key] for c in clips if key in c]
         return float(np.mean(values)) if values else None
 
     out = dict(pointing_game=mean("hit"), chance=mean("area"), chance_patch_centres=mean("patch_centres"),
-               pointing_game_other_audio=mean("hit_other_audio"), n=len(clips), frame=ds.frame, grid=list(grid),
-               objects=objects_path, checkpoint=args.checkpoint, clips=clips)
+               pointing_game_other_audio=mean("hit_other_audio"), pointing_game_min=mean("hit_min"), n=len(clips),
+               frame=ds.frame, grid=list(grid), objects=objects_path, checkpoint=args.checkpoint, clips=clips)
     write_json(os.path.join(args.out, "localization.json"), out)
-    print(f"{len(clips)} clips, frame {ds.frame}: " + ("no objects.json, pictures only" if objects is None else
-          ", ".join(f"{k} {out[k]:.3f}" for k in ("pointing_game", "chance", "chance_patch_centres",
-                                                   "pointing_game_other_audio") if out[k] is not None))
-          + f"; pictures and localization.json -> {args.out}")
+    scores = [f"{k} {v:.3f}" for k, v in list(out.items())[:5] if v is not None] or ["no objects.json, pictures only"]
+    print(f"{len(clips)} clips, frame {ds.frame}: {', '.join(scores)}; pictures and localization.json -> {args.out}")
     return out
 
 

@@ -393,6 +393,7 @@ def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak
     assert out == json.load(open(tmp_path / "loc" / "localization.json"))
     assert out["n"] == 6 and out["pointing_game"] == 1.0 and 0 < out["chance"] < 0.2
     assert out["pointing_game_other_audio"] == 1.0  # this stand-in sees objects whatever it hears
+    assert out["pointing_game_min"] == 0.0  # and its minimum is never on one
     clip = out["clips"][0]
     with Image.open(clip["picture"]) as img:  # frame and heat map, 96 px each (48 enlarged x2)
         assert img.size == (4 + 2 * (96 + 4), 2 * 14 + 96 + 4)
