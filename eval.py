@@ -5,6 +5,8 @@ Evaluate CAV-MAE the ways the paper does, and run a model on a video.
     python eval.py retrieval --checkpoint out/pretrain/ckpt.pt --data test.json
     python eval.py inpaint   --checkpoint out/pretrain/ckpt.pt --data test.json --out inpaint/
     python eval.py predict   --checkpoint out/finetune/ckpt.pt --video clip.mp4 --topk 5
+    python eval.py localize  --checkpoint out/pretrain/ckpt.pt --data test.json --out localize/
+    python eval.py embed     --checkpoint out/pretrain/ckpt.pt --video clip.mp4 --out emb/
 
 The metric functions at the top stand alone (numpy + torch) and reproduce scikit-learn's average precision and
 ROC AUC bit for bit, and the official retrieval script's recall@K and median rank.
@@ -21,12 +23,13 @@ import tempfile
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+import torch.nn.functional as F
 
 import data
+import pictures
 import prepare
-from model import (FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, load_pretrained,
-                   NORM_PIX_EPS, pooled_representation)
+from model import (FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, infer_architecture,
+                   load_pretrained, pooled_representation)
 
 # -----------------------------------------------------------------------------
 # Metrics (Sec. 4 of the paper reports mAP, accuracy and retrieval R@K)
@@ -131,29 +134,6 @@ def _state_dict(ckpt):
     return {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def infer_architecture(state):
-    """The CAVMAEConfig fields a state dict's shapes determine (all but the head counts and mlp_ratio)."""
-    def count(prefix):  # distinct block indices under prefix
-        return len({k[len(prefix) + 1:].split(".")[0] for k in state if k.startswith(prefix + ".")})
-
-    arch = {}
-    pos_a = state.get("pos_embed_a", state.get("encoder.pos_embed_a"))
-    pos_v = state.get("pos_embed_v", state.get("encoder.pos_embed_v"))
-    patch = state.get("patch_embed_a.proj.weight", state.get("encoder.patch_embed_a.weight"))
-    if patch is not None and pos_a is not None and pos_v is not None:
-        p, bands = patch.shape[-1], CAVMAEConfig.num_mel_bins // patch.shape[-1]  # audio grid: bands x time steps
-        arch.update(patch_size=p, embed_dim=pos_a.shape[-1], audio_length=pos_a.shape[1] // bands * p,
-                    img_size=math.isqrt(pos_v.shape[1]) * p)
-    for official, ours, field in (("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
-                                  ("blocks_u", "encoder.joint_blocks", "joint_depth"),
-                                  ("decoder_blocks", "decoder_blocks", "decoder_depth")):
-        if count(official) or count(ours):
-            arch[field] = count(official) or count(ours)
-    if "decoder_embed.weight" in state:
-        arch["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
-    return arch
-
-
 def read_config_file(path):
     """Settings from a json file or a python config file like train.py's (its top-level assignments)."""
     if path.endswith(".json"):
@@ -230,11 +210,30 @@ def label_csv_for(datafile, label_csv, workdir):
     """The label csv to read `datafile` with; retrieval needs none, so one is written from the datafile's labels."""
     if label_csv:
         return label_csv
-    mids = sorted({m for row in data.read_datafile(datafile) for m in data.label_mids(row)})
+    mids = sorted({m for row in data.read_datafile(datafile) for m in data.label_mids(row)}) or ["unlabelled"]
     path = os.path.join(workdir, "labels.csv")
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([("index", "mid", "display_name"), *((i, m, m) for i, m in enumerate(mids))])
     return path
+
+
+def clip_datafile(args, tmp):
+    """--video, or --wav with --image: a one-clip datafile in `tmp`; returns (its path, the frames the clip has)."""
+    if not (args.video or (args.wav and args.image)):
+        alternative = ", or --data" if "data" in vars(args) else ""
+        raise ValueError(f"{args.command} needs --video, or --wav together with --image{alternative}")
+    return prepare.one_clip_datafile(tmp, args.video, args.wav, args.image)
+
+
+def clip_dataset(model, info, args, tmp):
+    """What localize and embed run on: the clips of --data (the first --limit), or the one clip of --video /
+    --wav + --image, at frame --frame (default: the middle one, as retrieval; an --image is frame 0)."""
+    datafile, available = (args.data, None) if args.data else clip_datafile(args, tmp)
+    ds = data.AVDataset(datafile, label_csv_for(datafile, args.label_csv, tmp), raw=True,
+                        **data_settings(model, info, args))
+    ds.frame = available[0] if available == [0] else args.frame if args.frame is not None else ds.num_frames // 2
+    ds.rows = ds.rows[:args.limit]
+    return ds
 
 
 def batches(ds, args):
@@ -350,6 +349,32 @@ def cmd_classify(args):
     return out
 
 
+def per_class_subset(rows, k, seed):
+    """The paper's retrieval protocol: k clips of each class (a clip's class is its first label; unlabelled clips
+    are left out), drawn reproducibly for `seed`; a class with fewer clips gives all of them. Returns (the chosen
+    row indices in datafile order, {mid: clips taken} for each class)."""
+    members = {}
+    for i, row in enumerate(rows):
+        mids = data.label_mids(row)
+        if mids:
+            members.setdefault(mids[0], []).append(i)
+    rng, keep, taken = random.Random(seed), [], {}
+    for mid in sorted(members):
+        keep += rng.sample(members[mid], min(k, len(members[mid])))
+        taken[mid] = min(k, len(members[mid]))
+    return sorted(keep), taken
+
+
+def save_embeddings(folder, ds, **arrays):
+    """NAME.npy (float32, one row per clip) for each array, and video_ids.txt in the same order."""
+    os.makedirs(folder, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(os.path.join(folder, f"{name}.npy"), np.asarray(array, dtype=np.float32))
+    with open(os.path.join(folder, "video_ids.txt"), "w") as f:
+        f.writelines(row["video_id"] + "\n" for row in ds.rows)
+    print(f"{', '.join(arrays)} embeddings ({len(ds)} clips) -> {folder}")
+
+
 @torch.no_grad()
 def cmd_retrieval(args):
     if args.frames == "all":
@@ -359,6 +384,15 @@ def cmd_retrieval(args):
         ds = data.AVDataset(args.data, label_csv_for(args.data, args.label_csv, tmp), raw=True,
                             **data_settings(model, info, args))
         ds.frame = frame_list(args.frames)[0]
+        subset = None
+        if args.per_class:  # the paper's protocol: a subset with the same number of clips of each class
+            keep, taken = per_class_subset(ds.rows, args.per_class, args.seed)
+            short = {mid: n for mid, n in taken.items() if n < args.per_class}
+            subset = dict(per_class=args.per_class, seed=args.seed, clips=len(keep), of=len(ds), classes=len(taken),
+                          short_classes=short)
+            ds.rows = [ds.rows[i] for i in keep]
+            print(f"{args.per_class} clips per class (seed {args.seed}): {len(keep)} of {subset['of']} clips, "
+                  f"{len(taken)} classes" + (f"; all clips of {len(short)} with fewer: {short}" if short else ""))
         audio_emb, visual_emb = [], []
         for audio, image, _ in batches(ds, args):
             with autocast(args):
@@ -368,82 +402,18 @@ def cmd_retrieval(args):
     audio_emb, visual_emb = torch.cat(audio_emb), torch.cat(visual_emb)
     similarity = audio_emb.double() @ visual_emb.double().T  # (N, N) cosine, rows = audio queries
     out = dict(audio_to_visual=retrieval_metrics(similarity), visual_to_audio=retrieval_metrics(similarity.T),
-               clips=len(ds), checkpoint=args.checkpoint)
+               clips=len(ds), subset=subset, checkpoint=args.checkpoint)
     print(f"{args.checkpoint} ({info['task']}): retrieval among {len(ds)} clips")
     print_table([[d, *(f"{out[d][k]:.4f}" for k in ("R1", "R5", "R10")), f"{out[d]['MR']:g}"]
                  for d in ("audio_to_visual", "visual_to_audio")], ["direction", "R@1", "R@5", "R@10", "MR"])
     if args.save_embeddings:
-        os.makedirs(args.save_embeddings, exist_ok=True)
-        np.save(os.path.join(args.save_embeddings, "audio.npy"), audio_emb.numpy())
-        np.save(os.path.join(args.save_embeddings, "visual.npy"), visual_emb.numpy())
-        with open(os.path.join(args.save_embeddings, "video_ids.txt"), "w") as f:
-            f.writelines(row["video_id"] + "\n" for row in ds.rows)
-        print(f"embeddings ({len(ds)} x {audio_emb.shape[1]}) -> {args.save_embeddings}")
+        save_embeddings(args.save_embeddings, ds, audio=audio_emb, visual=visual_emb)
     if args.out:
         write_json(args.out, out)
     return out
 
 
 # Inpainting pictures (Fig. 3 of the paper): original / masked / reconstructed spectrogram and frame
-
-PAD, TEXT = 4, 14  # pixels between panels, height of a caption line
-GREY = 128
-# a dark-to-bright colormap (black, purple, red, orange, pale yellow) for spectrograms
-COLORMAP = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], dtype=np.float64)
-
-
-def colorize(values, low, high):
-    """(H, W) values -> (H, W, 3) uint8 through COLORMAP between low and high; NaN (masked) -> grey."""
-    t = np.clip((values - low) / max(high - low, 1e-12), 0, 1)
-    anchors = np.linspace(0, 1, len(COLORMAP))
-    rgb = np.stack([np.interp(t, anchors, COLORMAP[:, c]) for c in range(3)], axis=-1)
-    rgb[np.isnan(values)] = GREY
-    return rgb.round().astype(np.uint8)
-
-
-def spectrogram_picture(fbank, low, high):
-    """(T, F) fbank -> (F, T, 3) picture: time to the right, low frequencies at the bottom."""
-    return colorize(fbank.T.flip(0).numpy(), low, high)
-
-
-def image_picture(image, zoom):
-    """(3, S, S) ImageNet-normalised image -> (S*zoom, S*zoom, 3) uint8; NaN (masked) -> grey."""
-    rgb = image * torch.tensor(data.IMAGE_STD)[:, None, None] + torch.tensor(data.IMAGE_MEAN)[:, None, None]
-    rgb = (rgb.clamp(0, 1) * 255).round().nan_to_num(GREY).byte().permute(1, 2, 0).numpy()  # clamp keeps NaN
-    return rgb.repeat(zoom, 0).repeat(zoom, 1)
-
-
-def reconstruct(model, target, pred, mask):
-    """Visible patches from the input, masked ones from the prediction (MAE's visualisation). With norm_pix_loss
-    the prediction is per-patch normalised, so it is mapped back with the input patch's own mean and variance
-    (as MAE's demo does: the picture then shows structure, not the patch's true brightness)."""
-    if model.config.norm_pix_loss:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + NORM_PIX_EPS) ** 0.5 + mean
-    visible = target.masked_fill(mask[..., None].bool(), float("nan"))
-    return visible, torch.where(mask[..., None].bool(), pred, target)
-
-
-def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
-    """One clip: rows original / masked / reconstruction, columns spectrogram / frame."""
-    masked_a, recon_a = reconstruct(model, model.patchify_audio(audio[None]), pred_a[None], mask_a[None])
-    masked_v, recon_v = reconstruct(model, model.patchify_image(image[None]), pred_v[None], mask_v[None])
-    spectrograms = [audio, model.unpatchify_audio(masked_a)[0], model.unpatchify_audio(recon_a)[0]]
-    images = [image, model.unpatchify_image(masked_v)[0], model.unpatchify_image(recon_v)[0]]
-    T, bins, S = audio.shape[0], audio.shape[1], image.shape[-1]
-    zoom = max(1, 128 // S)  # small frames are enlarged to about the spectrogram's height
-    panel = max(bins, S * zoom)
-    canvas = Image.new("RGB", (PAD + T + PAD + S * zoom + PAD, TEXT + 3 * (TEXT + panel) + PAD), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((PAD, 1), title, fill="black")
-    low, high = audio.min().item(), audio.max().item()
-    ratio = mask_a.mean().item(), mask_v.mean().item()
-    for row, caption in enumerate(("original", f"masked {ratio[0]:.0%} / {ratio[1]:.0%}", "reconstruction")):
-        y = TEXT + row * (TEXT + panel)
-        draw.text((PAD, y + 1), caption, fill="black")
-        canvas.paste(Image.fromarray(spectrogram_picture(spectrograms[row], low, high)), (PAD, y + TEXT))
-        canvas.paste(Image.fromarray(image_picture(images[row], zoom)), (2 * PAD + T, y + TEXT))
-    return canvas
 
 
 @torch.no_grad()
@@ -462,20 +432,127 @@ def cmd_inpaint(args):
     model.cpu()
     os.makedirs(args.out, exist_ok=True)
     note = " (norm_pix_loss: patch mean/std from the input)" if model.config.norm_pix_loss else ""
-    written = []
-    for i in range(len(items)):
-        video_id = ds.rows[i]["video_id"]
-        picture = inpaint_picture(model, audio[i], image[i], out["mask_a"][i], out["mask_v"][i],
-                                  out["pred_a"][i], out["pred_v"][i], f"{video_id}, {args.mask_mode} masking{note}")
-        path = os.path.join(args.out, f"{video_id}.png")
-        picture.save(path)
-        written.append(path)
+    written = [os.path.join(args.out, f"{row['video_id']}.png") for row in ds.rows[:len(items)]]
+    for i, path in enumerate(written):
+        title = f"{ds.rows[i]['video_id']}, {args.mask_mode} masking{note}"
+        pictures.inpaint_picture(model, audio[i], image[i], out["mask_a"][i], out["mask_v"][i], out["pred_a"][i],
+                                 out["pred_v"][i], title).save(path)
     losses = dict(loss_mae_a=out["loss_mae_a"].item(), loss_mae_v=out["loss_mae_v"].item())
     print(f"{len(written)} pictures -> {args.out}; masked-patch MSE audio {losses['loss_mae_a']:.4f}, "
           f"visual {losses['loss_mae_v']:.4f}")
     write_json(os.path.join(args.out, "inpaint.json"), dict(losses, pictures=written, mask_ratio=args.mask_ratio,
                                                             mask_mode=args.mask_mode, checkpoint=args.checkpoint))
     return written
+
+
+# Sound-source localisation: where in the frame the sound comes from
+
+
+def similarity_map(audio_tokens, visual_tokens, grid):
+    """Cosine similarity between each clip's pooled audio representation (the coordinated one retrieval uses) and
+    each of its coordinated visual patch tokens: (B, La, D), (B, Lv, D) -> (B, h, w) over the patch grid."""
+    audio = pooled_representation(audio_tokens)  # (B, D) unit length
+    visual = F.normalize(visual_tokens.float(), dim=-1)  # (B, Lv, D)
+    return torch.einsum("bd,bld->bl", audio, visual).reshape(-1, *grid)
+
+
+def peak_patch(similarity):
+    """(h, w) -> (row, col) of the most similar patch (the first in row-major order on a tie)."""
+    k = int(similarity.flatten().argmax())
+    return k // similarity.shape[1], k % similarity.shape[1]
+
+
+def object_patches(inside, patch_size, image_size, samples=256):
+    """The pointing game's truth on one frame: which patch centres lie inside an object ((h, w) bool: a map hits
+    when its peak patch is one), and the fraction of the frame the objects cover (on samples x samples points).
+    inside(x, y): the objects test, in pixels of the (image_size, image_size) image the model sees."""
+    centres = (np.arange(image_size // patch_size) + 0.5) * patch_size
+    points = (np.arange(samples) + 0.5) * image_size / samples
+    return inside(centres[None, :], centres[:, None]), float(inside(points[None, :], points[:, None]).mean())
+
+
+def score_clip(objects, video_id, frame, sim, other, patch_size, image_size):
+    """One clip's entry of localization.json: its peak patch and, where objects.json says where the objects are,
+    hit (the pointing game), area (its chance level), patch_centres (the chance of a random patch), hit_min (a
+    diagnostic: the map's minimum on an object, i.e. a map that finds the objects with the wrong sign) and
+    hit_other_audio (the control: the map of another clip's audio, `other`; None to skip). Returns (the entry,
+    the objects test inside(x, y) in image pixels, or None)."""
+    clip = dict(video_id=video_id, peak=list(peak_patch(sim)))
+    if objects is None:
+        return clip, None
+    # objects.json is in pixels of the stored (square) frame, which read_frame rescales to image_size
+    scale = objects["frame_size"] / image_size
+    inside = lambda x, y: prepare.inside_objects(objects["clips"][video_id][frame], x * scale, y * scale)  # noqa: E731
+    in_patch, area = object_patches(inside, patch_size, image_size)
+    clip.update(hit=bool(in_patch[tuple(clip["peak"])]), area=area, patch_centres=float(in_patch.mean()),
+                hit_min=bool(in_patch[peak_patch(-sim)]))
+    if other is not None:
+        clip["hit_other_audio"] = bool(in_patch[peak_patch(other)])
+    return clip, inside
+
+
+@torch.no_grad()
+def cmd_localize(args):
+    model, info = load_model(args.checkpoint, device=args.device, **arch_flags(args))
+    p, S, grid = model.config.patch_size, model.config.img_size, model.config.visual_grid
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = clip_dataset(model, info, args, tmp)
+        objects, objects_path = prepare.read_objects(args.objects, args.data, [r["video_id"] for r in ds.rows])
+        clips = []
+        for audio, image, _ in batches(ds, args):
+            with autocast(args):
+                a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D); classifiers have embed too
+            sims = similarity_map(a, v, grid).cpu()  # (B, h, w)
+            others = similarity_map(a.roll(1, 0), v, grid).cpu() if len(a) > 1 else [None] * len(a)  # control
+            for sim, other, img in zip(sims, others, image.cpu()):
+                video_id = ds.rows[len(clips)]["video_id"]
+                clip, inside = score_clip(objects, video_id, ds.frame, sim, other, p, S)
+                verdict = "" if inside is None else ": hit" if clip["hit"] else ": miss"
+                clip["picture"] = os.path.join(args.out, f"{video_id}.png")
+                pictures.localization_picture(img, sim, clip["peak"], p, f"{video_id}, frame {ds.frame}{verdict}",
+                                              inside).save(clip["picture"])
+                clips.append(clip)
+
+    def mean(key):  # over the clips that have it, None if none has
+        values = [c[key] for c in clips if key in c]
+        return float(np.mean(values)) if values else None
+
+    out = dict(pointing_game=mean("hit"), chance=mean("area"), chance_patch_centres=mean("patch_centres"),
+               pointing_game_other_audio=mean("hit_other_audio"), pointing_game_min=mean("hit_min"), n=len(clips),
+               frame=ds.frame, grid=list(grid), objects=objects_path, checkpoint=args.checkpoint, clips=clips)
+    write_json(os.path.join(args.out, "localization.json"), out)
+    scores = [f"{k} {v:.3f}" for k, v in list(out.items())[:5] if v is not None] or ["no objects.json, pictures only"]
+    print(f"{len(clips)} clips, frame {ds.frame}: {', '.join(scores)}; pictures and localization.json -> {args.out}")
+    return out
+
+
+# Embeddings of any clip (official issue #33: the release only extracts audio features)
+
+
+def representations(model, audio, image):
+    """Sec. 3's three representations of each clip, without masking: the coordinated audio and visual ones
+    (each modality alone through the joint blocks with its own norms, mean-pooled, unit length: what retrieval
+    compares) and the joint one (audio and visual tokens together through the joint blocks with the joint norms,
+    mean-pooled and not normalised: the classifier's multimodal features, what its head reads). (B, D) each."""
+    enc = model.encoder
+    a, v = enc.audio_tokens(audio), enc.visual_tokens(image)  # (B, La, D), (B, Lv, D)
+    joint = enc.joint(torch.cat([a, v], dim=1), "joint").mean(dim=1)  # (B, D)
+    return pooled_representation(enc.joint(a, "audio")), pooled_representation(enc.joint(v, "visual")), joint
+
+
+@torch.no_grad()
+def cmd_embed(args):
+    model, info = load_model(args.checkpoint, device=args.device, **arch_flags(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = clip_dataset(model, info, args, tmp)
+        parts = []
+        for audio, image, _ in batches(ds, args):
+            with autocast(args):
+                parts.append([x.float().cpu() for x in representations(model, audio, image)])
+    audio_emb, visual_emb, joint_emb = (torch.cat(x) for x in zip(*parts))  # (N, D) each
+    save_embeddings(args.out, ds, audio=audio_emb, visual=visual_emb, joint=joint_emb)
+    return dict(audio=audio_emb, visual=visual_emb, joint=joint_emb, video_ids=[r["video_id"] for r in ds.rows])
 
 
 # Inference on one video
@@ -486,21 +563,8 @@ def cmd_predict(args):
     model, info = load_model(args.checkpoint, "finetune", device=args.device, **arch_flags(args))
     label_csv = args.label_csv or info["config"].get("label_csv")  # an explicit --label_csv must exist
     with tempfile.TemporaryDirectory() as tmp:
-        if args.video:
-            facts = prepare.probe(args.video)
-            wav = prepare.extract_audio(args.video, os.path.join(tmp, "clip.wav"), facts)
-            prepare.extract_frames(args.video, os.path.join(tmp, "frames"), "clip", facts)
-            frames = frame_list(args.frames or "all")
-        elif args.wav and args.image:
-            wav = args.wav
-            os.makedirs(os.path.join(tmp, "frames", "frame_0"))
-            with open(args.image, "rb") as src, open(os.path.join(tmp, "frames", "frame_0", "clip.jpg"), "wb") as dst:
-                dst.write(src.read())  # read_frame decodes by content, whatever the extension
-            frames = [0]
-        else:
-            raise ValueError("predict needs --video, or --wav together with --image")
-        write_json(os.path.join(tmp, "clip.json"), dict(data=[dict(video_id="clip", wav=os.path.abspath(wav),
-                                                                   video_path="frames", labels="")]))
+        datafile, available = clip_datafile(args, tmp)
+        frames = frame_list(args.frames or "all") if len(available) > 1 else available
         if not args.label_csv and not (label_csv and os.path.isfile(label_csv)):
             print(f"the checkpoint's label csv {label_csv!r} is not here and no --label_csv given: "
                   "classes are named by their index")
@@ -508,7 +572,7 @@ def cmd_predict(args):
             with open(label_csv, "w", newline="") as f:
                 csv.writer(f).writerows([("index", "mid", "display_name"),
                                          *((k, f"class_{k}", f"class {k}") for k in range(info["num_classes"]))])
-        ds = data.AVDataset(os.path.join(tmp, "clip.json"), label_csv, raw=True, **data_settings(model, info, args))
+        ds = data.AVDataset(datafile, label_csv, raw=True, **data_settings(model, info, args))
         check_classes(ds, info, label_csv)
         logits, _ = frame_logits(model, ds, args, ftmode(args, info), frames)
     act = activation_for(args, info)
@@ -530,7 +594,8 @@ def cmd_predict(args):
 
 
 def arch_flags(args):
-    """--preset / --config / --model_arg KEY=VALUE: the architecture of an official checkpoint."""
+    """--preset / --config / --model_arg KEY=VALUE: the architecture of an official checkpoint; --audio_length:
+    clips shorter than the checkpoint's, for any checkpoint."""
     overrides, defaults = {}, CAVMAEConfig()
     for item in args.model_arg:
         key, _, value = item.partition("=")
@@ -538,6 +603,8 @@ def arch_flags(args):
             raise ValueError(f"--model_arg {item}: {key!r} is not a CAVMAEConfig field")
         kind = type(getattr(defaults, key))
         overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    if args.audio_length:
+        overrides["audio_length"] = args.audio_length
     return dict(preset=args.preset, config=args.config, **overrides)
 
 
@@ -545,17 +612,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, help, needs_data=True):
+    def command(name, help, inputs="data"):  # inputs: "data" (--data), "clip" (one video / wav + image), "either"
         p = commands.add_parser(name, help=help)
         p.add_argument("--checkpoint", required=True, help="ours (train.py's ckpt.pt) or an official state dict")
-        if needs_data:
-            p.add_argument("--data", required=True, help="datafile (json, official format)")
+        if inputs != "clip":
+            p.add_argument("--data", required=inputs == "data", help="datafile (json, official format)")
+        if inputs != "data":
+            p.add_argument("--video", help="a video file with audio (any format ffmpeg reads)")
+            p.add_argument("--wav", help="a 16 kHz audio file (with --image instead of --video)")
+            p.add_argument("--image", help="one frame (with --wav)")
+        if inputs == "either":
+            p.add_argument("--frame", type=int, choices=range(10), metavar="K", help="which frame (default: middle)")
+            p.add_argument("--limit", type=int, metavar="N", help="only the first N clips of --data")
         p.add_argument("--label_csv", help="index,mid,display_name csv")
-        p.add_argument("--out", help="json file of the results (inpaint: output folder)")
+        p.add_argument("--out", help="json file of the results (inpaint, localize, embed: output folder)")
         p.add_argument("--preset", default="base", choices=sorted(PRESETS), help="official checkpoints: architecture")
         p.add_argument("--config", help="official checkpoints: architecture from a .json or .py config file")
         p.add_argument("--model_arg", action="append", default=[], metavar="KEY=VALUE",
                        help="official checkpoints: override a CAVMAEConfig field (repeatable)")
+        p.add_argument("--audio_length", type=int, help="fbank frames per clip (default: the checkpoint's); "
+                       "shorter ones cut the audio position tables, e.g. 512 for 5 s clips with a 10 s model")
         p.add_argument("--mean", type=float, help="fbank mean (default: the checkpoint's, else AudioSet's)")
         p.add_argument("--std", type=float, help="fbank normalisation std")
         p.add_argument("--batch_size", type=int, default=32)
@@ -575,6 +651,9 @@ def main(argv=None):
     p = command("retrieval", "audio->visual and visual->audio recall@K and median rank")
     p.add_argument("--frames", help="which frame (default: the middle one, as the official script)")
     p.add_argument("--save_embeddings", metavar="DIR", help="write audio.npy, visual.npy and video_ids.txt")
+    p.add_argument("--per_class", type=int, metavar="K", help="the paper's protocol: K clips of each class "
+                   "(by a clip's first label) instead of the whole datafile")
+    p.add_argument("--seed", type=int, default=0, help="which K clips --per_class draws")
     p.set_defaults(run=cmd_retrieval)
 
     p = command("inpaint", "pictures of masked reconstructions of a pretrained model")
@@ -584,10 +663,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_inpaint)
 
-    p = command("predict", "top labels of a fine-tuned model on one video (or a wav and an image)", needs_data=False)
-    p.add_argument("--video", help="a video file with audio (any format ffmpeg reads)")
-    p.add_argument("--wav", help="a 16 kHz audio file (with --image instead of --video)")
-    p.add_argument("--image", help="one frame (with --wav)")
+    p = command("localize", "heat maps of where the sound comes from, and the pointing game on synthetic data",
+                "either")
+    p.add_argument("--objects", help="where the objects are (default: objects.json next to --data, if there)")
+    p.set_defaults(run=cmd_localize)
+
+    p = command("embed", "coordinated audio / visual and joint representations as .npy", "either")
+    p.set_defaults(run=cmd_embed)
+
+    p = command("predict", "top labels of a fine-tuned model on one video (or a wav and an image)", "clip")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's ftmode, else multimodal")
     p.add_argument("--frames", help="'all' (default for videos) or a frame number")
@@ -595,8 +679,10 @@ def main(argv=None):
     p.set_defaults(run=cmd_predict)
 
     args = parser.parse_args(argv)
-    if args.command == "inpaint" and not args.out:
-        parser.error("inpaint needs --out DIR")
+    if args.command in ("inpaint", "localize", "embed") and not args.out:
+        parser.error(f"{args.command} needs --out DIR")
+    if getattr(args, "data", None) and (getattr(args, "video", None) or getattr(args, "wav", None)):
+        parser.error(f"{args.command} takes --data or one clip (--video, or --wav with --image), not both")
     return args.run(args)
 
 

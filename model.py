@@ -553,6 +553,7 @@ class LoadReport:
     loaded: list = field(default_factory=list)  # model keys that received a tensor
     missing: list = field(default_factory=list)  # model keys left as initialised
     ignored: list = field(default_factory=list)  # checkpoint keys with no place in the model
+    adapted: list = field(default_factory=list)  # what was changed to fit, e.g. audio positions cut to a shorter clip
 
     def __str__(self):
         is_unused_norm = lambda k: re.search(r"blocks\.\d+\.norm[12]_[av]\.", k) is not None
@@ -565,7 +566,7 @@ class LoadReport:
             lines.append(f"ignored {len(other)}: {_summary(other)}")
         lines.append(f"missing {len(self.missing)} (left as initialised): {_summary(self.missing)}" if self.missing
                      else "missing: none")
-        return "; ".join(lines)
+        return "; ".join(lines + self.adapted)
 
 
 def _summary(keys, n=6):
@@ -631,11 +632,63 @@ def _mae_to_ours(state, config):
     return out, ignored
 
 
+def infer_architecture(state):
+    """The CAVMAEConfig fields a state dict's shapes determine, ours or official (all but the head counts
+    and mlp_ratio): what eval.py needs to rebuild a model around an official checkpoint."""
+    def count(prefix):  # distinct block indices under prefix
+        return len({k[len(prefix) + 1:].split(".")[0] for k in state if k.startswith(prefix + ".")})
+
+    arch = {}
+    pos_a = state.get("pos_embed_a", state.get("encoder.pos_embed_a"))
+    pos_v = state.get("pos_embed_v", state.get("encoder.pos_embed_v"))
+    patch = state.get("patch_embed_a.proj.weight", state.get("encoder.patch_embed_a.weight"))
+    if patch is not None and pos_a is not None and pos_v is not None:
+        p, bands = patch.shape[-1], CAVMAEConfig.num_mel_bins // patch.shape[-1]  # audio grid: bands x time steps
+        arch.update(patch_size=p, embed_dim=pos_a.shape[-1], audio_length=pos_a.shape[1] // bands * p,
+                    img_size=math.isqrt(pos_v.shape[1]) * p)
+    for official, ours, name in (("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
+                                 ("blocks_u", "encoder.joint_blocks", "joint_depth"),
+                                 ("decoder_blocks", "decoder_blocks", "decoder_depth")):
+        if count(official) or count(ours):
+            arch[name] = count(official) or count(ours)
+    if "decoder_embed.weight" in state:
+        arch["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
+    return arch
+
+
+AUDIO_POSITION_KEYS = ("encoder.pos_embed_a", "decoder_pos_embed_a")
+
+
+def _cut_audio_positions(mapped, own, bands):
+    """Clips shorter than the checkpoint's (official issue #8, e.g. ESC-50's 5 s): each audio position table
+    (1, bands * T/p, D), frequency-major, keeps its first T'/p time columns, so every kept token has the position
+    it was trained with. A model longer than its checkpoint is an error: positions it never saw would have to be
+    invented (interpolating a trained table would also change what every column means), so we do not guess.
+    Returns (mapped with the cut tables, notes for the load report)."""
+    cut, notes = dict(mapped), []
+    for key in AUDIO_POSITION_KEYS:
+        have, want = mapped.get(key), own.get(key)
+        if have is None or want is None or have.shape == want.shape:
+            continue
+        if have.ndim != 3 or have.shape[::2] != want.shape[::2] or have.shape[1] % bands:
+            continue  # not a difference in clip length: load_pretrained's shape check reports it
+        steps, keep = have.shape[1] // bands, want.shape[1] // bands
+        if keep > steps:
+            raise ValueError(f"{key}: checkpoint has {steps} audio time steps ({bands}x{steps} positions), the model "
+                             f"{keep}: a model may take shorter clips than its checkpoint (the table is cut), not "
+                             "longer ones; build it with audio_length <= the checkpoint's")
+        cut[key] = have.reshape(1, bands, steps, -1)[:, :, :keep].reshape(1, bands * keep, -1)  # (1, F/p * T'/p, D)
+        notes.append(f"{key}: audio positions cut from {bands}x{steps} to {bands}x{keep} time steps")
+    return cut, notes
+
+
 def load_pretrained(model, source):
     """Load `source` (a path, a state dict, or a checkpoint dict with the state dict under 'model') into a
     CAVMAE or CAVMAEClassifier. Formats: this project's, the official release's (with or without the
     'module.' prefix of nn.DataParallel), and an ImageNet MAE ViT-B. A pretraining checkpoint loads into the
-    classifier (decoder ignored, head left newly initialised). Raises ValueError on any shape mismatch.
+    classifier (decoder ignored, head left newly initialised). A model with a shorter audio_length than the
+    checkpoint gets the first time columns of its audio position tables (_cut_audio_positions; the report says so).
+    Raises ValueError on any other shape mismatch.
     Paths are unpickled with torch.load(weights_only=False): load only checkpoints you trust."""
     is_path = isinstance(source, (str, os.PathLike))
     state = torch.load(source, map_location="cpu", weights_only=False) if is_path else source
@@ -656,10 +709,11 @@ def load_pretrained(model, source):
     own = model.state_dict()
     ignored += [k for k in mapped if k not in own]
     mapped = {k: v for k, v in mapped.items() if k in own}
+    mapped, adapted = _cut_audio_positions(mapped, own, model.config.audio_grid[0])
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in mapped.items()
            if v.shape != own[k].shape]
     if bad:
         raise ValueError(f"{fmt} checkpoint does not fit this model config ({len(bad)} shape mismatches): "
                          + "; ".join(bad[:5]))
     model.load_state_dict(mapped, strict=False)
-    return LoadReport(fmt, list(mapped), [k for k in own if k not in mapped], ignored)
+    return LoadReport(fmt, list(mapped), [k for k in own if k not in mapped], ignored, adapted)

@@ -15,7 +15,8 @@ Paths inside our datafiles are relative to the datafile's folder, so a dataset f
 ffprobe programs: audio resampled to 16 kHz keeping the first channel, and the 10 frames the official
 OpenCV extractor reads, resized (shorter side 224, Pillow bilinear), centre-cropped to 224 and saved with
 Pillow's JPEG defaults. `synthetic` draws a toy audio-visual dataset (shapes that sound) with
-instance-level correspondences between the modalities, so retrieval must learn more than the class.
+instance-level correspondences between the modalities, so retrieval must learn more than the class, and
+records where each object is on each frame (objects.json, for eval.py's localisation score).
 """
 import argparse
 import contextlib
@@ -67,10 +68,10 @@ def _atomic_path(path):
     return path + ".part"   # written first, renamed to `path` when complete
 
 
-def _write_json(path, obj):
+def _write_json(path, obj, indent=1):
     tmp = _atomic_path(path)
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=indent)
     os.replace(tmp, path)
 
 
@@ -251,6 +252,23 @@ def extract_audio(video, wav_path, info=None):
         raise PrepareError(f"audio too short: {samples} samples at 16 kHz, need {MIN_SAMPLES} (25 ms)")
     os.replace(tmp, wav_path)
     return wav_path
+
+
+def one_clip_datafile(folder, video=None, wav=None, image=None):
+    """One clip as a dataset in `folder`: a video's audio and 10 frames, or a wav and one image (frame_0). The clip
+    is named after the file. Returns (the datafile's path, the frame numbers the clip has)."""
+    video_id = os.path.splitext(os.path.basename(video or wav))[0]
+    frames = os.path.join(folder, "frames")
+    if video:
+        facts = probe(video)
+        wav = extract_audio(video, os.path.join(folder, video_id + ".wav"), facts)
+        extract_frames(video, frames, video_id, facts)
+    else:
+        os.makedirs(os.path.join(frames, "frame_0"), exist_ok=True)
+        shutil.copyfile(image, frame_path(frames, 0, video_id))   # data.read_frame decodes by content
+    path = os.path.join(folder, "clip.json")
+    _write_json(path, {"data": [dict(video_id=video_id, wav=os.path.abspath(wav), video_path="frames", labels="")]})
+    return path, list(range(NUM_FRAMES)) if video else [0]
 
 
 def _remove(*paths):
@@ -494,7 +512,9 @@ def note(cls, f0, n, rng):
 
 
 def draw_clip(rng, classes, image_size, seconds):
-    """Draw one clip: (10 frames (10, S, S, 3) uint8, waveform (N,) int16). classes: one per object."""
+    """Draw one clip: (10 frames (10, S, S, 3) uint8, waveform (N,) int16, where the objects are). classes: one
+    per object. The geometry is, per frame, a list of dict(class, x, y, radius) in pixels of the frame (x to the
+    right, y down, pixel k spans [k, k + 1)); inside_objects() tests points against it."""
     S, n = image_size, len(classes)
     n_samples = int(round(seconds * SAMPLE_RATE))
     hues = rng.uniform(0, 0.8, n)                                   # 0.8: stop before red wraps round
@@ -526,14 +546,16 @@ def draw_clip(rng, classes, image_size, seconds):
     colours = [hsv_to_rgb(h, rng.uniform(0.75, 1), rng.uniform(0.85, 1)) for h in hues]
     grid = (np.arange(S) + 0.5)[None, :] - 0.25 + 0.5 * np.array([0, 1])[:, None]   # (2, S) sub-pixel
     gy, gx = grid[:, None, :, None], grid[None, :, None, :]                          # (2, 1, S, 1), (1, 2, 1, S)
-    frames = np.empty((NUM_FRAMES, S, S, 3), np.uint8)
+    frames, objects = np.empty((NUM_FRAMES, S, S, 3), np.uint8), []
     base = (bg + gradient * ((np.arange(S)[None, :] - S / 2) * np.cos(gradient_dir)
                              + (np.arange(S)[:, None] - S / 2) * np.sin(gradient_dir))[..., None] / S)
     for i in range(NUM_FRAMES):
         t_i = i * seconds / NUM_FRAMES
         image = base.copy()                                          # (S, S, 3)
+        objects.append([])
         for cls, x, y, r, colour in zip(classes, xs, ys, radii, colours):
             r, x, y = r * envelope(t_i), x + drift[0] * t_i / seconds, y + drift[1] * t_i / seconds
+            objects[-1].append({"class": int(cls), "x": float(x), "y": float(y), "radius": float(r)})
             box = [slice(max(int(c - 1.2 * r), 0), max(int(c + 1.2 * r) + 2, 0)) for c in (y, x)]  # shapes fit
             inside, dark = shape_mask(cls, (gx[..., box[1]] - x) / r, (gy[..., box[0], :] - y) / r)
             cover = inside.mean(axis=(0, 1))[..., None]                          # (h, w, 1) in [0, 1]
@@ -541,22 +563,54 @@ def draw_clip(rng, classes, image_size, seconds):
             image[box[0], box[1]] = image[box[0], box[1]] * (1 - cover) + colour * (cover - 0.65 * shade)
         image += rng.normal(0, pixel_noise, image.shape)
         frames[i] = np.clip(np.round(image), 0, 255)
-    return frames, pcm
+    return frames, pcm, objects
+
+
+OBJECTS = "objects.json"   # beside the datafiles: where each object is on each frame
+OBJECTS_HELP = ("clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
+                "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
+                "prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true")
+
+
+def inside_objects(objects, x, y):
+    """Which points lie inside one of a frame's objects (draw_clip's geometry): boolean array shaped like x and y,
+    which are coordinates in pixels of the frame (arrays of any shape)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
+    for o in objects:
+        inside |= shape_mask(o["class"], (x - o["x"]) / o["radius"], (y - o["y"]) / o["radius"])[0]
+    return inside
+
+
+def read_objects(path, datafile, video_ids):
+    """make_synthetic's objects.json: `path`, else the one next to `datafile` if there (real data has none: then
+    (None, None)). Checked to hold every clip of video_ids. Returns (the objects, the path read)."""
+    beside = datafile and os.path.join(os.path.dirname(os.path.abspath(datafile)), OBJECTS)
+    path = path or (beside if beside and os.path.isfile(beside) else None)
+    if not path:
+        return None, None
+    with open(path) as f:
+        objects = json.load(f)
+    missing = [v for v in video_ids if v not in objects["clips"]]
+    if missing:
+        raise ValueError(f"{path}: no objects for {len(missing)} of the {len(video_ids)} clips (first: {missing[0]})")
+    return objects, path
 
 
 def _make_clip(job):
-    """Draw and write one synthetic clip; its own Generator makes the bytes independent of scheduling."""
+    """Draw and write one synthetic clip; its own Generator makes the bytes independent of scheduling.
+    Returns (class indices, object geometry per frame)."""
     out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel = job
     rng = np.random.default_rng([seed, split, index])
     if multilabel:   # 1-3 different events, one object each
         classes = rng.choice(num_classes, size=rng.integers(1, min(3, num_classes) + 1), replace=False)
     else:            # one event class, 1-3 objects of it
         classes = np.full(rng.integers(1, 4), rng.integers(num_classes))
-    frames, pcm = draw_clip(rng, list(classes), image_size, seconds)
+    frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds)
     sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, SAMPLE_RATE, subtype="PCM_16")
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(frame_path(os.path.join(out, "frames"), i, video_id), "JPEG")
-    return sorted(set(int(c) for c in classes))
+    return sorted(set(int(c) for c in classes)), objects
 
 
 def synthetic_mid(cls):
@@ -565,7 +619,9 @@ def synthetic_mid(cls):
 
 def make_synthetic(out, n_train=2000, n_test=500, seed=0, image_size=64, seconds=2.56, num_classes=10,
                    multilabel=False, workers=None):
-    """Write the synthetic dataset to `out` (train.json, test.json, labels.csv, audio/, frames/); return counts."""
+    """Write the synthetic dataset to `out` (train.json, test.json, labels.csv, audio/, frames/) and, beside the
+    official format, objects.json: where each clip's objects are on each frame (draw_clip's geometry, keyed by
+    video_id). Return counts."""
     if not 2 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be between 2 and {len(SHAPES)}, got {num_classes}")
     if seconds * SAMPLE_RATE < MIN_SAMPLES or image_size < 16:
@@ -577,7 +633,7 @@ def make_synthetic(out, n_train=2000, n_test=500, seed=0, image_size=64, seconds
     jobs = [(out, f"{name}_{k:05d}", seed, code, k, image_size, seconds, num_classes, multilabel)
             for name, (code, count) in splits.items() for k in range(count)]
     workers = (workers or os.cpu_count() or 1) if len(jobs) >= 64 else 1   # a pool costs more for a few
-    labels = parallel_map(_make_clip, jobs, workers, "synthetic", chunksize=16)
+    labels, objects = zip(*parallel_map(_make_clip, jobs, workers, "synthetic", chunksize=16)) if jobs else ((), ())
     for name in splits:
         entries = [dict(video_id=job[1], wav=f"audio/{job[1]}.wav", video_path="frames",
                         labels=",".join(synthetic_mid(c) for c in classes))
@@ -585,6 +641,10 @@ def make_synthetic(out, n_train=2000, n_test=500, seed=0, image_size=64, seconds
         _write_json(os.path.join(out, f"{name}.json"), {"data": entries})
     _write_label_csv(os.path.join(out, "labels.csv"), [synthetic_mid(c) for c in range(num_classes)],
                      [f"{SHAPES[c]} + {SOUNDS[c]}" for c in range(num_classes)])
+    _write_json(os.path.join(out, OBJECTS), dict(
+        frame_size=image_size, shapes=SHAPES, geometry=OBJECTS_HELP,
+        clips={job[1]: [[{k: round(v, 4) for k, v in o.items()} for o in frame] for frame in clip]
+               for job, clip in zip(jobs, objects)}), indent=None)
     return dict(train=n_train, test=n_test)
 
 # -----------------------------------------------------------------------------------------------------

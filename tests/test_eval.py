@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
@@ -222,9 +223,199 @@ def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
     assert top[0]["name"] in capsys.readouterr().out
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_embed_and_localize_a_video_name_the_clip_after_the_file(tiny):
+    video = tiny / "street.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=1.5",
+                    "-f", "lavfi", "-i", "sine=frequency=300:duration=1.5", "-shortest", "-c:v", "mpeg4",
+                    "-c:a", "aac", str(video)], check=True)
+    out = run(tiny, "embed", "pretrain.pt", "--video", video, "--out", tiny / "emb_video", "--frame", 9)
+    assert out["video_ids"] == ["street"] and out["audio"].shape == (1, 32)
+    out = run(tiny, "localize", "pretrain.pt", "--video", video, "--out", tiny / "loc_video")
+    assert out["frame"] == 5 and os.path.isfile(tiny / "loc_video" / "street.png")
+
+
 def test_predict_from_a_wav_and_an_image(tiny):
     data = tiny / "data"
     top = run(tiny, "predict", "finetune.pt", "--wav", data / "audio" / "test_00000.wav",
               "--image", data / "frames" / "frame_5" / "test_00000.jpg", "--topk", CLASSES, "--out", tiny / "p.json")
     assert sum(r["score"] for r in top) == pytest.approx(1.0, abs=1e-5)  # softmax: the checkpoint says metric='acc'
     assert json.load(open(tiny / "p.json"))["frames"] == [0]
+
+
+# -----------------------------------------------------------------------------
+# clips shorter than the checkpoint's
+
+
+def test_audio_length_flag_runs_a_shorter_model_on_a_longer_checkpoint(tiny):
+    model, info = ev.load_model(str(tiny / "pretrain.pt"), audio_length=32)
+    assert model.config.audio_length == 32 and "cut from 8x4 to 8x2 time steps" in info["report"]
+    out = run(tiny, "embed", "pretrain.pt", "--data", tiny / "data" / "test.json", "--out", tiny / "emb32",
+              "--audio_length", 32)  # the fbank is cut to 32 frames to fit
+    assert out["audio"].shape == (6, 32)
+    with pytest.raises(ValueError, match="not longer"):
+        ev.load_model(str(tiny / "pretrain.pt"), audio_length=128)
+
+
+# -----------------------------------------------------------------------------
+# retrieval on the paper's per-class subsets
+
+
+def rows_of(*labels):
+    return [dict(video_id=f"v{i}", labels=label) for i, label in enumerate(labels)]
+
+
+def test_per_class_subset_takes_k_clips_of_each_class_by_first_label():
+    rows = rows_of("a", "a", "b,a", "a", "c", "b", "", "a,c")  # b,a counts as b; the unlabelled clip is left out
+    keep, taken = ev.per_class_subset(rows, 2, seed=0)
+    assert taken == {"a": 2, "b": 2, "c": 1}  # c has only one clip: it is taken
+    firsts = [rows[i]["labels"].split(",")[0] for i in keep]
+    assert keep == sorted(keep) and sorted(firsts) == ["a", "a", "b", "b", "c"]
+
+
+def test_per_class_subset_is_deterministic_for_a_seed_and_differs_between_seeds():
+    rows = rows_of(*[f"/m/{k % 10}" for k in range(100)])
+    assert ev.per_class_subset(rows, 3, seed=1) == ev.per_class_subset(rows, 3, seed=1)
+    assert ev.per_class_subset(rows, 3, seed=1)[0] != ev.per_class_subset(rows, 3, seed=2)[0]
+
+
+def test_retrieval_per_class_reports_both_directions_on_the_subset(tiny, capsys):
+    data = tiny / "data"
+    out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 1, "--seed", 0,
+              "--save_embeddings", tiny / "emb_pc")
+    assert out["clips"] == 3 and out["subset"] == dict(per_class=1, seed=0, clips=3, of=6, classes=CLASSES,
+                                                        short_classes={})
+    assert {"R1", "R5", "R10", "MR"} <= set(out["audio_to_visual"]) and "visual_to_audio" in out
+    assert len(open(tiny / "emb_pc" / "video_ids.txt").read().split()) == 3
+    out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 5)
+    assert out["clips"] == 6 and sum(out["subset"]["short_classes"].values()) == 6  # every class has fewer than 5
+    assert "fewer" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# embeddings
+
+
+def test_embed_saves_coordinated_and_joint_representations_in_datafile_order(tiny):
+    data = tiny / "data"
+    run(tiny, "embed", "finetune.pt", "--data", data / "test.json", "--out", tiny / "emb_ft", "--frame", 2)
+    a, v, j = (np.load(tiny / "emb_ft" / f"{name}.npy") for name in ("audio", "visual", "joint"))
+    assert a.shape == v.shape == j.shape == (6, 32) and a.dtype == v.dtype == j.dtype == np.float32
+    assert open(tiny / "emb_ft" / "video_ids.txt").read().split() == [f"test_{k:05d}" for k in range(6)]
+    model, _ = ev.load_model(str(tiny / "finetune.pt"))
+    ds = ev.data.AVDataset(str(data / "test.json"), str(data / "labels.csv"), target_length=64, image_size=32,
+                           frame=2, mean=-5.081, std=4.4849)
+    audio, image, _ = map(torch.stack, zip(*[ds[i] for i in range(len(ds))]))
+    with torch.no_grad():
+        tokens_a, tokens_v = model.embed(audio, image)
+        np.testing.assert_allclose(a, ev.pooled_representation(tokens_a), atol=1e-5)  # unit length, as retrieval
+        np.testing.assert_allclose(v, ev.pooled_representation(tokens_v), atol=1e-5)
+        np.testing.assert_allclose(j, model.features(audio, image, "multimodal"), atol=1e-5)  # what the head reads
+
+
+def test_joint_representation_of_a_pretraining_model_is_its_encoders_multimodal_features(tiny):
+    model, _ = ev.load_model(str(tiny / "pretrain.pt"))
+    clf = CAVMAEClassifier(model.config, CLASSES).eval()
+    ev.load_pretrained(clf, model.state_dict())
+    audio, image = torch.randn(2, 64, 128), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ev.representations(model, audio, image)[2], clf.features(audio, image), atol=1e-6)
+
+
+def test_embed_from_a_wav_and_an_image(tiny):
+    data = tiny / "data"
+    out = run(tiny, "embed", "pretrain.pt", "--wav", data / "audio" / "test_00001.wav",
+              "--image", data / "frames" / "frame_3" / "test_00001.jpg", "--out", tiny / "emb_one")
+    assert out["video_ids"] == ["test_00001"] and out["joint"].shape == (1, 32)
+    assert np.load(tiny / "emb_one" / "visual.npy").shape == (1, 32)
+
+
+# -----------------------------------------------------------------------------
+# sound-source localisation
+
+
+def test_similarity_map_is_the_cosine_of_the_pooled_audio_with_each_visual_patch():
+    audio = torch.zeros(1, 5, 4)
+    audio[0, :, 0] = torch.tensor([1.0, 2, 3, 4, 5])  # mean-pooled: along e0
+    visual = torch.tensor([[[0.0, 1, 0, 0], [1, 1, 0, 0], [-1, 0, 0, 0], [3, 0, 0, 0], [0, 0, 2, 0], [1, 0, 1, 0]]])
+    sim = ev.similarity_map(audio, visual, (2, 3))
+    want = torch.tensor([[0.0, 2 ** -0.5, -1], [1, 0, 2 ** -0.5]])
+    assert sim.shape == (1, 2, 3) and torch.allclose(sim[0], want, atol=1e-6)
+    assert ev.peak_patch(sim[0]) == (1, 0)
+
+
+def test_object_patches_marks_the_patches_whose_centre_lies_inside_an_object():
+    disk = lambda x, y: (x - 24) ** 2 + (y - 8) ** 2 <= 5 ** 2  # noqa: E731  around the centre of patch (0, 1)
+    in_patch, area = ev.object_patches(disk, patch_size=16, image_size=32)
+    assert in_patch.tolist() == [[False, True], [False, False]]  # a map hits iff its peak is patch (0, 1)
+    assert area == pytest.approx(math.pi * 25 / 32 ** 2, rel=0.02)
+
+
+def test_heat_overlay_is_hottest_where_the_similarity_peaks():
+    sim = torch.zeros(4, 4)
+    sim[0, 3] = 1.0  # top right
+    heat = ev.pictures.heat_overlay(np.zeros((64, 64, 3), np.uint8), sim).astype(int)
+    assert heat[8, 56, 0] > 50 and heat[8, 56, 0] > 3 * heat[8, 56, 1:].max()  # red at the top-right patch
+    assert heat[56, 8, 2] > 50 and heat[56, 8, 2] > 3 * heat[56, 8, :2].max()  # blue at the bottom-left one
+
+
+def object_tokens(self, audio, image):
+    """A stand-in encoder whose answer is known: audio tokens along e0, each visual patch token along
+    (f, 1 - f) where f is the fraction of its pixels that look like an object (saturated and bright)."""
+    p, D = self.config.patch_size, self.config.embed_dim
+    rgb = image * torch.tensor(ev.data.IMAGE_STD)[:, None, None] + torch.tensor(ev.data.IMAGE_MEAN)[:, None, None]
+    high, low = rgb.max(1).values, rgb.min(1).values  # (B, S, S)
+    looks = ((high - low > 0.5 * high) & (high > 0.7)).float()
+    f = F.avg_pool2d(looks[:, None], p).flatten(1)  # (B, Lv)
+    visual = torch.zeros(*f.shape, D)
+    visual[..., 0], visual[..., 1] = f, 1 - f
+    audio_tokens = torch.zeros(audio.shape[0], 3, D)
+    audio_tokens[..., 0] = 1
+    return audio_tokens, visual
+
+
+def localize_argv(tmp_path, clips):
+    """Disks and squares on 64 px frames, a checkpoint that sees them at 48 px (a 12 x 12 grid of 4 px patches),
+    and the localize command line for them."""
+    prepare.make_synthetic(str(tmp_path / "data"), n_train=0, n_test=clips, seed=1, image_size=64, seconds=0.7,
+                           num_classes=2, workers=1)
+    cfg = CAVMAEConfig.from_preset("tiny", img_size=48, patch_size=4)
+    torch.save(dict(model=CAVMAE(cfg).state_dict(), model_args=dataclasses.asdict(cfg), task="pretrain",
+                    num_classes=None, config={}), tmp_path / "ckpt.pt")
+    return ["localize", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "data" / "test.json"),
+            "--out", str(tmp_path / "loc")]
+
+
+def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak(tmp_path, monkeypatch):
+    argv = localize_argv(tmp_path, clips=6)
+    monkeypatch.setattr(ev.CAVMAE, "embed", object_tokens)
+    out = ev.main(argv)
+    assert out == json.load(open(tmp_path / "loc" / "localization.json"))
+    assert out["n"] == 6 and out["pointing_game"] == 1.0 and 0 < out["chance"] < 0.2
+    assert out["pointing_game_other_audio"] == 1.0  # this stand-in sees objects whatever it hears
+    assert out["pointing_game_min"] == 0.0  # and its minimum is never on one
+    clip = out["clips"][0]
+    with Image.open(clip["picture"]) as img:  # frame and heat map, 96 px each (48 enlarged x2)
+        assert img.size == (4 + 2 * (96 + 4), 2 * 14 + 96 + 4)
+        row, col = clip["peak"]
+        assert img.getpixel((4 + 96 + 4 + (col + 0.5) * 8, 28 + (row + 0.5) * 8)) == (255, 255, 255)  # the cross
+
+
+def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, monkeypatch):
+    def opposite_audio(self, audio, image):  # clips 0, 2 are (+e0, +f e0), clips 1, 3 (-e0, -f e0): their own
+        a, v = object_tokens(self, audio, image)  # maps are as above, the previous clip's audio inverts them
+        sign = torch.tensor([1.0, -1, 1, -1])[:, None]
+        v[..., 0] *= sign
+        return a * sign[..., None], v
+
+    argv = localize_argv(tmp_path, clips=4)
+    monkeypatch.setattr(ev.CAVMAE, "embed", opposite_audio)
+    out = ev.main(argv + ["--batch_size", "4"])
+    assert out["pointing_game"] == 1.0 and out["pointing_game_other_audio"] == 0.0
+
+
+def test_localize_without_object_positions_draws_pictures_only(tiny):
+    data = tiny / "data"
+    out = run(tiny, "localize", "finetune.pt", "--wav", data / "audio" / "test_00002.wav",
+              "--image", data / "frames" / "frame_5" / "test_00002.jpg", "--out", tiny / "loc_one")
+    assert out["pointing_game"] is None and out["n"] == 1 and os.path.isfile(out["clips"][0]["picture"])

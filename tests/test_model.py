@@ -578,3 +578,55 @@ def test_official_contrastive_quirk_only_matters_with_several_joint_blocks():
             torch.manual_seed(0)
             losses[depth, quirk] = model(audio, image)["loss_c"]
     assert torch.equal(losses[1, True], losses[1, False]) and not torch.equal(losses[2, True], losses[2, False])
+
+
+# --- clips shorter than the checkpoint's: audio position tables cut in time (official issue #8) ----------------
+
+def position_table(bands, steps, dim):
+    """(1, bands * steps, dim) frequency-major table whose channel 0 holds the row (band) and channel 1 the column
+    (time step) of each position."""
+    rows, cols = torch.meshgrid(torch.arange(bands), torch.arange(steps), indexing="ij")
+    table = torch.zeros(bands, steps, dim)
+    table[..., 0], table[..., 1] = rows, cols
+    return table.reshape(1, bands * steps, dim)
+
+
+@pytest.mark.parametrize("layout", ["ours", "official"])
+def test_a_shorter_model_keeps_the_first_time_columns_of_the_audio_positions(layout):
+    c = CAVMAEConfig.from_preset("tiny")  # 128 mel bins / 16 = 8 bands, 64 frames / 16 = 4 time steps
+    enc, dec = position_table(8, 4, c.embed_dim), position_table(8, 4, c.decoder_embed_dim) + 100
+    if layout == "ours":
+        state = {"encoder.pos_embed_a": enc, "decoder_pos_embed_a": dec}
+    else:  # the official release: top-level positions, nn.DataParallel prefix
+        state = {"module.pos_embed_a": enc, "module.decoder_pos_embed_a": dec,
+                 "module.blocks_a.0.norm1.weight": torch.ones(c.embed_dim)}
+    model = tiny(audio_length=32)  # 2 time steps
+    report = load_pretrained(model, state)
+    assert report.source_format == layout
+    for got, offset in ((model.encoder.pos_embed_a, 0), (model.decoder_pos_embed_a, 100)):
+        got = got.detach().reshape(8, 2, -1)  # (bands, time steps, D)
+        assert torch.equal(got[..., 0] - offset, torch.arange(8.0)[:, None].expand(8, 2))  # every band kept
+        assert torch.equal(got[..., 1] - offset, torch.arange(2.0)[None, :].expand(8, 2))  # first 2 columns
+    assert "encoder.pos_embed_a: audio positions cut from 8x4 to 8x2 time steps" in str(report)
+    assert "decoder_pos_embed_a: audio positions cut from 8x4 to 8x2 time steps" in str(report)
+
+
+def test_cutting_fixed_sincos_positions_gives_the_shorter_models_own_table():
+    long, short = tiny(), tiny(audio_length=16)
+    load_pretrained(short, long.state_dict())
+    fresh = tiny(audio_length=16)
+    assert torch.equal(short.encoder.pos_embed_a, fresh.encoder.pos_embed_a)
+    assert torch.equal(short.decoder_pos_embed_a, fresh.decoder_pos_embed_a)
+
+
+def test_a_cut_checkpoint_runs_on_shorter_clips_in_the_classifier():
+    clf = CAVMAEClassifier(CAVMAEConfig.from_preset("tiny", audio_length=32), num_classes=3)
+    report = load_pretrained(clf, tiny().state_dict())
+    assert report.adapted == ["encoder.pos_embed_a: audio positions cut from 8x4 to 8x2 time steps"]
+    audio, image = inputs(clf.config)
+    assert clf(audio, image).shape == (B, 3)
+
+
+def test_a_model_longer_than_its_checkpoint_is_a_clear_error():
+    with pytest.raises(ValueError, match="checkpoint has 4 audio time steps .* the model 8: .* not longer"):
+        load_pretrained(tiny(audio_length=128), tiny().state_dict())

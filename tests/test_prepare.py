@@ -246,7 +246,7 @@ def test_synthetic_is_the_same_bytes_for_a_seed_with_or_without_workers(tmp_path
     prepare.make_synthetic(str(tmp_path / "b"), seed=3, workers=1, **TINY)
     prepare.make_synthetic(str(tmp_path / "c"), seed=4, workers=1, **TINY)
     a, b, c = (read_tree(str(tmp_path / x)) for x in "abc")
-    assert len(a) == 3 + 70 * 11 and a == b
+    assert len(a) == 4 + 70 * 11 and a == b   # datafiles, labels.csv, objects.json; a wav and 10 frames per clip
     assert a["audio/train_00000.wav"] != c["audio/train_00000.wav"]
 
 
@@ -276,7 +276,7 @@ def test_synthetic_multilabel_has_one_to_three_distinct_events(tmp_path):
 
 
 def test_synthetic_object_hue_sets_the_pitch_of_its_sound():
-    frames, pcm = prepare.draw_clip(np.random.default_rng(5), [0], 64, 1.0)   # one disk, one pure tone
+    frames, pcm, _ = prepare.draw_clip(np.random.default_rng(5), [0], 64, 1.0)   # one disk, one pure tone
     pixels = frames[5].reshape(-1, 3) / 255.0
     hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
     hue = np.median(hsv[(hsv[:, 1] > 0.6) & (hsv[:, 2] > 0.6), 0])   # the object, not the dull background
@@ -285,10 +285,47 @@ def test_synthetic_object_hue_sets_the_pitch_of_its_sound():
 
 
 def test_synthetic_number_of_objects_is_the_number_of_onsets():
-    _, pcm = prepare.draw_clip(np.random.default_rng(1), [8, 8, 8], 64, 2.56)   # three plucks
+    _, pcm, _ = prepare.draw_clip(np.random.default_rng(1), [8, 8, 8], 64, 2.56)   # three plucks
     energy = np.convolve((pcm / 32768.0) ** 2, np.ones(160) / 160, mode="same")[::160]   # 10 ms frames
     loud = energy > 0.1 * energy.max()
     assert np.count_nonzero(loud[1:] & ~loud[:-1]) + int(loud[0]) == 3
+
+
+def test_inside_objects_tests_points_against_each_shape():
+    disk = {"class": 0, "x": 10.0, "y": 20.0, "radius": 4.0}
+    bar = {"class": 9, "x": 40.0, "y": 20.0, "radius": 4.0}   # an ellipse 1.1 r wide, 0.45 r high
+    x, y = np.array([10, 13.9, 10, 40, 44.3, 40]), np.array([20, 20, 24.5, 20, 20, 22])
+    assert prepare.inside_objects([disk, bar], x, y).tolist() == [True, True, False, True, True, False]
+    assert not prepare.inside_objects([], x, y).any()
+
+
+def test_synthetic_object_geometry_covers_the_drawn_objects():
+    frames, _, objects = prepare.draw_clip(np.random.default_rng(2), [0, 1], 64, 2.56)   # a disk and a square
+    assert len(objects) == 10 and all(len(o) == 2 for o in objects)
+    centres = np.arange(64) + 0.5
+    for frame, frame_objects in zip(frames, objects):
+        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in frame.reshape(-1, 3) / 255.0]).reshape(64, 64, 3)
+        drawn = (hsv[..., 1] > 0.5) & (hsv[..., 2] > 0.7)   # saturated and bright: the objects, not the background
+        inside = prepare.inside_objects(frame_objects, centres[None, :], centres[:, None])
+        assert (drawn & inside).sum() >= 0.99 * drawn.sum()   # every object-coloured pixel lies inside an object
+        assert (drawn & inside).sum() >= 0.8 * inside.sum()   # and most inside pixels are object-coloured (not edges)
+
+
+def test_synthetic_writes_the_objects_of_every_clip_and_frame(tmp_path):
+    out = str(tmp_path / "syn")
+    prepare.make_synthetic(out, n_train=3, n_test=2, image_size=32, seconds=0.5, num_classes=4, workers=1)
+    objects = json.load(open(os.path.join(out, "objects.json")))
+    rows = [e for split in ("train", "test") for e in json.load(open(os.path.join(out, f"{split}.json")))["data"]]
+    assert objects["frame_size"] == 32 and sorted(objects["clips"]) == sorted(e["video_id"] for e in rows)
+    for e in rows:
+        frames = objects["clips"][e["video_id"]]
+        assert len(frames) == 10 and 1 <= len(frames[0]) <= 3
+        assert {prepare.synthetic_mid(o["class"]) for f in frames for o in f} == {e["labels"]}
+    found, path = prepare.read_objects(None, os.path.join(out, "test.json"), ["test_00000"])
+    assert path == os.path.join(out, "objects.json") and found == objects
+    with pytest.raises(ValueError, match="no objects for 1 of the 2 clips"):
+        prepare.read_objects(path, None, ["test_00000", "elsewhere"])
+    assert prepare.read_objects(None, str(tmp_path / "real" / "data.json"), ["x"]) == (None, None)
 
 
 def test_avdataset_reads_the_synthetic_dataset(tmp_path):
