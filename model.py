@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -450,26 +449,6 @@ def _infonce_one_direction(sim):  # (N, N) -> (loss, accuracy) of a softmax over
     return -torch.diagonal(F.log_softmax(sim, dim=0)).mean(), (sim.argmax(dim=0) == target).float().mean()
 
 
-class GatherWithGrad(torch.autograd.Function):
-    """torchrun: contrastive_loss's `gather` for negatives from every rank (train.py gather_negatives=True). An
-    all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own slice."""
-
-    @staticmethod
-    def forward(ctx, x):  # (B, D) -> (world * B, D)
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):  # (world * B, D) -> (B, D)
-        # Every rank computes the same loss over all gathered clips; summing their gradients here and DDP's mean
-        # over ranks afterwards give each parameter the gradient of that one loss.
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # sum over the ranks' losses
-        B = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Fine-tuning classifier
 
@@ -519,19 +498,13 @@ def apply_compile(model, regions=True, **options):
     blocks (COMPILED_REGIONS). `options` go to torch.compile. For CAVMAE and CAVMAEClassifier; returns the model.
     The masking noise (torch.rand, Python's random) stays eager, so a seed draws the same masks as in eager mode and
     the losses agree within float tolerance; parameters and state-dict keys are unchanged (checkpoints as eager)."""
-    # What it buys (one H100, base model, bf16; issue 10): compiling the whole model takes ~107 s and crashes at
-    # batch >= 128 (inductor NameError in a kernel fusing the loss with a LayerNorm backward); block by block,
-    # every layer reuses the graph of its shape: 29-37 s, and 1090 / 1130 samples/s at batch 128 / 256 against
-    # 815-875 / 914 eager (LayerNorms, residual adds, GELU and weight casts fuse). The regions (positions of the
-    # kept tokens, the decoder's input, the MAE loss; the patch-embedding convolutions stay eager, which keeps their
-    # gradients in the layout DDP's buckets expect) are ~110 small eager ops per step (forward + backward, counted
-    # on the CPU) that fuse into a few kernels; they move ~5 GB per step at batch 256: expected 2-3% there, more
-    # at batch 48 where kernel launches count (to be measured on a GPU).
-    # dynamic=False: pretraining has six block shapes (audio, visual, joint, the two single-modality streams,
-    # decoder), each compiled once with static sizes; torch's default makes the later ones dynamic in the token
-    # count (the decoder's in its width too), which denies LayerNorm and reductions their static tuning (expected
-    # a few %; compare `bench.py --dynamic`). Evaluation under no_grad needs other graphs: past torch's recompile
-    # limit (8 per function) dynamo runs them eagerly, with a warning.
+    # What it buys (one H100, base model, bf16, measured before this change): the whole model compiled takes
+    # ~107 s and crashes at batch >= 128 (an inductor NameError); block by block, each layer reuses the graph of its
+    # shape: 29-37 s, 1090 / 1130 samples/s at batch 128 / 256 against 815-875 / 914 eager (LayerNorm, residual
+    # adds, GELU and weight casts fuse). The regions fuse ~110 small eager ops per step (~5 GB of traffic at batch
+    # 256): expected 2-3%, more at batch 48; static shapes (dynamic=False: six block shapes, each compiled once) give
+    # LayerNorm and reductions their static tuning: expected a few %. Both to be measured (bench.py --compile_scope
+    # blocks, --dynamic). The patch-embedding convolutions stay eager: their compiled gradients upset DDP's buckets.
     options = {"dynamic": False, **options}
     for module in model.modules():
         if isinstance(module, Block):

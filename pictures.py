@@ -1,8 +1,11 @@
 """
 Pictures of what a model does, drawn with Pillow and numpy (no plotting library): inpainting (Fig. 3 of the
 paper: original / masked / reconstructed spectrogram and frame) and sound-source localisation (a heat map of
-audio-visual similarity over the frame). eval.py's `inpaint` and `localize` commands write them.
+audio-visual similarity over the frame). eval.py's `inpaint` and `localize` commands write them; train.py draws
+its loss curve here too.
 """
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -134,3 +137,32 @@ def localization_picture(image, similarity, peak, patch_size, title, inside=None
         draw.line([(x - arm, y), (x + arm, y)], fill=colour, width=width)
         draw.line([(x, y - arm), (x, y + arm)], fill=colour, width=width)
     return canvas
+
+
+def loss_picture(log_path, width=720, height=420, margin=(70, 20, 30, 50)):
+    """train.py's loss.png: the training loss per logged iteration (blue line) and the validation loss (red
+    dots) of a log.jsonl; None with fewer than two points."""
+    records = [json.loads(line) for line in open(log_path)]
+    train = [(r["iter"], r["loss"]) for r in records if r["split"] == "train"]
+    val = [(r["iter"], r["loss"]) for r in records if r["split"] == "val"]
+    if len(train + val) < 2:
+        return None
+    left, right, top, bottom = margin
+    (x0, y0), (x1, y1) = [tuple(f(p[i] for p in train + val) for i in (0, 1)) for f in (min, max)]
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1e-3)
+    px = lambda x, y: (left + (x - x0) / (x1 - x0) * (width - left - right),  # noqa: E731
+                       height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):  # axis ticks with their values
+        x, y = round(x0 + (x1 - x0) * i / 4), y0 + (y1 - y0) * i / 4
+        draw.text((px(x, y0)[0] - 10, height - bottom + 6), str(x), fill="black")
+        draw.text((8, px(x0, y)[1] - 6), f"{y:.3g}", fill="black")
+    draw.text(((width - left) // 2, height - 20), "iteration", fill="black")
+    draw.text((8, 8), "loss      train (blue), validation (red)", fill="black")
+    if len(train) > 1:
+        draw.line([px(*p) for p in train], fill=(30, 90, 200), width=2)
+    for p in val:
+        draw.ellipse([px(*p)[0] - 3, px(*p)[1] - 3, px(*p)[0] + 3, px(*p)[1] + 3], fill=(210, 40, 40))
+    return img

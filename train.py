@@ -30,7 +30,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -40,8 +39,9 @@ from checkpoint import WeightAverage, atomic_save, load_start, restore_rngs, rng
 from configurator import ConfigError
 from loader import build_data, gather_in_order, to_device
 from eval import average_frames, classification_metrics, retrieval_metrics
-from model import (FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, GatherWithGrad, apply_compile,
-                   load_pretrained, pooled_representation)
+from pictures import loss_picture
+from model import (FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, apply_compile, load_pretrained,
+                   pooled_representation)
 
 # ----------------------------------------------------------------------------------------------------------
 # default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
@@ -238,12 +238,13 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
     model, report = build_model(cfg, mcfg, num_classes, ckpt, init)
     model.to(device)
     dtype = resolve_dtype(cfg, device)
-    run = Run(cfg, mcfg, device, rank, world, model, model, build_optimizer(cfg, model, device),
-              torch.amp.GradScaler(device.type, enabled=dtype == "float16"),
-              torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"), dtype, loaders,
-              None, 0, num_classes, resume_cmd=resume_cmd)
-    run.nonfinite = torch.zeros((), device=device)
-    run.total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * run.iters_per_epoch
+    total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * loaders["iters_per_epoch"]
+    run = Run(cfg=cfg, mcfg=mcfg, device=device, rank=rank, world=world, model=model, step_model=model,
+              optimizer=build_optimizer(cfg, model, device), dtype=dtype,
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"),  # fp16 only
+              autocast=torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"),
+              data=loaders, batches=None, total_iters=total_iters, num_classes=num_classes,
+              nonfinite=torch.zeros((), device=device), resume_cmd=resume_cmd)
     run.wa = WeightAverage(cfg["wa_start"], cfg["wa_end"], ckpt and ckpt["wa"]) if cfg["wa"] else None
     if ckpt is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"]), run.scaler.load_state_dict(ckpt["scaler"])
@@ -265,6 +266,26 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
 
 # ----------------------------------------------------------------------------------------------------------
 # Objectives and a training step
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own slice: the
+    `gather` of model.contrastive_loss for negatives from every rank (gather_negatives=True)."""
+
+    @staticmethod
+    def forward(ctx, x):  # (B, D) -> (world * B, D)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):  # (world * B, D) -> (B, D)
+        # Every rank computes the same loss over all gathered clips; summing their gradients here and DDP's mean
+        # over ranks afterwards give each parameter the gradient of that one loss.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over the ranks' losses
+        B = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
 
 
 def pretrain_kwargs(cfg):
@@ -455,34 +476,6 @@ def log_line(cfg, record):
         f.write(json.dumps(record) + "\n")
 
 
-def plot_losses(log_path, png_path, width=720, height=420, margin=(70, 20, 30, 50)):
-    """Training loss per logged iteration (blue line) and validation loss (red dots), drawn with Pillow."""
-    records = [json.loads(line) for line in open(log_path)]
-    train = [(r["iter"], r["loss"]) for r in records if r["split"] == "train"]
-    val = [(r["iter"], r["loss"]) for r in records if r["split"] == "val"]
-    if len(train + val) < 2:
-        return
-    left, right, top, bottom = margin
-    (x0, y0), (x1, y1) = [tuple(f(p[i] for p in train + val) for i in (0, 1)) for f in (min, max)]
-    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1e-3)
-    px = lambda x, y: (left + (x - x0) / (x1 - x0) * (width - left - right),  # noqa: E731
-                       height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):  # axis ticks with their values
-        x, y = round(x0 + (x1 - x0) * i / 4), y0 + (y1 - y0) * i / 4
-        draw.text((px(x, y0)[0] - 10, height - bottom + 6), str(x), fill="black")
-        draw.text((8, px(x0, y)[1] - 6), f"{y:.3g}", fill="black")
-    draw.text(((width - left) // 2, height - 20), "iteration", fill="black")
-    draw.text((8, 8), "loss      train (blue), validation (red)", fill="black")
-    if len(train) > 1:
-        draw.line([px(*p) for p in train], fill=(30, 90, 200), width=2)
-    for p in val:
-        draw.ellipse([px(*p)[0] - 3, px(*p)[1] - 3, px(*p)[0] + 3, px(*p)[1] + 3], fill=(210, 40, 40))
-    img.save(png_path)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -635,7 +628,9 @@ def finish(run):
     final = evaluate(run, final=True)
     save_checkpoint(run, model_last=last_state)
     if run.master:
-        plot_losses(run.path("log.jsonl"), run.path("loss.png"))
+        picture = loss_picture(run.path("log.jsonl"))
+        if picture is not None:
+            picture.save(run.path("loss.png"))
     return dict(model=run.model, iter_num=run.iter_num, final=final, stopped=False)
 
 

@@ -372,3 +372,14 @@ def test_device_side_and_worker_side_preprocessing_log_the_same_losses(synth, tm
         train.main(flags(synth, tmp_path / where, *common, f"--gpu_preprocess={where}"))
     on, off = train_losses(tmp_path / "on"), train_losses(tmp_path / "off")
     assert len(on) == 6 and on == pytest.approx(off, rel=1e-4)
+
+
+def test_fine_tuning_shorter_clips_from_a_longer_checkpoint_cuts_the_audio_positions(synth, tmp_path, capsys):
+    train.main(flags(synth, tmp_path / "pre", "--max_iters=1"))  # tiny: 64 fbank frames
+    result = train.main(flags(synth, tmp_path / "ft", "--task=finetune", "--max_iters=1", "--model_audio_length=32",
+                              f"--init_from={tmp_path}/pre/ckpt.pt"))
+    assert result["model"].config.audio_length == 32
+    assert "audio positions cut from 8x4 to 8x2 time steps" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="not longer ones"):
+        train.main(flags(synth, tmp_path / "long", "--max_iters=1", "--model_audio_length=128",
+                         f"--init_from={tmp_path}/pre/ckpt.pt"))
