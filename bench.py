@@ -193,11 +193,10 @@ def e2e_dataset(args, config):
 
 
 def epoch_rate(log_path):
-    """Mean samples/s over whole epochs after the first (which compiles and starts the workers) from train.py's
-    log: its "epoch" records, or while train.py writes none, its "train" records (one per epoch here)."""
+    """Mean samples/s over whole epochs after the first (which compiles and starts the workers), from the "epoch"
+    records of train.py's log (evaluation and checkpoint time excluded)."""
     records = [json.loads(line) for line in open(log_path)]
-    rows = [r for r in records if r["split"] == "epoch"] or [r for r in records if r["split"] == "train"]
-    rates = [r["samples_per_s"] for r in rows]
+    rates = [r["samples_per_s"] for r in records if r["split"] == "epoch"]
     return statistics.mean(rates[1:] if len(rates) > 1 else rates), len(rates)
 
 
