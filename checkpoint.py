@@ -97,8 +97,8 @@ def save_checkpoint(run, rngs=None, model_last=None):
         if run.world > 1:
             rngs = [None] * run.world
             dist.all_gather_object(rngs, rng_state(run.device))
-    run.last_save, run.saved_iter = time.time(), run.iter_num
     if not run.master:
+        run.last_save, run.saved_iter = time.time(), run.iter_num
         return
     cfg, (epoch, done) = run.cfg, divmod(run.iter_num, run.iters_per_epoch)
     atomic_save(dict(model=run.model.state_dict(), model_last=model_last, model_args=dataclasses.asdict(run.mcfg),
@@ -107,6 +107,7 @@ def save_checkpoint(run, rngs=None, model_last=None):
                      iter_num=run.iter_num, epoch=epoch, rng=rngs, best_metric=run.best_metric,
                      best_iter=run.best_iter, wa=run.wa and run.wa.state_dict(),
                      sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])), run.path("ckpt.pt"))
+    run.last_save, run.saved_iter = time.time(), run.iter_num  # only once the file is there
 
 
 def restore_rngs(cfg, rank, device, ckpt):

@@ -114,8 +114,8 @@ class FinishOnWorker:
         return dict(audio=audio, image=image, label=label, fallbacks=batch["fallbacks"])
 
 
-def ignore_sigint(worker_id):  # Ctrl-C is the main process's business: it saves a checkpoint and stops
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_signals(worker_id):  # Ctrl-C and SIGTERM are the main process's business: it saves and stops
+    signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(ds, cfg, device, prep, on_device, **kw):
@@ -123,7 +123,7 @@ def make_loader(ds, cfg, device, prep, on_device, **kw):
     return torch.utils.data.DataLoader(
         ds, num_workers=workers, collate_fn=data.collate_raw if on_device else FinishOnWorker(prep),
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,  # pinned: copies overlap compute
-        prefetch_factor=PREFETCH_BATCHES if workers else None, worker_init_fn=ignore_sigint,
+        prefetch_factor=PREFETCH_BATCHES if workers else None, worker_init_fn=ignore_signals,
         generator=torch.Generator(), **kw)  # own generator: an iterator's seed draw leaves the global RNG alone
 
 
@@ -141,6 +141,8 @@ def build_data(cfg, mcfg, device, rank, world, epoch, start):
     if len(train_ds) // world < per_step:
         raise ConfigError(f"{cfg['data_train']}: {len(train_ds)} clips over {world} process(es) do not fill one step "
                           f"of batch_size={cfg['batch_size']} x grad_accum={cfg['grad_accum']}")
+    if len(val_ds) < world:
+        raise ConfigError(f"{cfg['data_val']}: {len(val_ds)} clips cannot give each of {world} processes a share")
     iters_per_epoch = len(train_ds) // world // per_step
     weights = data.class_balance_weights(train_ds) if cfg["balanced_sampling"] else None
     batches = RunBatches(len(train_ds), cfg["batch_size"], iters_per_epoch * cfg["grad_accum"], cfg["seed"], rank,

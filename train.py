@@ -45,9 +45,6 @@ from model import (FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig,
 
 # ----------------------------------------------------------------------------------------------------------
 # default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
-
-# ----------------------------------------------------------------------------------------------------------
-# default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
 # I/O
 out_dir = "out/pretrain"
 task = "pretrain"              # 'pretrain' (CAV-MAE objective) | 'finetune' (CAVMAEClassifier)
@@ -55,6 +52,7 @@ init_from = "scratch"          # 'scratch' | 'resume' (out_dir/ckpt.pt) | a chec
 eval_interval = 0              # evaluate (and save) every N iterations; 0 = every epoch; -1 = only at the end
 save_interval = 0              # also save every N iterations (0: at evaluations, epoch ends and the end only)
 save_minutes = 30.0            # also save when this many minutes have passed since the last save (0: off)
+save_epochs = True             # also save at each epoch end (off for short epochs of a big model)
 overwrite = False              # a new run may replace the checkpoint in out_dir (else: --init_from=resume)
 log_interval = 10
 # data
@@ -169,7 +167,7 @@ class Run:
     last_eval_iter: int = None
     last_save: float = dataclasses.field(default_factory=time.time)
     saved_iter: int = 0           # the iteration ckpt.pt holds
-    step_rng: dict = None         # RNG states at the start of the current step (an error's checkpoint)
+    step_rng: dict = None         # RNG states after the last completed step (an error's checkpoint)
     updating: bool = False        # inside optimizer.step: the weights are not consistent
     nonfinite: torch.Tensor = None  # steps with a NaN/inf loss, counted on the device (no host sync per step)
     fallbacks: list = dataclasses.field(default_factory=list)  # this epoch's missing frames
@@ -375,9 +373,8 @@ def evaluate_pretrain(run):
             audio_emb.append(pooled_representation(a).cpu())  # (B, D)
             visual_emb.append(pooled_representation(v).cpu())
     random.setstate(python_state)
-    keys, totals = list(sums), torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in sums])
+    keys, totals = list(sums), torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=run.device) for k in sums])
     if run.world > 1:
-        totals = totals.to(run.device)
         dist.all_reduce(totals)
     audio_emb, visual_emb = gather_in_order([torch.cat(audio_emb), torch.cat(visual_emb)], run.rank, run.world)
     sim = audio_emb @ visual_emb.T  # (N, N), rows = audio clips
@@ -457,8 +454,14 @@ def update_best(run, metrics):
 def save_on_error(run, error):
     """An exception inside the loop: save the state after the last completed step before the error propagates,
     and say how to resume. A NaN keeps the last good checkpoint instead; so does an error inside the weight update.
-    Under torchrun the other ranks may be gone: rank 0 saves alone, without their RNG streams."""
+    Under torchrun rank 0 saves alone, without the other ranks' RNG streams; an error on another rank leaves rank
+    0 waiting in a collective until torchrun or the NCCL timeout ends it, with the last regular checkpoint."""
     if isinstance(error, NonFiniteLoss) or run.updating or not run.master:
+        return
+    try:
+        if run.nonfinite.item():  # a NaN since the last check: the last good checkpoint stays
+            return
+    except Exception:  # a broken device cannot tell
         return
     if run.saved_iter != run.iter_num:
         try:
@@ -571,18 +574,19 @@ def loop(run):
     try:
         with StopSignal() as stop:
             while run.iter_num < run.total_iters:
-                run.step_rng = rng_state(run.device) if run.world == 1 else None
                 set_lr(run)
                 stats = train_step(run)
                 run.iter_num, run.nonfinite = run.iter_num + 1, run.nonfinite + ~torch.isfinite(stats["loss"])
+                run.step_rng = rng_state(run.device) if run.world == 1 else None  # evaluation leaves it as it is
                 window.add(stats), epoch_meter.add(stats), bar.update(1)
                 it, last = run.iter_num, run.iter_num == run.total_iters
                 epoch_end = it % run.iters_per_epoch == 0
                 want_eval = not last and (cfg["eval_interval"] > 0 and it % cfg["eval_interval"] == 0
                                           or cfg["eval_interval"] == 0 and epoch_end)
-                want_save = epoch_end or last or want_eval or cfg["save_interval"] > 0 and it % cfg["save_interval"] == 0
+                want_save = (last or want_eval or epoch_end and cfg["save_epochs"]
+                             or cfg["save_interval"] > 0 and it % cfg["save_interval"] == 0)
                 stopping = save_due = False
-                if want_save or it % cfg["log_interval"] == 0 or stop.requested and run.world == 1:
+                if want_save or epoch_end or it % cfg["log_interval"] == 0 or stop.requested and run.world == 1:
                     stopping, save_due = check_point(run, stop)
                     log_train(run, window, bar)
                     window = Meter()

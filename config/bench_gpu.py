@@ -17,6 +17,7 @@ lr = 5e-5
 max_iters = 200                # 13 epochs of 15 steps: many epoch boundaries
 eval_interval = -1             # no evaluation inside the benchmark, only the final one
 save_minutes = 0.0
+save_epochs = False            # no checkpoint inside the benchmark but the last
 log_interval = 20
 device = "cuda"
 dtype = "bfloat16"

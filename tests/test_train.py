@@ -383,3 +383,41 @@ def test_fine_tuning_shorter_clips_from_a_longer_checkpoint_cuts_the_audio_posit
     with pytest.raises(ValueError, match="not longer ones"):
         train.main(flags(synth, tmp_path / "long", "--max_iters=1", "--model_audio_length=128",
                          f"--init_from={tmp_path}/pre/ckpt.pt"))
+
+
+def test_an_error_after_an_unchecked_nan_keeps_the_last_good_checkpoint(synth, tmp_path, monkeypatch):
+    real_loss, real_step, steps = train.compute_loss, train.train_step, []
+
+    def compute_loss(*args, **kwargs):  # NaN from the 6th training step on, between two log lines
+        loss, stats = real_loss(*args, **kwargs)
+        if torch.is_grad_enabled() and len(steps) >= 6:
+            loss, stats = loss * float("nan"), {**stats, "loss": stats["loss"] * float("nan")}
+        return loss, stats
+
+    def failing_step(run):  # then the 7th step's data cannot be read
+        steps.append(1)
+        if len(steps) == 7:
+            raise data.DataError("clip3.wav: cannot read audio")
+        return real_step(run)
+    monkeypatch.setattr(train, "compute_loss", compute_loss)
+    monkeypatch.setattr(train, "train_step", failing_step)
+    with pytest.raises(data.DataError):
+        train.main(flags(synth, tmp_path, "--max_iters=8", "--log_interval=10", "--save_minutes=0"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_an_error_in_evaluation_saves_the_step_and_resume_is_exact(synth, tmp_path, monkeypatch):
+    common = ["--max_iters=6", "--save_minutes=0", "--eval_interval=3"]
+    train.main(flags(synth, tmp_path / "a", *common))
+    real = train.evaluate
+
+    def failing_evaluate(run, final=False):
+        raise data.DataError("test_00001.wav: cannot read audio")
+    monkeypatch.setattr(train, "evaluate", failing_evaluate)
+    with pytest.raises(data.DataError):
+        train.main(flags(synth, tmp_path / "b", *common))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["iter_num"] == 3
+    monkeypatch.setattr(train, "evaluate", real)
+    train.main(flags(synth, tmp_path / "b", *common, "--init_from=resume"))
+    assert same_weights(*(training_state(tmp_path / run / "ckpt.pt") for run in "ab"))
