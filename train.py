@@ -185,16 +185,18 @@ class Run:
     def iters_per_epoch(self):
         return self.data["iters_per_epoch"]
 
+    @property
+    def step_samples(self):  # clips per optimizer step, all ranks
+        return self.cfg["batch_size"] * self.cfg["grad_accum"] * self.world
+
     def path(self, name):
         return os.path.join(self.cfg["out_dir"], name)
 
 
-def resolve_dtype(cfg, device):
-    if cfg["dtype"] != "auto":
-        return cfg["dtype"]
-    if device.type != "cuda":
-        return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"  # float16: the official AMP
+def resolve_dtype(cfg, device):  # 'auto': bf16 on CUDA, fp16 (the official AMP) where it has none, fp32 on CPU
+    if cfg["dtype"] != "auto" or device.type != "cuda":
+        return "float32" if cfg["dtype"] == "auto" else cfg["dtype"]
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def build_model(cfg, mcfg, num_classes, ckpt, init):
@@ -516,10 +518,6 @@ class Meter:
         return self.steps * step_samples / max(time.time() - self.start - self.paused, 1e-9)
 
 
-def step_samples(run):
-    return run.cfg["batch_size"] * run.cfg["grad_accum"] * run.world
-
-
 def check_point(run, stop):
     """The loop's one host sync (at log intervals, evaluations, saves): a NaN/inf loss on any rank raises
     NonFiniteLoss; the ranks agree on stopping after a signal and on a save that save_minutes asks for."""
@@ -536,7 +534,7 @@ def check_point(run, stop):
 
 def log_train(run, meter, bar):
     record = {k: float(v) / meter.steps for k, v in meter.sums.items()}
-    record["samples_per_s"] = meter.samples_per_s(step_samples(run))
+    record["samples_per_s"] = meter.samples_per_s(run.step_samples)
     if run.pretrain and run.device.type == "cuda":  # model FLOPs utilisation; training = 3 forward passes
         ratios = pretrain_kwargs(run.cfg)
         flops = 3 * run.model.flops_per_sample(ratios["mask_ratio_a"], ratios["mask_ratio_v"])
@@ -559,7 +557,7 @@ def end_epoch(run, meter):
     count = int(count.item())
     if run.master:
         log_line(run.cfg, dict(split="epoch", epoch=epoch, iter=run.iter_num, samples_per_s=meter.samples_per_s(
-            step_samples(run)), seconds=time.time() - meter.start - meter.paused, frame_fallbacks=count,
+            run.step_samples), seconds=time.time() - meter.start - meter.paused, frame_fallbacks=count,
             fallback_examples=run.fallbacks[:3]))
         if count:
             tqdm.write(f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was missing, "
@@ -654,7 +652,7 @@ def start_log(run, report):
           f"{mcfg.num_mel_bins}, image {mcfg.img_size} | data {len(d['train_ds'])} train, {len(d['val_ds'])} val"
           f"{f', {run.num_classes} classes' if run.num_classes else ''} | {run.device} {run.dtype} x{run.world}"
           f"{', compiled' if cfg['compile'] else ''}, {'device' if d['prep'] else 'worker'} preprocessing | "
-          f"{run.total_iters} iters of {step_samples(run)} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
+          f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
           + (f"\ninit_from {cfg['init_from']}: {report}" if report else ""))
 
 
