@@ -106,7 +106,8 @@ def save_checkpoint(run, rngs=None, model_last=None):
                      scaler=run.scaler.state_dict(), scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
                      iter_num=run.iter_num, epoch=epoch, rng=rngs, best_metric=run.best_metric,
                      best_iter=run.best_iter, wa=run.wa and run.wa.state_dict(),
-                     sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])), run.path("ckpt.pt"))
+                     sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])),
+                run.path("ckpt.pt"))
     run.last_save, run.saved_iter = time.time(), run.iter_num  # only once the file is there
 
 

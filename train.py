@@ -375,7 +375,8 @@ def evaluate_pretrain(run):
             audio_emb.append(pooled_representation(a).cpu())  # (B, D)
             visual_emb.append(pooled_representation(v).cpu())
     random.setstate(python_state)
-    keys, totals = list(sums), torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=run.device) for k in sums])
+    keys = list(sums)
+    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=run.device) for k in keys])
     if run.world > 1:
         dist.all_reduce(totals)
     audio_emb, visual_emb = gather_in_order([torch.cat(audio_emb), torch.cat(visual_emb)], run.rank, run.world)
@@ -490,11 +491,9 @@ class StopSignal:
 
     def __enter__(self):
         self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, lambda *_: setattr(self, "requested", True))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
         return self
-
-    def handle(self, signum, frame):
-        self.requested = True
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -682,8 +681,8 @@ def main(argv=None):
         dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(minutes=cfg["ddp_timeout_minutes"]))
     launcher = f"torchrun --nproc_per_node={world}" if ddp else "python"
-    resume_cmd = " ".join([launcher, "train.py", *(a for a in argv if not a.startswith(("--init_from=", "--overwrite="))),
-                           "--init_from=resume"])
+    kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
+    resume_cmd = " ".join([launcher, "train.py", *kept, "--init_from=resume"])
     try:
         return train(cfg, torch.device(device_name), rank, world, resume_cmd)
     finally:
