@@ -88,6 +88,13 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+def weights_entry(run):
+    """What ckpt.pt and best.pt share, and all that model.load_pretrained and eval.py need: the weights, the
+    architecture, the task, the classes and the settings of the run."""
+    return dict(model=run.model.state_dict(), model_args=dataclasses.asdict(run.mcfg), task=run.cfg["task"],
+                num_classes=run.num_classes, config=run.cfg)
+
+
 def save_checkpoint(run, rngs=None, model_last=None):
     """Rank 0 writes out_dir/ckpt.pt atomically. Every rank calls it (their RNG states are gathered) unless `rngs`
     is given. `model` holds what the run reports (after the final evaluation: the weight average or the best
@@ -101,8 +108,7 @@ def save_checkpoint(run, rngs=None, model_last=None):
         run.last_save, run.saved_iter = time.time(), run.iter_num
         return
     cfg, (epoch, done) = run.cfg, divmod(run.iter_num, run.iters_per_epoch)
-    atomic_save(dict(model=run.model.state_dict(), model_last=model_last, model_args=dataclasses.asdict(run.mcfg),
-                     task=cfg["task"], num_classes=run.num_classes, config=cfg, optimizer=run.optimizer.state_dict(),
+    atomic_save(dict(weights_entry(run), model_last=model_last, optimizer=run.optimizer.state_dict(),
                      scaler=run.scaler.state_dict(), scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
                      iter_num=run.iter_num, epoch=epoch, rng=rngs, best_metric=run.best_metric,
                      best_iter=run.best_iter, wa=run.wa and run.wa.state_dict(),

@@ -25,7 +25,6 @@ from configurator import ConfigError
 PREFETCH_BATCHES = 4           # per loader worker: batches decoded ahead of the step that needs them
 
 
-
 class RunBatches(torch.utils.data.Sampler):
     """Micro-batches of (epoch, position, index) keys for this rank, epoch after epoch from (epoch, start). Each
     epoch is a permutation (or a class-balanced draw with replacement) seeded by (seed, epoch), split across ranks

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import configurator
 import data
-from checkpoint import WeightAverage, atomic_save, load_start, restore_rngs, rng_state, save_checkpoint
+from checkpoint import (WeightAverage, atomic_save, load_start, restore_rngs, rng_state, save_checkpoint,
+                        weights_entry)
 from configurator import ConfigError
 from loader import build_data, gather_in_order, to_device
 from eval import average_frames, classification_metrics, retrieval_metrics
@@ -445,9 +446,7 @@ def update_best(run, metrics):
         return
     run.best_metric, run.best_iter = value, run.iter_num
     if run.master:
-        atomic_save(dict(model=run.model.state_dict(), model_args=dataclasses.asdict(run.mcfg), task=run.cfg["task"],
-                         num_classes=run.num_classes, config=run.cfg, iter_num=run.iter_num, metric=value),
-                    run.path("best.pt"))
+        atomic_save(dict(weights_entry(run), iter_num=run.iter_num, metric=value), run.path("best.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -613,19 +612,20 @@ def loop(run):
 def finish(run):
     """After the last step: the weights the run reports (the weight average; when fine-tuning, the best validation
     weights, as the official code does; else the last ones), evaluated on all frames, saved, and the loss plot."""
-    last_state = None
+    reported = None
     if run.wa is not None and run.wa.count:
-        last_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-        run.model.load_state_dict(run.wa.averaged(last_state))
+        reported = run.wa.averaged(run.model.state_dict())
     elif run.cfg["select_best"] and not run.pretrain:
         if run.last_eval_iter != run.iter_num:  # the last weights are candidates too
             update_best(run, evaluate(run))
         if run.best_iter not in (None, run.iter_num):
-            last_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
             if run.world > 1:
                 dist.barrier()  # rank 0 has written best.pt
-            best = torch.load(run.path("best.pt"), map_location=run.device, weights_only=False)
-            run.model.load_state_dict(best["model"])
+            reported = torch.load(run.path("best.pt"), map_location=run.device, weights_only=False)["model"]
+    last_state = None  # the training state, kept for a resume when the reported weights differ from it
+    if reported is not None:
+        last_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        run.model.load_state_dict(reported)
     final = evaluate(run, final=True)
     save_checkpoint(run, model_last=last_state)
     if run.master:
