@@ -14,6 +14,7 @@ cache shortens it on later runs: TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python ben
 is the paper's pretraining setup: norm_pix_loss, mask ratio 0.75, contrastive weight 0.01, Adam as train.py (fused
 on CUDA). --e2e runs train.py's own compile and attention settings; the bench row next to it uses this file's.
 """
+
 import argparse
 import contextlib
 import gc
@@ -35,40 +36,70 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="base", help="model preset: base | small | tiny")
     p.add_argument("--batch_sizes", default="48,256", help="comma-separated batch sizes")
     p.add_argument("--batch_size", type=int, default=0, help="one batch size (overrides --batch_sizes)")
-    p.add_argument("--modes", default="", help="eager,compiled (default; --e2e: compiled on CUDA, eager on CPU)")
-    p.add_argument("--compile_scope", default="regions", choices=["regions", "blocks", "model"],
-                   help="regions: apply_compile (blocks + RNG-free regions); blocks: Blocks only; "
-                        "model: torch.compile of the whole model (crashes at batch >= 128 on torch 2.11)")
+    p.add_argument(
+        "--modes", default="", help="eager,compiled (default; --e2e: compiled on CUDA, eager on CPU)"
+    )
+    p.add_argument(
+        "--compile_scope",
+        default="regions",
+        choices=["regions", "blocks", "model"],
+        help="regions: apply_compile (blocks + RNG-free regions); blocks: Blocks only; "
+        "model: torch.compile of the whole model (crashes at batch >= 128 on torch 2.11)",
+    )
     p.add_argument("--dynamic", action="store_true", help="compile with torch's automatic dynamic shapes")
-    p.add_argument("--compile_mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
-                   help="torch.compile mode (longer compiles; CUDA graphs with reduce-overhead)")
-    p.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
-                   help="attention kernel (auto: PyTorch's choice; the decoder's head dim is 32)")
+    p.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+        help="torch.compile mode (longer compiles; CUDA graphs with reduce-overhead)",
+    )
+    p.add_argument(
+        "--sdpa",
+        default="auto",
+        choices=["auto", "flash", "cudnn", "efficient", "math"],
+        help="attention kernel (auto: PyTorch's choice; the decoder's head dim is 32)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the compiled ones compile here)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (the compiled ones compile here)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--mask_ratio", type=float, default=0.75, help="audio and visual mask ratio")
     p.add_argument("--norm_pix_loss", type=int, default=1, choices=[0, 1], help="as the released checkpoints")
     p.add_argument("--contrastive_weight", type=float, default=0.01)
     p.add_argument("--mae_weight", type=float, default=1.0)
-    p.add_argument("--peak_flops", type=float, default=989e12, help="accelerator peak FLOP/s (H100 SXM dense bf16)")
+    p.add_argument(
+        "--peak_flops", type=float, default=989e12, help="accelerator peak FLOP/s (H100 SXM dense bf16)"
+    )
     p.add_argument("--seed", type=int, default=0)
     e = p.add_argument_group("end to end (--e2e): train.py's loop, workers and device preprocessing")
-    e.add_argument("--e2e", action="store_true", help="run train.py on generated clips instead of random tensors")
+    e.add_argument(
+        "--e2e", action="store_true", help="run train.py on generated clips instead of random tensors"
+    )
     e.add_argument("--workers", type=int, default=8, help="DataLoader workers")
     e.add_argument("--e2e_clips", type=int, default=4096, help="training clips to generate (test clips: 64)")
-    e.add_argument("--e2e_epochs", type=int, default=3, help="epochs; the first (compilation) is not averaged")
+    e.add_argument(
+        "--e2e_epochs", type=int, default=3, help="epochs; the first (compilation) is not averaged"
+    )
     e.add_argument("--e2e_data", default="data/bench_e2e", help="cache folder of the generated clips")
     e.add_argument("--e2e_out", default="out/bench_e2e", help="train.py's out_dir (one subfolder per run)")
     args = p.parse_args(argv)
     args.batch_sizes = [args.batch_size] if args.batch_size else [int(b) for b in args.batch_sizes.split(",")]
     cuda = args.device.startswith("cuda")
-    args.modes = (args.modes.split(",") if args.modes else
-                  ["compiled" if cuda else "eager"] if args.e2e else ["eager", "compiled"])
+    args.modes = (
+        args.modes.split(",")
+        if args.modes
+        else ["compiled" if cuda else "eager"]
+        if args.e2e
+        else ["eager", "compiled"]
+    )
     if args.dtype == "auto":
         args.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
     return args
@@ -82,29 +113,46 @@ def build(args, device, mode):
     step_model = model
     if mode == "compiled":
         torch._dynamo.reset()  # every configuration compiles from scratch: its compile time, its static shapes
-        options = dict(**({"dynamic": None} if args.dynamic else {}),
-                       **({"mode": args.compile_mode} if args.compile_mode != "default" else {}))
+        options = dict(
+            **({"dynamic": None} if args.dynamic else {}),
+            **({"mode": args.compile_mode} if args.compile_mode != "default" else {}),
+        )
         if args.compile_scope == "model":
             step_model = torch.compile(model, **options)
         else:
             apply_compile(model, regions=args.compile_scope == "regions", **options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.95, 0.999), weight_decay=5e-7,
-                                 **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=5e-5,
+        betas=(0.95, 0.999),
+        weight_decay=5e-7,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
     return model, step_model, optimizer
 
 
-SDPA_BACKENDS = dict(auto=None, flash="FLASH_ATTENTION", cudnn="CUDNN_ATTENTION", efficient="EFFICIENT_ATTENTION",
-                     math="MATH")
+SDPA_BACKENDS = dict(
+    auto=None, flash="FLASH_ATTENTION", cudnn="CUDNN_ATTENTION", efficient="EFFICIENT_ATTENTION", math="MATH"
+)
 
 
 def train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa=None):
     """forward + backward + optimizer step, as train.py's loop; returns the loss without synchronising.
     sdpa: the name of one torch.nn.attention.SDPBackend to force, or None for PyTorch's choice."""
-    backend = (torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, sdpa)) if sdpa
-               else contextlib.nullcontext())
+    backend = (
+        torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, sdpa))
+        if sdpa
+        else contextlib.nullcontext()
+    )
     with autocast, backend:
-        out = step_model(audio, image, mask_ratio_a=args.mask_ratio, mask_ratio_v=args.mask_ratio,
-                         mae_weight=args.mae_weight, contrastive_weight=args.contrastive_weight)
+        out = step_model(
+            audio,
+            image,
+            mask_ratio_a=args.mask_ratio,
+            mask_ratio_v=args.mask_ratio,
+            mae_weight=args.mae_weight,
+            contrastive_weight=args.contrastive_weight,
+        )
     scaler.scale(out["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -119,12 +167,20 @@ def sync(device):
 
 def peak_memory_gib(device):
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def bench_config(args, device, batch, mode):
-    """Time one (mode, batch) configuration -> a result row."""
+    """Time one (mode, batch) configuration -> a result row, then free its memory."""
+    row = measure_config(args, device, batch, mode)
+    gc.collect()  # the model, optimizer and inputs of measure_config are garbage now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def measure_config(args, device, batch, mode):
     model, step_model, optimizer = build(args, device, mode)
     c, dtype = model.config, getattr(torch, args.dtype)
     audio = torch.randn(batch, c.audio_length, c.num_mel_bins, device=device)
@@ -149,22 +205,26 @@ def bench_config(args, device, batch, mode):
     step_s = (time.perf_counter() - t0) / args.steps
     samples_per_s = batch / step_s
     flops = 3 * model.flops_per_sample(args.mask_ratio, args.mask_ratio) * samples_per_s
-    row = dict(mode=mode, batch=batch, samples_per_s=samples_per_s, step_ms=1000 * step_s,
-               mfu=flops / args.peak_flops if device.type == "cuda" else None, peak_gib=peak_memory_gib(device),
-               compile_s=sum(warmup_times) - len(warmup_times) * step_s if mode == "compiled" else None,
-               loss=float(loss))
-    del model, step_model, optimizer, audio, image
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    row = dict(
+        mode=mode,
+        batch=batch,
+        samples_per_s=samples_per_s,
+        step_ms=1000 * step_s,
+        mfu=flops / args.peak_flops if device.type == "cuda" else None,
+        peak_gib=peak_memory_gib(device),
+        compile_s=sum(warmup_times) - len(warmup_times) * step_s if mode == "compiled" else None,
+        loss=float(loss),
+    )
     return row
 
 
 def describe(row):
     mfu = f"MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else "MFU -"
     compile_s = f", compile {row['compile_s']:.1f} s" if row["compile_s"] is not None else ""
-    return (f"{row['mode']:8s} batch {row['batch']:4d}: {row['samples_per_s']:8.1f} samples/s, {mfu}, "
-            f"peak {row['peak_gib']:.1f} GiB, step {row['step_ms']:.1f} ms{compile_s}, loss {row['loss']:.4f}")
+    return (
+        f"{row['mode']:8s} batch {row['batch']:4d}: {row['samples_per_s']:8.1f} samples/s, {mfu}, "
+        f"peak {row['peak_gib']:.1f} GiB, step {row['step_ms']:.1f} ms{compile_s}, loss {row['loss']:.4f}"
+    )
 
 
 def print_table(rows):
@@ -172,7 +232,9 @@ def print_table(rows):
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
-        print(f"| {r['mode']} | {r['batch']} | {r['samples_per_s']:.1f} | {mfu} | {r['peak_gib']:.1f} | {compile_s} |")
+        print(
+            f"| {r['mode']} | {r['batch']} | {r['samples_per_s']:.1f} | {mfu} | {r['peak_gib']:.1f} | {compile_s} |"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,13 +244,19 @@ def print_table(rows):
 def e2e_dataset(args, config):
     """Generate the synthetic clips once per (size, length, count) into args.e2e_data; return the folder."""
     import prepare
-    seconds = min(10.0, config.audio_length / 100 + 0.05)  # 10 s clips for the base model (padded to 1024 frames)
+
+    seconds = min(
+        10.0, config.audio_length / 100 + 0.05
+    )  # 10 s clips for the base model (padded to 1024 frames)
     n_test = min(64, args.e2e_clips)
     out = os.path.join(args.e2e_data, f"{config.img_size}px_{seconds:g}s_{args.e2e_clips}")
     if not os.path.isfile(os.path.join(out, "test.json")):  # written last
-        print(f"generating {args.e2e_clips} + {n_test} synthetic clips ({config.img_size} px, {seconds:g} s) in {out}")
-        prepare.make_synthetic(out, n_train=args.e2e_clips, n_test=n_test, image_size=config.img_size,
-                               seconds=seconds)
+        print(
+            f"generating {args.e2e_clips} + {n_test} synthetic clips ({config.img_size} px, {seconds:g} s) in {out}"
+        )
+        prepare.make_synthetic(
+            out, n_train=args.e2e_clips, n_test=n_test, image_size=config.img_size, seconds=seconds
+        )
     return out
 
 
@@ -203,19 +271,36 @@ def epoch_rate(log_path):
 def e2e_config(args, device, batch, mode):
     """train.py on the generated clips at this batch size and mode, then the bench step at the same settings."""
     import train
+
     data_dir = e2e_dataset(args, CAVMAEConfig.from_preset(args.preset))
     per_epoch = args.e2e_clips // batch
     if per_epoch < 1:
         raise SystemExit(f"--e2e_clips={args.e2e_clips} is less than one batch of {batch}")
     out_dir = os.path.join(args.e2e_out, f"{args.preset}_b{batch}_{mode}_w{args.workers}")
-    train.main([os.path.join(ROOT, "config", "bench_gpu.py"), f"--data_train={data_dir}/train.json",
-                f"--data_val={data_dir}/test.json", f"--label_csv={data_dir}/labels.csv", f"--out_dir={out_dir}",
-                f"--model_preset={args.preset}", f"--model_norm_pix_loss={bool(args.norm_pix_loss)}",
-                f"--batch_size={batch}", f"--num_workers={args.workers}", f"--max_iters={args.e2e_epochs * per_epoch}",
-                "--eval_interval=-1", f"--log_interval={per_epoch}", f"--device={device}", f"--dtype={args.dtype}",
-                f"--compile={mode == 'compiled'}", "--gpu_preprocess=on", f"--mask_ratio={args.mask_ratio}",
-                f"--mae_weight={args.mae_weight}", f"--contrastive_weight={args.contrastive_weight}",
-                f"--seed={args.seed}"])
+    train.main(
+        [
+            os.path.join(ROOT, "config", "bench_gpu.py"),
+            f"--data_train={data_dir}/train.json",
+            f"--data_val={data_dir}/test.json",
+            f"--label_csv={data_dir}/labels.csv",
+            f"--out_dir={out_dir}",
+            f"--model_preset={args.preset}",
+            f"--model_norm_pix_loss={bool(args.norm_pix_loss)}",
+            f"--batch_size={batch}",
+            f"--num_workers={args.workers}",
+            f"--max_iters={args.e2e_epochs * per_epoch}",
+            "--eval_interval=-1",
+            f"--log_interval={per_epoch}",
+            f"--device={device}",
+            f"--dtype={args.dtype}",
+            f"--compile={mode == 'compiled'}",
+            "--gpu_preprocess=on",
+            f"--mask_ratio={args.mask_ratio}",
+            f"--mae_weight={args.mae_weight}",
+            f"--contrastive_weight={args.contrastive_weight}",
+            f"--seed={args.seed}",
+        ]
+    )
     rate, epochs = epoch_rate(os.path.join(out_dir, "log.jsonl"))
     gc.collect()
     if device.type == "cuda":
@@ -228,9 +313,11 @@ def e2e_config(args, device, batch, mode):
 def describe_e2e(row, workers):
     n = row["e2e_epochs"]
     epochs = "one epoch" if n == 1 else "epoch 2" if n == 2 else f"mean of epochs 2-{n}"
-    return (f"{row['mode']:8s} batch {row['batch']:4d}: end to end {row['e2e_samples_per_s']:8.1f} samples/s "
-            f"({workers} workers, {epochs}) vs bench {row['samples_per_s']:.1f}: "
-            f"{100 * row['ratio']:.0f}% (goal >= 90%)")
+    return (
+        f"{row['mode']:8s} batch {row['batch']:4d}: end to end {row['e2e_samples_per_s']:8.1f} samples/s "
+        f"({workers} workers, {epochs}) vs bench {row['samples_per_s']:.1f}: "
+        f"{100 * row['ratio']:.0f}% (goal >= 90%)"
+    )
 
 
 def main(argv=None):
@@ -240,16 +327,26 @@ def main(argv=None):
     device = torch.device(args.device)
     with torch.device("meta"):
         size = num_params(CAVMAE(CAVMAEConfig.from_preset(args.preset)))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"preset {args.preset} ({size / 1e6:.1f}M trainable), {args.dtype}, {name}, torch {torch.__version__}, "
-          f"compile {args.compile_scope} {args.compile_mode}{' dynamic' if args.dynamic else ''}, attention "
-          f"{args.sdpa}, norm_pix_loss "
-          f"{bool(args.norm_pix_loss)}, mask {args.mask_ratio}, forward + backward + Adam step")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"preset {args.preset} ({size / 1e6:.1f}M trainable), {args.dtype}, {name}, torch {torch.__version__}, "
+        f"compile {args.compile_scope} {args.compile_mode}{' dynamic' if args.dynamic else ''}, attention "
+        f"{args.sdpa}, norm_pix_loss "
+        f"{bool(args.norm_pix_loss)}, mask {args.mask_ratio}, forward + backward + Adam step"
+    )
     rows = []
     for mode in args.modes:
         for batch in args.batch_sizes:
             try:
-                row = e2e_config(args, device, batch, mode) if args.e2e else bench_config(args, device, batch, mode)
+                row = (
+                    e2e_config(args, device, batch, mode)
+                    if args.e2e
+                    else bench_config(args, device, batch, mode)
+                )
             except torch.cuda.OutOfMemoryError:
                 row = None
             if row is None:  # outside the except block, whose traceback would keep the model's memory alive

@@ -13,6 +13,7 @@ out_dir/ckpt.pt, written atomically (a temporary file, then a rename) by rank 0,
 out_dir/best.pt holds the best validation weights by the main metric (model, model_args, task, num_classes,
 config, iter_num, metric). model.load_pretrained and eval.py read both files.
 """
+
 import dataclasses
 import os
 import random
@@ -57,8 +58,10 @@ def load_start(cfg, ckpt_path):
             raise ConfigError(f"{ckpt_path} is a {ckpt['task']} checkpoint but task={cfg['task']}")
         return ckpt, None
     if os.path.exists(ckpt_path) and not cfg["overwrite"]:
-        raise ConfigError(f"{ckpt_path} exists: continue that run with --init_from=resume, or start a new one with "
-                          f"--overwrite=True (which replaces it) or another --out_dir")
+        raise ConfigError(
+            f"{ckpt_path} exists: continue that run with --init_from=resume, or start a new one with "
+            f"--overwrite=True (which replaces it) or another --out_dir"
+        )
     if cfg["init_from"] == "scratch":
         return None, None
     if not os.path.isfile(cfg["init_from"]):
@@ -67,8 +70,12 @@ def load_start(cfg, ckpt_path):
 
 
 def rng_state(device):
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    return dict(
+        torch=torch.get_rng_state(),
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    )
 
 
 def set_rng_state(state, device):
@@ -91,8 +98,13 @@ def atomic_save(obj, path):
 def weights_entry(run):
     """What ckpt.pt and best.pt share, and all that model.load_pretrained and eval.py need: the weights, the
     architecture, the task, the classes and the settings of the run."""
-    return dict(model=run.model.state_dict(), model_args=dataclasses.asdict(run.mcfg), task=run.cfg["task"],
-                num_classes=run.num_classes, config=run.cfg)
+    return dict(
+        model=run.model.state_dict(),
+        model_args=dataclasses.asdict(run.mcfg),
+        task=run.cfg["task"],
+        num_classes=run.num_classes,
+        config=run.cfg,
+    )
 
 
 def save_checkpoint(run, rngs=None, model_last=None):
@@ -108,12 +120,23 @@ def save_checkpoint(run, rngs=None, model_last=None):
         run.last_save, run.saved_iter = time.time(), run.iter_num
         return
     cfg, (epoch, done) = run.cfg, divmod(run.iter_num, run.iters_per_epoch)
-    atomic_save(dict(weights_entry(run), model_last=model_last, optimizer=run.optimizer.state_dict(),
-                     scaler=run.scaler.state_dict(), scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
-                     iter_num=run.iter_num, epoch=epoch, rng=rngs, best_metric=run.best_metric,
-                     best_iter=run.best_iter, wa=run.wa and run.wa.state_dict(),
-                     sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"])),
-                run.path("ckpt.pt"))
+    atomic_save(
+        dict(
+            weights_entry(run),
+            model_last=model_last,
+            optimizer=run.optimizer.state_dict(),
+            scaler=run.scaler.state_dict(),
+            scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
+            iter_num=run.iter_num,
+            epoch=epoch,
+            rng=rngs,
+            best_metric=run.best_metric,
+            best_iter=run.best_iter,
+            wa=run.wa and run.wa.state_dict(),
+            sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"]),
+        ),
+        run.path("ckpt.pt"),
+    )
     run.last_save, run.saved_iter = time.time(), run.iter_num  # only once the file is there
 
 

@@ -3,6 +3,7 @@
 
     cfg = configure(["config/pretrain_synthetic.py", "--batch_size=32"], defaults, choices)
 """
+
 import ast
 import os
 
@@ -46,8 +47,11 @@ def config_file_items(path):
         raise ConfigError(f"config file {path} not found")
     namespace = {}
     exec(open(path).read(), namespace)
-    return [(k, v) for k, v in namespace.items() if not k.startswith("_") and not callable(v)
-            and type(v).__name__ != "module"]
+    return [
+        (k, v)
+        for k, v in namespace.items()
+        if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"
+    ]
 
 
 def configure(argv, defaults, choices=None, optional=None):

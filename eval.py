@@ -11,6 +11,7 @@ Evaluate CAV-MAE the ways the paper does, and run a model on a video.
 The metric functions at the top stand alone (numpy + torch) and reproduce scikit-learn's average precision and
 ROC AUC bit for bit, and the official retrieval script's recall@K and median rank.
 """
+
 import argparse
 import csv
 import json
@@ -28,8 +29,17 @@ import torch.nn.functional as F
 import data
 import pictures
 import prepare
-from model import (FT_MODES, MASK_MODES, PRESETS, CAVMAE, CAVMAEClassifier, CAVMAEConfig, infer_architecture,
-                   load_pretrained, pooled_representation)
+from model import (
+    CAVMAE,
+    FT_MODES,
+    MASK_MODES,
+    PRESETS,
+    CAVMAEClassifier,
+    CAVMAEConfig,
+    infer_architecture,
+    load_pretrained,
+    pooled_representation,
+)
 
 # -----------------------------------------------------------------------------
 # Metrics (Sec. 4 of the paper reports mAP, accuracy and retrieval R@K)
@@ -121,8 +131,12 @@ def retrieval_metrics(similarity):
     start = torch.cumsum(tied, 0) - tied
     ranks = above.repeat_interleave(tied) + torch.arange(int(tied.sum())) - start.repeat_interleave(tied)
     ranks = ranks.numpy()  # 0-based, one per (row, tied position)
-    return dict(R1=float(np.mean(ranks < 1)), R5=float(np.mean(ranks < 5)), R10=float(np.mean(ranks < 10)),
-                MR=float(np.median(ranks) + 1))
+    return dict(
+        R1=float(np.mean(ranks < 1)),
+        R5=float(np.mean(ranks < 5)),
+        R10=float(np.mean(ranks < 10)),
+        MR=float(np.median(ranks) + 1),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -140,14 +154,19 @@ def read_config_file(path):
         with open(path) as f:
             return json.load(f)
     namespace = runpy.run_path(path)
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)
-            and type(v).__name__ != "module"}
+    return {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"
+    }
 
 
 def architecture_from(settings, fields):
     """CAVMAEConfig fields in a settings dict, named as themselves or as train.py's model_<field>."""
     out = {k: v for k, v in settings.items() if k in fields}
-    out.update({k[len("model_"):]: v for k, v in settings.items() if k.startswith("model_") and k[6:] in fields})
+    out.update(
+        {k[len("model_") :]: v for k, v in settings.items() if k.startswith("model_") and k[6:] in fields}
+    )
     return out
 
 
@@ -161,7 +180,9 @@ def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", 
     checkpoint's format, task, num_classes, train config and load report)."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{checkpoint}: expected a checkpoint dict or a state dict, got {type(ckpt).__name__}")
+        raise ValueError(
+            f"{checkpoint}: expected a checkpoint dict or a state dict, got {type(ckpt).__name__}"
+        )
     state = _state_dict(ckpt)
     fields = set(CAVMAEConfig.__dataclass_fields__)
     extra = read_config_file(config) if isinstance(config, str) else dict(config or {})
@@ -171,8 +192,12 @@ def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", 
         train_config = ckpt.get("config") or {}
     else:  # official (or a bare state dict of ours)
         preset = extra.get("preset", extra.get("model_preset", preset))
-        model_args = {**PRESETS[preset], **infer_architecture(state), **architecture_from(extra, fields),
-                      **arch_overrides}
+        model_args = {
+            **PRESETS[preset],
+            **infer_architecture(state),
+            **architecture_from(extra, fields),
+            **arch_overrides,
+        }
         head = state.get("mlp_head.1.weight", state.get("head.1.weight"))
         found_task = "finetune" if head is not None else "pretrain"
         found_classes, train_config = (None if head is None else head.shape[0]), extra
@@ -184,15 +209,24 @@ def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", 
     report = load_pretrained(model, state)
     if report.missing:
         raise ValueError(f"{checkpoint} does not fill the model: {report}")
-    info = dict(format=report.source_format, task=found_task, num_classes=found_classes, config=train_config,
-                report=str(report))
+    info = dict(
+        format=report.source_format,
+        task=found_task,
+        num_classes=found_classes,
+        config=train_config,
+        report=str(report),
+    )
     return model.to(device).eval(), info
 
 
 def data_settings(model, info, args):
     """AVDataset keywords for this model: its input sizes, and the fbank mean/std it was trained with."""
     cfg, train = model.config, info["config"]
-    mean = args.mean if args.mean is not None else train.get("dataset_mean", train.get("mean", data.AUDIOSET_MEAN))
+    mean = (
+        args.mean
+        if args.mean is not None
+        else train.get("dataset_mean", train.get("mean", data.AUDIOSET_MEAN))
+    )
     std = args.std if args.std is not None else train.get("dataset_std", train.get("std", data.AUDIOSET_STD))
     return dict(target_length=cfg.audio_length, image_size=cfg.img_size, mean=mean, std=std)
 
@@ -203,7 +237,9 @@ def ftmode(args, info):
 
 def check_classes(ds, info, label_csv):
     if ds.num_classes != info["num_classes"]:
-        raise ValueError(f"{label_csv} lists {ds.num_classes} classes but the model predicts {info['num_classes']}")
+        raise ValueError(
+            f"{label_csv} lists {ds.num_classes} classes but the model predicts {info['num_classes']}"
+        )
 
 
 def label_csv_for(datafile, label_csv, workdir):
@@ -229,17 +265,25 @@ def clip_dataset(model, info, args, tmp):
     """What localize and embed run on: the clips of --data (the first --limit), or the one clip of --video /
     --wav + --image, at frame --frame (default: the middle one, as retrieval; an --image is frame 0)."""
     datafile, available = (args.data, None) if args.data else clip_datafile(args, tmp)
-    ds = data.AVDataset(datafile, label_csv_for(datafile, args.label_csv, tmp), raw=True,
-                        **data_settings(model, info, args))
-    ds.frame = available[0] if available == [0] else args.frame if args.frame is not None else ds.num_frames // 2
-    ds.rows = ds.rows[:args.limit]
+    ds = data.AVDataset(
+        datafile, label_csv_for(datafile, args.label_csv, tmp), raw=True, **data_settings(model, info, args)
+    )
+    ds.frame = (
+        available[0] if available == [0] else args.frame if args.frame is not None else ds.num_frames // 2
+    )
+    ds.rows = ds.rows[: args.limit]
     return ds
 
 
 def batches(ds, args):
     """Finished (audio, image, label) batches on args.device, in datafile order."""
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                                         collate_fn=data.collate_raw)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        collate_fn=data.collate_raw,
+    )
     prep = data.BatchPreprocessor.from_dataset(ds)
     for batch in loader:
         yield prep(batch, args.device)
@@ -305,9 +349,15 @@ def average_frames(logits, activation):
 
 def write_json(path, obj):
     """json with NaN written as null (json has no NaN)."""
-    clean = lambda x: (None if isinstance(x, float) and math.isnan(x) else
-                       {k: clean(v) for k, v in x.items()} if isinstance(x, dict) else
-                       [clean(v) for v in x] if isinstance(x, (list, tuple)) else x)
+    clean = lambda x: (
+        None
+        if isinstance(x, float) and math.isnan(x)
+        else {k: clean(v) for k, v in x.items()}
+        if isinstance(x, dict)
+        else [clean(v) for v in x]
+        if isinstance(x, (list, tuple))
+        else x
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(clean(obj), f, indent=1)
@@ -329,11 +379,15 @@ def cmd_classify(args):
     frames = frame_list(args.frames)
     mode = ftmode(args, info)
     logits, labels = frame_logits(model, ds, args, mode, frames)
-    act = activation_for(args, info, labels) if len(frames) > 1 else None  # one frame: raw logits, as official
+    act = (
+        activation_for(args, info, labels) if len(frames) > 1 else None
+    )  # one frame: raw logits, as official
     scores = logits[0] if act is None else average_frames(logits, act)
     m = classification_metrics(scores, labels)
-    print(f"{args.checkpoint}: {len(ds)} clips, mode {mode}, frames {args.frames or frames[0]}"
-          + (f" ({act} averaged)" if act else ""))
+    print(
+        f"{args.checkpoint}: {len(ds)} clips, mode {mode}, frames {args.frames or frames[0]}"
+        + (f" ({act} averaged)" if act else "")
+    )
     print_table([[k, f"{m[k]:.4f}"] for k in ("mAP", "mAUC", "d_prime", "acc")], ["metric", "value"])
     out = dict(m, mode=mode, frames=frames, activation=act, clips=len(ds), checkpoint=args.checkpoint)
     per_class = args.per_class_csv or (os.path.splitext(args.out)[0] + "_per_class.csv" if args.out else None)
@@ -381,18 +435,31 @@ def cmd_retrieval(args):
         raise ValueError("retrieval embeds one frame per clip: --frames must be a frame number (default: 5)")
     model, info = load_model(args.checkpoint, device=args.device, **arch_flags(args))
     with tempfile.TemporaryDirectory() as tmp:
-        ds = data.AVDataset(args.data, label_csv_for(args.data, args.label_csv, tmp), raw=True,
-                            **data_settings(model, info, args))
+        ds = data.AVDataset(
+            args.data,
+            label_csv_for(args.data, args.label_csv, tmp),
+            raw=True,
+            **data_settings(model, info, args),
+        )
         ds.frame = frame_list(args.frames)[0]
         subset = None
         if args.per_class:  # the paper's protocol: a subset with the same number of clips of each class
             keep, taken = per_class_subset(ds.rows, args.per_class, args.seed)
             short = {mid: n for mid, n in taken.items() if n < args.per_class}
-            subset = dict(per_class=args.per_class, seed=args.seed, clips=len(keep), of=len(ds), classes=len(taken),
-                          short_classes=short)
+            subset = dict(
+                per_class=args.per_class,
+                seed=args.seed,
+                clips=len(keep),
+                of=len(ds),
+                classes=len(taken),
+                short_classes=short,
+            )
             ds.rows = [ds.rows[i] for i in keep]
-            print(f"{args.per_class} clips per class (seed {args.seed}): {len(keep)} of {subset['of']} clips, "
-                  f"{len(taken)} classes" + (f"; all clips of {len(short)} with fewer: {short}" if short else ""))
+            print(
+                f"{args.per_class} clips per class (seed {args.seed}): {len(keep)} of {subset['of']} clips, "
+                f"{len(taken)} classes"
+                + (f"; all clips of {len(short)} with fewer: {short}" if short else "")
+            )
         audio_emb, visual_emb = [], []
         for audio, image, _ in batches(ds, args):
             with autocast(args):
@@ -401,11 +468,21 @@ def cmd_retrieval(args):
             visual_emb.append(pooled_representation(v).cpu())
     audio_emb, visual_emb = torch.cat(audio_emb), torch.cat(visual_emb)
     similarity = audio_emb.double() @ visual_emb.double().T  # (N, N) cosine, rows = audio queries
-    out = dict(audio_to_visual=retrieval_metrics(similarity), visual_to_audio=retrieval_metrics(similarity.T),
-               clips=len(ds), subset=subset, checkpoint=args.checkpoint)
+    out = dict(
+        audio_to_visual=retrieval_metrics(similarity),
+        visual_to_audio=retrieval_metrics(similarity.T),
+        clips=len(ds),
+        subset=subset,
+        checkpoint=args.checkpoint,
+    )
     print(f"{args.checkpoint} ({info['task']}): retrieval among {len(ds)} clips")
-    print_table([[d, *(f"{out[d][k]:.4f}" for k in ("R1", "R5", "R10")), f"{out[d]['MR']:g}"]
-                 for d in ("audio_to_visual", "visual_to_audio")], ["direction", "R@1", "R@5", "R@10", "MR"])
+    print_table(
+        [
+            [d, *(f"{out[d][k]:.4f}" for k in ("R1", "R5", "R10")), f"{out[d]['MR']:g}"]
+            for d in ("audio_to_visual", "visual_to_audio")
+        ],
+        ["direction", "R@1", "R@5", "R@10", "MR"],
+    )
     if args.save_embeddings:
         save_embeddings(args.save_embeddings, ds, audio=audio_emb, visual=visual_emb)
     if args.out:
@@ -423,25 +500,53 @@ def cmd_inpaint(args):
         label_csv = label_csv_for(args.data, args.label_csv, tmp)
         ds = data.AVDataset(args.data, label_csv, **data_settings(model, info, args))
     items = [ds[i] for i in range(min(args.n, len(ds)))]
-    audio, image = torch.stack([x[0] for x in items]), torch.stack([x[1] for x in items])  # (n, T, F), (n, 3, S, S)
+    audio, image = (
+        torch.stack([x[0] for x in items]),
+        torch.stack([x[1] for x in items]),
+    )  # (n, T, F), (n, 3, S, S)
     torch.manual_seed(args.seed)
     random.seed(args.seed)  # structured audio masks draw their rows/columns with `random`
-    out = model(audio.to(args.device), image.to(args.device), mask_ratio_a=args.mask_ratio,
-                mask_ratio_v=args.mask_ratio, mask_mode=args.mask_mode, mae_weight=1.0, contrastive_weight=0.0)
+    out = model(
+        audio.to(args.device),
+        image.to(args.device),
+        mask_ratio_a=args.mask_ratio,
+        mask_ratio_v=args.mask_ratio,
+        mask_mode=args.mask_mode,
+        mae_weight=1.0,
+        contrastive_weight=0.0,
+    )
     out = {k: v.float().cpu() for k, v in out.items() if torch.is_tensor(v)}
     model.cpu()
     os.makedirs(args.out, exist_ok=True)
     note = " (norm_pix_loss: patch mean/std from the input)" if model.config.norm_pix_loss else ""
-    written = [os.path.join(args.out, f"{row['video_id']}.png") for row in ds.rows[:len(items)]]
+    written = [os.path.join(args.out, f"{row['video_id']}.png") for row in ds.rows[: len(items)]]
     for i, path in enumerate(written):
         title = f"{ds.rows[i]['video_id']}, {args.mask_mode} masking{note}"
-        pictures.inpaint_picture(model, audio[i], image[i], out["mask_a"][i], out["mask_v"][i], out["pred_a"][i],
-                                 out["pred_v"][i], title).save(path)
+        pictures.inpaint_picture(
+            model,
+            audio[i],
+            image[i],
+            out["mask_a"][i],
+            out["mask_v"][i],
+            out["pred_a"][i],
+            out["pred_v"][i],
+            title,
+        ).save(path)
     losses = dict(loss_mae_a=out["loss_mae_a"].item(), loss_mae_v=out["loss_mae_v"].item())
-    print(f"{len(written)} pictures -> {args.out}; masked-patch MSE audio {losses['loss_mae_a']:.4f}, "
-          f"visual {losses['loss_mae_v']:.4f}")
-    write_json(os.path.join(args.out, "inpaint.json"), dict(losses, pictures=written, mask_ratio=args.mask_ratio,
-                                                            mask_mode=args.mask_mode, checkpoint=args.checkpoint))
+    print(
+        f"{len(written)} pictures -> {args.out}; masked-patch MSE audio {losses['loss_mae_a']:.4f}, "
+        f"visual {losses['loss_mae_v']:.4f}"
+    )
+    write_json(
+        os.path.join(args.out, "inpaint.json"),
+        dict(
+            losses,
+            pictures=written,
+            mask_ratio=args.mask_ratio,
+            mask_mode=args.mask_mode,
+            checkpoint=args.checkpoint,
+        ),
+    )
     return written
 
 
@@ -484,8 +589,12 @@ def score_clip(objects, video_id, frame, sim, other, patch_size, image_size):
     scale = objects["frame_size"] / image_size
     inside = lambda x, y: prepare.inside_objects(objects["clips"][video_id][frame], x * scale, y * scale)  # noqa: E731
     in_patch, area = object_patches(inside, patch_size, image_size)
-    clip.update(hit=bool(in_patch[tuple(clip["peak"])]), area=area, patch_centres=float(in_patch.mean()),
-                hit_min=bool(in_patch[peak_patch(-sim)]))
+    clip.update(
+        hit=bool(in_patch[tuple(clip["peak"])]),
+        area=area,
+        patch_centres=float(in_patch.mean()),
+        hit_min=bool(in_patch[peak_patch(-sim)]),
+    )
     if other is not None:
         clip["hit_other_audio"] = bool(in_patch[peak_patch(other)])
     return clip, inside
@@ -498,7 +607,9 @@ def cmd_localize(args):
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         ds = clip_dataset(model, info, args, tmp)
-        objects, objects_path = prepare.read_objects(args.objects, args.data, [r["video_id"] for r in ds.rows])
+        objects, objects_path = prepare.read_objects(
+            args.objects, args.data, [r["video_id"] for r in ds.rows]
+        )
         clips = []
         for audio, image, _ in batches(ds, args):
             with autocast(args):
@@ -510,20 +621,35 @@ def cmd_localize(args):
                 clip, inside = score_clip(objects, video_id, ds.frame, sim, other, p, S)
                 verdict = "" if inside is None else ": hit" if clip["hit"] else ": miss"
                 clip["picture"] = os.path.join(args.out, f"{video_id}.png")
-                pictures.localization_picture(img, sim, clip["peak"], p, f"{video_id}, frame {ds.frame}{verdict}",
-                                              inside).save(clip["picture"])
+                pictures.localization_picture(
+                    img, sim, clip["peak"], p, f"{video_id}, frame {ds.frame}{verdict}", inside
+                ).save(clip["picture"])
                 clips.append(clip)
 
     def mean(key):  # over the clips that have it, None if none has
         values = [c[key] for c in clips if key in c]
         return float(np.mean(values)) if values else None
 
-    out = dict(pointing_game=mean("hit"), chance=mean("area"), chance_patch_centres=mean("patch_centres"),
-               pointing_game_other_audio=mean("hit_other_audio"), pointing_game_min=mean("hit_min"), n=len(clips),
-               frame=ds.frame, grid=list(grid), objects=objects_path, checkpoint=args.checkpoint, clips=clips)
+    out = dict(
+        pointing_game=mean("hit"),
+        chance=mean("area"),
+        chance_patch_centres=mean("patch_centres"),
+        pointing_game_other_audio=mean("hit_other_audio"),
+        pointing_game_min=mean("hit_min"),
+        n=len(clips),
+        frame=ds.frame,
+        grid=list(grid),
+        objects=objects_path,
+        checkpoint=args.checkpoint,
+        clips=clips,
+    )
     write_json(os.path.join(args.out, "localization.json"), out)
-    scores = [f"{k} {v:.3f}" for k, v in list(out.items())[:5] if v is not None] or ["no objects.json, pictures only"]
-    print(f"{len(clips)} clips, frame {ds.frame}: {', '.join(scores)}; pictures and localization.json -> {args.out}")
+    scores = [f"{k} {v:.3f}" for k, v in list(out.items())[:5] if v is not None] or [
+        "no objects.json, pictures only"
+    ]
+    print(
+        f"{len(clips)} clips, frame {ds.frame}: {', '.join(scores)}; pictures and localization.json -> {args.out}"
+    )
     return out
 
 
@@ -552,7 +678,9 @@ def cmd_embed(args):
                 parts.append([x.float().cpu() for x in representations(model, audio, image)])
     audio_emb, visual_emb, joint_emb = (torch.cat(x) for x in zip(*parts))  # (N, D) each
     save_embeddings(args.out, ds, audio=audio_emb, visual=visual_emb, joint=joint_emb)
-    return dict(audio=audio_emb, visual=visual_emb, joint=joint_emb, video_ids=[r["video_id"] for r in ds.rows])
+    return dict(
+        audio=audio_emb, visual=visual_emb, joint=joint_emb, video_ids=[r["video_id"] for r in ds.rows]
+    )
 
 
 # Inference on one video
@@ -566,26 +694,44 @@ def cmd_predict(args):
         datafile, available = clip_datafile(args, tmp)
         frames = frame_list(args.frames or "all") if len(available) > 1 else available
         if not args.label_csv and not (label_csv and os.path.isfile(label_csv)):
-            print(f"the checkpoint's label csv {label_csv!r} is not here and no --label_csv given: "
-                  "classes are named by their index")
+            print(
+                f"the checkpoint's label csv {label_csv!r} is not here and no --label_csv given: "
+                "classes are named by their index"
+            )
             label_csv = os.path.join(tmp, "labels.csv")
             with open(label_csv, "w", newline="") as f:
-                csv.writer(f).writerows([("index", "mid", "display_name"),
-                                         *((k, f"class_{k}", f"class {k}") for k in range(info["num_classes"]))])
+                csv.writer(f).writerows(
+                    [
+                        ("index", "mid", "display_name"),
+                        *((k, f"class_{k}", f"class {k}") for k in range(info["num_classes"])),
+                    ]
+                )
         ds = data.AVDataset(datafile, label_csv, raw=True, **data_settings(model, info, args))
         check_classes(ds, info, label_csv)
         logits, _ = frame_logits(model, ds, args, ftmode(args, info), frames)
     act = activation_for(args, info)
     probs = average_frames(logits, act)[0]  # (K,)
     top = probs.topk(min(args.topk, probs.numel()))
-    result = [dict(index=int(k), mid=ds.labels.mids[k], name=ds.labels.names[k], score=float(p))
-              for p, k in zip(top.values, top.indices)]
-    print(f"{args.video or args.wav}: top {len(result)} of {probs.numel()} classes "
-          f"({act}, mean over {len(frames)} frames)")
+    result = [
+        dict(index=int(k), mid=ds.labels.mids[k], name=ds.labels.names[k], score=float(p))
+        for p, k in zip(top.values, top.indices)
+    ]
+    print(
+        f"{args.video or args.wav}: top {len(result)} of {probs.numel()} classes "
+        f"({act}, mean over {len(frames)} frames)"
+    )
     print_table([[r["name"] or r["mid"], f"{r['score']:.4f}"] for r in result], ["label", "score"])
     if args.out:
-        write_json(args.out, dict(top=result, activation=act, frames=frames, mode=ftmode(args, info),
-                                  input=args.video or [args.wav, args.image]))
+        write_json(
+            args.out,
+            dict(
+                top=result,
+                activation=act,
+                frames=frames,
+                mode=ftmode(args, info),
+                input=args.video or [args.wav, args.image],
+            ),
+        )
     return result
 
 
@@ -612,9 +758,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, help, inputs="data"):  # inputs: "data" (--data), "clip" (one video / wav + image), "either"
+    def command(
+        name, help, inputs="data"
+    ):  # inputs: "data" (--data), "clip" (one video / wav + image), "either"
         p = commands.add_parser(name, help=help)
-        p.add_argument("--checkpoint", required=True, help="ours (train.py's ckpt.pt) or an official state dict")
+        p.add_argument(
+            "--checkpoint", required=True, help="ours (train.py's ckpt.pt) or an official state dict"
+        )
         if inputs != "clip":
             p.add_argument("--data", required=inputs == "data", help="datafile (json, official format)")
         if inputs != "data":
@@ -622,37 +772,63 @@ def main(argv=None):
             p.add_argument("--wav", help="a 16 kHz audio file (with --image instead of --video)")
             p.add_argument("--image", help="one frame (with --wav)")
         if inputs == "either":
-            p.add_argument("--frame", type=int, choices=range(10), metavar="K", help="which frame (default: middle)")
+            p.add_argument(
+                "--frame", type=int, choices=range(10), metavar="K", help="which frame (default: middle)"
+            )
             p.add_argument("--limit", type=int, metavar="N", help="only the first N clips of --data")
         p.add_argument("--label_csv", help="index,mid,display_name csv")
         p.add_argument("--out", help="json file of the results (inpaint, localize, embed: output folder)")
-        p.add_argument("--preset", default="base", choices=sorted(PRESETS), help="official checkpoints: architecture")
+        p.add_argument(
+            "--preset", default="base", choices=sorted(PRESETS), help="official checkpoints: architecture"
+        )
         p.add_argument("--config", help="official checkpoints: architecture from a .json or .py config file")
-        p.add_argument("--model_arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="official checkpoints: override a CAVMAEConfig field (repeatable)")
-        p.add_argument("--audio_length", type=int, help="fbank frames per clip (default: the checkpoint's); "
-                       "shorter ones cut the audio position tables, e.g. 512 for 5 s clips with a 10 s model")
+        p.add_argument(
+            "--model_arg",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="official checkpoints: override a CAVMAEConfig field (repeatable)",
+        )
+        p.add_argument(
+            "--audio_length",
+            type=int,
+            help="fbank frames per clip (default: the checkpoint's); "
+            "shorter ones cut the audio position tables, e.g. 512 for 5 s clips with a 10 s model",
+        )
         p.add_argument("--mean", type=float, help="fbank mean (default: the checkpoint's, else AudioSet's)")
         p.add_argument("--std", type=float, help="fbank normalisation std")
         p.add_argument("--batch_size", type=int, default=32)
         p.add_argument("--num_workers", type=int, default=0)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+        p.add_argument(
+            "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype"
+        )
         return p
 
     p = command("classify", "mAP, mAUC, d-prime and accuracy of a fine-tuned model")
     p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's ftmode, else multimodal")
-    p.add_argument("--frames", help="'all' (average over the 10 frames) or a frame number (default: middle frame)")
-    p.add_argument("--activation", default="auto", choices=["auto", "sigmoid", "softmax"],
-                   help="averaging over frames: auto = the checkpoint's metric (acc: softmax, mAP: sigmoid)")
+    p.add_argument(
+        "--frames", help="'all' (average over the 10 frames) or a frame number (default: middle frame)"
+    )
+    p.add_argument(
+        "--activation",
+        default="auto",
+        choices=["auto", "sigmoid", "softmax"],
+        help="averaging over frames: auto = the checkpoint's metric (acc: softmax, mAP: sigmoid)",
+    )
     p.add_argument("--per_class_csv", help="per-class AP/AUC csv (default: next to --out)")
     p.set_defaults(run=cmd_classify)
 
     p = command("retrieval", "audio->visual and visual->audio recall@K and median rank")
     p.add_argument("--frames", help="which frame (default: the middle one, as the official script)")
     p.add_argument("--save_embeddings", metavar="DIR", help="write audio.npy, visual.npy and video_ids.txt")
-    p.add_argument("--per_class", type=int, metavar="K", help="the paper's protocol: K clips of each class "
-                   "(by a clip's first label) instead of the whole datafile")
+    p.add_argument(
+        "--per_class",
+        type=int,
+        metavar="K",
+        help="the paper's protocol: K clips of each class "
+        "(by a clip's first label) instead of the whole datafile",
+    )
     p.add_argument("--seed", type=int, default=0, help="which K clips --per_class draws")
     p.set_defaults(run=cmd_retrieval)
 
@@ -663,8 +839,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_inpaint)
 
-    p = command("localize", "heat maps of where the sound comes from, and the pointing game on synthetic data",
-                "either")
+    p = command(
+        "localize",
+        "heat maps of where the sound comes from, and the pointing game on synthetic data",
+        "either",
+    )
     p.add_argument("--objects", help="where the objects are (default: objects.json next to --data, if there)")
     p.set_defaults(run=cmd_localize)
 

@@ -11,6 +11,7 @@ live for the whole run.
 One DataLoader iterator serves the whole run and its workers persist: no stall at an epoch start (measured on an
 H100 with 12 workers: 4-5 s per epoch when workers restarted every epoch).
 """
+
 import itertools
 import random
 import signal
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import data
 from configurator import ConfigError
 
-PREFETCH_BATCHES = 4           # per loader worker: batches decoded ahead of the step that needs them
+PREFETCH_BATCHES = 4  # per loader worker: batches decoded ahead of the step that needs them
 
 
 class RunBatches(torch.utils.data.Sampler):
@@ -31,14 +32,19 @@ class RunBatches(torch.utils.data.Sampler):
     like DistributedSampler and cut to whole optimizer steps. One DataLoader iterator serves the whole run, so the
     workers never stop at an epoch end; (epoch, start) is all a resumed run needs to continue the same order."""
 
-    def __init__(self, n, batch_size, batches_per_epoch, seed, rank=0, world=1, weights=None, epoch=0, start=0):
+    def __init__(
+        self, n, batch_size, batches_per_epoch, seed, rank=0, world=1, weights=None, epoch=0, start=0
+    ):
         self.n, self.batch_size, self.batches_per_epoch, self.seed = n, batch_size, batches_per_epoch, seed
         self.rank, self.world, self.weights, self.epoch, self.start = rank, world, weights, epoch, start
 
     def order(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return (torch.multinomial(self.weights, self.n, replacement=True, generator=g) if self.weights is not None
-                else torch.randperm(self.n, generator=g)).numpy()
+        return (
+            torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+            if self.weights is not None
+            else torch.randperm(self.n, generator=g)
+        ).numpy()
 
     def __iter__(self):
         B = self.batch_size
@@ -62,9 +68,13 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, position, index = key
-        s = ((self.seed * 1_000_003 + epoch) * 1_000_003 + position) % 2 ** 62
+        s = ((self.seed * 1_000_003 + epoch) * 1_000_003 + position) % 2**62
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(s), np.random.seed(s % 2 ** 32), torch.default_generator.manual_seed(s)  # CPU generator only
+        (
+            random.seed(s),
+            np.random.seed(s % 2**32),
+            torch.default_generator.manual_seed(s),
+        )  # CPU generator only
         try:
             return self.ds[index]
         finally:
@@ -120,39 +130,84 @@ def ignore_signals(worker_id):  # Ctrl-C and SIGTERM are the main process's busi
 def make_loader(ds, cfg, device, prep, on_device, **kw):
     workers = cfg["num_workers"]
     return torch.utils.data.DataLoader(
-        ds, num_workers=workers, collate_fn=data.collate_raw if on_device else FinishOnWorker(prep),
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,  # pinned: copies overlap compute
-        prefetch_factor=PREFETCH_BATCHES if workers else None, worker_init_fn=ignore_signals,
-        generator=torch.Generator(), **kw)  # own generator: an iterator's seed draw leaves the global RNG alone
+        ds,
+        num_workers=workers,
+        collate_fn=data.collate_raw if on_device else FinishOnWorker(prep),
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,  # pinned: copies overlap compute
+        prefetch_factor=PREFETCH_BATCHES if workers else None,
+        worker_init_fn=ignore_signals,
+        generator=torch.Generator(),
+        **kw,
+    )  # own generator: an iterator's seed draw leaves the global RNG alone
 
 
 def build_data(cfg, mcfg, device, rank, world, epoch, start):
     """Datasets (workers read, decode and draw), the train batches from (epoch, start) on, the validation loader.
     With device-side preprocessing the training device finishes each batch; otherwise the workers do."""
     on_device = cfg["gpu_preprocess"] == "on" or (cfg["gpu_preprocess"] == "auto" and device.type == "cuda")
-    common = dict(label_csv=cfg["label_csv"], target_length=mcfg.audio_length, num_frames=cfg["num_frames"],
-                  mean=cfg["dataset_mean"], std=cfg["dataset_std"], image_size=mcfg.img_size,
-                  on_error=cfg["on_error"], raw=True)
-    train_ds = data.AVDataset(cfg["data_train"], train=True, freqm=cfg["freqm"], timem=cfg["timem"],
-                              mixup=cfg["mixup"], noise=cfg["noise"], label_smooth=cfg["label_smooth"], **common)
+    common = dict(
+        label_csv=cfg["label_csv"],
+        target_length=mcfg.audio_length,
+        num_frames=cfg["num_frames"],
+        mean=cfg["dataset_mean"],
+        std=cfg["dataset_std"],
+        image_size=mcfg.img_size,
+        on_error=cfg["on_error"],
+        raw=True,
+    )
+    train_ds = data.AVDataset(
+        cfg["data_train"],
+        train=True,
+        freqm=cfg["freqm"],
+        timem=cfg["timem"],
+        mixup=cfg["mixup"],
+        noise=cfg["noise"],
+        label_smooth=cfg["label_smooth"],
+        **common,
+    )
     val_ds = data.AVDataset(cfg["data_val"], train=False, **common)
     per_step = cfg["batch_size"] * cfg["grad_accum"]
     if len(train_ds) // world < per_step:
-        raise ConfigError(f"{cfg['data_train']}: {len(train_ds)} clips over {world} process(es) do not fill one step "
-                          f"of batch_size={cfg['batch_size']} x grad_accum={cfg['grad_accum']}")
+        raise ConfigError(
+            f"{cfg['data_train']}: {len(train_ds)} clips over {world} process(es) do not fill one step "
+            f"of batch_size={cfg['batch_size']} x grad_accum={cfg['grad_accum']}"
+        )
     if len(val_ds) < world:
-        raise ConfigError(f"{cfg['data_val']}: {len(val_ds)} clips cannot give each of {world} processes a share")
+        raise ConfigError(
+            f"{cfg['data_val']}: {len(val_ds)} clips cannot give each of {world} processes a share"
+        )
     iters_per_epoch = len(train_ds) // world // per_step
     weights = data.class_balance_weights(train_ds) if cfg["balanced_sampling"] else None
-    batches = RunBatches(len(train_ds), cfg["batch_size"], iters_per_epoch * cfg["grad_accum"], cfg["seed"], rank,
-                         world, weights, epoch, start)
+    batches = RunBatches(
+        len(train_ds),
+        cfg["batch_size"],
+        iters_per_epoch * cfg["grad_accum"],
+        cfg["seed"],
+        rank,
+        world,
+        weights,
+        epoch,
+        start,
+    )
     prep, val_prep = (data.BatchPreprocessor.from_dataset(ds) for ds in (train_ds, val_ds))
-    train_loader = make_loader(SeededItems(train_ds, cfg["seed"]), cfg, device, prep, on_device, batch_sampler=batches)
+    train_loader = make_loader(
+        SeededItems(train_ds, cfg["seed"]), cfg, device, prep, on_device, batch_sampler=batches
+    )
     val_keys = EvalKeys(len(val_ds), rank, world)
-    val_loader = make_loader(val_ds, cfg, device, val_prep, on_device, sampler=val_keys, batch_size=cfg["batch_size"])
-    return dict(train_ds=train_ds, val_ds=val_ds, train_loader=train_loader, val_loader=val_loader, val_keys=val_keys,
-                prep=prep if on_device else None, val_prep=val_prep if on_device else None,
-                iters_per_epoch=iters_per_epoch)
+    val_loader = make_loader(
+        val_ds, cfg, device, val_prep, on_device, sampler=val_keys, batch_size=cfg["batch_size"]
+    )
+    return dict(
+        train_ds=train_ds,
+        val_ds=val_ds,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        val_keys=val_keys,
+        prep=prep if on_device else None,
+        val_prep=val_prep if on_device else None,
+        iters_per_epoch=iters_per_epoch,
+    )
 
 
 def to_device(batch, prep, device):

@@ -7,6 +7,7 @@ official release and the ImageNet MAE weights onto these modules.
 Numerically identical to the official release (../shared/golden checks it); attention runs through
 F.scaled_dot_product_attention, so GPUs use flash / memory-efficient kernels.
 """
+
 import math
 import os
 import random
@@ -48,10 +49,17 @@ class CAVMAEConfig:
         p = self.patch_size
         for name in ("img_size", "audio_length", "num_mel_bins"):
             if getattr(self, name) % p:
-                raise ValueError(f"CAVMAEConfig.{name}={getattr(self, name)} is not a multiple of patch_size={p}")
-        for width, heads in ((self.embed_dim, self.num_heads), (self.decoder_embed_dim, self.decoder_num_heads)):
+                raise ValueError(
+                    f"CAVMAEConfig.{name}={getattr(self, name)} is not a multiple of patch_size={p}"
+                )
+        for width, heads in (
+            (self.embed_dim, self.num_heads),
+            (self.decoder_embed_dim, self.decoder_num_heads),
+        ):
             if width % heads or width % 4:
-                raise ValueError(f"width {width} must be divisible by its {heads} heads and by 4 (sin-cos table)")
+                raise ValueError(
+                    f"width {width} must be divisible by its {heads} heads and by 4 (sin-cos table)"
+                )
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -70,11 +78,29 @@ class CAVMAEConfig:
 
 PRESETS = {
     "base": {},  # the paper's model, 189,961,984 trainable parameters
-    "tiny": dict(img_size=32, audio_length=64, embed_dim=32, num_heads=2, modality_specific_depth=1, joint_depth=1,
-                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),  # unit tests
-    "small": dict(img_size=64, audio_length=256, embed_dim=192, num_heads=3, modality_specific_depth=3,
-                  joint_depth=1, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-                  norm_pix_loss=True),  # the CPU demo on synthetic data
+    "tiny": dict(
+        img_size=32,
+        audio_length=64,
+        embed_dim=32,
+        num_heads=2,
+        modality_specific_depth=1,
+        joint_depth=1,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    ),  # unit tests
+    "small": dict(
+        img_size=64,
+        audio_length=256,
+        embed_dim=192,
+        num_heads=3,
+        modality_specific_depth=3,
+        joint_depth=1,
+        decoder_embed_dim=128,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        norm_pix_loss=True,
+    ),  # the CPU demo on synthetic data
 }
 
 
@@ -83,8 +109,9 @@ def sincos_pos_embed(dim, grid_h, grid_w):
     the first dim/2 channels encode the column (x / time), the last dim/2 the row (y / frequency); each half is
     [sin(pos * w_i), cos(pos * w_i)] with w_i = 1 / 10000^(i / (dim/4)). Computed in float64."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
 
     def encode(pos):  # (N,) -> (N, dim/2)
         angle = pos.reshape(-1, 1) * omega
@@ -106,7 +133,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
+        q, k, v = (
+            self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        )  # (B, H, L, Dh)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(Dh)) v, (B, H, L, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -176,7 +205,9 @@ class Encoder(nn.Module):
         self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
         # fixed 2-D sin-cos positions (Sec. 3); the official fine-tuning model trains them
         self.pos_embed_a = nn.Parameter(sincos_pos_embed(D, *c.audio_grid)[None], requires_grad=trainable_pos)
-        self.pos_embed_v = nn.Parameter(sincos_pos_embed(D, *c.visual_grid)[None], requires_grad=trainable_pos)
+        self.pos_embed_v = nn.Parameter(
+            sincos_pos_embed(D, *c.visual_grid)[None], requires_grad=trainable_pos
+        )
         block = lambda joint=False: Block(D, c.num_heads, c.mlp_ratio, joint)
         self.audio_blocks = nn.ModuleList(block() for _ in range(c.modality_specific_depth))
         self.visual_blocks = nn.ModuleList(block() for _ in range(c.modality_specific_depth))
@@ -185,7 +216,10 @@ class Encoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for conv in (self.patch_embed_a, self.patch_embed_v):  # the patch projection initialised as a linear layer
+        for conv in (
+            self.patch_embed_a,
+            self.patch_embed_v,
+        ):  # the patch projection initialised as a linear layer
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
             nn.init.zeros_(conv.bias)
         nn.init.normal_(self.modality_a, std=0.02)
@@ -195,7 +229,9 @@ class Encoder(nn.Module):
         for norm in (self.norm, self.norm_a, self.norm_v):
             init_weights(norm)
 
-    def embed_audio(self, audio, ids_keep=None):  # (B, T, F) fbank -> (B, La, D), La = F/p * T/p, frequency-major
+    def embed_audio(
+        self, audio, ids_keep=None
+    ):  # (B, T, F) fbank -> (B, La, D), La = F/p * T/p, frequency-major
         x = self.patch_embed_a(audio.transpose(1, 2).unsqueeze(1))  # (B, D, F/p, T/p)
         return self.add_positions(x.flatten(2).transpose(1, 2), self.pos_embed_a, self.modality_a, ids_keep)
 
@@ -251,15 +287,27 @@ class CAVMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder_pos_embed_a = nn.Parameter(sincos_pos_embed(Dd, *c.audio_grid)[None], requires_grad=c.tr_pos)
-        self.decoder_pos_embed_v = nn.Parameter(sincos_pos_embed(Dd, *c.visual_grid)[None], requires_grad=c.tr_pos)
-        self.decoder_blocks = nn.ModuleList(Block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth))
+        self.decoder_pos_embed_a = nn.Parameter(
+            sincos_pos_embed(Dd, *c.audio_grid)[None], requires_grad=c.tr_pos
+        )
+        self.decoder_pos_embed_v = nn.Parameter(
+            sincos_pos_embed(Dd, *c.visual_grid)[None], requires_grad=c.tr_pos
+        )
+        self.decoder_blocks = nn.ModuleList(
+            Block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(Dd)
-        self.decoder_pred_a = nn.Linear(Dd, c.patch_size ** 2)  # one spectrogram patch
-        self.decoder_pred_v = nn.Linear(Dd, c.patch_size ** 2 * c.in_chans)  # one RGB patch
+        self.decoder_pred_a = nn.Linear(Dd, c.patch_size**2)  # one spectrogram patch
+        self.decoder_pred_v = nn.Linear(Dd, c.patch_size**2 * c.in_chans)  # one RGB patch
         for p in (self.mask_token, self.decoder_modality_a, self.decoder_modality_v):
             nn.init.normal_(p, std=0.02)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred_a, self.decoder_pred_v):
+        for m in (
+            self.decoder_embed,
+            self.decoder_blocks,
+            self.decoder_norm,
+            self.decoder_pred_a,
+            self.decoder_pred_v,
+        ):
             m.apply(init_weights)
 
     # --- patches (the reconstruction targets) ---------------------------------------------------------------
@@ -317,8 +365,16 @@ class CAVMAE(nn.Module):
         return noise.reshape(B, f * t)
 
     # --- encoder streams ------------------------------------------------------------------------------------
-    def forward_encoder(self, audio, image, mask_ratio_a, mask_ratio_v, mask_mode="unstructured",
-                        joint_stream=True, modality_streams=True):
+    def forward_encoder(
+        self,
+        audio,
+        image,
+        mask_ratio_a,
+        mask_ratio_v,
+        mask_mode="unstructured",
+        joint_stream=True,
+        modality_streams=True,
+    ):
         """Mask (audio noise drawn first, then visual), embed the kept patches, run the modality-specific blocks,
         then the joint blocks in the requested streams. Returns a dict with x (B, La_keep + Lv_keep, D) after
         `norm`, ca / cv (the audio / visual coordinated tokens after norm_a / norm_v), masks and ids_restore."""
@@ -326,8 +382,11 @@ class CAVMAE(nn.Module):
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         enc, B, device = self.encoder, audio.shape[0], audio.device
         La, Lv = math.prod(self.config.audio_grid), math.prod(self.config.visual_grid)
-        noise_a = (torch.rand(B, La, device=device) if mask_mode == "unstructured"
-                   else self.structured_noise(B, mask_ratio_a, mask_mode, device))  # (B, La), uniform in [0, 1)
+        noise_a = (
+            torch.rand(B, La, device=device)
+            if mask_mode == "unstructured"
+            else self.structured_noise(B, mask_ratio_a, mask_mode, device)
+        )  # (B, La), uniform in [0, 1)
         keep_a, mask_a, restore_a = self.masking_order(noise_a, mask_ratio_a)
         keep_v, mask_v, restore_v = self.masking_order(torch.rand(B, Lv, device=device), mask_ratio_v)
         a = enc.run(enc.audio_blocks, enc.embed_audio(audio, keep_a))  # (B, La_keep, D)
@@ -352,12 +411,18 @@ class CAVMAE(nn.Module):
         x = self.decoder_embed(x)  # (B, keep_a + keep_v, Dd)
         B, keep, Dd = x.shape
         (La, Lv), keep_v = (restore_a.shape[1], restore_v.shape[1]), keep - keep_a
-        source = torch.cat([torch.where(restore_a < keep_a, restore_a, keep),  # row of x, or `keep`: the mask token
-                            torch.where(restore_v < keep_v, restore_v + keep_a, keep)], dim=1)  # (B, La + Lv)
+        source = torch.cat(
+            [
+                torch.where(restore_a < keep_a, restore_a, keep),  # row of x, or `keep`: the mask token
+                torch.where(restore_v < keep_v, restore_v + keep_a, keep),
+            ],
+            dim=1,
+        )  # (B, La + Lv)
         x = torch.cat([x, self.mask_token.expand(B, 1, Dd)], dim=1)  # (B, keep + 1, Dd)
         pos = torch.cat([self.decoder_pos_embed_a, self.decoder_pos_embed_v], dim=1)  # (1, La + Lv, Dd)
-        modality = torch.cat([self.decoder_modality_a.expand(-1, La, -1), self.decoder_modality_v.expand(-1, Lv, -1)],
-                             dim=1)  # (1, La + Lv, Dd)
+        modality = torch.cat(
+            [self.decoder_modality_a.expand(-1, La, -1), self.decoder_modality_v.expand(-1, Lv, -1)], dim=1
+        )  # (1, La + Lv, Dd)
         return take_tokens(x, source) + pos + modality
 
     def forward_decoder(self, x, restore_a, restore_v, keep_a):
@@ -380,27 +445,58 @@ class CAVMAE(nn.Module):
 
     def reconstruction_loss(self, audio, image, pred_a, pred_v, mask_a, mask_v):
         """The MAE loss of each modality against its patchified input: (loss_a, loss_v)."""
-        return (self.mae_loss(self.patchify_audio(audio), pred_a, mask_a),
-                self.mae_loss(self.patchify_image(image), pred_v, mask_v))
+        return (
+            self.mae_loss(self.patchify_audio(audio), pred_a, mask_a),
+            self.mae_loss(self.patchify_image(image), pred_v, mask_v),
+        )
 
-    def forward(self, audio, image, mask_ratio_a=0.75, mask_ratio_v=0.75, mae_weight=1.0, contrastive_weight=0.01,
-                mask_mode="unstructured", bidirectional=False, gather=None):
+    def forward(
+        self,
+        audio,
+        image,
+        mask_ratio_a=0.75,
+        mask_ratio_v=0.75,
+        mae_weight=1.0,
+        contrastive_weight=0.01,
+        mask_mode="unstructured",
+        bidirectional=False,
+        gather=None,
+    ):
         """One pretraining step's forward. A weight of 0 skips its branch entirely (AV-MAE: contrastive_weight=0;
         CAV: mae_weight=0) and reports 0 for that loss."""
         if mae_weight == 0 and contrastive_weight == 0:
             raise ValueError("mae_weight and contrastive_weight are both 0: there is nothing to train")
-        enc = self.forward_encoder(audio, image, mask_ratio_a, mask_ratio_v, mask_mode,
-                                   joint_stream=mae_weight != 0, modality_streams=contrastive_weight != 0)
+        enc = self.forward_encoder(
+            audio,
+            image,
+            mask_ratio_a,
+            mask_ratio_v,
+            mask_mode,
+            joint_stream=mae_weight != 0,
+            modality_streams=contrastive_weight != 0,
+        )
         zero = torch.zeros((), device=audio.device)
-        out = dict(mask_a=enc["mask_a"], mask_v=enc["mask_v"], loss_mae=zero, loss_mae_a=zero, loss_mae_v=zero,
-                   loss_c=zero, c_acc=zero)
+        out = dict(
+            mask_a=enc["mask_a"],
+            mask_v=enc["mask_v"],
+            loss_mae=zero,
+            loss_mae_a=zero,
+            loss_mae_v=zero,
+            loss_c=zero,
+            c_acc=zero,
+        )
         if mae_weight != 0:
             pred_a, pred_v = self.forward_decoder(enc["x"], enc["restore_a"], enc["restore_v"], enc["keep_a"])
-            out["loss_mae_a"], out["loss_mae_v"] = self.reconstruction_loss(audio, image, pred_a, pred_v,
-                                                                            enc["mask_a"], enc["mask_v"])
-            out.update(pred_a=pred_a, pred_v=pred_v, loss_mae=mae_weight * (out["loss_mae_a"] + out["loss_mae_v"]))
+            out["loss_mae_a"], out["loss_mae_v"] = self.reconstruction_loss(
+                audio, image, pred_a, pred_v, enc["mask_a"], enc["mask_v"]
+            )
+            out.update(
+                pred_a=pred_a, pred_v=pred_v, loss_mae=mae_weight * (out["loss_mae_a"] + out["loss_mae_v"])
+            )
         if contrastive_weight != 0:
-            nce, out["c_acc"] = contrastive_loss(enc["ca"].mean(dim=1), enc["cv"].mean(dim=1), bidirectional, gather)
+            nce, out["c_acc"] = contrastive_loss(
+                enc["ca"].mean(dim=1), enc["cv"].mean(dim=1), bidirectional, gather
+            )
             out["loss_c"] = contrastive_weight * nce
         out["loss"] = out["loss_mae"] + out["loss_c"]
         return out
@@ -408,7 +504,7 @@ class CAVMAE(nn.Module):
     def flops_per_sample(self, mask_ratio_a=0.75, mask_ratio_v=0.75):
         """Analytic forward FLOPs (2 per multiply-add) of one pretraining sample with both losses on."""
         c = self.config
-        D, Dd, P = c.embed_dim, c.decoder_embed_dim, c.patch_size ** 2
+        D, Dd, P = c.embed_dim, c.decoder_embed_dim, c.patch_size**2
         La, Lv = math.prod(c.audio_grid), math.prod(c.visual_grid)
         ka, kv = int(La * (1 - mask_ratio_a)), int(Lv * (1 - mask_ratio_v))
         block = lambda L, width: 2 * L * width * width * (4 + 2 * c.mlp_ratio) + 4 * L * L * width
@@ -476,7 +572,9 @@ class CAVMAEClassifier(nn.Module):
         else:
             raise ValueError(f"mode must be one of {FT_MODES}, got {mode!r}")
         pooled = enc.joint(x, stream).mean(dim=1)
-        if mode.startswith("missing"):  # a multimodal model given one modality: average joint- and own-norm passes
+        if mode.startswith(
+            "missing"
+        ):  # a multimodal model given one modality: average joint- and own-norm passes
             pooled = (enc.joint(x, "joint").mean(dim=1) + pooled) / 2
         return pooled
 
@@ -526,7 +624,9 @@ class LoadReport:
     loaded: list = field(default_factory=list)  # model keys that received a tensor
     missing: list = field(default_factory=list)  # model keys left as initialised
     ignored: list = field(default_factory=list)  # checkpoint keys with no place in the model
-    adapted: list = field(default_factory=list)  # what was changed to fit, e.g. audio positions cut to a shorter clip
+    adapted: list = field(
+        default_factory=list
+    )  # what was changed to fit, e.g. audio positions cut to a shorter clip
 
     def __str__(self):
         is_unused_norm = lambda k: re.search(r"blocks\.\d+\.norm[12]_[av]\.", k) is not None
@@ -534,11 +634,16 @@ class LoadReport:
         other = [k for k in self.ignored if not is_unused_norm(k)]
         lines = [f"{self.source_format} checkpoint: loaded {len(self.loaded)} tensors"]
         if unused:
-            lines.append(f"ignored {len(unused)} per-modality norms of non-joint blocks (the official model never uses them)")
+            lines.append(
+                f"ignored {len(unused)} per-modality norms of non-joint blocks (the official model never uses them)"
+            )
         if other:
             lines.append(f"ignored {len(other)}: {_summary(other)}")
-        lines.append(f"missing {len(self.missing)} (left as initialised): {_summary(self.missing)}" if self.missing
-                     else "missing: none")
+        lines.append(
+            f"missing {len(self.missing)} (left as initialised): {_summary(self.missing)}"
+            if self.missing
+            else "missing: none"
+        )
         return "; ".join(lines + self.adapted)
 
 
@@ -597,7 +702,7 @@ def _mae_to_ours(state, config):
             out[{"pos_embed": "encoder.pos_embed_v"}.get(key, "decoder_pos_embed_v")] = value[:, 1:]
         elif key == "decoder_pred.weight" or key == "decoder_pred.bias":
             out["decoder_pred_v." + key.split(".")[1]] = value
-            out["decoder_pred_a." + key.split(".")[1]] = value[: config.patch_size ** 2]
+            out["decoder_pred_a." + key.split(".")[1]] = value[: config.patch_size**2]
         elif key == "mask_token" or key.startswith(("decoder_embed.", "decoder_blocks.", "decoder_norm.")):
             out[key] = value
         else:
@@ -608,20 +713,30 @@ def _mae_to_ours(state, config):
 def infer_architecture(state):
     """The CAVMAEConfig fields a state dict's shapes determine, ours or official (all but the head counts
     and mlp_ratio): what eval.py needs to rebuild a model around an official checkpoint."""
+
     def count(prefix):  # distinct block indices under prefix
-        return len({k[len(prefix) + 1:].split(".")[0] for k in state if k.startswith(prefix + ".")})
+        return len({k[len(prefix) + 1 :].split(".")[0] for k in state if k.startswith(prefix + ".")})
 
     arch = {}
     pos_a = state.get("pos_embed_a", state.get("encoder.pos_embed_a"))
     pos_v = state.get("pos_embed_v", state.get("encoder.pos_embed_v"))
     patch = state.get("patch_embed_a.proj.weight", state.get("encoder.patch_embed_a.weight"))
     if patch is not None and pos_a is not None and pos_v is not None:
-        p, bands = patch.shape[-1], CAVMAEConfig.num_mel_bins // patch.shape[-1]  # audio grid: bands x time steps
-        arch.update(patch_size=p, embed_dim=pos_a.shape[-1], audio_length=pos_a.shape[1] // bands * p,
-                    img_size=math.isqrt(pos_v.shape[1]) * p)
-    for official, ours, name in (("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
-                                 ("blocks_u", "encoder.joint_blocks", "joint_depth"),
-                                 ("decoder_blocks", "decoder_blocks", "decoder_depth")):
+        p, bands = (
+            patch.shape[-1],
+            CAVMAEConfig.num_mel_bins // patch.shape[-1],
+        )  # audio grid: bands x time steps
+        arch.update(
+            patch_size=p,
+            embed_dim=pos_a.shape[-1],
+            audio_length=pos_a.shape[1] // bands * p,
+            img_size=math.isqrt(pos_v.shape[1]) * p,
+        )
+    for official, ours, name in (
+        ("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
+        ("blocks_u", "encoder.joint_blocks", "joint_depth"),
+        ("decoder_blocks", "decoder_blocks", "decoder_depth"),
+    ):
         if count(official) or count(ours):
             arch[name] = count(official) or count(ours)
     if "decoder_embed.weight" in state:
@@ -647,10 +762,14 @@ def _cut_audio_positions(mapped, own, bands):
             continue  # not a difference in clip length: load_pretrained's shape check reports it
         steps, keep = have.shape[1] // bands, want.shape[1] // bands
         if keep > steps:
-            raise ValueError(f"{key}: checkpoint has {steps} audio time steps ({bands}x{steps} positions), the model "
-                             f"{keep}: a model may take shorter clips than its checkpoint (the table is cut), not "
-                             "longer ones; build it with audio_length <= the checkpoint's")
-        cut[key] = have.reshape(1, bands, steps, -1)[:, :, :keep].reshape(1, bands * keep, -1)  # (1, F/p * T'/p, D)
+            raise ValueError(
+                f"{key}: checkpoint has {steps} audio time steps ({bands}x{steps} positions), the model "
+                f"{keep}: a model may take shorter clips than its checkpoint (the table is cut), not "
+                "longer ones; build it with audio_length <= the checkpoint's"
+            )
+        cut[key] = have.reshape(1, bands, steps, -1)[:, :, :keep].reshape(
+            1, bands * keep, -1
+        )  # (1, F/p * T'/p, D)
         notes.append(f"{key}: audio positions cut from {bands}x{steps} to {bands}x{keep} time steps")
     return cut, notes
 
@@ -677,16 +796,23 @@ def load_pretrained(model, source):
     elif "patch_embed.proj.weight" in state and any(k.startswith("blocks.") for k in state):
         fmt, (mapped, ignored) = "imagenet-mae", _mae_to_ours(state, model.config)
     else:
-        raise ValueError(f"unrecognised checkpoint format (first keys: {_summary(list(state))}); expected this "
-                         "project's, the official CAV-MAE release's, or an ImageNet MAE ViT-B state dict")
+        raise ValueError(
+            f"unrecognised checkpoint format (first keys: {_summary(list(state))}); expected this "
+            "project's, the official CAV-MAE release's, or an ImageNet MAE ViT-B state dict"
+        )
     own = model.state_dict()
     ignored += [k for k in mapped if k not in own]
     mapped = {k: v for k, v in mapped.items() if k in own}
     mapped, adapted = _cut_audio_positions(mapped, own, model.config.audio_grid[0])
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in mapped.items()
-           if v.shape != own[k].shape]
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if v.shape != own[k].shape
+    ]
     if bad:
-        raise ValueError(f"{fmt} checkpoint does not fit this model config ({len(bad)} shape mismatches): "
-                         + "; ".join(bad[:5]))
+        raise ValueError(
+            f"{fmt} checkpoint does not fit this model config ({len(bad)} shape mismatches): "
+            + "; ".join(bad[:5])
+        )
     model.load_state_dict(mapped, strict=False)
     return LoadReport(fmt, list(mapped), [k for k in own if k not in mapped], ignored, adapted)

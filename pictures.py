@@ -4,6 +4,7 @@ paper: original / masked / reconstructed spectrogram and frame) and sound-source
 audio-visual similarity over the frame). eval.py's `inpaint` and `localize` commands write them; train.py draws
 its loss curve here too.
 """
+
 import json
 
 import numpy as np
@@ -17,10 +18,13 @@ from model import NORM_PIX_EPS
 PAD, TEXT = 4, 14  # pixels between panels, height of a caption line
 GREY = 128
 # a dark-to-bright colormap (black, purple, red, orange, pale yellow) for spectrograms
-COLORMAP = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], dtype=np.float64)
+COLORMAP = np.array(
+    [[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], dtype=np.float64
+)
 # a cold-to-hot colormap (dark blue, blue, cyan, yellow, red, dark red) for similarity heat maps
-HEATMAP = np.array([[0, 0, 110], [0, 40, 255], [0, 230, 255], [255, 240, 0], [255, 40, 0], [130, 0, 0]],
-                   dtype=np.float64)
+HEATMAP = np.array(
+    [[0, 0, 110], [0, 40, 255], [0, 230, 255], [255, 240, 0], [255, 40, 0], [130, 0, 0]], dtype=np.float64
+)
 HEAT_OPACITY = 0.55  # weight of the heat map over the frame
 
 
@@ -150,8 +154,10 @@ def loss_picture(log_path, width=720, height=420, margin=(70, 20, 30, 50)):
     left, right, top, bottom = margin
     (x0, y0), (x1, y1) = [tuple(f(p[i] for p in train + val) for i in (0, 1)) for f in (min, max)]
     x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1e-3)
-    px = lambda x, y: (left + (x - x0) / (x1 - x0) * (width - left - right),  # noqa: E731
-                       height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+    px = lambda x, y: (
+        left + (x - x0) / (x1 - x0) * (width - left - right),  # noqa: E731
+        height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom),
+    )
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     draw.rectangle([left, top, width - right, height - bottom], outline="black")

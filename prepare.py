@@ -18,6 +18,7 @@ Pillow's JPEG defaults. `synthetic` draws a toy audio-visual dataset (shapes tha
 instance-level correspondences between the modalities, so retrieval must learn more than the class, and
 records where each object is on each frame (objects.json, for eval.py's localisation score).
 """
+
 import argparse
 import contextlib
 import csv
@@ -39,14 +40,16 @@ from PIL import Image
 from tqdm import tqdm
 
 SAMPLE_RATE = 16000
-NUM_FRAMES = 10     # frames per video, evenly spaced over the first 10 seconds
-FRAME_SIZE = 224    # side of the stored frames
-MIN_SAMPLES = 400   # one 25 ms fbank window: a shorter wav cannot be featurised
+NUM_FRAMES = 10  # frames per video, evenly spaced over the first 10 seconds
+FRAME_SIZE = 224  # side of the stored frames
+MIN_SAMPLES = 400  # one 25 ms fbank window: a shorter wav cannot be featurised
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts"}
-FFMPEG_HELP = ("prepare.py needs the `ffmpeg` and `ffprobe` programs on the PATH. Install them with one of\n"
-               "  sudo apt-get install -y ffmpeg          (Debian, Ubuntu)\n"
-               "  brew install ffmpeg                     (macOS)\n"
-               "  conda install -c conda-forge ffmpeg     (any conda environment)")
+FFMPEG_HELP = (
+    "prepare.py needs the `ffmpeg` and `ffprobe` programs on the PATH. Install them with one of\n"
+    "  sudo apt-get install -y ffmpeg          (Debian, Ubuntu)\n"
+    "  brew install ffmpeg                     (macOS)\n"
+    "  conda install -c conda-forge ffmpeg     (any conda environment)"
+)
 
 
 class PrepareError(ValueError):
@@ -65,7 +68,7 @@ def parallel_map(fn, jobs, workers, desc, chunksize=1):
 
 
 def _atomic_path(path):
-    return path + ".part"   # written first, renamed to `path` when complete
+    return path + ".part"  # written first, renamed to `path` when complete
 
 
 def _write_json(path, obj, indent=1):
@@ -83,11 +86,12 @@ def _write_label_csv(path, mids, names):
         writer.writerows([i, mid, name] for i, (mid, name) in enumerate(zip(mids, names)))
     os.replace(tmp, path)
 
+
 # -----------------------------------------------------------------------------------------------------
 # Real videos: ffprobe / ffmpeg wrappers (importable: eval.py's `predict` runs them on one video)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def check_ffmpeg():
     """Return ffmpeg's (major, minor) version; raise FFmpegMissing with install help when it is missing."""
     missing = [p for p in ("ffmpeg", "ffprobe") if shutil.which(p) is None]
@@ -136,23 +140,42 @@ def probe(video):
         raise PrepareError("file not found")
     if os.path.getsize(video) == 0:
         raise PrepareError("empty file")
-    result = _run(["ffprobe", "-v", "error", "-of", "json", "-show_entries",
-                   "stream=index,codec_type,avg_frame_rate,time_base,nb_frames,duration:"
-                   "stream_disposition=attached_pic:format=duration", video])
+    result = _run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-of",
+            "json",
+            "-show_entries",
+            "stream=index,codec_type,avg_frame_rate,time_base,nb_frames,duration:"
+            "stream_disposition=attached_pic:format=duration",
+            video,
+        ]
+    )
     if result.returncode != 0:
         raise PrepareError(f"not a readable video ({_ffmpeg_error(result.stderr, video)})")
     facts = json.loads(result.stdout or b"{}")
     streams = facts.get("streams", [])
-    videos = [s for s in streams if s.get("codec_type") == "video"
-              and not s.get("disposition", {}).get("attached_pic")]   # cover art is not a video
-    info = dict(has_video=bool(videos), has_audio=any(s.get("codec_type") == "audio" for s in streams),
-                video_stream=None, fps=0.0, count=0, total=0)
+    videos = [
+        s
+        for s in streams
+        if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")
+    ]  # cover art is not a video
+    info = dict(
+        has_video=bool(videos),
+        has_audio=any(s.get("codec_type") == "audio" for s in streams),
+        video_stream=None,
+        fps=0.0,
+        count=0,
+        total=0,
+    )
     if not videos:
         return info
     stream = videos[0]
     fps = _fraction(stream.get("avg_frame_rate")) or 1.0 / (_fraction(stream.get("time_base")) or 1.0)
     count = int(stream.get("nb_frames") or 0)
-    if count <= 0:   # no frame count in the container: OpenCV estimates it from the duration
+    if count <= 0:  # no frame count in the container: OpenCV estimates it from the duration
         duration = _fraction(facts.get("format", {}).get("duration")) or _fraction(stream.get("duration"))
         count = math.floor(duration * fps + 0.5)
     info.update(video_stream=int(stream["index"]), fps=fps, count=count, total=min(count, int(fps * 10)))
@@ -170,7 +193,7 @@ def resize_crop(image, size=FRAME_SIZE):
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.BILINEAR)
-    left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))   # round half to even
+    left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))  # round half to even
     return image.crop((left, top, left + size, top + size))
 
 
@@ -209,22 +232,47 @@ def extract_frames(video, frames_root, video_id, info=None, only=None):
         raise PrepareError(f"too short: {info['total']} frames in the first 10 s, need {NUM_FRAMES}")
     todo = list(range(NUM_FRAMES)) if only is None else sorted(only)
     indices = frame_indices(info["total"])
-    wanted = sorted({indices[i] for i in todo})   # each decode index comes out once, in order
+    wanted = sorted({indices[i] for i in todo})  # each decode index comes out once, in order
     select = "+".join(f"eq(n\\,{k})" for k in wanted)
     passthrough = ["-fps_mode", "passthrough"] if check_ffmpeg() >= (5, 1) else ["-vsync", "0"]
-    result = _run(["ffmpeg", "-nostdin", "-v", "error", "-i", video, "-map", f"0:{info['video_stream']}",
-                   "-vf", f"select='{select}'", *passthrough, "-frames:v", str(len(wanted)),
-                   "-pix_fmt", "rgb24", "-c:v", "ppm", "-f", "image2pipe", "pipe:1"])
+    result = _run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            video,
+            "-map",
+            f"0:{info['video_stream']}",
+            "-vf",
+            f"select='{select}'",
+            *passthrough,
+            "-frames:v",
+            str(len(wanted)),
+            "-pix_fmt",
+            "rgb24",
+            "-c:v",
+            "ppm",
+            "-f",
+            "image2pipe",
+            "pipe:1",
+        ]
+    )
     decoded = dict(zip(wanted, _read_ppm_stream(result.stdout)))
-    if len(decoded) < len(wanted):   # the official extractor stops at the first unreadable frame
+    if len(decoded) < len(wanted):  # the official extractor stops at the first unreadable frame
         missing = min(set(wanted) - set(decoded))
-        raise PrepareError(f"truncated or corrupt: decoding stopped before frame {missing} of the {info['total']}"
-                           f" the container announces ({_ffmpeg_error(result.stderr, video)})")
+        raise PrepareError(
+            f"truncated or corrupt: decoding stopped before frame {missing} of the {info['total']}"
+            f" the container announces ({_ffmpeg_error(result.stderr, video)})"
+        )
     paths = []
     for i in todo:
         path = frame_path(frames_root, i, video_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        resize_crop(Image.fromarray(decoded[indices[i]])).save(_atomic_path(path), "JPEG")  # quality 75, 4:2:0
+        resize_crop(Image.fromarray(decoded[indices[i]])).save(
+            _atomic_path(path), "JPEG"
+        )  # quality 75, 4:2:0
         os.replace(_atomic_path(path), path)
         paths.append(path)
     return paths
@@ -240,9 +288,32 @@ def extract_audio(video, wav_path, info=None):
         raise PrepareError("no audio stream")
     os.makedirs(os.path.dirname(os.path.abspath(wav_path)), exist_ok=True)
     tmp = _atomic_path(wav_path)
-    result = _run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", video, "-vn", "-sn", "-dn",
-                   "-af", "pan=mono|c0=c0", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le",
-                   "-bitexact", "-map_metadata", "-1", "-f", "wav", tmp])
+    result = _run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-y",
+            "-i",
+            video,
+            "-vn",
+            "-sn",
+            "-dn",
+            "-af",
+            "pan=mono|c0=c0",
+            "-ar",
+            str(SAMPLE_RATE),
+            "-c:a",
+            "pcm_s16le",
+            "-bitexact",
+            "-map_metadata",
+            "-1",
+            "-f",
+            "wav",
+            tmp,
+        ]
+    )
     if result.returncode != 0:
         _remove(tmp)
         raise PrepareError(f"audio extraction failed ({_ffmpeg_error(result.stderr, video)})")
@@ -265,9 +336,11 @@ def one_clip_datafile(folder, video=None, wav=None, image=None):
         extract_frames(video, frames, video_id, facts)
     else:
         os.makedirs(os.path.join(frames, "frame_0"), exist_ok=True)
-        shutil.copyfile(image, frame_path(frames, 0, video_id))   # data.read_frame decodes by content
+        shutil.copyfile(image, frame_path(frames, 0, video_id))  # data.read_frame decodes by content
     path = os.path.join(folder, "clip.json")
-    _write_json(path, {"data": [dict(video_id=video_id, wav=os.path.abspath(wav), video_path="frames", labels="")]})
+    _write_json(
+        path, {"data": [dict(video_id=video_id, wav=os.path.abspath(wav), video_path="frames", labels="")]}
+    )
     return path, list(range(NUM_FRAMES)) if video else [0]
 
 
@@ -280,7 +353,7 @@ def _remove(*paths):
 def _wav_ok(path):
     try:
         info = sf.info(path)
-    except Exception:   # missing or unreadable: redo it
+    except Exception:  # missing or unreadable: redo it
         return False
     return info.samplerate == SAMPLE_RATE and info.channels == 1 and info.frames >= MIN_SAMPLES
 
@@ -291,7 +364,7 @@ def _jpeg_ok(path):
             if f.read(2) != b"\xff\xd8":
                 return False
             f.seek(-2, os.SEEK_END)
-            return f.read(2) == b"\xff\xd9"   # a complete JPEG ends with the EOI marker
+            return f.read(2) == b"\xff\xd9"  # a complete JPEG ends with the EOI marker
     except OSError:
         return False
 
@@ -318,8 +391,8 @@ def prepare_video(job):
             extract_frames(video, frames_root, video_id, info=info, only=need_frames)
         if need_audio:
             extract_audio(video, wav, info=info)
-    except Exception as error:   # PrepareError, or anything unforeseen (disk full, odd ffprobe output):
-        _remove(wav, *frames)   # one bad video must not stop the run; a failed video leaves nothing behind
+    except Exception as error:  # PrepareError, or anything unforeseen (disk full, odd ffprobe output):
+        _remove(wav, *frames)  # one bad video must not stop the run; a failed video leaves nothing behind
         reason = str(error) if isinstance(error, PrepareError) else f"{type(error).__name__}: {error}"
         return "failed", reason
     return "done", ""
@@ -328,8 +401,12 @@ def prepare_video(job):
 def list_videos(source):
     """Video paths from a folder (recursive, by extension) or a csv/text list (first column, one a line)."""
     if os.path.isdir(source):
-        found = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names
-                 if os.path.splitext(name)[1].lower() in VIDEO_EXTS]
+        found = [
+            os.path.join(root, name)
+            for root, _, names in os.walk(source)
+            for name in names
+            if os.path.splitext(name)[1].lower() in VIDEO_EXTS
+        ]
         return sorted(found)
     if not os.path.isfile(source):
         raise ValueError(f"--input {source}: no such folder or list file")
@@ -337,7 +414,7 @@ def list_videos(source):
     with open(source, newline="") as f:
         rows = [row for row in csv.reader(f) if row and row[0].strip() and not row[0].startswith("#")]
     if rows and rows[0][0].strip().lower() in {"path", "video", "video_path", "file", "filename"}:
-        rows = rows[1:]   # a header line
+        rows = rows[1:]  # a header line
     return [os.path.join(base, row[0].strip()) for row in rows]
 
 
@@ -358,23 +435,32 @@ def read_video_labels(path):
     (`abc_30`, `abc_30.000`, `abc_000030`) and by the bare id.
     """
     with open(path, newline="") as f:
-        rows = [[c.strip() for c in row] for row in csv.reader(f, skipinitialspace=True)
-                if row and not row[0].lstrip().startswith("#")]
+        rows = [
+            [c.strip() for c in row]
+            for row in csv.reader(f, skipinitialspace=True)
+            if row and not row[0].lstrip().startswith("#")
+        ]
     if rows and rows[0][0].lower() in {"video_id", "video", "id", "ytid", "youtube_id"}:
         rows = rows[1:]
     labels = {}
     for n, row in enumerate(rows, 1):
-        if len(row) >= 4 and _is_number(row[1]):   # VGGSound (label in col 2) or AudioSet (labels in col 3)
+        if len(row) >= 4 and _is_number(row[1]):  # VGGSound (label in col 2) or AudioSet (labels in col 3)
             names = [row[2]] if not _is_number(row[2]) else row[3].split(",")
             start = float(row[1])
-            for key in (f"{row[0]}_{row[1]}", f"{row[0]}_{start:.3f}", f"{row[0]}_{int(start):06d}",
-                        f"{row[0]}_{int(start)}"):
+            for key in (
+                f"{row[0]}_{row[1]}",
+                f"{row[0]}_{start:.3f}",
+                f"{row[0]}_{int(start):06d}",
+                f"{row[0]}_{int(start)}",
+            ):
                 labels[key] = names
             labels.setdefault(row[0], names)
         elif len(row) >= 2:
             labels[row[0]] = [l.strip() for l in ",".join(row[1:]).split(",")]
         else:
-            raise ValueError(f"{path} row {n}: expected `video_id,labels`, a VGGSound or an AudioSet row, got {row}")
+            raise ValueError(
+                f"{path} row {n}: expected `video_id,labels`, a VGGSound or an AudioSet row, got {row}"
+            )
     for key in labels:
         labels[key] = [l for l in labels[key] if l]
     return labels
@@ -384,7 +470,7 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
     """Extract every video of `source` into `out`; write data.json, failed.csv (and labels.csv). Returns failures."""
     check_ffmpeg()
     videos = list_videos(source)
-    table = read_video_labels(labels_csv) if labels_csv else {}   # a bad csv fails before any work
+    table = read_video_labels(labels_csv) if labels_csv else {}  # a bad csv fails before any work
     os.makedirs(out, exist_ok=True)
     jobs, failed, seen = [], [], {}
     for video in videos:
@@ -404,13 +490,19 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
             failed.append((video, f"no labels for {video_id!r} in {labels_csv}"))
         else:
             counts[status] += 1
-            entries.append(dict(video_id=video_id, wav=f"audio/{video_id}.wav", video_path="frames",
-                                labels=table.get(video_id, ["/m/unlabeled"])))
+            entries.append(
+                dict(
+                    video_id=video_id,
+                    wav=f"audio/{video_id}.wav",
+                    video_path="frames",
+                    labels=table.get(video_id, ["/m/unlabeled"]),
+                )
+            )
 
     names = sorted({l for e in entries for l in e["labels"]})
-    if not labels_csv:   # a one-class dummy label file keeps the folder loadable for pretraining
+    if not labels_csv:  # a one-class dummy label file keeps the folder loadable for pretraining
         _write_label_csv(os.path.join(out, "labels.csv"), ["/m/unlabeled"], ["unlabeled"])
-    elif any(not l.startswith("/") for l in names):   # names, not mids: number them
+    elif any(not l.startswith("/") for l in names):  # names, not mids: number them
         mids = {name: f"/label/{i:04d}" for i, name in enumerate(names)}
         for e in entries:
             e["labels"] = [mids[l] for l in e["labels"]]
@@ -421,8 +513,10 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
     with open(os.path.join(out, "failed.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("video", "reason"), *failed])
 
-    print(f"{len(entries)} videos ready in {os.path.join(out, 'data.json')} ({counts['done']} extracted, "
-          f"{counts['skipped']} already done), {len(failed)} failed")
+    print(
+        f"{len(entries)} videos ready in {os.path.join(out, 'data.json')} ({counts['done']} extracted, "
+        f"{counts['skipped']} already done), {len(failed)} failed"
+    )
     for video, reason in failed:
         print(f"  FAILED {video}: {reason}")
     if failed:
@@ -438,10 +532,30 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
 # Nuisances: background colour, gradient and pixel noise, vertical position, drift, audio noise level.
 
 
-SHAPES = ["disk", "square", "triangle", "diamond", "plus", "ring", "x-cross", "striped square",
-          "checkered disk", "bar"]
-SOUNDS = ["pure tone", "square wave", "sawtooth", "noise band", "rising chirp", "falling chirp", "tremolo",
-          "vibrato", "pluck", "bell"]
+SHAPES = [
+    "disk",
+    "square",
+    "triangle",
+    "diamond",
+    "plus",
+    "ring",
+    "x-cross",
+    "striped square",
+    "checkered disk",
+    "bar",
+]
+SOUNDS = [
+    "pure tone",
+    "square wave",
+    "sawtooth",
+    "noise band",
+    "rising chirp",
+    "falling chirp",
+    "tremolo",
+    "vibrato",
+    "pluck",
+    "bell",
+]
 
 
 def shape_mask(cls, x, y):
@@ -453,7 +567,7 @@ def shape_mask(cls, x, y):
         return r2 <= 1, none
     if cls == 1:
         return box <= 0.85, none
-    if cls == 2:   # apex up
+    if cls == 2:  # apex up
         return (y >= -1) & (y <= 0.75) & (ax <= (y + 1) * 0.55), none
     if cls == 3:
         return ax + ay <= 1.1, none
@@ -463,9 +577,9 @@ def shape_mask(cls, x, y):
         return (r2 <= 1) & (r2 >= 0.3), none
     if cls == 6:
         return (box <= 0.85) & ((np.abs(x - y) <= 0.4) | (np.abs(x + y) <= 0.4)), none
-    if cls == 7:   # 5 vertical stripes
+    if cls == 7:  # 5 vertical stripes
         return box <= 0.85, np.floor((x + 0.85) / 0.34) % 2 == 1
-    if cls == 8:   # 4 x 4 checkerboard
+    if cls == 8:  # 4 x 4 checkerboard
         return r2 <= 1, (np.floor((x + 1) * 2) + np.floor((y + 1) * 2)) % 2 == 1
     return (x / 1.1) ** 2 + (y / 0.45) ** 2 <= 1, none
 
@@ -492,21 +606,21 @@ def note(cls, f0, n, rng):
         wave = partials(range(1, 40, 2), [1 / k for k in range(1, 40, 2)])
     elif cls == 2:
         wave = partials(range(1, 40), [1 / k for k in range(1, 40)])
-    elif cls == 3:   # noise low-passed to ~400 Hz, shifted up to f0: a noise band around the pitch
+    elif cls == 3:  # noise low-passed to ~400 Hz, shifted up to f0: a noise band around the pitch
         noise = np.convolve(rng.standard_normal(n + 39), np.ones(40) / 40, mode="valid")
         wave = noise * np.sin(2 * np.pi * f0 * t)
-    elif cls in (4, 5):   # one octave glide up or down over the note
+    elif cls in (4, 5):  # one octave glide up or down over the note
         sign = 1 if cls == 4 else -1
         wave = np.sin(2 * np.pi * f0 * dur / (sign * np.log(2)) * (2 ** (sign * t / dur) - 1))
-    elif cls == 6:   # 100 % amplitude modulation at 15 Hz
+    elif cls == 6:  # 100 % amplitude modulation at 15 Hz
         wave = partials([1], [1]) * (0.5 + 0.5 * np.sin(2 * np.pi * 15 * t))
-    elif cls == 7:   # 8 % frequency modulation at 6 Hz
+    elif cls == 7:  # 8 % frequency modulation at 6 Hz
         wave = np.sin(2 * np.pi * f0 * t + 0.08 * f0 / 6 * np.sin(2 * np.pi * 6 * t))
-    elif cls == 8:   # plucked string: harmonics with a fast decay
+    elif cls == 8:  # plucked string: harmonics with a fast decay
         wave = partials(range(1, 7), [1 / k for k in range(1, 7)]) * np.exp(-t / 0.08)
-    else:   # bell: inharmonic partials, slower decay
+    else:  # bell: inharmonic partials, slower decay
         wave = partials([1, 2.76, 5.4], [1, 0.5, 0.25]) * np.exp(-t / 0.3)
-    ramp = np.minimum(1, np.minimum(t / 0.01, (dur - t) / 0.06))   # 10 ms attack, 60 ms release
+    ramp = np.minimum(1, np.minimum(t / 0.01, (dur - t) / 0.06))  # 10 ms attack, 60 ms release
     wave = wave * ramp
     return wave / (np.abs(wave).max() + 1e-9)
 
@@ -517,9 +631,9 @@ def draw_clip(rng, classes, image_size, seconds):
     right, y down, pixel k spans [k, k + 1)); inside_objects() tests points against it."""
     S, n = image_size, len(classes)
     n_samples = int(round(seconds * SAMPLE_RATE))
-    hues = rng.uniform(0, 0.8, n)                                   # 0.8: stop before red wraps round
-    pitches = 200 * 2 ** (3 * hues / 0.8)                           # hue <-> pitch: 200 .. 1600 Hz
-    loud = rng.uniform(0.8, 1.25)                                  # near = big and loud
+    hues = rng.uniform(0, 0.8, n)  # 0.8: stop before red wraps round
+    pitches = 200 * 2 ** (3 * hues / 0.8)  # hue <-> pitch: 200 .. 1600 Hz
+    loud = rng.uniform(0.8, 1.25)  # near = big and loud
     depth, cycles, phase = rng.uniform(0.15, 0.3), rng.uniform(0.4, 1.2), rng.uniform(0, 2 * np.pi)
     envelope = lambda t: 1 + depth * np.sin(2 * np.pi * cycles * t / seconds + phase)  # noqa: E731
 
@@ -529,36 +643,45 @@ def draw_clip(rng, classes, image_size, seconds):
     for j, (cls, f0) in enumerate(zip(classes, pitches)):
         start = int((j + rng.uniform(0, 0.2)) * slot * SAMPLE_RATE)
         length = int(min(1.2, 0.7 * slot) * SAMPLE_RATE)
-        wave[start:start + length] += note(cls, f0, length, rng)[: n_samples - start]
+        wave[start : start + length] += note(cls, f0, length, rng)[: n_samples - start]
     t = np.arange(n_samples) / SAMPLE_RATE
     wave *= 0.3 * loud * envelope(t)
-    noise = rng.standard_normal(n_samples) * rng.uniform(0.003, 0.03) * 0.3   # 10 .. 30 dB below the notes
+    noise = rng.standard_normal(n_samples) * rng.uniform(0.003, 0.03) * 0.3  # 10 .. 30 dB below the notes
     pcm = np.round(np.clip(wave + noise, -1, 1) * 32767).astype(np.int16)
 
     # frames: background + objects, 2 x 2 supersampled edges
     bg = hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.45))
     gradient_dir, gradient = rng.uniform(0, 2 * np.pi), rng.uniform(0, 40)
     pixel_noise = rng.uniform(2, 10)
-    xs = rng.uniform(0.3, 0.7, n) * (S / n) + np.arange(n) * (S / n)   # one horizontal slot per object
+    xs = rng.uniform(0.3, 0.7, n) * (S / n) + np.arange(n) * (S / n)  # one horizontal slot per object
     ys = rng.uniform(0.3, 0.7, n) * S
     drift = rng.uniform(-0.08, 0.08, 2) * S
     radii = 0.1 * S * loud * rng.uniform(0.9, 1.1, n)
     colours = [hsv_to_rgb(h, rng.uniform(0.75, 1), rng.uniform(0.85, 1)) for h in hues]
-    grid = (np.arange(S) + 0.5)[None, :] - 0.25 + 0.5 * np.array([0, 1])[:, None]   # (2, S) sub-pixel
-    gy, gx = grid[:, None, :, None], grid[None, :, None, :]                          # (2, 1, S, 1), (1, 2, 1, S)
+    grid = (np.arange(S) + 0.5)[None, :] - 0.25 + 0.5 * np.array([0, 1])[:, None]  # (2, S) sub-pixel
+    gy, gx = grid[:, None, :, None], grid[None, :, None, :]  # (2, 1, S, 1), (1, 2, 1, S)
     frames, objects = np.empty((NUM_FRAMES, S, S, 3), np.uint8), []
-    base = (bg + gradient * ((np.arange(S)[None, :] - S / 2) * np.cos(gradient_dir)
-                             + (np.arange(S)[:, None] - S / 2) * np.sin(gradient_dir))[..., None] / S)
+    base = (
+        bg
+        + gradient
+        * (
+            (np.arange(S)[None, :] - S / 2) * np.cos(gradient_dir)
+            + (np.arange(S)[:, None] - S / 2) * np.sin(gradient_dir)
+        )[..., None]
+        / S
+    )
     for i in range(NUM_FRAMES):
         t_i = i * seconds / NUM_FRAMES
-        image = base.copy()                                          # (S, S, 3)
+        image = base.copy()  # (S, S, 3)
         objects.append([])
         for cls, x, y, r, colour in zip(classes, xs, ys, radii, colours):
             r, x, y = r * envelope(t_i), x + drift[0] * t_i / seconds, y + drift[1] * t_i / seconds
             objects[-1].append({"class": int(cls), "x": float(x), "y": float(y), "radius": float(r)})
-            box = [slice(max(int(c - 1.2 * r), 0), max(int(c + 1.2 * r) + 2, 0)) for c in (y, x)]  # shapes fit
+            box = [
+                slice(max(int(c - 1.2 * r), 0), max(int(c + 1.2 * r) + 2, 0)) for c in (y, x)
+            ]  # shapes fit
             inside, dark = shape_mask(cls, (gx[..., box[1]] - x) / r, (gy[..., box[0], :] - y) / r)
-            cover = inside.mean(axis=(0, 1))[..., None]                          # (h, w, 1) in [0, 1]
+            cover = inside.mean(axis=(0, 1))[..., None]  # (h, w, 1) in [0, 1]
             shade = (inside & dark).mean(axis=(0, 1))[..., None]
             image[box[0], box[1]] = image[box[0], box[1]] * (1 - cover) + colour * (cover - 0.65 * shade)
         image += rng.normal(0, pixel_noise, image.shape)
@@ -566,10 +689,12 @@ def draw_clip(rng, classes, image_size, seconds):
     return frames, pcm, objects
 
 
-OBJECTS = "objects.json"   # beside the datafiles: where each object is on each frame
-OBJECTS_HELP = ("clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
-                "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
-                "prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true")
+OBJECTS = "objects.json"  # beside the datafiles: where each object is on each frame
+OBJECTS_HELP = (
+    "clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
+    "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
+    "prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true"
+)
 
 
 def inside_objects(objects, x, y):
@@ -593,7 +718,9 @@ def read_objects(path, datafile, video_ids):
         objects = json.load(f)
     missing = [v for v in video_ids if v not in objects["clips"]]
     if missing:
-        raise ValueError(f"{path}: no objects for {len(missing)} of the {len(video_ids)} clips (first: {missing[0]})")
+        raise ValueError(
+            f"{path}: no objects for {len(missing)} of the {len(video_ids)} clips (first: {missing[0]})"
+        )
     return objects, path
 
 
@@ -602,9 +729,9 @@ def _make_clip(job):
     Returns (class indices, object geometry per frame)."""
     out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel = job
     rng = np.random.default_rng([seed, split, index])
-    if multilabel:   # 1-3 different events, one object each
+    if multilabel:  # 1-3 different events, one object each
         classes = rng.choice(num_classes, size=rng.integers(1, min(3, num_classes) + 1), replace=False)
-    else:            # one event class, 1-3 objects of it
+    else:  # one event class, 1-3 objects of it
         classes = np.full(rng.integers(1, 4), rng.integers(num_classes))
     frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds)
     sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, SAMPLE_RATE, subtype="PCM_16")
@@ -617,8 +744,17 @@ def synthetic_mid(cls):
     return f"/synth/{cls:02d}"
 
 
-def make_synthetic(out, n_train=2000, n_test=500, seed=0, image_size=64, seconds=2.56, num_classes=10,
-                   multilabel=False, workers=None):
+def make_synthetic(
+    out,
+    n_train=2000,
+    n_test=500,
+    seed=0,
+    image_size=64,
+    seconds=2.56,
+    num_classes=10,
+    multilabel=False,
+    workers=None,
+):
     """Write the synthetic dataset to `out` (train.json, test.json, labels.csv, audio/, frames/) and, beside the
     official format, objects.json: where each clip's objects are on each frame (draw_clip's geometry, keyed by
     video_id). Return counts."""
@@ -630,29 +766,55 @@ def make_synthetic(out, n_train=2000, n_test=500, seed=0, image_size=64, seconds
     for i in range(NUM_FRAMES):
         os.makedirs(os.path.join(out, "frames", f"frame_{i}"), exist_ok=True)
     splits = {"train": (0, n_train), "test": (1, n_test)}
-    jobs = [(out, f"{name}_{k:05d}", seed, code, k, image_size, seconds, num_classes, multilabel)
-            for name, (code, count) in splits.items() for k in range(count)]
-    workers = (workers or os.cpu_count() or 1) if len(jobs) >= 64 else 1   # a pool costs more for a few
-    labels, objects = zip(*parallel_map(_make_clip, jobs, workers, "synthetic", chunksize=16)) if jobs else ((), ())
+    jobs = [
+        (out, f"{name}_{k:05d}", seed, code, k, image_size, seconds, num_classes, multilabel)
+        for name, (code, count) in splits.items()
+        for k in range(count)
+    ]
+    workers = (workers or os.cpu_count() or 1) if len(jobs) >= 64 else 1  # a pool costs more for a few
+    labels, objects = (
+        zip(*parallel_map(_make_clip, jobs, workers, "synthetic", chunksize=16)) if jobs else ((), ())
+    )
     for name in splits:
-        entries = [dict(video_id=job[1], wav=f"audio/{job[1]}.wav", video_path="frames",
-                        labels=",".join(synthetic_mid(c) for c in classes))
-                   for job, classes in zip(jobs, labels) if job[1].startswith(name)]
+        entries = [
+            dict(
+                video_id=job[1],
+                wav=f"audio/{job[1]}.wav",
+                video_path="frames",
+                labels=",".join(synthetic_mid(c) for c in classes),
+            )
+            for job, classes in zip(jobs, labels)
+            if job[1].startswith(name)
+        ]
         _write_json(os.path.join(out, f"{name}.json"), {"data": entries})
-    _write_label_csv(os.path.join(out, "labels.csv"), [synthetic_mid(c) for c in range(num_classes)],
-                     [f"{SHAPES[c]} + {SOUNDS[c]}" for c in range(num_classes)])
-    _write_json(os.path.join(out, OBJECTS), dict(
-        frame_size=image_size, shapes=SHAPES, geometry=OBJECTS_HELP,
-        clips={job[1]: [[{k: round(v, 4) for k, v in o.items()} for o in frame] for frame in clip]
-               for job, clip in zip(jobs, objects)}), indent=None)
+    _write_label_csv(
+        os.path.join(out, "labels.csv"),
+        [synthetic_mid(c) for c in range(num_classes)],
+        [f"{SHAPES[c]} + {SOUNDS[c]}" for c in range(num_classes)],
+    )
+    _write_json(
+        os.path.join(out, OBJECTS),
+        dict(
+            frame_size=image_size,
+            shapes=SHAPES,
+            geometry=OBJECTS_HELP,
+            clips={
+                job[1]: [[{k: round(v, 4) for k, v in o.items()} for o in frame] for frame in clip]
+                for job, clip in zip(jobs, objects)
+            },
+        ),
+        indent=None,
+    )
     return dict(train=n_train, test=n_test)
+
 
 # -----------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
     videos.add_argument("--input", required=True, help="folder of videos, or a csv/text list of paths")
@@ -673,15 +835,26 @@ def main(argv=None):
 
     if args.command == "synthetic":
         start = time.time()
-        make_synthetic(args.out, args.n_train, args.n_test, args.seed, args.image_size, args.seconds,
-                       args.num_classes, args.multilabel, args.workers)
-        print(f"synthetic: {args.n_train} train + {args.n_test} test clips, {args.num_classes} classes"
-              f"{' (multi-label)' if args.multilabel else ''}, {args.image_size}px frames, {args.seconds} s audio"
-              f" -> {args.out} in {time.time() - start:.1f} s")
+        make_synthetic(
+            args.out,
+            args.n_train,
+            args.n_test,
+            args.seed,
+            args.image_size,
+            args.seconds,
+            args.num_classes,
+            args.multilabel,
+            args.workers,
+        )
+        print(
+            f"synthetic: {args.n_train} train + {args.n_test} test clips, {args.num_classes} classes"
+            f"{' (multi-label)' if args.multilabel else ''}, {args.image_size}px frames, {args.seconds} s audio"
+            f" -> {args.out} in {time.time() - start:.1f} s"
+        )
         return 0
     try:
         return 1 if prepare_videos(args.input, args.out, args.labels, args.workers) else 0
-    except (RuntimeError, ValueError) as error:   # ffmpeg missing, bad --input or --labels
+    except (RuntimeError, ValueError) as error:  # ffmpeg missing, bad --input or --labels
         print(f"error: {error}", file=sys.stderr)
         return 2
 

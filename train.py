@@ -16,6 +16,7 @@ Read train() first: it builds a Run, then loops over train_step, logging, epoch 
 Long runs lose minutes, not hours: a checkpoint at every evaluation, every save_interval steps or save_minutes,
 on SIGINT/SIGTERM, and on any error inside the loop (the state after the last completed step).
 """
+
 import contextlib
 import dataclasses
 import datetime
@@ -35,86 +36,112 @@ from tqdm import tqdm
 
 import configurator
 import data
-from checkpoint import (WeightAverage, atomic_save, load_start, restore_rngs, rng_state, save_checkpoint,
-                        weights_entry)
+from checkpoint import (
+    WeightAverage,
+    atomic_save,
+    load_start,
+    restore_rngs,
+    rng_state,
+    save_checkpoint,
+    weights_entry,
+)
 from configurator import ConfigError
-from loader import build_data, gather_in_order, to_device
 from eval import average_frames, classification_metrics, retrieval_metrics
+from loader import build_data, gather_in_order, to_device
+from model import (
+    CAVMAE,
+    FT_MODES,
+    MASK_MODES,
+    CAVMAEClassifier,
+    CAVMAEConfig,
+    apply_compile,
+    load_pretrained,
+    pooled_representation,
+)
 from pictures import loss_picture
-from model import (FT_MODES, MASK_MODES, CAVMAE, CAVMAEClassifier, CAVMAEConfig, apply_compile, load_pretrained,
-                   pooled_representation)
 
 # ----------------------------------------------------------------------------------------------------------
 # default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
 # I/O
 out_dir = "out/pretrain"
-task = "pretrain"              # 'pretrain' (CAV-MAE objective) | 'finetune' (CAVMAEClassifier)
-init_from = "scratch"          # 'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint (ours, official, ImageNet MAE)
-eval_interval = 0              # evaluate (and save) every N iterations; 0 = every epoch; -1 = only at the end
-save_interval = 0              # also save every N iterations (0: at evaluations, epoch ends and the end only)
-save_minutes = 30.0            # also save when this many minutes have passed since the last save (0: off)
-save_epochs = True             # also save at each epoch end (off for short epochs of a big model)
-overwrite = False              # a new run may replace the checkpoint in out_dir (else: --init_from=resume)
+task = "pretrain"  # 'pretrain' (CAV-MAE objective) | 'finetune' (CAVMAEClassifier)
+init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint (ours, official, ImageNet MAE)
+eval_interval = 0  # evaluate (and save) every N iterations; 0 = every epoch; -1 = only at the end
+save_interval = 0  # also save every N iterations (0: at evaluations, epoch ends and the end only)
+save_minutes = 30.0  # also save when this many minutes have passed since the last save (0: off)
+save_epochs = True  # also save at each epoch end (off for short epochs of a big model)
+overwrite = False  # a new run may replace the checkpoint in out_dir (else: --init_from=resume)
 log_interval = 10
 # data
 data_train = "data/audioset/train.json"
 data_val = "data/audioset/eval.json"
 label_csv = "data/audioset/class_labels_indices.csv"
-target_length = 0              # fbank frames; 0 = the model's audio_length
-image_size = 0                 # frame side; 0 = the model's img_size
+target_length = 0  # fbank frames; 0 = the model's audio_length
+image_size = 0  # frame side; 0 = the model's img_size
 num_frames = 10
 dataset_mean, dataset_std = data.AUDIOSET_MEAN, data.AUDIOSET_STD  # fbank normalisation (also for VGGSound)
-freqm, timem = 0, 0            # SpecAugment frequency / time mask widths (fine-tuning: 48 / 192)
+freqm, timem = 0, 0  # SpecAugment frequency / time mask widths (fine-tuning: 48 / 192)
 mixup = 0.0
-noise = True                   # the official noise augmentation (all recipes)
+noise = True  # the official noise augmentation (all recipes)
 label_smooth = 0.0
-balanced_sampling = False      # sample clips with the official per-label weights 1000 / (count + 0.01)
-num_workers = 4                # loader processes; they live for the whole run (persistent)
-gpu_preprocess = "auto"        # 'auto' (on for CUDA) | 'on' | 'off': workers decode; fbank, augmentation on device
-on_error = "raise"             # 'raise' | 'skip' unreadable rows (data.AVDataset)
+balanced_sampling = False  # sample clips with the official per-label weights 1000 / (count + 0.01)
+num_workers = 4  # loader processes; they live for the whole run (persistent)
+gpu_preprocess = "auto"  # 'auto' (on for CUDA) | 'on' | 'off': workers decode; fbank, augmentation on device
+on_error = "raise"  # 'raise' | 'skip' unreadable rows (data.AVDataset)
 # model
-model_preset = "base"          # model.PRESETS name; single fields via --model_<field>=value
+model_preset = "base"  # model.PRESETS name; single fields via --model_<field>=value
 # pretraining objective (Sec. 3)
 mae_weight = 1.0
-contrastive_weight = 0.01      # lambda_c; 0 = AV-MAE
+contrastive_weight = 0.01  # lambda_c; 0 = AV-MAE
 mask_ratio = 0.75
 mask_ratio_a, mask_ratio_v = -1.0, -1.0  # per modality; < 0: use mask_ratio
-mask_mode = "unstructured"     # audio masking: 'unstructured' | 'time' | 'freq' | 'tf'
-bidirectional = False          # contrastive loss in both directions (official: one)
-gather_negatives = False       # DDP: negatives from all ranks (all_gather with gradient)
+mask_mode = "unstructured"  # audio masking: 'unstructured' | 'time' | 'freq' | 'tf'
+bidirectional = False  # contrastive loss in both directions (official: one)
+gather_negatives = False  # DDP: negatives from all ranks (all_gather with gradient)
 # fine-tuning
-ftmode = "multimodal"          # multimodal | audioonly | videoonly | missingaudioonly | missingvideoonly
-head_lr = 100.0                # the new head's lr multiplier
-freeze_base = False            # linear probing: train the head only
-loss = "bce"                   # 'bce' (multi-label) | 'ce' (single-label)
-metric = "mAP"                 # 'mAP' | 'acc': main metric, and sigmoid vs softmax in the multi-frame evaluation
-wa = False                     # average the weights of epochs wa_start..wa_end (1-based) before the final evaluation
+ftmode = "multimodal"  # multimodal | audioonly | videoonly | missingaudioonly | missingvideoonly
+head_lr = 100.0  # the new head's lr multiplier
+freeze_base = False  # linear probing: train the head only
+loss = "bce"  # 'bce' (multi-label) | 'ce' (single-label)
+metric = "mAP"  # 'mAP' | 'acc': main metric, and sigmoid vs softmax in the multi-frame evaluation
+wa = False  # average the weights of epochs wa_start..wa_end (1-based) before the final evaluation
 wa_start, wa_end = 1, 10
-select_best = True             # fine-tuning without wa: report the best validation weights (best.pt), as official
+select_best = True  # fine-tuning without wa: report the best validation weights (best.pt), as official
 # optimisation
-optimizer = "adam"             # 'adam' (official: L2 weight decay) | 'adamw'
+optimizer = "adam"  # 'adam' (official: L2 weight decay) | 'adamw'
 lr = 5e-5
 weight_decay = 5e-7
 betas = (0.95, 0.999)
 epochs = 25
-max_iters = 0                  # > 0: stop after this many optimizer steps, whatever `epochs` says
+max_iters = 0  # > 0: stop after this many optimizer steps, whatever `epochs` says
 batch_size = 48
 grad_accum = 1
-grad_clip = 0.0                # 0 = off
-lr_schedule = "step"           # 'step' (official: x decay every `step` epochs from epoch `start`) | 'cosine'
+grad_clip = 0.0  # 0 = off
+lr_schedule = "step"  # 'step' (official: x decay every `step` epochs from epoch `start`) | 'cosine'
 lrscheduler_start, lrscheduler_step, lrscheduler_decay = 10, 5, 0.5
 warmup_iters, min_lr_ratio = 0, 0.0  # cosine schedule: linear warm-up steps, final lr / lr
 # system
-device = "auto"                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = "auto"                 # 'auto' (CUDA: bfloat16, or float16 + GradScaler where no bf16; CPU: float32)
-compile = False                # compile each transformer block on its own (model.apply_compile)
-ddp_timeout_minutes = 30.0     # torchrun: how long a rank waits for the others in a collective
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = "auto"  # 'auto' (CUDA: bfloat16, or float16 + GradScaler where no bf16; CPU: float32)
+compile = False  # compile each transformer block on its own (model.apply_compile)
+ddp_timeout_minutes = 30.0  # torchrun: how long a rank waits for the others in a collective
 seed = 0
-peak_flops = 989e12            # for MFU: H100 SXM dense bf16
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
-CHOICES = dict(task=("pretrain", "finetune"), optimizer=("adam", "adamw"), lr_schedule=("step", "cosine"),
-               loss=("bce", "ce"), metric=("mAP", "acc"), dtype=("auto", "float32", "bfloat16", "float16"),
-               gpu_preprocess=("auto", "on", "off"), mask_mode=MASK_MODES, ftmode=FT_MODES, on_error=("raise", "skip"))
+peak_flops = 989e12  # for MFU: H100 SXM dense bf16
+DEFAULTS = {
+    k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)
+}
+CHOICES = dict(
+    task=("pretrain", "finetune"),
+    optimizer=("adam", "adamw"),
+    lr_schedule=("step", "cosine"),
+    loss=("bce", "ce"),
+    metric=("mAP", "acc"),
+    dtype=("auto", "float32", "bfloat16", "float16"),
+    gpu_preprocess=("auto", "on", "off"),
+    mask_mode=MASK_MODES,
+    ftmode=FT_MODES,
+    on_error=("raise", "skip"),
+)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -132,7 +159,9 @@ def model_config(cfg, model_args=None, resume=False):
     """The architecture: a resumed checkpoint's; else a checkpoint of ours with the --model_<field> values that
     differ from the paper's model (e.g. --model_audio_length=512: load_pretrained cuts the audio positions); else
     the preset with the model_<field> overrides."""
-    overrides = {k[len("model_"):]: v for k, v in cfg.items() if k.startswith("model_") and k != "model_preset"}
+    overrides = {
+        k[len("model_") :]: v for k, v in cfg.items() if k.startswith("model_") and k != "model_preset"
+    }
     if model_args is None:
         return CAVMAEConfig.from_preset(cfg["model_preset"], **overrides)
     changed = {} if resume else {k: v for k, v in overrides.items() if v != getattr(CAVMAEConfig(), k)}
@@ -150,26 +179,26 @@ class Run:
     device: torch.device
     rank: int
     world: int
-    model: torch.nn.Module        # the plain model: weights, checkpoints, evaluation
-    step_model: torch.nn.Module   # what a training step calls: the same model, DDP-wrapped under torchrun
+    model: torch.nn.Module  # the plain model: weights, checkpoints, evaluation
+    step_model: torch.nn.Module  # what a training step calls: the same model, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: object
     dtype: str
-    data: dict                    # build_data's datasets, loaders and preprocessors
-    batches: object               # the iterator over the training loader, for the whole run
+    data: dict  # build_data's datasets, loaders and preprocessors
+    batches: object  # the iterator over the training loader, for the whole run
     total_iters: int
     num_classes: int = None
-    gather: object = None         # all_gather for contrastive negatives from every rank
-    wa: object = None             # WeightAverage
+    gather: object = None  # all_gather for contrastive negatives from every rank
+    wa: object = None  # WeightAverage
     iter_num: int = 0
     best_metric: float = None
     best_iter: int = None
     last_eval_iter: int = None
     last_save: float = dataclasses.field(default_factory=time.time)
-    saved_iter: int = 0           # the iteration ckpt.pt holds
-    step_rng: dict = None         # RNG states after the last completed step (an error's checkpoint)
-    updating: bool = False        # inside optimizer.step: the weights are not consistent
+    saved_iter: int = 0  # the iteration ckpt.pt holds
+    step_rng: dict = None  # RNG states after the last completed step (an error's checkpoint)
+    updating: bool = False  # inside optimizer.step: the weights are not consistent
     nonfinite: torch.Tensor = None  # steps with a NaN/inf loss, counted on the device (no host sync per step)
     fallbacks: list = dataclasses.field(default_factory=list)  # this epoch's missing frames
     resume_cmd: str = ""
@@ -194,7 +223,9 @@ class Run:
         return os.path.join(self.cfg["out_dir"], name)
 
 
-def resolve_dtype(cfg, device):  # 'auto': bf16 on CUDA, fp16 (the official AMP) where it has none, fp32 on CPU
+def resolve_dtype(
+    cfg, device
+):  # 'auto': bf16 on CUDA, fp16 (the official AMP) where it has none, fp32 on CPU
     if cfg["dtype"] != "auto" or device.type != "cuda":
         return "float32" if cfg["dtype"] == "auto" else cfg["dtype"]
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -219,11 +250,20 @@ def build_model(cfg, mcfg, num_classes, ckpt, init):
 def build_optimizer(cfg, model, device):
     """Adam(W) with the newly initialised head at head_lr x lr; fused kernels on CUDA."""
     head = set() if isinstance(model, CAVMAE) else {id(p) for p in model.head.parameters()}
-    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head],
-                   lr_scale=cfg["head_lr"] if is_head else 1.0) for is_head in (False, True)]
+    groups = [
+        dict(
+            params=[p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head],
+            lr_scale=cfg["head_lr"] if is_head else 1.0,
+        )
+        for is_head in (False, True)
+    ]
     return (torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW)(
-        [g for g in groups if g["params"]], lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
-        **({"fused": True} if device.type == "cuda" else {}))
+        [g for g in groups if g["params"]],
+        lr=cfg["lr"],
+        betas=cfg["betas"],
+        weight_decay=cfg["weight_decay"],
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
 
 
 def build_run(cfg, device, rank, world, resume_cmd=""):
@@ -240,26 +280,50 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
     model.to(device)
     dtype = resolve_dtype(cfg, device)
     total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * loaders["iters_per_epoch"]
-    run = Run(cfg=cfg, mcfg=mcfg, device=device, rank=rank, world=world, model=model, step_model=model,
-              optimizer=build_optimizer(cfg, model, device), dtype=dtype,
-              scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"),  # fp16 only
-              autocast=torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"),
-              data=loaders, batches=None, total_iters=total_iters, num_classes=num_classes,
-              nonfinite=torch.zeros((), device=device), resume_cmd=resume_cmd)
+    run = Run(
+        cfg=cfg,
+        mcfg=mcfg,
+        device=device,
+        rank=rank,
+        world=world,
+        model=model,
+        step_model=model,
+        optimizer=build_optimizer(cfg, model, device),
+        dtype=dtype,
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"),  # fp16 only
+        autocast=torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"),
+        data=loaders,
+        batches=None,
+        total_iters=total_iters,
+        num_classes=num_classes,
+        nonfinite=torch.zeros((), device=device),
+        resume_cmd=resume_cmd,
+    )
     run.wa = WeightAverage(cfg["wa_start"], cfg["wa_end"], ckpt and ckpt["wa"]) if cfg["wa"] else None
     if ckpt is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"]), run.scaler.load_state_dict(ckpt["scaler"])
-        run.iter_num, run.best_metric, run.best_iter = ckpt["iter_num"], ckpt["best_metric"], ckpt.get("best_iter")
+        run.iter_num, run.best_metric, run.best_iter = (
+            ckpt["iter_num"],
+            ckpt["best_metric"],
+            ckpt.get("best_iter"),
+        )
         run.saved_iter = run.iter_num
     restore_rngs(cfg, rank, device, ckpt)
     if cfg["compile"]:
         apply_compile(model)  # regional: each block on its own; same state-dict keys, same random draws
-    if world > 1:  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; so do the
+    if (
+        world > 1
+    ):  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; so do the
         # single-modality norms of all but the last joint block under the official contrastive-stream quirk
-        unused = (num_classes is not None or cfg["mae_weight"] == 0 or cfg["contrastive_weight"] == 0
-                  or (mcfg.joint_depth > 1 and mcfg.official_contrastive_streams))
-        run.step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                             find_unused_parameters=unused)
+        unused = (
+            num_classes is not None
+            or cfg["mae_weight"] == 0
+            or cfg["contrastive_weight"] == 0
+            or (mcfg.joint_depth > 1 and mcfg.official_contrastive_streams)
+        )
+        run.step_model = DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
         run.gather = GatherWithGrad.apply if cfg["gather_negatives"] else None
     run.batches = iter(loaders["train_loader"])
     return run, report
@@ -286,12 +350,14 @@ class GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # sum over the ranks' losses
         B = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
+        return grad[dist.get_rank() * B : (dist.get_rank() + 1) * B]
 
 
 def pretrain_kwargs(cfg):
     ratios = {k: cfg[k] if cfg[k] >= 0 else cfg["mask_ratio"] for k in ("mask_ratio_a", "mask_ratio_v")}
-    return dict(**ratios, **{k: cfg[k] for k in ("mae_weight", "contrastive_weight", "mask_mode", "bidirectional")})
+    return dict(
+        **ratios, **{k: cfg[k] for k in ("mae_weight", "contrastive_weight", "mask_mode", "bidirectional")}
+    )
 
 
 def classification_loss(logits, label, kind):
@@ -304,7 +370,9 @@ def compute_loss(model, audio, image, label, cfg, gather=None):
     """-> (loss to minimise, dict of detached scalars to log)."""
     if cfg["task"] == "pretrain":
         out = model(audio, image, gather=gather, **pretrain_kwargs(cfg))
-        return out["loss"], {k: out[k].detach() for k in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")}
+        return out["loss"], {
+            k: out[k].detach() for k in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
+        }
     loss = classification_loss(model(audio, image, mode=cfg["ftmode"]), label, cfg["loss"])
     return loss, {"loss": loss.detach()}
 
@@ -317,7 +385,7 @@ def train_step(run):
         run.fallbacks += batch["fallbacks"]
         audio, image, label = to_device(batch, run.data["prep"], run.device)
         sync = run.step_model is run.model or micro == accum - 1  # DDP: all-reduce gradients on the last one
-        with (contextlib.nullcontext() if sync else run.step_model.no_sync()), run.autocast:
+        with contextlib.nullcontext() if sync else run.step_model.no_sync(), run.autocast:
             loss, micro_stats = compute_loss(run.step_model, audio, image, label, cfg, run.gather)
         run.scaler.scale(loss / accum).backward()
         for k, v in micro_stats.items():
@@ -335,7 +403,9 @@ def train_step(run):
 
 def lr_factor(cfg, it, epoch, total_iters):
     if cfg["lr_schedule"] == "step":  # MultiStepLR(range(start, 1000, step)) stepped after every epoch
-        return cfg["lrscheduler_decay"] ** len(range(cfg["lrscheduler_start"], epoch + 1, cfg["lrscheduler_step"]))
+        return cfg["lrscheduler_decay"] ** len(
+            range(cfg["lrscheduler_start"], epoch + 1, cfg["lrscheduler_step"])
+        )
     if it < cfg["warmup_iters"]:
         return (it + 1) / cfg["warmup_iters"]
     progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, total_iters - cfg["warmup_iters"]))
@@ -380,7 +450,9 @@ def evaluate_pretrain(run):
     totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=run.device) for k in keys])
     if run.world > 1:
         dist.all_reduce(totals)
-    audio_emb, visual_emb = gather_in_order([torch.cat(audio_emb), torch.cat(visual_emb)], run.rank, run.world)
+    audio_emb, visual_emb = gather_in_order(
+        [torch.cat(audio_emb), torch.cat(visual_emb)], run.rank, run.world
+    )
     sim = audio_emb @ visual_emb.T  # (N, N), rows = audio clips
     a2v, v2a = retrieval_metrics(sim), retrieval_metrics(sim.T)
     losses = {k: float(t / totals[-1]) for k, t in zip(keys[:-1], totals[:-1])}
@@ -404,10 +476,17 @@ def evaluate_finetune(run, all_frames=False):
     cfg = run.cfg
     logits, targets = predict(run)
     m = classification_metrics(logits, targets)
-    out = dict(loss=float(classification_loss(logits, targets, cfg["loss"])), mAP=m["mAP"], mAUC=m["mAUC"],
-               d_prime=m["d_prime"], acc=m["acc"])
+    out = dict(
+        loss=float(classification_loss(logits, targets, cfg["loss"])),
+        mAP=m["mAP"],
+        mAUC=m["mAUC"],
+        d_prime=m["d_prime"],
+        acc=m["acc"],
+    )
     if all_frames:
-        per_frame = torch.stack([predict(run, frame)[0] for frame in range(cfg["num_frames"])])  # (frames, N, K)
+        per_frame = torch.stack(
+            [predict(run, frame)[0] for frame in range(cfg["num_frames"])]
+        )  # (frames, N, K)
         probs = average_frames(per_frame, "sigmoid" if cfg["metric"] == "mAP" else "softmax")
         m = classification_metrics(probs, targets)
         out.update({f"{k}_frames": m[k] for k in ("mAP", "mAUC", "d_prime", "acc")})
@@ -415,7 +494,9 @@ def evaluate_finetune(run, all_frames=False):
 
 
 def main_metric(cfg, metrics):
-    return (metrics["a2v_R1"] + metrics["v2a_R1"]) / 2 if cfg["task"] == "pretrain" else metrics[cfg["metric"]]
+    return (
+        (metrics["a2v_R1"] + metrics["v2a_R1"]) / 2 if cfg["task"] == "pretrain" else metrics[cfg["metric"]]
+    )
 
 
 def eager_evaluation():
@@ -433,7 +514,9 @@ def evaluate(run, final=False):
     run.last_eval_iter = run.iter_num
     if run.master:
         split = "final" if final else "val"
-        log_line(run.cfg, dict(split=split, iter=run.iter_num, epoch=run.iter_num / run.iters_per_epoch, **metrics))
+        log_line(
+            run.cfg, dict(split=split, iter=run.iter_num, epoch=run.iter_num / run.iters_per_epoch, **metrics)
+        )
         tqdm.write(f"{split} iter {run.iter_num}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
@@ -472,8 +555,11 @@ def save_on_error(run, error):
             print(f"could not save a checkpoint after the error: {e}", file=sys.stderr)
             return
     if run.iter_num > 0 or run.cfg["init_from"] == "resume":  # else ckpt.pt is not this run's
-        print(f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that state; once the "
-              f"cause is fixed, continue with:\n  {run.resume_cmd}", file=sys.stderr)
+        print(
+            f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that state; once the "
+            f"cause is fixed, continue with:\n  {run.resume_cmd}",
+            file=sys.stderr,
+        )
 
 
 def log_line(cfg, record):
@@ -490,8 +576,10 @@ class StopSignal:
 
     def __enter__(self):
         self.requested = False
-        self.previous = {s: signal.signal(s, lambda *_: setattr(self, "requested", True))
-                         for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {
+            s: signal.signal(s, lambda *_: setattr(self, "requested", True))
+            for s in (signal.SIGINT, signal.SIGTERM)
+        }
         return self
 
     def __exit__(self, *exc):
@@ -503,6 +591,7 @@ class StopSignal:
 class Meter:
     """Step statistics summed on the device since `start`, and the training time they took (evaluation and
     checkpoint time, added to `paused`, excluded)."""
+
     sums: dict = dataclasses.field(default_factory=dict)
     steps: int = 0
     start: float = dataclasses.field(default_factory=time.time)
@@ -520,13 +609,17 @@ def check_point(run, stop):
     """The loop's one host sync (at log intervals, evaluations, saves): a NaN/inf loss on any rank raises
     NonFiniteLoss; the ranks agree on stopping after a signal and on a save that save_minutes asks for."""
     due = run.cfg["save_minutes"] > 0 and time.time() - run.last_save > 60 * run.cfg["save_minutes"]
-    flags = torch.cat([run.nonfinite.view(1), torch.tensor([float(stop.requested), float(due)], device=run.device)])
+    flags = torch.cat(
+        [run.nonfinite.view(1), torch.tensor([float(stop.requested), float(due)], device=run.device)]
+    )
     if run.world > 1:
         dist.all_reduce(flags)  # any rank's NaN, signal or clock counts for all
     bad, stopping, save_due = flags.tolist()
     if bad:
-        raise NonFiniteLoss(f"non-finite loss at iter {run.iter_num}: stopped; {run.path('ckpt.pt')} (if any) keeps "
-                            "the last good state: continue with --init_from=resume and a lower lr or --grad_clip=1.0")
+        raise NonFiniteLoss(
+            f"non-finite loss at iter {run.iter_num}: stopped; {run.path('ckpt.pt')} (if any) keeps "
+            "the last good state: continue with --init_from=resume and a lower lr or --grad_clip=1.0"
+        )
     return stopping > 0, save_due > 0
 
 
@@ -539,8 +632,16 @@ def log_train(run, meter, bar):
         record["mfu"] = flops * record["samples_per_s"] / run.world / run.cfg["peak_flops"]
     if run.master:
         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-        log_line(run.cfg, dict(split="train", iter=run.iter_num, epoch=run.iter_num / run.iters_per_epoch,
-                               lr=run.optimizer.param_groups[0]["lr"], **record))
+        log_line(
+            run.cfg,
+            dict(
+                split="train",
+                iter=run.iter_num,
+                epoch=run.iter_num / run.iters_per_epoch,
+                lr=run.optimizer.param_groups[0]["lr"],
+                **record,
+            ),
+        )
 
 
 def end_epoch(run, meter):
@@ -554,18 +655,32 @@ def end_epoch(run, meter):
         dist.all_reduce(count)
     count = int(count.item())
     if run.master:
-        log_line(run.cfg, dict(split="epoch", epoch=epoch, iter=run.iter_num, samples_per_s=meter.samples_per_s(
-            run.step_samples), seconds=time.time() - meter.start - meter.paused, frame_fallbacks=count,
-            fallback_examples=run.fallbacks[:3]))
+        log_line(
+            run.cfg,
+            dict(
+                split="epoch",
+                epoch=epoch,
+                iter=run.iter_num,
+                samples_per_s=meter.samples_per_s(run.step_samples),
+                seconds=time.time() - meter.start - meter.paused,
+                frame_fallbacks=count,
+                fallback_examples=run.fallbacks[:3],
+            ),
+        )
         if count:
-            tqdm.write(f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was missing, "
-                       f"e.g. {', '.join(run.fallbacks[:3])} (python data.py --check lists them all)")
+            tqdm.write(
+                f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was missing, "
+                f"e.g. {', '.join(run.fallbacks[:3])} (python data.py --check lists them all)"
+            )
     run.fallbacks = []
 
 
 def loop(run):
     """The training steps from run.iter_num to total_iters. Returns True when a signal stopped it (saved)."""
-    cfg, bar = run.cfg, tqdm(total=run.total_iters, initial=run.iter_num, disable=not run.master, dynamic_ncols=True)
+    cfg, bar = (
+        run.cfg,
+        tqdm(total=run.total_iters, initial=run.iter_num, disable=not run.master, dynamic_ncols=True),
+    )
     window, epoch_meter = Meter(), Meter()
     try:
         with StopSignal() as stop:
@@ -573,16 +688,34 @@ def loop(run):
                 set_lr(run)
                 stats = train_step(run)
                 run.iter_num, run.nonfinite = run.iter_num + 1, run.nonfinite + ~torch.isfinite(stats["loss"])
-                run.step_rng = rng_state(run.device) if run.world == 1 else None  # evaluation leaves it as it is
+                run.step_rng = (
+                    rng_state(run.device) if run.world == 1 else None
+                )  # evaluation leaves it as it is
                 window.add(stats), epoch_meter.add(stats), bar.update(1)
                 it, last = run.iter_num, run.iter_num == run.total_iters
                 epoch_end = it % run.iters_per_epoch == 0
-                want_eval = not last and (cfg["eval_interval"] > 0 and it % cfg["eval_interval"] == 0
-                                          or cfg["eval_interval"] == 0 and epoch_end)
-                want_save = (last or want_eval or epoch_end and cfg["save_epochs"]
-                             or cfg["save_interval"] > 0 and it % cfg["save_interval"] == 0)
+                want_eval = not last and (
+                    cfg["eval_interval"] > 0
+                    and it % cfg["eval_interval"] == 0
+                    or cfg["eval_interval"] == 0
+                    and epoch_end
+                )
+                want_save = (
+                    last
+                    or want_eval
+                    or epoch_end
+                    and cfg["save_epochs"]
+                    or cfg["save_interval"] > 0
+                    and it % cfg["save_interval"] == 0
+                )
                 stopping = save_due = False
-                if want_save or epoch_end or it % cfg["log_interval"] == 0 or stop.requested and run.world == 1:
+                if (
+                    want_save
+                    or epoch_end
+                    or it % cfg["log_interval"] == 0
+                    or stop.requested
+                    and run.world == 1
+                ):
                     stopping, save_due = check_point(run, stop)
                     log_train(run, window, bar)
                     window = Meter()
@@ -594,12 +727,17 @@ def loop(run):
                 if want_save or stopping or save_due:
                     save_checkpoint(run)
                 window.paused += time.time() - paused_at
-                epoch_meter = Meter() if epoch_end else dataclasses.replace(
-                    epoch_meter, paused=epoch_meter.paused + time.time() - paused_at)
+                epoch_meter = (
+                    Meter()
+                    if epoch_end
+                    else dataclasses.replace(epoch_meter, paused=epoch_meter.paused + time.time() - paused_at)
+                )
                 if stopping:
                     if run.master:
-                        tqdm.write(f"stopped by a signal at iter {it}: saved {run.path('ckpt.pt')}; continue with "
-                                   f"{run.resume_cmd}")
+                        tqdm.write(
+                            f"stopped by a signal at iter {it}: saved {run.path('ckpt.pt')}; continue with "
+                            f"{run.resume_cmd}"
+                        )
                     return True
     except Exception as error:
         save_on_error(run, error)
@@ -647,12 +785,14 @@ def start_log(run, report):
         json.dump(cfg, f, indent=1)
     params = sum(p.numel() for p in run.model.parameters())
     trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    print(f"{cfg['task']}: {params / 1e6:.2f}M params ({trained / 1e6:.2f}M trained) | audio {mcfg.audio_length}x"
-          f"{mcfg.num_mel_bins}, image {mcfg.img_size} | data {len(d['train_ds'])} train, {len(d['val_ds'])} val"
-          f"{f', {run.num_classes} classes' if run.num_classes else ''} | {run.device} {run.dtype} x{run.world}"
-          f"{', compiled' if cfg['compile'] else ''}, {'device' if d['prep'] else 'worker'} preprocessing | "
-          f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
-          + (f"\ninit_from {cfg['init_from']}: {report}" if report else ""))
+    print(
+        f"{cfg['task']}: {params / 1e6:.2f}M params ({trained / 1e6:.2f}M trained) | audio {mcfg.audio_length}x"
+        f"{mcfg.num_mel_bins}, image {mcfg.img_size} | data {len(d['train_ds'])} train, {len(d['val_ds'])} val"
+        f"{f', {run.num_classes} classes' if run.num_classes else ''} | {run.device} {run.dtype} x{run.world}"
+        f"{', compiled' if cfg['compile'] else ''}, {'device' if d['prep'] else 'worker'} preprocessing | "
+        f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
+        + (f"\ninit_from {cfg['init_from']}: {report}" if report else "")
+    )
 
 
 def train(cfg, device, rank=0, world=1, resume_cmd=""):
@@ -678,8 +818,10 @@ def main(argv=None):
         if device_name.startswith("cuda"):
             device_name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
             torch.cuda.set_device(device_name)
-        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(minutes=cfg["ddp_timeout_minutes"]))
+        dist.init_process_group(
+            "nccl" if device_name.startswith("cuda") else "gloo",
+            timeout=datetime.timedelta(minutes=cfg["ddp_timeout_minutes"]),
+        )
     launcher = f"torchrun --nproc_per_node={world}" if ddp else "python"
     kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
     resume_cmd = " ".join([launcher, "train.py", *kept, "--init_from=resume"])

@@ -5,7 +5,7 @@
 # out/bench_gpu/log.jsonl: samples_per_s and mfu every log_interval, and one "epoch" record per epoch (the
 # throughput of the whole epoch, evaluation and checkpoints excluded): compare it with bench.py at the same batch.
 out_dir = "out/bench_gpu"
-overwrite = True               # a benchmark, not a run to continue
+overwrite = True  # a benchmark, not a run to continue
 task = "pretrain"
 data_train = "data/synthetic224/train.json"
 data_val = "data/synthetic224/test.json"
@@ -14,10 +14,10 @@ model_preset = "base"
 model_norm_pix_loss = True
 batch_size = 256
 lr = 5e-5
-max_iters = 200                # 13 epochs of 15 steps: many epoch boundaries
-eval_interval = -1             # no evaluation inside the benchmark, only the final one
+max_iters = 200  # 13 epochs of 15 steps: many epoch boundaries
+eval_interval = -1  # no evaluation inside the benchmark, only the final one
 save_minutes = 0.0
-save_epochs = False            # no checkpoint inside the benchmark but the last
+save_epochs = False  # no checkpoint inside the benchmark but the last
 log_interval = 20
 device = "cuda"
 dtype = "bfloat16"

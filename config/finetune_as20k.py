@@ -13,7 +13,7 @@ ftmode = "multimodal"
 
 batch_size = 36
 lr = 5e-5
-head_lr = 100.0                # the new LayerNorm + Linear head at 100 x lr
+head_lr = 100.0  # the new LayerNorm + Linear head at 100 x lr
 epochs = 15
 lr_schedule = "step"
 lrscheduler_start = 5
@@ -27,7 +27,7 @@ freqm = 48
 timem = 192
 label_smooth = 0.1
 noise = True
-wa = True                      # average the weights of epochs 3..15 before the final (10-frame) evaluation
+wa = True  # average the weights of epochs 3..15 before the final (10-frame) evaluation
 wa_start = 3
 wa_end = 15
 dataset_mean = -5.081

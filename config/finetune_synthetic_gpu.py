@@ -15,9 +15,9 @@ init_from = "out/gpu_cavmae/ckpt.pt"
 data_train = "data/synthetic_gpu/train.json"
 data_val = "data/synthetic_gpu/test.json"
 label_csv = "data/synthetic_gpu/labels.csv"
-dataset_mean = -6.5877      # as config/pretrain_synthetic_gpu.py
+dataset_mean = -6.5877  # as config/pretrain_synthetic_gpu.py
 dataset_std = 3.7329
-model_preset = "base"          # used by --init_from=scratch; a checkpoint of ours fixes the architecture
+model_preset = "base"  # used by --init_from=scratch; a checkpoint of ours fixes the architecture
 ftmode = "multimodal"
 
 loss = "ce"
@@ -25,7 +25,7 @@ metric = "acc"
 batch_size = 48
 lr = 1e-4
 head_lr = 10.0
-epochs = 8                     # 166 steps per epoch
+epochs = 8  # 166 steps per epoch
 lr_schedule = "step"
 lrscheduler_start = 2
 lrscheduler_step = 1

@@ -31,7 +31,7 @@ mae_weight = 1.0
 noise = True
 
 batch_size = 32
-epochs = 24                    # 62 steps per epoch
+epochs = 24  # 62 steps per epoch
 optimizer = "adamw"
 lr = 5e-4
 betas = (0.9, 0.95)

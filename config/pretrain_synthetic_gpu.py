@@ -26,8 +26,8 @@ noise = True
 # Deviations for a 10-minute run from random weights (the paper starts from ImageNet MAE weights and trains 25
 # epochs of AudioSet-2M with Adam at 5e-5, step decay): AdamW with a 100-step warm-up and a cosine schedule,
 # as in one trial on an H100 (batch 128, lr 2e-4: retrieval R@1 0.30 / 0.32 after 1800 steps and still rising).
-batch_size = 128               # the contrastive negatives of one step (the official per-GPU batch is 48)
-max_iters = 3600               # ~58 epochs of 8000 clips; ~7.7 min at 1000 samples/s (the rate measured so far)
+batch_size = 128  # the contrastive negatives of one step (the official per-GPU batch is 48)
+max_iters = 3600  # ~58 epochs of 8000 clips; ~7.7 min at 1000 samples/s (the rate measured so far)
 optimizer = "adamw"
 lr = 2e-4
 betas = (0.9, 0.95)
@@ -35,9 +35,9 @@ weight_decay = 0.05
 lr_schedule = "cosine"
 warmup_iters = 100
 min_lr_ratio = 0.1
-eval_interval = 600            # retrieval on the test clips every 600 steps (a few seconds each)
+eval_interval = 600  # retrieval on the test clips every 600 steps (a few seconds each)
 save_minutes = 5.0
-save_epochs = False            # 62-step epochs: a 2.3 GB checkpoint each would cost minutes of the budget
+save_epochs = False  # 62-step epochs: a 2.3 GB checkpoint each would cost minutes of the budget
 log_interval = 20
 # one H100: bf16, each block compiled, fbank and augmentation on the GPU, 8 loader workers (~1,700 clips/s)
 device = "cuda"

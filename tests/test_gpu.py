@@ -4,6 +4,7 @@ step never makes the host wait for the GPU, and one-process NCCL DDP runs a step
 
     python -m pytest tests/test_gpu.py -q          # on a GPU machine, a few minutes (compilation dominates)
 """
+
 import copy
 import math
 import random
@@ -40,8 +41,15 @@ def synth(tmp_path_factory):
 
 def raw_batch(synth, train, pin=False, **augment):
     """A collate_raw batch of the 8 training clips read as raw=True workers return them (their draws seeded)."""
-    ds = data.AVDataset(f"{synth}/train.json", f"{synth}/labels.csv", train=train, target_length=TARGET_LENGTH,
-                        image_size=IMAGE_SIZE, raw=True, **augment)
+    ds = data.AVDataset(
+        f"{synth}/train.json",
+        f"{synth}/labels.csv",
+        train=train,
+        target_length=TARGET_LENGTH,
+        image_size=IMAGE_SIZE,
+        raw=True,
+        **augment,
+    )
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     batch = data.collate_raw([ds[i] for i in range(len(ds))])
     return ds, ({k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()} if pin else batch)
@@ -51,6 +59,7 @@ TRAIN_AUGMENT = dict(freqm=24, timem=48, mixup=0.5, noise=True, label_smooth=0.1
 
 
 # --- preprocessing ----------------------------------------------------------------------------------------
+
 
 def test_cuda_fbank_matches_the_cpu_fbank():
     t = torch.arange(32000) / 16000
@@ -77,6 +86,7 @@ def test_batch_preprocessor_on_cuda_matches_the_cpu_for_the_same_batch(synth, tr
 
 # --- compiled training steps --------------------------------------------------------------------------------
 
+
 def small_model(**overrides):
     torch.manual_seed(0)
     return CAVMAE(CAVMAEConfig.from_preset("small", **overrides)).cuda()
@@ -84,8 +94,10 @@ def small_model(**overrides):
 
 def inputs(config, batch):
     g = torch.Generator(device="cuda").manual_seed(1)
-    return (torch.randn(batch, config.audio_length, config.num_mel_bins, device="cuda", generator=g),
-            torch.randn(batch, config.in_chans, config.img_size, config.img_size, device="cuda", generator=g))
+    return (
+        torch.randn(batch, config.audio_length, config.num_mel_bins, device="cuda", generator=g),
+        torch.randn(batch, config.in_chans, config.img_size, config.img_size, device="cuda", generator=g),
+    )
 
 
 def training_steps(model, audio, image, dtype, steps=2, **kwargs):
@@ -135,6 +147,7 @@ def test_compiled_classifier_step_gives_the_eager_logits():
 
 # --- no host synchronisation inside a step -------------------------------------------------------------------
 
+
 class NoSync:
     """torch.cuda.set_sync_debug_mode('error') inside: any operation that waits for the GPU raises."""
 
@@ -146,8 +159,11 @@ class NoSync:
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("mask_mode,dtype", [("unstructured", torch.bfloat16), ("tf", torch.bfloat16),
-                                             ("time", torch.float16)], ids=["unstructured", "tf", "time-fp16"])
+@pytest.mark.parametrize(
+    "mask_mode,dtype",
+    [("unstructured", torch.bfloat16), ("tf", torch.bfloat16), ("time", torch.float16)],
+    ids=["unstructured", "tf", "time-fp16"],
+)
 def test_training_step_never_waits_for_the_gpu(mask_mode, dtype):
     """forward + backward + fused Adam step (+ GradScaler in fp16); the first step (lazy initialisation of
     cuBLAS, the optimizer state and the scaler) runs outside the check."""
@@ -180,6 +196,7 @@ def test_batch_preprocessor_never_waits_for_the_gpu_on_pinned_batches(synth, tra
 
 # --- distributed -------------------------------------------------------------------------------------------
 
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,14 +205,18 @@ def free_port():
 
 def test_one_process_nccl_ddp_trains_a_compiled_model_with_gathered_negatives():
     import train  # its all_gather with gradient, as gather_negatives=True uses it
+
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        model = apply_compile(CAVMAE(CAVMAEConfig.from_preset("tiny")).cuda())  # as train.py: compile, then wrap
+        model = apply_compile(
+            CAVMAE(CAVMAEConfig.from_preset("tiny")).cuda()
+        )  # as train.py: compile, then wrap
         ddp = DDP(model, device_ids=[torch.cuda.current_device()])
         before = copy.deepcopy(model.state_dict())
-        (out,) = training_steps(ddp, *inputs(model.config, 8), torch.bfloat16, steps=1,
-                                gather=train.GatherWithGrad.apply)
+        (out,) = training_steps(
+            ddp, *inputs(model.config, 8), torch.bfloat16, steps=1, gather=train.GatherWithGrad.apply
+        )
         assert torch.isfinite(out["loss"]) and out["loss_c"] > 0
         assert list(model.state_dict()) == list(before)  # DDP over regional compile keeps the checkpoint keys
         qkv = "encoder.joint_blocks.0.attn.qkv.weight"
@@ -206,16 +227,34 @@ def test_one_process_nccl_ddp_trains_a_compiled_model_with_gathered_negatives():
 
 # --- train.py end to end on the GPU ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
 def test_train_py_runs_compiled_bf16_with_device_preprocessing_and_evaluation(synth, tmp_path, task):
     import json
 
     import train
-    argv = [f"--data_train={synth}/train.json", f"--data_val={synth}/test.json", f"--label_csv={synth}/labels.csv",
-            f"--out_dir={tmp_path}", "--model_preset=tiny", f"--model_audio_length={TARGET_LENGTH}",
-            f"--model_img_size={IMAGE_SIZE}", f"--task={task}", "--batch_size=4", "--max_iters=4", "--eval_interval=2",
-            "--num_workers=2", "--device=cuda", "--dtype=bfloat16", "--compile=True", "--gpu_preprocess=auto",
-            "--mixup=0.5", "--freqm=8", "--timem=16"]
+
+    argv = [
+        f"--data_train={synth}/train.json",
+        f"--data_val={synth}/test.json",
+        f"--label_csv={synth}/labels.csv",
+        f"--out_dir={tmp_path}",
+        "--model_preset=tiny",
+        f"--model_audio_length={TARGET_LENGTH}",
+        f"--model_img_size={IMAGE_SIZE}",
+        f"--task={task}",
+        "--batch_size=4",
+        "--max_iters=4",
+        "--eval_interval=2",
+        "--num_workers=2",
+        "--device=cuda",
+        "--dtype=bfloat16",
+        "--compile=True",
+        "--gpu_preprocess=auto",
+        "--mixup=0.5",
+        "--freqm=8",
+        "--timem=16",
+    ]
     result = train.main(argv)
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert result["iter_num"] == 4 and {"val", "final", "epoch"} <= {r["split"] for r in records}

@@ -1,5 +1,6 @@
 """Specification of model.py: shapes, masking, attention, positions, losses, regional compilation, loading,
 exactness to the golden vectors of the official release; and of bench.py at tiny scale on the CPU."""
+
 import copy
 import json
 import math
@@ -12,8 +13,19 @@ import torch
 import torch.nn.functional as F
 
 import bench
-from model import (FT_MODES, Attention, CAVMAE, CAVMAEClassifier, CAVMAEConfig, PRESETS, apply_compile,
-                   contrastive_loss, load_pretrained, num_params, sincos_pos_embed)
+from model import (
+    CAVMAE,
+    FT_MODES,
+    PRESETS,
+    Attention,
+    CAVMAEClassifier,
+    CAVMAEConfig,
+    apply_compile,
+    contrastive_loss,
+    load_pretrained,
+    num_params,
+    sincos_pos_embed,
+)
 
 B = 4
 
@@ -34,8 +46,10 @@ def tiny(**overrides):
 
 def inputs(config, batch=B, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, config.audio_length, config.num_mel_bins, generator=g),
-            torch.randn(batch, config.in_chans, config.img_size, config.img_size, generator=g))
+    return (
+        torch.randn(batch, config.audio_length, config.num_mel_bins, generator=g),
+        torch.randn(batch, config.in_chans, config.img_size, config.img_size, generator=g),
+    )
 
 
 def load(golden, name):
@@ -46,11 +60,15 @@ def golden_config(c, pretrain=True):
     keys = ["img_size", "audio_length", "patch_size", "in_chans", "embed_dim", "num_heads", "mlp_ratio"]
     if pretrain:
         keys += ["decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss", "tr_pos"]
-    return CAVMAEConfig(**{k: c[k] for k in keys}, modality_specific_depth=c["modality_specific_depth"],
-                        joint_depth=12 - c["modality_specific_depth"])
+    return CAVMAEConfig(
+        **{k: c[k] for k in keys},
+        modality_specific_depth=c["modality_specific_depth"],
+        joint_depth=12 - c["modality_specific_depth"],
+    )
 
 
 # --- configuration and size -------------------------------------------------------------------------------
+
 
 def test_from_preset_applies_overrides_and_rejects_unknown_names():
     cfg = CAVMAEConfig.from_preset("small", embed_dim=96)
@@ -80,6 +98,7 @@ def test_flops_per_sample_matches_the_hand_count_for_the_base_model():
 
 
 # --- shapes -------------------------------------------------------------------------------------------------
+
 
 def test_pretraining_forward_returns_losses_masks_and_predictions():
     model = tiny()
@@ -124,6 +143,7 @@ def test_classifier_shares_the_pretraining_encoder_class():
 
 # --- patches and positions ----------------------------------------------------------------------------------
 
+
 def test_audio_patch_targets_are_ordered_like_the_audio_tokens():
     model = tiny()
     enc, (audio, image) = model.encoder, inputs(model.config)
@@ -155,10 +175,13 @@ def test_sincos_tables_equal_the_official_ones(golden):
     state, c = load(golden, "pretrain_state_dict.pth"), load(golden, "pretrain_vectors.pth")["config"]
     fa, ta, gv = 128 // 16, c["audio_length"] // 16, c["img_size"] // 16
     for dim, prefix in ((c["embed_dim"], "module."), (c["decoder_embed_dim"], "module.decoder_")):
-        for ours, name in ((sincos_pos_embed(dim, fa, ta), "pos_embed_a"), (sincos_pos_embed(dim, gv, gv), "pos_embed_v")):
+        for ours, name in (
+            (sincos_pos_embed(dim, fa, ta), "pos_embed_a"),
+            (sincos_pos_embed(dim, gv, gv), "pos_embed_v"),
+        ):
             residual = state[prefix + name][0] - ours
             assert residual.abs().max() < 0.12 and residual.std() < 0.025, prefix + name
-            swapped = torch.cat([ours[:, dim // 2:], ours[:, :dim // 2]], dim=1)
+            swapped = torch.cat([ours[:, dim // 2 :], ours[:, : dim // 2]], dim=1)
             assert (state[prefix + name][0] - swapped).abs().max() > 0.5
 
 
@@ -172,6 +195,7 @@ def test_positions_are_fixed_in_pretraining_and_trainable_in_the_classifier():
 
 # --- attention ----------------------------------------------------------------------------------------------
 
+
 def test_attention_equals_the_explicit_softmax_formula():
     torch.manual_seed(0)
     attn, x = Attention(32, num_heads=4), torch.randn(2, 7, 32)
@@ -182,6 +206,7 @@ def test_attention_equals_the_explicit_softmax_formula():
 
 
 # --- masking ------------------------------------------------------------------------------------------------
+
 
 def test_masking_keeps_int_L_times_one_minus_ratio_tokens_in_noise_order():
     noise = torch.rand(3, 10)
@@ -263,13 +288,17 @@ def test_structured_masks_draw_columns_with_python_random_after_the_torch_noise(
 def test_decoder_input_puts_visible_tokens_back_and_mask_tokens_in_the_masked_places():
     model = tiny()
     c, D = model.config, model.config.embed_dim
-    (keep_a, mask_a, restore_a), (keep_v, mask_v, restore_v) = (CAVMAE.masking_order(torch.rand(B, L), 0.75)
-                                                                for L in (32, 4))
+    (keep_a, mask_a, restore_a), (keep_v, mask_v, restore_v) = (
+        CAVMAE.masking_order(torch.rand(B, L), 0.75) for L in (32, 4)
+    )
     visible = torch.randn(B, 8 + 1, D)  # 8 audio then 1 visual token, in masking order
     got = model.decoder_input(visible, restore_a, restore_v, keep_a=8)  # (B, 36, Dd)
     tokens = model.decoder_embed(visible)
-    want_a = torch.where(mask_a[..., None].bool(), model.mask_token, tokens[:, :8].gather(
-        1, restore_a.clamp(max=7)[..., None].expand(-1, -1, c.decoder_embed_dim)))
+    want_a = torch.where(
+        mask_a[..., None].bool(),
+        model.mask_token,
+        tokens[:, :8].gather(1, restore_a.clamp(max=7)[..., None].expand(-1, -1, c.decoder_embed_dim)),
+    )
     want_v = torch.where(mask_v[..., None].bool(), model.mask_token, tokens[:, 8:9].expand(-1, 4, -1))
     assert torch.equal(got[:, :32], want_a + model.decoder_pos_embed_a + model.decoder_modality_a)
     assert torch.equal(got[:, 32:], want_v + model.decoder_pos_embed_v + model.decoder_modality_v)
@@ -282,6 +311,7 @@ def test_unknown_mask_mode_is_rejected():
 
 
 # --- losses and their weights -------------------------------------------------------------------------------
+
 
 def test_mae_weight_zero_skips_the_decoder_and_the_joint_stream():
     model = tiny()
@@ -299,7 +329,9 @@ def test_contrastive_weight_zero_skips_the_single_modality_streams():
     out["loss"].backward()
     enc = model.encoder
     assert enc.norm_a.weight.grad is None and enc.norm_v.weight.grad is None
-    assert enc.joint_blocks[0].norm1_a.weight.grad is None and enc.joint_blocks[0].norm1.weight.grad is not None
+    assert (
+        enc.joint_blocks[0].norm1_a.weight.grad is None and enc.joint_blocks[0].norm1.weight.grad is not None
+    )
 
 
 def test_both_weights_zero_is_an_error():
@@ -377,6 +409,7 @@ def test_bf16_autocast_runs_forward_and_backward_on_cpu():
 
 # --- speed ------------------------------------------------------------------------------------------------
 
+
 def test_regional_compile_gives_the_eager_masks_losses_and_gradients():
     """apply_compile changes speed, not results: masks drawn eagerly from the same seed, losses and gradients
     equal within float tolerance, the same state-dict keys (checkpoints as in eager mode). ~1 min of CPU compile."""
@@ -390,12 +423,15 @@ def test_regional_compile_gives_the_eager_masks_losses_and_gradients():
         outs.append(model(audio, image))
         outs[-1]["loss"].backward()
     assert compiled.decoder_blocks[0]._compiled_call_impl is not None
-    assert torch.equal(outs[0]["mask_a"], outs[1]["mask_a"]) and torch.equal(outs[0]["mask_v"], outs[1]["mask_v"])
+    assert torch.equal(outs[0]["mask_a"], outs[1]["mask_a"]) and torch.equal(
+        outs[0]["mask_v"], outs[1]["mask_v"]
+    )
     for key in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "pred_v"):
         assert torch.allclose(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-6), key
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-4,
-                                                                                           atol=1e-6)), name
+        assert (p.grad is None) == (q.grad is None) and (
+            p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+        ), name
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
 
@@ -404,7 +440,9 @@ def test_regional_compile_traces_the_classifier_in_every_mode_without_graph_brea
     torch.manual_seed(0)
     cfg = CAVMAEConfig.from_preset("tiny")
     eager = CAVMAEClassifier(cfg, num_classes=5)
-    traced = apply_compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)  # tracing, no code generation
+    traced = apply_compile(
+        copy.deepcopy(eager), backend="aot_eager", fullgraph=True
+    )  # tracing, no code generation
     audio, image = inputs(cfg)
     for mode in FT_MODES:
         assert torch.allclose(traced(audio, image, mode), eager(audio, image, mode), atol=1e-6), mode
@@ -414,17 +452,53 @@ def test_regional_compile_traces_the_classifier_in_every_mode_without_graph_brea
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_bench_times_training_steps_and_prints_one_row_per_configuration(dtype, capsys):
-    rows = bench.main(["--preset", "tiny", "--device", "cpu", "--modes", "eager", "--batch_sizes", "2,4",
-                       "--steps", "2", "--warmup", "1", "--dtype", dtype])
+    rows = bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--modes",
+            "eager",
+            "--batch_sizes",
+            "2,4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--dtype",
+            dtype,
+        ]
+    )
     assert [(r["mode"], r["batch"]) for r in rows] == [("eager", 2), ("eager", 4)]
     assert all(r["samples_per_s"] > 0 and math.isfinite(r["loss"]) and r["compile_s"] is None for r in rows)
     assert "| eager | 4 |" in capsys.readouterr().out
 
 
 def test_bench_end_to_end_runs_train_py_on_generated_clips_next_to_the_bench_rate(tmp_path):
-    argv = ["--e2e", "--preset", "tiny", "--device", "cpu", "--batch_size", "4", "--workers", "0",
-            "--e2e_clips", "12", "--e2e_epochs", "2", "--e2e_data", str(tmp_path / "data"),
-            "--e2e_out", str(tmp_path / "out"), "--steps", "2", "--warmup", "1"]
+    argv = [
+        "--e2e",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--workers",
+        "0",
+        "--e2e_clips",
+        "12",
+        "--e2e_epochs",
+        "2",
+        "--e2e_data",
+        str(tmp_path / "data"),
+        "--e2e_out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ]
     (row,) = bench.main(argv)
     assert row["mode"] == "eager" and row["e2e_epochs"] == 2 and row["e2e_samples_per_s"] > 0
     assert row["ratio"] == pytest.approx(row["e2e_samples_per_s"] / row["samples_per_s"])
@@ -433,13 +507,18 @@ def test_bench_end_to_end_runs_train_py_on_generated_clips_next_to_the_bench_rat
 
 def test_bench_end_to_end_rate_averages_epoch_records_after_the_first(tmp_path):
     log = tmp_path / "log.jsonl"
-    records = [dict(split="train", samples_per_s=1.0), dict(split="epoch", epoch=1, samples_per_s=10.0),
-               dict(split="epoch", epoch=2, samples_per_s=20.0), dict(split="epoch", epoch=3, samples_per_s=40.0)]
+    records = [
+        dict(split="train", samples_per_s=1.0),
+        dict(split="epoch", epoch=1, samples_per_s=10.0),
+        dict(split="epoch", epoch=2, samples_per_s=20.0),
+        dict(split="epoch", epoch=3, samples_per_s=40.0),
+    ]
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert bench.epoch_rate(log) == (30.0, 3)  # the train record and the first epoch (compilation) left out
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
+
 
 def test_checkpoint_round_trip(tmp_path):
     model = tiny()
@@ -462,7 +541,9 @@ def test_pretraining_checkpoint_loads_into_the_classifier_without_decoder():
     report = load_pretrained(clf, {"module." + k: v for k, v in model.state_dict().items()})
     assert any(k.startswith("decoder_blocks.") for k in report.ignored) and "mask_token" in report.ignored
     assert sorted(report.missing) == ["head.0.bias", "head.0.weight", "head.1.bias", "head.1.weight"]
-    assert torch.equal(clf.encoder.audio_blocks[0].attn.qkv.weight, model.encoder.audio_blocks[0].attn.qkv.weight)
+    assert torch.equal(
+        clf.encoder.audio_blocks[0].attn.qkv.weight, model.encoder.audio_blocks[0].attn.qkv.weight
+    )
 
 
 def test_shape_mismatch_is_a_clear_error():
@@ -481,16 +562,33 @@ def mae_state_dict(config, depth=2):
     torch.manual_seed(0)
     D, Dd, p = config.embed_dim, config.decoder_embed_dim, config.patch_size
     Lv = (config.img_size // p) ** 2
-    block = lambda prefix, w: {f"{prefix}.{k}": torch.randn(v.shape) for k, v in
-                               CAVMAE(config).encoder.audio_blocks[0].state_dict().items()} if w == D else \
-        {f"{prefix}.{k}": torch.randn(v.shape) for k, v in CAVMAE(config).decoder_blocks[0].state_dict().items()}
-    state = {"cls_token": torch.randn(1, 1, D), "pos_embed": torch.randn(1, 1 + Lv, D),
-             "patch_embed.proj.weight": torch.randn(D, 3, p, p), "patch_embed.proj.bias": torch.randn(D),
-             "norm.weight": torch.randn(D), "norm.bias": torch.randn(D), "mask_token": torch.randn(1, 1, Dd),
-             "decoder_embed.weight": torch.randn(Dd, D), "decoder_embed.bias": torch.randn(Dd),
-             "decoder_pos_embed": torch.randn(1, 1 + Lv, Dd), "decoder_norm.weight": torch.randn(Dd),
-             "decoder_norm.bias": torch.randn(Dd), "decoder_pred.weight": torch.randn(p * p * 3, Dd),
-             "decoder_pred.bias": torch.randn(p * p * 3)}
+    block = lambda prefix, w: (
+        {
+            f"{prefix}.{k}": torch.randn(v.shape)
+            for k, v in CAVMAE(config).encoder.audio_blocks[0].state_dict().items()
+        }
+        if w == D
+        else {
+            f"{prefix}.{k}": torch.randn(v.shape)
+            for k, v in CAVMAE(config).decoder_blocks[0].state_dict().items()
+        }
+    )
+    state = {
+        "cls_token": torch.randn(1, 1, D),
+        "pos_embed": torch.randn(1, 1 + Lv, D),
+        "patch_embed.proj.weight": torch.randn(D, 3, p, p),
+        "patch_embed.proj.bias": torch.randn(D),
+        "norm.weight": torch.randn(D),
+        "norm.bias": torch.randn(D),
+        "mask_token": torch.randn(1, 1, Dd),
+        "decoder_embed.weight": torch.randn(Dd, D),
+        "decoder_embed.bias": torch.randn(Dd),
+        "decoder_pos_embed": torch.randn(1, 1 + Lv, Dd),
+        "decoder_norm.weight": torch.randn(Dd),
+        "decoder_norm.bias": torch.randn(Dd),
+        "decoder_pred.weight": torch.randn(p * p * 3, Dd),
+        "decoder_pred.bias": torch.randn(p * p * 3),
+    }
     for i in range(depth):
         state.update(block(f"blocks.{i}", D))
     state.update(block("decoder_blocks.0", Dd))
@@ -523,11 +621,18 @@ def test_imagenet_mae_checkpoint_maps_as_the_official_adaptation():
     assert torch.equal(model.decoder_pred_a.weight, w["decoder_pred.weight"][:256])
     assert torch.equal(model.decoder_blocks[0].mlp.fc1.weight, w["decoder_blocks.0.mlp.fc1.weight"])
     assert torch.equal(model.mask_token, w["mask_token"])
-    assert sorted(report.missing) == ["decoder_modality_a", "decoder_modality_v", "decoder_pos_embed_a",
-                                      "encoder.modality_a", "encoder.modality_v", "encoder.pos_embed_a"]
+    assert sorted(report.missing) == [
+        "decoder_modality_a",
+        "decoder_modality_v",
+        "decoder_pos_embed_a",
+        "encoder.modality_a",
+        "encoder.modality_v",
+        "encoder.pos_embed_a",
+    ]
 
 
 # --- exactness against the official release (../shared/golden) ------------------------------------------
+
 
 def test_official_pretraining_checkpoint_reproduces_the_golden_outputs(golden):
     vec, state = load(golden, "pretrain_vectors.pth"), load(golden, "pretrain_state_dict.pth")
@@ -538,7 +643,9 @@ def test_official_pretraining_checkpoint_reproduces_the_golden_outputs(golden):
     assert "per-modality norms" in str(report)
     with torch.no_grad():
         a, v = model.embed(vec["audio"], vec["image"])
-        assert torch.allclose(a, vec["feat_audio"], atol=2e-4) and torch.allclose(v, vec["feat_visual"], atol=2e-4)
+        assert torch.allclose(a, vec["feat_audio"], atol=2e-4) and torch.allclose(
+            v, vec["feat_visual"], atol=2e-4
+        )
         for key, ratio in (("forward_mr0.75", 0.75), ("forward_mr0.5", 0.5)):
             ref = vec[key]
             torch.manual_seed(ref["seed"])
@@ -562,9 +669,13 @@ def test_official_finetuned_checkpoint_reproduces_the_golden_logits_in_every_mod
     assert not load_pretrained(clf, state).missing
     with torch.no_grad():
         for mode in FT_MODES:
-            assert torch.allclose(clf(vec["audio"], vec["image"], mode), vec["logits_" + mode], atol=2e-4), mode
+            assert torch.allclose(clf(vec["audio"], vec["image"], mode), vec["logits_" + mode], atol=2e-4), (
+                mode
+            )
         a, v = clf.embed(vec["audio"], vec["image"])
-        assert torch.allclose(a, vec["feat_audio"], atol=2e-4) and torch.allclose(v, vec["feat_visual"], atol=2e-4)
+        assert torch.allclose(a, vec["feat_audio"], atol=2e-4) and torch.allclose(
+            v, vec["feat_visual"], atol=2e-4
+        )
 
 
 def test_official_contrastive_quirk_only_matters_with_several_joint_blocks():
@@ -575,10 +686,13 @@ def test_official_contrastive_quirk_only_matters_with_several_joint_blocks():
             model = tiny(joint_depth=depth, official_contrastive_streams=quirk)
             torch.manual_seed(0)
             losses[depth, quirk] = model(audio, image)["loss_c"]
-    assert torch.equal(losses[1, True], losses[1, False]) and not torch.equal(losses[2, True], losses[2, False])
+    assert torch.equal(losses[1, True], losses[1, False]) and not torch.equal(
+        losses[2, True], losses[2, False]
+    )
 
 
 # --- clips shorter than the checkpoint's: audio position tables cut in time (official issue #8) ----------------
+
 
 def position_table(bands, steps, dim):
     """(1, bands * steps, dim) frequency-major table whose channel 0 holds the row (band) and channel 1 the column
@@ -596,8 +710,11 @@ def test_a_shorter_model_keeps_the_first_time_columns_of_the_audio_positions(lay
     if layout == "ours":
         state = {"encoder.pos_embed_a": enc, "decoder_pos_embed_a": dec}
     else:  # the official release: top-level positions, nn.DataParallel prefix
-        state = {"module.pos_embed_a": enc, "module.decoder_pos_embed_a": dec,
-                 "module.blocks_a.0.norm1.weight": torch.ones(c.embed_dim)}
+        state = {
+            "module.pos_embed_a": enc,
+            "module.decoder_pos_embed_a": dec,
+            "module.blocks_a.0.norm1.weight": torch.ones(c.embed_dim),
+        }
     model = tiny(audio_length=32)  # 2 time steps
     report = load_pretrained(model, state)
     assert report.source_format == layout

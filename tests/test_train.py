@@ -1,5 +1,6 @@
 """train.py: training runs and learns, resumes exactly, checkpoints atomically, stops on NaN, checks its
 config, and keeps DDP ranks in sync. Tiny model on 16 synthetic clips made on the fly."""
+
 import json
 import os
 import random
@@ -29,14 +30,29 @@ def synth(tmp_path_factory):
 
 
 def flags(synth, out_dir, *extra):
-    return [f"--data_train={synth}/train.json", f"--data_val={synth}/test.json", f"--label_csv={synth}/labels.csv",
-            f"--out_dir={out_dir}", "--model_preset=tiny", "--batch_size=4", "--num_workers=0", "--log_interval=1",
-            "--device=cpu", "--dtype=float32", "--lr=2e-3", "--lrscheduler_start=1", "--lrscheduler_step=1",
-            "--lrscheduler_decay=0.9", *extra]
+    return [
+        f"--data_train={synth}/train.json",
+        f"--data_val={synth}/test.json",
+        f"--label_csv={synth}/labels.csv",
+        f"--out_dir={out_dir}",
+        "--model_preset=tiny",
+        "--batch_size=4",
+        "--num_workers=0",
+        "--log_interval=1",
+        "--device=cpu",
+        "--dtype=float32",
+        "--lr=2e-3",
+        "--lrscheduler_start=1",
+        "--lrscheduler_step=1",
+        "--lrscheduler_decay=0.9",
+        *extra,
+    ]
 
 
 def train_losses(out_dir):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"]
+    return [
+        r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"
+    ]
 
 
 def training_state(path):
@@ -62,9 +78,21 @@ def test_pretraining_runs_and_lowers_the_loss(synth, tmp_path):
 
 def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(synth, tmp_path):
     train.main(flags(synth, tmp_path / "pre", "--max_iters=4"))
-    result = train.main(flags(synth, tmp_path / "ft", "--task=finetune", f"--init_from={tmp_path}/pre/ckpt.pt",
-                              "--loss=ce", "--metric=acc", "--head_lr=10", "--epochs=6", "--wa=True", "--wa_start=4",
-                              "--wa_end=6"))
+    result = train.main(
+        flags(
+            synth,
+            tmp_path / "ft",
+            "--task=finetune",
+            f"--init_from={tmp_path}/pre/ckpt.pt",
+            "--loss=ce",
+            "--metric=acc",
+            "--head_lr=10",
+            "--epochs=6",
+            "--wa=True",
+            "--wa_start=4",
+            "--wa_end=6",
+        )
+    )
     losses = train_losses(tmp_path / "ft")
     assert len(losses) == 24 and sum(losses[-6:]) < sum(losses[:6])
     assert {"acc", "mAP", "acc_frames", "mAP_frames"} <= result["final"].keys()
@@ -91,6 +119,7 @@ def interrupt_at(monkeypatch, call_number):
         if calls[-1] and sum(calls) == call_number:
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(train, "compute_loss", compute_loss)
 
 
@@ -107,8 +136,16 @@ def test_sigint_saves_and_resume_continues_exactly(synth, tmp_path, monkeypatch)
 
 
 def test_finetuning_resume_is_exact_with_augmentation_and_balanced_sampling(synth, tmp_path):
-    common = ["--task=finetune", "--mixup=0.5", "--freqm=8", "--timem=16", "--label_smooth=0.1",
-              "--balanced_sampling=True", "--grad_accum=2", "--grad_clip=1.0"]
+    common = [
+        "--task=finetune",
+        "--mixup=0.5",
+        "--freqm=8",
+        "--timem=16",
+        "--label_smooth=0.1",
+        "--balanced_sampling=True",
+        "--grad_accum=2",
+        "--grad_clip=1.0",
+    ]
     train.main(flags(synth, tmp_path / "a", *common, "--max_iters=5"))
     train.main(flags(synth, tmp_path / "b", *common, "--max_iters=3"))
     train.main(flags(synth, tmp_path / "b", *common, "--max_iters=5", "--init_from=resume"))
@@ -125,13 +162,16 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     def broken_save(obj, f):  # writes half a file, then fails (disk full, killed, ...)
         open(f, "wb").write(b"partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         train.atomic_save({"iter_num": 2}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == before
 
 
-def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(synth, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    synth, tmp_path, monkeypatch
+):
     real, calls = train.compute_loss, []
 
     def compute_loss(*args, **kwargs):  # NaN from the 6th training step on (the epoch-4 checkpoint is good)
@@ -140,6 +180,7 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpo
         if sum(calls) >= 6:
             loss, stats = loss * float("nan"), {**stats, "loss": stats["loss"] * float("nan")}
         return loss, stats
+
     monkeypatch.setattr(train, "compute_loss", compute_loss)
     with pytest.raises(train.NonFiniteLoss, match="non-finite loss at iter 6"):
         train.main(flags(synth, tmp_path, "--max_iters=8"))
@@ -149,9 +190,21 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpo
 
 def test_config_file_then_flags_override_the_defaults(tmp_path):
     config = tmp_path / "cfg.py"
-    config.write_text("import math\nbatch_size = 12\nlr = 1e-4\nmodel_preset = 'small'\nmask_ratio = math.sqrt(0.25)\n")
-    cfg = train.configure([str(config), "--lr=3e-4", "--compile=true", "--betas=(0.9, 0.95)", "--epochs=2",
-                           "--model_embed_dim=96", "--out_dir=out/x", "--weight_decay=0"])
+    config.write_text(
+        "import math\nbatch_size = 12\nlr = 1e-4\nmodel_preset = 'small'\nmask_ratio = math.sqrt(0.25)\n"
+    )
+    cfg = train.configure(
+        [
+            str(config),
+            "--lr=3e-4",
+            "--compile=true",
+            "--betas=(0.9, 0.95)",
+            "--epochs=2",
+            "--model_embed_dim=96",
+            "--out_dir=out/x",
+            "--weight_decay=0",
+        ]
+    )
     assert (cfg["batch_size"], cfg["lr"], cfg["compile"], cfg["betas"]) == (12, 3e-4, True, (0.9, 0.95))
     assert cfg["epochs"] == 2
     assert cfg["mask_ratio"] == 0.5 and cfg["out_dir"] == "out/x" and cfg["weight_decay"] == 0.0
@@ -160,16 +213,19 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
     assert train.configure(["--compile=0", "--freeze_base=True"])["compile"] is False
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("--bach_size=8", "unknown config key 'bach_size'"),
-    ("--batch_size=8.5", "batch_size=8.5: expected int"),
-    ("--batch_size=eight", "not a int literal"),
-    ("--compile=maybe", "expected a bool"),
-    ("--task=distill", "choose one of pretrain, finetune"),
-    ("--betas=(0.9,)", "expected tuple"),
-    ("--model_embed_dims=64", "unknown config key 'model_embed_dims'"),
-    ("--lr", "--key=value"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--bach_size=8", "unknown config key 'bach_size'"),
+        ("--batch_size=8.5", "batch_size=8.5: expected int"),
+        ("--batch_size=eight", "not a int literal"),
+        ("--compile=maybe", "expected a bool"),
+        ("--task=distill", "choose one of pretrain, finetune"),
+        ("--betas=(0.9,)", "expected tuple"),
+        ("--model_embed_dims=64", "unknown config key 'model_embed_dims'"),
+        ("--lr", "--key=value"),
+    ],
+)
 def test_config_rejects_unknown_keys_and_wrong_types(arg, message):
     with pytest.raises(train.ConfigError, match=message.replace("(", r"\(")):
         train.configure([arg])
@@ -183,14 +239,21 @@ def test_config_file_errors_name_the_file(tmp_path):
 
 
 def test_command_line_reports_config_errors_without_a_traceback():
-    run = subprocess.run([sys.executable, "train.py", "--max_iter=5"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "train.py", "--max_iter=5"], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 1 and "error: unknown config key 'max_iter'" in run.stderr
     assert "Traceback" not in run.stderr
 
 
 def _ddp_worker(rank, world, port, argv, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     result = train.main(argv)
     torch.save(result["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
@@ -208,18 +271,26 @@ def final_records(out_dir):
 
 
 def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(synth, tmp_path):
-    argv = flags(synth, tmp_path, "--max_iters=3", "--gather_negatives=True", "--batch_size=2", "--grad_accum=2")
+    argv = flags(
+        synth, tmp_path, "--max_iters=3", "--gather_negatives=True", "--batch_size=2", "--grad_accum=2"
+    )
     run_ddp(argv, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert same_weights(rank0, rank1)
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 3 and len(os.listdir(tmp_path)) >= 4
+    assert (
+        torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 3
+        and len(os.listdir(tmp_path)) >= 4
+    )
     torch.manual_seed(0)  # the initial weights
     assert not same_weights(train.CAVMAE(train.CAVMAEConfig.from_preset("tiny")).state_dict(), rank0)
     # each rank retrieved over its half of the clips; gathered, that is one process's retrieval over all of them
-    train.main(argv + ["--init_from=resume"])  # one process, nothing left to train: the final evaluation again
+    train.main(
+        argv + ["--init_from=resume"]
+    )  # one process, nothing left to train: the final evaluation again
     ddp, single = final_records(tmp_path)[-2:]
-    assert {k: ddp[k] for k in ("a2v_R1", "v2a_R1", "a2v_R5", "v2a_R5")} == \
-        {k: single[k] for k in ("a2v_R1", "v2a_R1", "a2v_R5", "v2a_R5")}
+    assert {k: ddp[k] for k in ("a2v_R1", "v2a_R1", "a2v_R5", "v2a_R5")} == {
+        k: single[k] for k in ("a2v_R1", "v2a_R1", "a2v_R5", "v2a_R5")
+    }
 
 
 def test_ddp_fine_tuning_evaluation_equals_one_process(synth, tmp_path):
@@ -249,22 +320,36 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_device_side_preprocessing_path_trains(synth, tmp_path):
-    result = train.main(flags(synth, tmp_path, "--task=finetune", "--gpu_preprocess=on", "--mixup=0.5",
-                              "--freqm=8", "--timem=16", "--max_iters=2"))
+    result = train.main(
+        flags(
+            synth,
+            tmp_path,
+            "--task=finetune",
+            "--gpu_preprocess=on",
+            "--mixup=0.5",
+            "--freqm=8",
+            "--timem=16",
+            "--max_iters=2",
+        )
+    )
     assert result["iter_num"] == 2 and 0 <= result["final"]["acc_frames"] <= 1
 
 
 def test_a_new_run_refuses_an_out_dir_with_a_checkpoint_unless_told(synth, tmp_path):
     train.main(flags(synth, tmp_path, "--max_iters=1"))
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(train.ConfigError, match="--init_from=resume, or start a new one with --overwrite=True"):
+    with pytest.raises(
+        train.ConfigError, match="--init_from=resume, or start a new one with --overwrite=True"
+    ):
         train.main(flags(synth, tmp_path, "--max_iters=2"))
     assert (tmp_path / "ckpt.pt").read_bytes() == before and len(train_losses(tmp_path)) == 1
     train.main(flags(synth, tmp_path, "--max_iters=2", "--overwrite=True"))
     assert len(train_losses(tmp_path)) == 2  # a new log
 
 
-def test_an_error_inside_the_loop_saves_the_last_step_and_resume_is_exact(synth, tmp_path, monkeypatch, capsys):
+def test_an_error_inside_the_loop_saves_the_last_step_and_resume_is_exact(
+    synth, tmp_path, monkeypatch, capsys
+):
     common = ["--max_iters=6", "--mixup=0.5", "--save_minutes=0"]
     train.main(flags(synth, tmp_path / "a", *common))
     real, calls = train.train_step, []
@@ -274,10 +359,13 @@ def test_an_error_inside_the_loop_saves_the_last_step_and_resume_is_exact(synth,
         if len(calls) == 6:
             raise data.DataError("clip7.wav: cannot read audio")
         return real(run)
+
     monkeypatch.setattr(train, "train_step", failing_step)
     with pytest.raises(data.DataError, match="clip7.wav"):
         train.main(flags(synth, tmp_path / "b", *common))
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["iter_num"] == 5  # not the epoch end (4)
+    assert (
+        torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["iter_num"] == 5
+    )  # not the epoch end (4)
     message = capsys.readouterr().err
     assert f"{tmp_path / 'b' / 'ckpt.pt'} holds that state" in message and "--init_from=resume" in message
     monkeypatch.setattr(train, "train_step", real)
@@ -287,14 +375,32 @@ def test_an_error_inside_the_loop_saves_the_last_step_and_resume_is_exact(synth,
 
 def test_save_interval_writes_checkpoints_between_epoch_ends(synth, tmp_path, monkeypatch):
     saved, real = [], train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda run, **kw: (saved.append(run.iter_num), real(run, **kw)))
+    monkeypatch.setattr(
+        train, "save_checkpoint", lambda run, **kw: (saved.append(run.iter_num), real(run, **kw))
+    )
     train.main(flags(synth, tmp_path, "--max_iters=7", "--save_interval=3", "--eval_interval=-1"))
-    assert saved == [3, 4, 6, 7, 7]  # every 3 iterations, each epoch end (4 iterations), the last step, the end
+    assert saved == [
+        3,
+        4,
+        6,
+        7,
+        7,
+    ]  # every 3 iterations, each epoch end (4 iterations), the last step, the end
 
 
 def test_fine_tuning_reports_the_best_validation_weights_without_weight_averaging(synth, tmp_path):
-    result = train.main(flags(synth, tmp_path, "--task=finetune", "--loss=ce", "--metric=acc", "--lr=3e-2",
-                              "--epochs=4", "--eval_interval=2"))
+    result = train.main(
+        flags(
+            synth,
+            tmp_path,
+            "--task=finetune",
+            "--loss=ce",
+            "--metric=acc",
+            "--lr=3e-2",
+            "--epochs=4",
+            "--eval_interval=2",
+        )
+    )
     records = list(map(json.loads, open(tmp_path / "log.jsonl")))
     val = [r["acc"] for r in records if r["split"] == "val"]
     assert len(val) == 8  # every 2 iterations, the last weights included
@@ -305,8 +411,9 @@ def test_fine_tuning_reports_the_best_validation_weights_without_weight_averagin
 
 def test_persistent_validation_workers_see_the_frame_of_each_pass():
     keys = loader.EvalKeys(5)
-    workers = torch.utils.data.DataLoader(_KeyEcho(), sampler=keys, batch_size=2, num_workers=2,
-                                          persistent_workers=True)
+    workers = torch.utils.data.DataLoader(
+        _KeyEcho(), sampler=keys, batch_size=2, num_workers=2, persistent_workers=True
+    )
     seen = []
     for frame in (None, 3, 7):  # the final evaluation's passes over the same workers
         keys.frame = frame
@@ -323,8 +430,21 @@ class _KeyEcho(torch.utils.data.Dataset):
 
 
 def test_worker_count_does_not_change_training_or_evaluation(synth, tmp_path):
-    finals = [train.main(flags(synth, tmp_path / str(w), "--task=finetune", "--max_iters=4", f"--num_workers={w}",
-                               "--mixup=0.5", "--freqm=8", "--timem=16"))["final"] for w in (0, 2)]
+    finals = [
+        train.main(
+            flags(
+                synth,
+                tmp_path / str(w),
+                "--task=finetune",
+                "--max_iters=4",
+                f"--num_workers={w}",
+                "--mixup=0.5",
+                "--freqm=8",
+                "--timem=16",
+            )
+        )["final"]
+        for w in (0, 2)
+    ]
     assert finals[0] == pytest.approx(finals[1])
 
 
@@ -355,19 +475,43 @@ class _RandomItems:
 
 
 def test_one_gpu_reproduction_recipes_run_on_the_cpu_at_a_tiny_size(synth, tmp_path):
-    tiny = [f"--data_train={synth}/train.json", f"--data_val={synth}/test.json", f"--label_csv={synth}/labels.csv",
-            "--device=cpu", "--compile=False", "--model_preset=tiny", "--num_workers=0", "--batch_size=4",
-            "--max_iters=2"]  # the recipes' bf16 autocast, optimiser, schedule and augmentation stay as they are
-    pre = train.main([os.path.join(ROOT, "config/pretrain_synthetic_gpu.py"), *tiny, f"--out_dir={tmp_path}/pre"])
-    ft = train.main([os.path.join(ROOT, "config/finetune_synthetic_gpu.py"), *tiny, f"--out_dir={tmp_path}/ft",
-                     f"--init_from={tmp_path}/pre/ckpt.pt"])
+    tiny = [
+        f"--data_train={synth}/train.json",
+        f"--data_val={synth}/test.json",
+        f"--label_csv={synth}/labels.csv",
+        "--device=cpu",
+        "--compile=False",
+        "--model_preset=tiny",
+        "--num_workers=0",
+        "--batch_size=4",
+        "--max_iters=2",
+    ]  # the recipes' bf16 autocast, optimiser, schedule and augmentation stay as they are
+    pre = train.main(
+        [os.path.join(ROOT, "config/pretrain_synthetic_gpu.py"), *tiny, f"--out_dir={tmp_path}/pre"]
+    )
+    ft = train.main(
+        [
+            os.path.join(ROOT, "config/finetune_synthetic_gpu.py"),
+            *tiny,
+            f"--out_dir={tmp_path}/ft",
+            f"--init_from={tmp_path}/pre/ckpt.pt",
+        ]
+    )
     assert pre["iter_num"] == ft["iter_num"] == 2 and 0 <= ft["final"]["acc_frames"] <= 1
     assert torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=False)["config"]["dtype"] == "bfloat16"
 
 
 def test_device_side_and_worker_side_preprocessing_log_the_same_losses(synth, tmp_path):
-    common = ["--task=finetune", "--mixup=0.5", "--freqm=8", "--timem=16", "--noise=True", "--label_smooth=0.1",
-              "--max_iters=6", "--num_workers=1"]
+    common = [
+        "--task=finetune",
+        "--mixup=0.5",
+        "--freqm=8",
+        "--timem=16",
+        "--noise=True",
+        "--label_smooth=0.1",
+        "--max_iters=6",
+        "--num_workers=1",
+    ]
     for where in ("on", "off"):
         train.main(flags(synth, tmp_path / where, *common, f"--gpu_preprocess={where}"))
     on, off = train_losses(tmp_path / "on"), train_losses(tmp_path / "off")
@@ -376,13 +520,28 @@ def test_device_side_and_worker_side_preprocessing_log_the_same_losses(synth, tm
 
 def test_fine_tuning_shorter_clips_from_a_longer_checkpoint_cuts_the_audio_positions(synth, tmp_path, capsys):
     train.main(flags(synth, tmp_path / "pre", "--max_iters=1"))  # tiny: 64 fbank frames
-    result = train.main(flags(synth, tmp_path / "ft", "--task=finetune", "--max_iters=1", "--model_audio_length=32",
-                              f"--init_from={tmp_path}/pre/ckpt.pt"))
+    result = train.main(
+        flags(
+            synth,
+            tmp_path / "ft",
+            "--task=finetune",
+            "--max_iters=1",
+            "--model_audio_length=32",
+            f"--init_from={tmp_path}/pre/ckpt.pt",
+        )
+    )
     assert result["model"].config.audio_length == 32
     assert "audio positions cut from 8x4 to 8x2 time steps" in capsys.readouterr().out
     with pytest.raises(ValueError, match="not longer ones"):
-        train.main(flags(synth, tmp_path / "long", "--max_iters=1", "--model_audio_length=128",
-                         f"--init_from={tmp_path}/pre/ckpt.pt"))
+        train.main(
+            flags(
+                synth,
+                tmp_path / "long",
+                "--max_iters=1",
+                "--model_audio_length=128",
+                f"--init_from={tmp_path}/pre/ckpt.pt",
+            )
+        )
 
 
 def test_an_error_after_an_unchecked_nan_keeps_the_last_good_checkpoint(synth, tmp_path, monkeypatch):
@@ -399,6 +558,7 @@ def test_an_error_after_an_unchecked_nan_keeps_the_last_good_checkpoint(synth, t
         if len(steps) == 7:
             raise data.DataError("clip3.wav: cannot read audio")
         return real_step(run)
+
     monkeypatch.setattr(train, "compute_loss", compute_loss)
     monkeypatch.setattr(train, "train_step", failing_step)
     with pytest.raises(data.DataError):
@@ -414,6 +574,7 @@ def test_an_error_in_evaluation_saves_the_step_and_resume_is_exact(synth, tmp_pa
 
     def failing_evaluate(run, final=False):
         raise data.DataError("test_00001.wav: cannot read audio")
+
     monkeypatch.setattr(train, "evaluate", failing_evaluate)
     with pytest.raises(data.DataError):
         train.main(flags(synth, tmp_path / "b", *common))
