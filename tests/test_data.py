@@ -1,4 +1,5 @@
 """data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors."""
+
 import json
 import math
 import os
@@ -9,11 +10,12 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from conftest import assert_fbank_close
 from PIL import Image
 
 import data
 
-FLOOR = math.log(torch.finfo(torch.float32).eps)                # log-mel of silence: -15.942384719848633
+FLOOR = math.log(torch.finfo(torch.float32).eps)  # log-mel of silence: -15.942384719848633
 LABELS_CSV = 'index,mid,display_name\n0,/m/a,Alpha\n1,/m/b,"Beta, with comma"\n2,/m/c,Gamma\n'
 
 
@@ -42,8 +44,14 @@ def make_dataset(root, n=4, seconds=(1.0, 0.5, 1.3, 0.03), labels=None, frames=r
         write_wav(os.path.join(root, vid + ".wav"), seconds[i % len(seconds)], seed=i)
         for k in frames:
             write_jpg(os.path.join(root, f"frame_{k}", vid + ".jpg"), seed=10 * i + k)
-        rows.append(dict(video_id=vid, wav=vid + ".wav", video_path=".",
-                         labels=labels[i] if labels else ["/m/a", "/m/b,/m/c", "/m/c", "/m/a,/m/b"][i % 4]))
+        rows.append(
+            dict(
+                video_id=vid,
+                wav=vid + ".wav",
+                video_path=".",
+                labels=labels[i] if labels else ["/m/a", "/m/b,/m/c", "/m/c", "/m/a,/m/b"][i % 4],
+            )
+        )
     with open(os.path.join(root, "data.json"), "w") as f:
         json.dump({"data": rows}, f)
     with open(os.path.join(root, "labels.csv"), "w") as f:
@@ -58,34 +66,53 @@ def dataset(root, **kw):
 
 # ---------------------------------------------------------------------------------------------- golden vectors
 
-@pytest.mark.parametrize("exact,tol", [(True, 0.0), (False, 1e-5)])
-def test_fbank_matches_torchaudio_golden(golden, exact, tol):
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_fbank_matches_torchaudio_golden(golden, exact):
     vec = torch.load(os.path.join(golden, "fbank", "fbank_vectors.pth"), weights_only=False)
     for name in (k for k in vec if k != "kwargs"):
-        w = torch.from_numpy(sf.read(os.path.join(golden, "fbank", name + ".wav"), dtype="float32")[0])
-        got = data.fbank(w - w.mean(), exact=exact)
-        assert got.shape == vec[name].shape
-        assert (got - vec[name]).abs().max().item() <= tol, name
+        wave = torch.from_numpy(sf.read(os.path.join(golden, "fbank", name + ".wav"), dtype="float32")[0])
+        assert_fbank_close(data.fbank(wave - wave.mean(), exact=exact), vec[name], name=name)
 
 
 def test_load_image_matches_torchvision_golden(golden):
     vec = torch.load(os.path.join(golden, "image", "image_vectors.pth"), weights_only=False)
     for name, want in vec.items():
-        torch.testing.assert_close(data.load_image(os.path.join(golden, "image", name)), want, atol=1e-4, rtol=0)
+        got = data.load_image(os.path.join(golden, "image", name), image_size=want.shape[-1])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("tag,kw", [("items", dict(target_length=1024)),
-                                    ("items_frame2_len512", dict(target_length=512, frame=2))])
-def test_eval_items_match_official_loader_golden(golden, tag, kw):
-    g = os.path.join(golden, "dataset")
-    ds = data.AVDataset(os.path.join(g, "data.json"), os.path.join(g, "labels.csv"), **kw)
-    for i, (fb, im, lab) in enumerate(torch.load(os.path.join(g, "loader_vectors.pth"), weights_only=False)[tag]):
-        got_fb, got_im, got_lab = ds[i]
-        assert (got_fb - fb).abs().max() <= 1e-3 and (got_im - im).abs().max() <= 1e-4
-        assert torch.equal(got_lab, lab)
+def golden_item_sets(golden):
+    """(settings of the official loader, its items) for each item set of the reference dataset."""
+    vec = torch.load(os.path.join(golden, "dataset", "loader_vectors.pth"), weights_only=False)
+    return [(vec["audio_conf" + tag[len("items") :]], vec[tag]) for tag in vec if tag.startswith("items")]
+
+
+def test_eval_items_match_official_loader_golden(golden):
+    root = os.path.join(golden, "dataset")
+    item_sets = golden_item_sets(golden)
+    assert item_sets
+    for conf, items in item_sets:
+        frame = {} if conf["frame_use"] < 0 else {"frame": conf["frame_use"]}
+        ds = data.AVDataset(
+            os.path.join(root, "data.json"),
+            os.path.join(root, "labels.csv"),
+            train=False,
+            target_length=conf["target_length"],
+            image_size=conf["im_res"],
+            mean=conf["mean"],
+            std=conf["std"],
+            **frame,
+        )
+        for i, (fbank, image, labels) in enumerate(items):
+            got_fbank, got_image, got_labels = ds[i]
+            assert_fbank_close(got_fbank, fbank, scale=1 / (2 * conf["std"]), name=f"item {i}")
+            assert (got_image - image).abs().max() <= 1e-4
+            assert torch.equal(got_labels, labels)
 
 
 # ---------------------------------------------------------------------------------------------- fbank
+
 
 def test_batch_fbank_equals_per_clip_fbank_and_leaves_the_input_alone():
     x = torch.randn(5, 8000) * 0.1
@@ -118,9 +145,10 @@ def test_fast_and_exact_fbank_agree_on_a_batch():
 
 # ---------------------------------------------------------------------------------------------- items
 
+
 def test_short_clip_is_padded_with_zero_rows_before_normalisation(tmp_path):
     make_dataset(tmp_path)
-    fb, _, _ = dataset(tmp_path, target_length=128)[1]         # 0.5 s -> 48 frames
+    fb, _, _ = dataset(tmp_path, target_length=128)[1]  # 0.5 s -> 48 frames
     wave = data.load_audio(str(tmp_path / "clip1.wav"))
     want = data.fbank(wave - wave.mean())
     assert fb.shape == (128, 128)
@@ -130,7 +158,7 @@ def test_short_clip_is_padded_with_zero_rows_before_normalisation(tmp_path):
 
 def test_long_clip_is_cut_to_target_length(tmp_path):
     make_dataset(tmp_path)
-    fb, _, _ = dataset(tmp_path, target_length=64, mean=0.0, std=1.0)[2]   # 1.3 s -> 128 frames
+    fb, _, _ = dataset(tmp_path, target_length=64, mean=0.0, std=1.0)[2]  # 1.3 s -> 128 frames
     w = data.load_audio(str(tmp_path / "clip2.wav"))
     assert torch.equal(fb, data.fbank(w - w.mean())[:64])
 
@@ -154,7 +182,7 @@ def test_mixup_label_arithmetic_follows_the_official_loader():
     y1, y2 = torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0.0, 1, 0, 1]])
     got = data.smooth_labels(y1, 0.1, y2, torch.tensor([0.6]))
     torch.testing.assert_close(got, torch.tensor([[0.025 + 0.54, 0.025 + 0.36, 0.025, 0.025 + 0.36]]))
-    shared = data.smooth_labels(y1, 0.1, y1, torch.tensor([0.6]))         # a label of both samples adds up
+    shared = data.smooth_labels(y1, 0.1, y1, torch.tensor([0.6]))  # a label of both samples adds up
     torch.testing.assert_close(shared, torch.tensor([[0.925, 0.025, 0.025, 0.025]]))
 
 
@@ -165,7 +193,9 @@ def test_train_item_with_mixup_mixes_labels_and_images(tmp_path):
     for i, own in enumerate([0, 1, 2, 1]):
         fb, image, label = ds[i]
         assert torch.isfinite(fb).all() and image.shape == (3, 32, 32)
-        assert label.sum().item() == pytest.approx(1.0, abs=1e-6) and label[own] > 0.2  # lam + (1 - lam), lam > 0.2
+        assert (
+            label.sum().item() == pytest.approx(1.0, abs=1e-6) and label[own] > 0.2
+        )  # lam + (1 - lam), lam > 0.2
 
 
 def test_train_frames_are_drawn_from_all_num_frames_and_eval_uses_the_middle(tmp_path):
@@ -176,17 +206,18 @@ def test_train_frames_are_drawn_from_all_num_frames_and_eval_uses_the_middle(tmp
     ds.frame = 2
     assert ds.choose_frame(row)[0].endswith(os.path.join("frame_2", "clip0.jpg"))
     ds.train = True
-    assert {ds.choose_frame(row)[0] for _ in range(300)} == {str(tmp_path / f"frame_{k}" / "clip0.jpg")
-                                                             for k in range(10)}
+    assert {ds.choose_frame(row)[0] for _ in range(300)} == {
+        str(tmp_path / f"frame_{k}" / "clip0.jpg") for k in range(10)
+    }
 
 
 def test_a_key_with_a_frame_overrides_the_evaluation_frame_for_that_load(tmp_path):
     make_dataset(tmp_path, n=2)
     ds, raw = dataset(tmp_path), dataset(tmp_path, raw=True)
     assert torch.equal(ds[(1, 2)][1], data.load_image(str(tmp_path / "frame_2" / "clip1.jpg"), 32))
-    assert torch.equal(ds[(1, None)][1], ds[1][1])                             # None: ds.frame's rule (middle)
+    assert torch.equal(ds[(1, None)][1], ds[1][1])  # None: ds.frame's rule (middle)
     assert raw[(0, 7)]["frame"] == 7 and raw[0]["frame"] == 5
-    ds.frame = 3                                                               # ds.frame still works
+    ds.frame = 3  # ds.frame still works
     assert torch.equal(ds[1][1], data.load_image(str(tmp_path / "frame_3" / "clip1.jpg"), 32))
 
 
@@ -201,9 +232,9 @@ def test_spec_augment_masks_whole_bands_within_bounds_with_torchaudio_draws(seed
         assert width < width_max and start + width <= length
     (f0, fw), (t0, tw) = bands
     out = data.spec_augment(torch.ones(1, 100, 128), torch.tensor([[f0, fw, t0, tw]]))[0]
-    assert out.eq(0).all(0).nonzero().flatten().tolist() == list(range(f0, f0 + fw))   # whole mel bands
-    assert out.eq(0).all(1).nonzero().flatten().tolist() == list(range(t0, t0 + tw))   # whole frames
-    assert out.eq(0).sum() == fw * 100 + tw * 128 - fw * tw                             # and nothing else
+    assert out.eq(0).all(0).nonzero().flatten().tolist() == list(range(f0, f0 + fw))  # whole mel bands
+    assert out.eq(0).all(1).nonzero().flatten().tolist() == list(range(t0, t0 + tw))  # whole frames
+    assert out.eq(0).sum() == fw * 100 + tw * 128 - fw * tw  # and nothing else
 
 
 def test_spec_augment_with_zero_widths_changes_nothing_and_draws_nothing():
@@ -218,9 +249,10 @@ def test_spec_augment_with_zero_widths_changes_nothing_and_draws_nothing():
 
 def test_noise_adds_at_most_a_tenth_of_its_scale_then_rolls_in_time_by_the_drawn_shift():
     T = 64
-    feats = torch.arange(T, dtype=torch.float32).repeat(128, 1).T[None].repeat(2, 1, 1)   # row t holds t
-    out = data.add_noise(feats, torch.tensor([3, 4]), torch.tensor([1.0, 0.5], dtype=torch.float64),
-                         torch.tensor([5, -70]))
+    feats = torch.arange(T, dtype=torch.float32).repeat(128, 1).T[None].repeat(2, 1, 1)  # row t holds t
+    out = data.add_noise(
+        feats, torch.tensor([3, 4]), torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([5, -70])
+    )
     for b, (scale, shift) in enumerate([(1.0, 5), (0.5, -70)]):
         source = out[b].floor()[:, 0]
         assert torch.equal(source.long(), (torch.arange(T) - shift) % T)
@@ -236,31 +268,34 @@ def hash32_reference(x):
 
 
 def test_hash_uniform_is_the_hash_of_seed_and_position_with_24_bits():
-    seeds = [0, 1, 2 ** 32 - 1, 123456789]
+    seeds = [0, 1, 2**32 - 1, 123456789]
     got = data.hash_uniform(torch.tensor(seeds), (3, 5), "cpu")
     assert got.shape == (4, 3, 5) and got.dtype == torch.float32
     for b, seed in enumerate(seeds):
         for k in (0, 1, 7, 14):
             bits = hash32_reference(hash32_reference(k) ^ hash32_reference(seed))
-            assert got[b].flatten()[k].item() == (bits >> 8) / 2 ** 24
+            assert got[b].flatten()[k].item() == (bits >> 8) / 2**24
 
 
 def test_hash_uniform_rows_depend_only_on_their_seed_and_look_uniform():
     seeds = torch.tensor([7, 8, 9])
     field = data.hash_uniform(seeds, (1024, 128), "cpu")
-    assert torch.equal(field[1], data.hash_uniform(seeds[1:2], (1024, 128), "cpu")[0])   # any batch composition
+    assert torch.equal(
+        field[1], data.hash_uniform(seeds[1:2], (1024, 128), "cpu")[0]
+    )  # any batch composition
     assert field.min() >= 0 and field.max() < 1 and abs(field.mean().item() - 0.5) < 1e-3
     assert abs(field.std().item() - (1 / 12) ** 0.5) < 1e-3 and not torch.equal(field[0], field[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hash_uniform_gives_the_same_field_on_cuda_as_on_the_cpu():
-    seeds = torch.tensor([0, 5, 2 ** 32 - 1])
+    seeds = torch.tensor([0, 5, 2**32 - 1])
     on_cuda, on_cpu = (data.hash_uniform(seeds, (1024, 128), device) for device in ("cuda", "cpu"))
     assert torch.equal(on_cuda.cpu(), on_cpu)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+
 
 def test_wrong_sample_rate_names_file_rate_and_fix(tmp_path):
     path = write_wav(str(tmp_path / "a.wav"), rate=44100)
@@ -271,7 +306,7 @@ def test_wrong_sample_rate_names_file_rate_and_fix(tmp_path):
 @pytest.mark.parametrize("samples", [0, 399])
 def test_empty_or_too_short_audio_is_an_error_naming_the_file(tmp_path, samples):
     path = write_wav(str(tmp_path / "short.wav"), samples=samples)
-    with pytest.raises(data.DataError, match=r"short\.wav has %d samples" % samples):
+    with pytest.raises(data.DataError, match=rf"short\.wav has {samples} samples"):
         data.load_audio(path)
 
 
@@ -358,12 +393,19 @@ def test_check_command_reports_problems_with_nonzero_exit(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- loading at scale
 
+
 def write_rows(root, n, seed=0):
     """A datafile of n generated rows (files need not exist) over the three labels of LABELS_CSV."""
     rng = random.Random(seed)
-    rows = [dict(video_id=f"vid{i}_{rng.random():.3f}", wav=f"audio/part{i % 3}/v{i}.flac",
-                 video_path=rng.choice(["frames", "/abs/frames", "x/../frames2"]),
-                 labels=",".join(rng.sample(["/m/a", "/m/b", "/m/c"], rng.randint(0, 3)))) for i in range(n)]
+    rows = [
+        dict(
+            video_id=f"vid{i}_{rng.random():.3f}",
+            wav=f"audio/part{i % 3}/v{i}.flac",
+            video_path=rng.choice(["frames", "/abs/frames", "x/../frames2"]),
+            labels=",".join(rng.sample(["/m/a", "/m/b", "/m/c"], rng.randint(0, 3))),
+        )
+        for i in range(n)
+    ]
     with open(os.path.join(root, "data.json"), "w") as f:
         json.dump({"data": rows}, f)
     with open(os.path.join(root, "labels.csv"), "w") as f:
@@ -378,12 +420,15 @@ def test_compact_rows_give_back_every_row_and_its_labels(tmp_path):
     assert len(ds) == len(ds.rows) == 3000
     for i in range(0, 3000, 7):
         want = rows[i]
-        assert ds.rows[i] == dict(video_id=want["video_id"], wav=os.path.normpath(str(tmp_path / want["wav"])),
-                                  video_path=os.path.normpath(str(tmp_path / want["video_path"])),
-                                  labels=want["labels"])
-        classes = ds.class_of_code[codes[offsets[i]:offsets[i + 1]]].tolist()
+        assert ds.rows[i] == dict(
+            video_id=want["video_id"],
+            wav=os.path.normpath(str(tmp_path / want["wav"])),
+            video_path=os.path.normpath(str(tmp_path / want["video_path"])),
+            labels=want["labels"],
+        )
+        classes = ds.class_of_code[codes[offsets[i] : offsets[i + 1]]].tolist()
         assert classes == [["/m/a", "/m/b", "/m/c"].index(m) for m in data.label_mids(want)]
-    assert [r["video_id"] for r in ds.rows] == [r["video_id"] for r in rows]                 # iteration
+    assert [r["video_id"] for r in ds.rows] == [r["video_id"] for r in rows]  # iteration
     assert ds.rows[-1] == ds.rows[2999] and ds.rows[:3] == [ds.rows[0], ds.rows[1], ds.rows[2]]
     with pytest.raises(IndexError):
         ds.rows[3000]
@@ -393,7 +438,7 @@ def test_rows_cut_to_a_list_of_dicts_still_load(tmp_path):
     make_dataset(tmp_path)
     ds = dataset(tmp_path)
     want = ds[1]
-    ds.rows = ds.rows[:2]                                                     # as eval.py --limit may do
+    ds.rows = ds.rows[:2]  # as eval.py --limit may do
     assert len(ds) == 2 and all(torch.equal(a, b) for a, b in zip(ds[1], want))
 
 
@@ -422,7 +467,9 @@ def test_dataset_stats_are_mean_and_std_of_padded_fbank(tmp_path):
     make_dataset(tmp_path, n=3)
     ds = dataset(tmp_path)
     waves = [data.load_audio(str(tmp_path / f"clip{i}.wav")) for i in range(3)]
-    feats = torch.stack([F.pad(data.fbank(w - w.mean()), (0, 0, 0, 128 - data.fbank(w).shape[0])) for w in waves])
+    feats = torch.stack(
+        [F.pad(data.fbank(w - w.mean()), (0, 0, 0, 128 - data.fbank(w).shape[0])) for w in waves]
+    )
     mean, std = data.dataset_stats(ds)
     assert mean == pytest.approx(feats.mean().item()) and std == pytest.approx(feats.std().item(), rel=1e-6)
 
@@ -430,7 +477,9 @@ def test_dataset_stats_are_mean_and_std_of_padded_fbank(tmp_path):
 def test_dataloader_with_two_workers_loads_items(tmp_path):
     make_dataset(tmp_path, n=6)
     batches = list(torch.utils.data.DataLoader(dataset(tmp_path), batch_size=2, num_workers=2))
-    assert len(batches) == 3 and batches[0][0].shape == (2, 128, 128) and batches[0][1].shape == (2, 3, 32, 32)
+    assert (
+        len(batches) == 3 and batches[0][0].shape == (2, 128, 128) and batches[0][1].shape == (2, 3, 32, 32)
+    )
 
 
 def test_raw_batches_report_each_missing_frame_they_fell_back_from(tmp_path):
@@ -459,7 +508,9 @@ def test_raw_path_in_training_keeps_the_label_mass_of_mixed_rows(tmp_path):
     torch.manual_seed(0)
     audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
     assert audio.shape == (4, 128, 128) and image.shape == (4, 3, 32, 32) and torch.isfinite(audio).all()
-    torch.testing.assert_close(label.sum(1), torch.full((4,), 0.1 + 0.9))  # ls/K * K + lam (1-ls) + (1-lam) (1-ls)
+    torch.testing.assert_close(
+        label.sum(1), torch.full((4,), 0.1 + 0.9)
+    )  # ls/K * K + lam (1-ls) + (1-lam) (1-ls)
 
 
 def test_raw_path_rows_left_unmixed_keep_plain_smoothed_labels(tmp_path):
@@ -486,7 +537,7 @@ def test_items_equal_rows_of_a_device_batch_built_from_the_same_draws(tmp_path):
     items, raw = dataset(tmp_path, **TRAIN), dataset(tmp_path, raw=True, **TRAIN)
     keys = [(i % 6, 100 + i) for i in range(8)]
     batch = data.collate_raw([seeded(raw, i, s) for i, s in keys])
-    assert 0 < int(batch["mixed"].sum()) < len(keys)                             # both kinds of rows in the batch
+    assert 0 < int(batch["mixed"].sum()) < len(keys)  # both kinds of rows in the batch
     audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch, "cpu")
     for b, (i, s) in enumerate(keys):
         fb, im, lab = seeded(items, i, s)
@@ -501,7 +552,9 @@ def test_mixup_partner_is_drawn_from_the_whole_dataset_and_lambda_from_beta_10_1
     draws = [seeded(raw, 0, s) for s in range(200)]
     assert {d["partner"] for d in draws} == set(range(6))
     lams = np.array([d["lam"] for d in draws])
-    assert abs(lams.mean() - 0.5) < 0.03 and abs(lams.std() - (1 / 84) ** 0.5) < 0.03  # Beta(10, 10): sd 0.109
+    assert (
+        abs(lams.mean() - 0.5) < 0.03 and abs(lams.std() - (1 / 84) ** 0.5) < 0.03
+    )  # Beta(10, 10): sd 0.109
 
 
 def test_mixup_mixes_waveforms_cut_to_the_first_then_centres_before_fbank(tmp_path):
@@ -509,16 +562,22 @@ def test_mixup_mixes_waveforms_cut_to_the_first_then_centres_before_fbank(tmp_pa
     raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, mean=0.0, std=1.0)
     item = next(it for it in (seeded(raw, 0, s) for s in range(50)) if it["partner"] == 2)  # 1.0 s with 1.3 s
     w1, w2 = (data.load_audio(str(tmp_path / f"clip{k}.wav")) for k in (0, 2))
-    w1, w2 = w1 - w1.mean(), (w2 - w2.mean())[:len(w1)]
+    w1, w2 = w1 - w1.mean(), (w2 - w2.mean())[: len(w1)]
     lam = item["lam"]
     mixed = lam * w1 + (1 - lam) * w2
     want = data.fbank(mixed - mixed.mean())
     audio, image, label = data.BatchPreprocessor.from_dataset(raw)(data.collate_raw([item]))
-    torch.testing.assert_close(audio[0, :len(want)], want, atol=1e-4, rtol=0)
-    want_image = lam * data.normalise_image(item["image"]) + (1 - lam) * data.normalise_image(item["partner_image"])
+    torch.testing.assert_close(audio[0, : len(want)], want, atol=1e-4, rtol=0)
+    want_image = lam * data.normalise_image(item["image"]) + (1 - lam) * data.normalise_image(
+        item["partner_image"]
+    )
     torch.testing.assert_close(image[0], want_image, atol=1e-6, rtol=0)
-    torch.testing.assert_close(label[0], data.smooth_labels(item["label"][None], 0.0, item["partner_label"][None],
-                                                            torch.tensor([lam], dtype=torch.float64))[0])
+    torch.testing.assert_close(
+        label[0],
+        data.smooth_labels(
+            item["label"][None], 0.0, item["partner_label"][None], torch.tensor([lam], dtype=torch.float64)
+        )[0],
+    )
 
 
 def test_every_random_choice_is_in_the_raw_item_and_the_preprocessor_draws_nothing(tmp_path):
@@ -542,7 +601,19 @@ def test_rows_without_labels_get_an_all_zero_target(tmp_path):
 
 def test_bench_command_times_every_path(tmp_path, capsys):
     datafile, labels = make_dataset(tmp_path)
-    assert data.main(["--bench", "--datafile", datafile, "--label_csv", labels, "--items", "4", "--repeats", "1"]) == 0
+    assert (
+        data.main(
+            ["--bench", "--datafile", datafile, "--label_csv", labels, "--items", "4", "--repeats", "1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    for line in ("eval item", "train item", "raw item", "batch of 32", "one clip at a time", "BatchPreprocessor"):
+    for line in (
+        "eval item",
+        "train item",
+        "raw item",
+        "batch of 32",
+        "one clip at a time",
+        "BatchPreprocessor",
+    ):
         assert line in out

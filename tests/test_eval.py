@@ -1,4 +1,5 @@
 """eval.py: metrics equal to scikit-learn / the official retrieval script, and the four commands end to end."""
+
 import csv
 import dataclasses
 import json
@@ -35,7 +36,9 @@ def test_metrics_match_golden_vectors(golden):
 
 def test_tied_scores_share_one_threshold():
     y, s = np.array([1.0, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.1])
-    assert ev.average_precision(y, s) == pytest.approx(2 / 3, abs=1e-15)  # one step: precision 2/3, recall 0 -> 1
+    assert ev.average_precision(y, s) == pytest.approx(
+        2 / 3, abs=1e-15
+    )  # one step: precision 2/3, recall 0 -> 1
     assert ev.roc_auc(y, s) == pytest.approx(0.75, abs=1e-15)  # a tie counts one half
 
 
@@ -68,8 +71,9 @@ def test_class_without_positives_has_ap_zero_auc_nan_and_is_left_out_of_mauc():
 def test_d_prime_is_sqrt2_times_the_normal_quantile_of_the_mean_auc():
     assert ev.d_prime(0.5) == 0.0
     assert ev.d_prime(0.8413447460685429) == pytest.approx(math.sqrt(2), abs=1e-12)  # Phi(1)
-    m = ev.classification_metrics(np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.3]]),
-                                  np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
+    m = ev.classification_metrics(
+        np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.3]]), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    )
     assert m["d_prime"] == pytest.approx(ev.d_prime(m["mAUC"]), abs=0)
 
 
@@ -105,7 +109,9 @@ def test_retrieval_ranks_are_positions_in_the_sorted_row():
 
 
 def test_retrieval_counts_a_tied_match_at_every_tied_position():
-    sim = np.eye(4)[:, [0, 1, 3, 2]]  # queries 2 and 3 find the wrong clip; their match ties with 2 others at 0
+    sim = np.eye(4)[
+        :, [0, 1, 3, 2]
+    ]  # queries 2 and 3 find the wrong clip; their match ties with 2 others at 0
     r = ev.retrieval_metrics(sim)  # ranks (0-based): 0, 0, 1 2 3, 1 2 3 -> 8 entries, as the official script
     assert r == dict(R1=0.25, R5=1.0, R10=1.0, MR=2.5)
     assert ev.retrieval_metrics(np.ones((4, 4)))["R1"] == 0.25  # a collapsed model scores chance, not 1.0
@@ -120,14 +126,36 @@ CLASSES = 3
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    prepare.make_synthetic(str(root / "data"), n_train=1, n_test=6, seed=0, image_size=32, seconds=0.7,
-                           num_classes=CLASSES, workers=1)
+    prepare.make_synthetic(
+        str(root / "data"),
+        n_train=1,
+        n_test=6,
+        seed=0,
+        image_size=32,
+        seconds=0.7,
+        num_classes=CLASSES,
+        workers=1,
+    )
     cfg = CAVMAEConfig.from_preset("tiny")
     torch.manual_seed(0)
-    train_config = dict(dataset_mean=-5.081, dataset_std=4.4849, metric="acc", label_csv=str(root / "data" / "labels.csv"))
-    for task, model, k in (("pretrain", CAVMAE(cfg), None), ("finetune", CAVMAEClassifier(cfg, CLASSES), CLASSES)):
-        torch.save(dict(model=model.state_dict(), model_args=dataclasses.asdict(cfg), task=task, num_classes=k,
-                        config=train_config, iter_num=0), root / f"{task}.pt")
+    train_config = dict(
+        dataset_mean=-5.081, dataset_std=4.4849, metric="acc", label_csv=str(root / "data" / "labels.csv")
+    )
+    for task, model, k in (
+        ("pretrain", CAVMAE(cfg), None),
+        ("finetune", CAVMAEClassifier(cfg, CLASSES), CLASSES),
+    ):
+        torch.save(
+            dict(
+                model=model.state_dict(),
+                model_args=dataclasses.asdict(cfg),
+                task=task,
+                num_classes=k,
+                config=train_config,
+                iter_num=0,
+            ),
+            root / f"{task}.pt",
+        )
     return root
 
 
@@ -137,8 +165,17 @@ def run(tiny, *argv):
 
 def test_classify_writes_metrics_json_and_per_class_csv(tiny, capsys):
     data = tiny / "data"
-    run(tiny, "classify", "finetune.pt", "--data", data / "test.json", "--label_csv", data / "labels.csv",
-        "--out", tiny / "cls.json")
+    run(
+        tiny,
+        "classify",
+        "finetune.pt",
+        "--data",
+        data / "test.json",
+        "--label_csv",
+        data / "labels.csv",
+        "--out",
+        tiny / "cls.json",
+    )
     out = json.load(open(tiny / "cls.json"))
     assert {"mAP", "mAUC", "d_prime", "acc", "AP", "AUC"} <= set(out) and len(out["AP"]) == CLASSES
     assert out["frames"] == [5] and out["clips"] == 6
@@ -150,9 +187,22 @@ def test_classify_writes_metrics_json_and_per_class_csv(tiny, capsys):
 
 def test_classify_all_frames_averages_softmax_over_the_ten_frames(tiny):
     data = tiny / "data"
-    out = run(tiny, "classify", "finetune.pt", "--data", data / "test.json", "--label_csv", data / "labels.csv",
-              "--frames", "all", "--ftmode", "missingaudioonly")
-    assert out["activation"] == "softmax" and out["frames"] == list(range(10))  # the checkpoint says metric='acc'
+    out = run(
+        tiny,
+        "classify",
+        "finetune.pt",
+        "--data",
+        data / "test.json",
+        "--label_csv",
+        data / "labels.csv",
+        "--frames",
+        "all",
+        "--ftmode",
+        "missingaudioonly",
+    )
+    assert out["activation"] == "softmax" and out["frames"] == list(
+        range(10)
+    )  # the checkpoint says metric='acc'
     model, _ = ev.load_model(str(tiny / "finetune.pt"))
     ds = ev.data.AVDataset(str(data / "test.json"), str(data / "labels.csv"), target_length=64, image_size=32)
     probs = []
@@ -168,8 +218,17 @@ def test_classify_all_frames_averages_softmax_over_the_ten_frames(tiny):
 def test_retrieval_works_on_pretrain_and_finetune_checkpoints(tiny):
     data = tiny / "data"
     for name in ("pretrain.pt", "finetune.pt"):
-        run(tiny, "retrieval", name, "--data", data / "test.json", "--out", tiny / "ret.json",
-            "--save_embeddings", tiny / "emb")
+        run(
+            tiny,
+            "retrieval",
+            name,
+            "--data",
+            data / "test.json",
+            "--out",
+            tiny / "ret.json",
+            "--save_embeddings",
+            tiny / "emb",
+        )
         out = json.load(open(tiny / "ret.json"))
         a, v = np.load(tiny / "emb" / "audio.npy"), np.load(tiny / "emb" / "visual.npy")
         assert a.shape == v.shape == (6, 32)
@@ -180,7 +239,9 @@ def test_retrieval_works_on_pretrain_and_finetune_checkpoints(tiny):
 
 def test_inpaint_writes_one_png_per_clip_with_the_documented_layout(tiny):
     data = tiny / "data"
-    written = run(tiny, "inpaint", "pretrain.pt", "--data", data / "test.json", "--out", tiny / "inpaint", "--n", 2)
+    written = run(
+        tiny, "inpaint", "pretrain.pt", "--data", data / "test.json", "--out", tiny / "inpaint", "--n", 2
+    )
     assert len(written) == 2
     with Image.open(written[0]) as img:
         # columns: pad, spectrogram (T=64), pad, frame (32 enlarged x4), pad;
@@ -199,24 +260,52 @@ def test_commands_refuse_a_checkpoint_of_the_wrong_task(tiny):
 def test_official_state_dict_loads_with_architecture_flags(golden, tmp_path):
     base = os.path.join(golden, "model")
     vec = torch.load(os.path.join(base, "pretrain_vectors.pth"), weights_only=False)
-    config = tmp_path / "arch.json"  # train.py's names; depths, widths and sizes come from the tensor shapes
-    config.write_text(json.dumps(dict(model_num_heads=4, model_decoder_num_heads=4)))
-    model, info = ev.load_model(os.path.join(base, "pretrain_state_dict.pth"), config=str(config), norm_pix_loss=True)
+    official = vec["config"]
+    # train.py's names; depths, widths and sizes come from the tensor shapes, the head counts do not
+    config = tmp_path / "arch.json"
+    heads = dict(model_num_heads=official["num_heads"], model_decoder_num_heads=official["decoder_num_heads"])
+    config.write_text(json.dumps(heads))
+    model, info = ev.load_model(
+        os.path.join(base, "pretrain_state_dict.pth"), config=str(config), norm_pix_loss=True
+    )
     assert info["format"] == "official" and info["task"] == "pretrain"
-    assert (model.config.modality_specific_depth, model.config.joint_depth, model.config.img_size) == (10, 2, 64)
+    depths = (model.config.modality_specific_depth, model.config.joint_depth)
+    assert depths == (official["modality_specific_depth"], 12 - official["modality_specific_depth"])
+    assert model.config.img_size == official["img_size"]
     with torch.no_grad():
         a, v = model.embed(vec["audio"], vec["image"])
     assert (a - vec["feat_audio"]).abs().max() < 2e-4 and (v - vec["feat_visual"]).abs().max() < 2e-4
-    clf, info = ev.load_model(os.path.join(base, "finetune_state_dict.pth"), num_heads=4)
-    assert info["task"] == "finetune" and info["num_classes"] == 7
+    finetune = torch.load(os.path.join(base, "finetune_vectors.pth"), weights_only=False)["config"]
+    clf, info = ev.load_model(os.path.join(base, "finetune_state_dict.pth"), num_heads=finetune["num_heads"])
+    assert info["task"] == "finetune" and info["num_classes"] == finetune["label_dim"]
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
     video = tiny / "clip.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=25:duration=2",
-                    "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-shortest", "-c:v", "mpeg4",
-                    "-c:a", "aac", str(video)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=96x64:rate=25:duration=2",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=2",
+            "-shortest",
+            "-c:v",
+            "mpeg4",
+            "-c:a",
+            "aac",
+            str(video),
+        ],
+        check=True,
+    )
     top = run(tiny, "predict", "finetune.pt", "--video", video, "--topk", 2)  # label csv from the checkpoint
     names = [r[2] for r in csv.reader(open(tiny / "data" / "labels.csv"))][1:]
     assert len(top) == 2 and top[0]["score"] >= top[1]["score"] and top[0]["name"] in names
@@ -226,9 +315,29 @@ def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_embed_and_localize_a_video_name_the_clip_after_the_file(tiny):
     video = tiny / "street.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=1.5",
-                    "-f", "lavfi", "-i", "sine=frequency=300:duration=1.5", "-shortest", "-c:v", "mpeg4",
-                    "-c:a", "aac", str(video)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=64x48:rate=10:duration=1.5",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=300:duration=1.5",
+            "-shortest",
+            "-c:v",
+            "mpeg4",
+            "-c:a",
+            "aac",
+            str(video),
+        ],
+        check=True,
+    )
     out = run(tiny, "embed", "pretrain.pt", "--video", video, "--out", tiny / "emb_video", "--frame", 9)
     assert out["video_ids"] == ["street"] and out["audio"].shape == (1, 32)
     out = run(tiny, "localize", "pretrain.pt", "--video", video, "--out", tiny / "loc_video")
@@ -237,9 +346,22 @@ def test_embed_and_localize_a_video_name_the_clip_after_the_file(tiny):
 
 def test_predict_from_a_wav_and_an_image(tiny):
     data = tiny / "data"
-    top = run(tiny, "predict", "finetune.pt", "--wav", data / "audio" / "test_00000.wav",
-              "--image", data / "frames" / "frame_5" / "test_00000.jpg", "--topk", CLASSES, "--out", tiny / "p.json")
-    assert sum(r["score"] for r in top) == pytest.approx(1.0, abs=1e-5)  # softmax: the checkpoint says metric='acc'
+    top = run(
+        tiny,
+        "predict",
+        "finetune.pt",
+        "--wav",
+        data / "audio" / "test_00000.wav",
+        "--image",
+        data / "frames" / "frame_5" / "test_00000.jpg",
+        "--topk",
+        CLASSES,
+        "--out",
+        tiny / "p.json",
+    )
+    assert sum(r["score"] for r in top) == pytest.approx(
+        1.0, abs=1e-5
+    )  # softmax: the checkpoint says metric='acc'
     assert json.load(open(tiny / "p.json"))["frames"] == [0]
 
 
@@ -250,8 +372,17 @@ def test_predict_from_a_wav_and_an_image(tiny):
 def test_audio_length_flag_runs_a_shorter_model_on_a_longer_checkpoint(tiny):
     model, info = ev.load_model(str(tiny / "pretrain.pt"), audio_length=32)
     assert model.config.audio_length == 32 and "cut from 8x4 to 8x2 time steps" in info["report"]
-    out = run(tiny, "embed", "pretrain.pt", "--data", tiny / "data" / "test.json", "--out", tiny / "emb32",
-              "--audio_length", 32)  # the fbank is cut to 32 frames to fit
+    out = run(
+        tiny,
+        "embed",
+        "pretrain.pt",
+        "--data",
+        tiny / "data" / "test.json",
+        "--out",
+        tiny / "emb32",
+        "--audio_length",
+        32,
+    )  # the fbank is cut to 32 frames to fit
     assert out["audio"].shape == (6, 32)
     with pytest.raises(ValueError, match="not longer"):
         ev.load_model(str(tiny / "pretrain.pt"), audio_length=128)
@@ -266,7 +397,9 @@ def rows_of(*labels):
 
 
 def test_per_class_subset_takes_k_clips_of_each_class_by_first_label():
-    rows = rows_of("a", "a", "b,a", "a", "c", "b", "", "a,c")  # b,a counts as b; the unlabelled clip is left out
+    rows = rows_of(
+        "a", "a", "b,a", "a", "c", "b", "", "a,c"
+    )  # b,a counts as b; the unlabelled clip is left out
     keep, taken = ev.per_class_subset(rows, 2, seed=0)
     assert taken == {"a": 2, "b": 2, "c": 1}  # c has only one clip: it is taken
     firsts = [rows[i]["labels"].split(",")[0] for i in keep]
@@ -281,14 +414,28 @@ def test_per_class_subset_is_deterministic_for_a_seed_and_differs_between_seeds(
 
 def test_retrieval_per_class_reports_both_directions_on_the_subset(tiny, capsys):
     data = tiny / "data"
-    out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 1, "--seed", 0,
-              "--save_embeddings", tiny / "emb_pc")
-    assert out["clips"] == 3 and out["subset"] == dict(per_class=1, seed=0, clips=3, of=6, classes=CLASSES,
-                                                        short_classes={})
+    out = run(
+        tiny,
+        "retrieval",
+        "pretrain.pt",
+        "--data",
+        data / "test.json",
+        "--per_class",
+        1,
+        "--seed",
+        0,
+        "--save_embeddings",
+        tiny / "emb_pc",
+    )
+    assert out["clips"] == 3 and out["subset"] == dict(
+        per_class=1, seed=0, clips=3, of=6, classes=CLASSES, short_classes={}
+    )
     assert {"R1", "R5", "R10", "MR"} <= set(out["audio_to_visual"]) and "visual_to_audio" in out
     assert len(open(tiny / "emb_pc" / "video_ids.txt").read().split()) == 3
     out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 5)
-    assert out["clips"] == 6 and sum(out["subset"]["short_classes"].values()) == 6  # every class has fewer than 5
+    assert (
+        out["clips"] == 6 and sum(out["subset"]["short_classes"].values()) == 6
+    )  # every class has fewer than 5
     assert "fewer" in capsys.readouterr().out
 
 
@@ -303,14 +450,25 @@ def test_embed_saves_coordinated_and_joint_representations_in_datafile_order(tin
     assert a.shape == v.shape == j.shape == (6, 32) and a.dtype == v.dtype == j.dtype == np.float32
     assert open(tiny / "emb_ft" / "video_ids.txt").read().split() == [f"test_{k:05d}" for k in range(6)]
     model, _ = ev.load_model(str(tiny / "finetune.pt"))
-    ds = ev.data.AVDataset(str(data / "test.json"), str(data / "labels.csv"), target_length=64, image_size=32,
-                           frame=2, mean=-5.081, std=4.4849)
+    ds = ev.data.AVDataset(
+        str(data / "test.json"),
+        str(data / "labels.csv"),
+        target_length=64,
+        image_size=32,
+        frame=2,
+        mean=-5.081,
+        std=4.4849,
+    )
     audio, image, _ = map(torch.stack, zip(*[ds[i] for i in range(len(ds))]))
     with torch.no_grad():
         tokens_a, tokens_v = model.embed(audio, image)
-        np.testing.assert_allclose(a, ev.pooled_representation(tokens_a), atol=1e-5)  # unit length, as retrieval
+        np.testing.assert_allclose(
+            a, ev.pooled_representation(tokens_a), atol=1e-5
+        )  # unit length, as retrieval
         np.testing.assert_allclose(v, ev.pooled_representation(tokens_v), atol=1e-5)
-        np.testing.assert_allclose(j, model.features(audio, image, "multimodal"), atol=1e-5)  # what the head reads
+        np.testing.assert_allclose(
+            j, model.features(audio, image, "multimodal"), atol=1e-5
+        )  # what the head reads
 
 
 def test_joint_representation_of_a_pretraining_model_is_its_encoders_multimodal_features(tiny):
@@ -319,13 +477,24 @@ def test_joint_representation_of_a_pretraining_model_is_its_encoders_multimodal_
     ev.load_pretrained(clf, model.state_dict())
     audio, image = torch.randn(2, 64, 128), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(ev.representations(model, audio, image)[2], clf.features(audio, image), atol=1e-6)
+        assert torch.allclose(
+            ev.representations(model, audio, image)[2], clf.features(audio, image), atol=1e-6
+        )
 
 
 def test_embed_from_a_wav_and_an_image(tiny):
     data = tiny / "data"
-    out = run(tiny, "embed", "pretrain.pt", "--wav", data / "audio" / "test_00001.wav",
-              "--image", data / "frames" / "frame_3" / "test_00001.jpg", "--out", tiny / "emb_one")
+    out = run(
+        tiny,
+        "embed",
+        "pretrain.pt",
+        "--wav",
+        data / "audio" / "test_00001.wav",
+        "--image",
+        data / "frames" / "frame_3" / "test_00001.jpg",
+        "--out",
+        tiny / "emb_one",
+    )
     assert out["video_ids"] == ["test_00001"] and out["joint"].shape == (1, 32)
     assert np.load(tiny / "emb_one" / "visual.npy").shape == (1, 32)
 
@@ -337,18 +506,20 @@ def test_embed_from_a_wav_and_an_image(tiny):
 def test_similarity_map_is_the_cosine_of_the_pooled_audio_with_each_visual_patch():
     audio = torch.zeros(1, 5, 4)
     audio[0, :, 0] = torch.tensor([1.0, 2, 3, 4, 5])  # mean-pooled: along e0
-    visual = torch.tensor([[[0.0, 1, 0, 0], [1, 1, 0, 0], [-1, 0, 0, 0], [3, 0, 0, 0], [0, 0, 2, 0], [1, 0, 1, 0]]])
+    visual = torch.tensor(
+        [[[0.0, 1, 0, 0], [1, 1, 0, 0], [-1, 0, 0, 0], [3, 0, 0, 0], [0, 0, 2, 0], [1, 0, 1, 0]]]
+    )
     sim = ev.similarity_map(audio, visual, (2, 3))
-    want = torch.tensor([[0.0, 2 ** -0.5, -1], [1, 0, 2 ** -0.5]])
+    want = torch.tensor([[0.0, 2**-0.5, -1], [1, 0, 2**-0.5]])
     assert sim.shape == (1, 2, 3) and torch.allclose(sim[0], want, atol=1e-6)
     assert ev.peak_patch(sim[0]) == (1, 0)
 
 
 def test_object_patches_marks_the_patches_whose_centre_lies_inside_an_object():
-    disk = lambda x, y: (x - 24) ** 2 + (y - 8) ** 2 <= 5 ** 2  # noqa: E731  around the centre of patch (0, 1)
+    disk = lambda x, y: (x - 24) ** 2 + (y - 8) ** 2 <= 5**2  # noqa: E731  around the centre of patch (0, 1)
     in_patch, area = ev.object_patches(disk, patch_size=16, image_size=32)
     assert in_patch.tolist() == [[False, True], [False, False]]  # a map hits iff its peak is patch (0, 1)
-    assert area == pytest.approx(math.pi * 25 / 32 ** 2, rel=0.02)
+    assert area == pytest.approx(math.pi * 25 / 32**2, rel=0.02)
 
 
 def test_heat_overlay_is_hottest_where_the_similarity_peaks():
@@ -363,7 +534,10 @@ def object_tokens(self, audio, image):
     """A stand-in encoder whose answer is known: audio tokens along e0, each visual patch token along
     (f, 1 - f) where f is the fraction of its pixels that look like an object (saturated and bright)."""
     p, D = self.config.patch_size, self.config.embed_dim
-    rgb = image * torch.tensor(ev.data.IMAGE_STD)[:, None, None] + torch.tensor(ev.data.IMAGE_MEAN)[:, None, None]
+    rgb = (
+        image * torch.tensor(ev.data.IMAGE_STD)[:, None, None]
+        + torch.tensor(ev.data.IMAGE_MEAN)[:, None, None]
+    )
     high, low = rgb.max(1).values, rgb.min(1).values  # (B, S, S)
     looks = ((high - low > 0.5 * high) & (high > 0.7)).float()
     f = F.avg_pool2d(looks[:, None], p).flatten(1)  # (B, Lv)
@@ -377,13 +551,36 @@ def object_tokens(self, audio, image):
 def localize_argv(tmp_path, clips):
     """Disks and squares on 64 px frames, a checkpoint that sees them at 48 px (a 12 x 12 grid of 4 px patches),
     and the localize command line for them."""
-    prepare.make_synthetic(str(tmp_path / "data"), n_train=0, n_test=clips, seed=1, image_size=64, seconds=0.7,
-                           num_classes=2, workers=1)
+    prepare.make_synthetic(
+        str(tmp_path / "data"),
+        n_train=0,
+        n_test=clips,
+        seed=1,
+        image_size=64,
+        seconds=0.7,
+        num_classes=2,
+        workers=1,
+    )
     cfg = CAVMAEConfig.from_preset("tiny", img_size=48, patch_size=4)
-    torch.save(dict(model=CAVMAE(cfg).state_dict(), model_args=dataclasses.asdict(cfg), task="pretrain",
-                    num_classes=None, config={}), tmp_path / "ckpt.pt")
-    return ["localize", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "data" / "test.json"),
-            "--out", str(tmp_path / "loc")]
+    torch.save(
+        dict(
+            model=CAVMAE(cfg).state_dict(),
+            model_args=dataclasses.asdict(cfg),
+            task="pretrain",
+            num_classes=None,
+            config={},
+        ),
+        tmp_path / "ckpt.pt",
+    )
+    return [
+        "localize",
+        "--checkpoint",
+        str(tmp_path / "ckpt.pt"),
+        "--data",
+        str(tmp_path / "data" / "test.json"),
+        "--out",
+        str(tmp_path / "loc"),
+    ]
 
 
 def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak(tmp_path, monkeypatch):
@@ -398,7 +595,11 @@ def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak
     with Image.open(clip["picture"]) as img:  # frame and heat map, 96 px each (48 enlarged x2)
         assert img.size == (4 + 2 * (96 + 4), 2 * 14 + 96 + 4)
         row, col = clip["peak"]
-        assert img.getpixel((4 + 96 + 4 + (col + 0.5) * 8, 28 + (row + 0.5) * 8)) == (255, 255, 255)  # the cross
+        assert img.getpixel((4 + 96 + 4 + (col + 0.5) * 8, 28 + (row + 0.5) * 8)) == (
+            255,
+            255,
+            255,
+        )  # the cross
 
 
 def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, monkeypatch):
@@ -416,6 +617,15 @@ def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, m
 
 def test_localize_without_object_positions_draws_pictures_only(tiny):
     data = tiny / "data"
-    out = run(tiny, "localize", "finetune.pt", "--wav", data / "audio" / "test_00002.wav",
-              "--image", data / "frames" / "frame_5" / "test_00002.jpg", "--out", tiny / "loc_one")
+    out = run(
+        tiny,
+        "localize",
+        "finetune.pt",
+        "--wav",
+        data / "audio" / "test_00002.wav",
+        "--image",
+        data / "frames" / "frame_5" / "test_00002.jpg",
+        "--out",
+        tiny / "loc_one",
+    )
     assert out["pointing_game"] is None and out["n"] == 1 and os.path.isfile(out["clips"][0]["picture"])
