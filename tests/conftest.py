@@ -33,7 +33,7 @@ def golden():
 
 def fbank_differences(got, want, scale=1.0):
     """(largest difference on the bins within 40 dB of their frame's peak, largest on the quieter bins).
-    The log-mel is ln(power), so 40 dB is 4 ln(10); scale: 1 / (2 std) for normalised fbanks."""
+    The log-mel is ln(power), so 40 dB is 4 ln(10); scale: 1 / std for fbanks normalised by std."""
     got, want = got.double(), want.double()
     assert got.shape == want.shape
     difference = (got - want).abs()

@@ -106,7 +106,7 @@ def test_eval_items_match_official_loader_golden(golden):
         )
         for i, (fbank, image, labels) in enumerate(items):
             got_fbank, got_image, got_labels = ds[i]
-            assert_fbank_close(got_fbank, fbank, scale=1 / (2 * conf["std"]), name=f"item {i}")
+            assert_fbank_close(got_fbank, fbank, scale=1 / conf["std"], name=f"item {i}")
             assert (got_image - image).abs().max() <= 1e-4
             assert torch.equal(got_labels, labels)
 
