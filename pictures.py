@@ -1,8 +1,8 @@
 """
 Pictures of what a model does, drawn with Pillow and numpy (no plotting library): inpainting (Fig. 3 of the
 paper: original / masked / reconstructed spectrogram and frame) and sound-source localisation (a heat map of
-audio-visual similarity over the frame). eval.py's `inpaint` and `localize` commands write them; train.py draws
-its loss curve here too.
+audio-visual similarity over the frame). eval.py's `inpaint` and `localize` commands write them. train.py draws
+a run's training curves here too (`train_picture`: losses, contrastive accuracy, validation metrics).
 """
 
 import dataclasses
