@@ -1,9 +1,11 @@
-"""Settings for train.py, nanoGPT style: the defaults, then config files (plain Python assignments), then
---key=value flags. Every key must exist among the defaults, and every value must have the default's type.
+"""Settings for train.py, nanoGPT style: the defaults, then config files (plain Python assignments),
+then --key=value flags. Every key must exist among the defaults, and every value must have the
+default's type.
 
     cfg = configure(["config/pretrain_synthetic.py", "--batch_size=32"], defaults, choices)
 
-`usage` writes the --help text: each setting with its default and the comment beside it in the source.
+`usage` writes the --help text: each setting with its default and the comment beside it in the
+source.
 """
 
 import ast
@@ -67,12 +69,13 @@ def parse_flag(key, text, default):
 
 def failing_line(error, path):
     """The line of `path` where running it raised `error` (the innermost frame in that file)."""
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path]
-    return frames[-1].lineno if frames else "?"
+    frames = traceback.extract_tb(error.__traceback__)
+    lines = [frame.lineno for frame in frames if frame.filename == path]
+    return lines[-1] if lines else "?"
 
 
 def run_config_file(path):
-    """The namespace left by running the config file; a ConfigError naming the file and line if it fails."""
+    """The namespace the config file leaves; a ConfigError naming the file and line if it fails."""
     with open(path) as f:
         source = f.read()
     try:
@@ -118,7 +121,7 @@ def similar_keys(key, known):
 
 
 def flag_item(arg, known):
-    """--key=text -> (key, value); an unknown key keeps the value None (the caller reports the key)."""
+    """--key=text -> (key, value); an unknown key gets the value None (the caller reports it)."""
     if "=" not in arg:
         raise ConfigError(f"{arg}: flags take the form --key=value (--help lists the settings)")
     key, text = arg[2:].split("=", 1)
@@ -128,8 +131,9 @@ def flag_item(arg, known):
 
 
 def configure(argv, defaults, choices=None, optional=None):
-    """Defaults <- config files (positional args) <- --key=value flags; returns the resolved config dict.
-    `optional` keys (with their defaults, for the type check) are accepted but appear only where set."""
+    """Defaults <- config files (positional args) <- --key=value flags; returns the resolved config
+    dict. `optional` keys (with their defaults, for the type check) are accepted but appear only
+    where set."""
     cfg = dict(defaults)
     choices = choices or {}
     known = {**(optional or {}), **defaults}
@@ -161,7 +165,7 @@ def wants_help(argv):
 
 
 def assigned_names(node):
-    """The names an assignment statement binds: `a = 1` -> [a]; `a, b = 1, 2` -> [a, b]; `a: int = 1` -> [a]."""
+    """The names an assignment binds: `a = 1` -> [a]; `a, b = 1, 2` -> [a, b]; `a: int = 1` -> [a]."""
     targets = node.targets if isinstance(node, ast.Assign) else [node.target]
     names = []
     for target in targets:
@@ -171,7 +175,7 @@ def assigned_names(node):
 
 
 def line_comments(source):
-    """{line number: comment text} for every comment in the source; `alone` holds the lines with nothing else."""
+    """{line number: comment text} of the source, and the set of lines that hold a comment alone."""
     comments = {}
     alone = set()
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -183,14 +187,16 @@ def line_comments(source):
 
 
 def setting_comments(path, class_name=None):
-    """[(section, name, comment)] for each assignment at the top level of the Python file `path` (or in the body
-    of its class `class_name`, e.g. a dataclass's fields), in source order. The comment is the one at the end of
-    the statement; the section is a comment alone on the line just above, carried on to the next section."""
+    """[(section, name, comment)] for each assignment at the top level of the Python file `path` (or
+    in the body of its class `class_name`, e.g. a dataclass's fields), in source order. The comment
+    is the one at the end of the statement; the section is a comment alone on the line just above,
+    carried on to the next section."""
     with open(path) as f:
         source = f.read()
     body = ast.parse(source).body
     if class_name is not None:
-        classes = [node for node in body if isinstance(node, ast.ClassDef) and node.name == class_name]
+        classes = [node for node in body if isinstance(node, ast.ClassDef)]
+        classes = [node for node in classes if node.name == class_name]
         body = classes[0].body if classes else []
     comments, alone = line_comments(source)
     section = ""
@@ -209,8 +215,8 @@ def setting_comments(path, class_name=None):
 
 
 def shown_value(value):
-    """A default as one would type it after --key=: strings without quotes, tuples without spaces, floats in
-    their shortest exact form (989e12 -> 9.89e+14)."""
+    """A default as one would type it after --key=: strings without quotes, tuples without spaces,
+    floats in their shortest exact form (989e12 -> 9.89e+14)."""
     if isinstance(value, str):
         return value
     if isinstance(value, tuple):
@@ -245,7 +251,7 @@ def first_paragraph(path):
 
 
 def settings_lines(comments, defaults, choices):
-    """The listing of `defaults`, grouped by the section comments of their source, in source order."""
+    """The listing of `defaults` in source order, grouped by the section comments of the source."""
     lines = []
     section = None
     listed = set()
@@ -267,7 +273,7 @@ def settings_lines(comments, defaults, choices):
 
 
 def model_field_lines(model_class):
-    """The listing of a config dataclass's fields as --model_<field>=default, with the comments of its source."""
+    """A config dataclass's fields as --model_<field>=default, with the comments in its source."""
     comments = setting_comments(inspect.getsourcefile(model_class), model_class.__name__)
     comment_of = {name: comment for _, name, comment in comments}
     lines = [
@@ -276,22 +282,24 @@ def model_field_lines(model_class):
         "--model_<field>=value; it applies on top of model_preset, and only where given:",
     ]
     for field in dataclasses.fields(model_class):
-        lines.append(setting_line("model_" + field.name, field.default, comment_of.get(field.name, "")))
+        comment = comment_of.get(field.name, "")
+        lines.append(setting_line("model_" + field.name, field.default, comment))
     return lines
 
 
 def usage(program_path, defaults, choices=None, model_class=None):
-    """The --help text of the program in `program_path`, whose top-level assignments hold `defaults`: its
-    docstring's first paragraph, how settings are given, then every setting with its default and comment."""
+    """The --help text of the program in `program_path`, whose top-level assignments hold
+    `defaults`: its docstring's first paragraph, how settings are given, then every setting with its
+    default and comment."""
     program = os.path.basename(program_path)
     lines = [
         f"usage: python {program} [CONFIG_FILE ...] [--key=value ...]",
         "",
         first_paragraph(program_path),
         "",
-        "Settings are resolved in order: the defaults below, then each config file (plain Python assignments such",
-        "as `batch_size = 32`, e.g. config/pretrain_synthetic.py), then --key=value flags. A value must have the",
-        "default's type: --lr=1e-4, --betas=(0.9,0.95), --compile=True, --out_dir=out/x.",
+        "Settings are resolved in order: the defaults below, then each config file (plain Python",
+        "assignments such as `batch_size = 32`, e.g. config/pretrain_synthetic.py), then --key=value",
+        "flags. A value must have the default's type: --lr=1e-4, --betas=(0.9,0.95), --compile=True.",
     ]
     lines += settings_lines(setting_comments(program_path), defaults, choices or {})
     if model_class is not None:

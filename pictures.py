@@ -1,8 +1,9 @@
 """
-Pictures of what a model does, drawn with Pillow and numpy (no plotting library): inpainting (Fig. 3 of the
-paper: original / masked / reconstructed spectrogram and frame) and sound-source localisation (a heat map of
-audio-visual similarity over the frame). eval.py's `inpaint` and `localize` commands write them. train.py draws
-a run's training curves here too (`train_picture`: losses, contrastive accuracy, validation metrics).
+Pictures of what a model does, drawn with Pillow and numpy (no plotting library): inpainting (Fig. 3
+of the paper: original / masked / reconstructed spectrogram and frame) and sound-source localisation
+(a heat map of audio-visual similarity over the frame). eval.py's `inpaint` and `localize` commands
+write them. train.py draws a run's training curves here too (`train_picture`: losses, contrastive
+accuracy, validation metrics).
 """
 
 import dataclasses
@@ -32,7 +33,7 @@ HEAT_OPACITY = 0.55  # weight of the heat map over the frame
 
 
 def colorize(values, low, high, colormap=COLORMAP):
-    """(H, W) values -> (H, W, 3) uint8 through `colormap` between low and high; NaN (masked) -> grey."""
+    """(H, W) values -> (H, W, 3) uint8 through `colormap` from low to high; NaN (masked) -> grey."""
     t = np.clip((values - low) / max(high - low, 1e-12), 0, 1)
     anchors = np.linspace(0, 1, len(colormap))
     rgb = np.stack([np.interp(t, anchors, colormap[:, c]) for c in range(3)], axis=-1)
@@ -100,8 +101,9 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
 
 
 def heat_overlay(frame_rgb, similarity):
-    """(P, P, 3) uint8 frame and an (h, w) similarity grid -> the grid upsampled bilinearly to the frame, coloured
-    with HEATMAP from its minimum (blue) to its maximum (red), blended over the frame."""
+    """(P, P, 3) uint8 frame and an (h, w) similarity grid -> the grid upsampled bilinearly to the
+    frame, coloured with HEATMAP from its minimum (blue) to its maximum (red), blended over the
+    frame."""
     P = frame_rgb.shape[0]
     grid = similarity.float().cpu()[None, None]  # (1, 1, h, w)
     heat = F.interpolate(grid, size=(P, P), mode="bilinear", align_corners=False)[0, 0].numpy()  # (P, P)
@@ -117,9 +119,10 @@ def outline(inside):
 
 
 def localization_picture(image, similarity, peak, patch_size, title, inside=None):
-    """One clip: the frame, and the frame under the heat map of `similarity` (h, w) with a cross on the `peak`
-    patch (row, col). inside: optional function (x, y) -> bool array for points in frame pixels (of the (3, S, S)
-    image the model saw): where the sounding objects are, outlined in white on both panels."""
+    """One clip: the frame, and the frame under the heat map of `similarity` (h, w) with a cross on
+    the `peak` patch (row, col). inside: optional function (x, y) -> bool array for points in frame
+    pixels (of the (3, S, S) image the model saw): where the sounding objects are, outlined in white
+    on both panels."""
     S = image.shape[-1]
     zoom = zoom_for(S)
     P = S * zoom
@@ -150,12 +153,13 @@ def localization_picture(image, similarity, peak, patch_size, title, inside=None
 # Training curves: train.py's train.png, from the run's log.jsonl
 
 CHART_WIDTH, CHART_HEIGHT = 560, 320  # one panel, in pixels
-CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 62, 18, 52, 44  # the plot area's margins inside a panel
+# the plot area's margins inside a panel
+CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 62, 18, 52, 44
 CHART_HEADER = 34  # the picture's title and marker key
 MAX_TICKS = 7  # round tick values per axis, at most
 FONT_SIZE = 13
 GRID = (225, 225, 225)
-# colours that stay apart for colour-blind readers (the Okabe-Ito palette): blue, vermilion, green, purple
+# colours that colour-blind readers tell apart (Okabe-Ito): blue, vermilion, green, purple
 SERIES_COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167)]
 DOT_RADIUS = 4  # a validation point
 DIAMOND_RADIUS = 7  # the final evaluation
@@ -163,7 +167,7 @@ DIAMOND_RADIUS = 7  # the final evaluation
 
 @dataclasses.dataclass
 class Series:
-    """One quantity in a panel: its training line, its validation points and its final value ((iter, value))."""
+    """One quantity in a panel: its training line, validation points and final value, as (iter, value)."""
 
     label: str
     train: list
@@ -178,8 +182,8 @@ class Panel:
     from_zero: bool = False  # rates and accuracies: the y axis starts at 0
 
 
-# What a person reads to judge a run, by task: (panel title, from_zero, [(series label, log keys)]). A series is
-# read from the first of its keys that a record has (older logs call the contrastive accuracy c_acc).
+# What a person reads to judge a run, by task: (panel title, from_zero, [(series label, log keys)]).
+# A series is read from the first of its keys that a record has (older logs say c_acc).
 PRETRAIN_PANELS = [
     (
         "reconstruction loss (MSE on masked patches)",
@@ -196,13 +200,13 @@ PRETRAIN_PANELS = [
 ]
 FINETUNE_PANELS = [
     ("loss", False, [("loss", ["loss"])]),
-    ("accuracy on the validation set", True, [("middle frame", ["acc"]), ("all frames", ["acc_frames"])]),
-    ("mAP on the validation set", True, [("middle frame", ["mAP"]), ("all frames", ["mAP_frames"])]),
+    ("validation accuracy", True, [("middle frame", ["acc"]), ("all frames", ["acc_frames"])]),
+    ("validation mAP", True, [("middle frame", ["mAP"]), ("all frames", ["mAP_frames"])]),
 ]
 
 
 def nice_steps(span):
-    """Round spacings (1, 2 or 5 times a power of ten) from a tenth of `span`'s power of ten upwards."""
+    """Round spacings (1, 2 or 5 times a power of ten), from a tenth of `span`'s power of ten up."""
     power = 10.0 ** (math.floor(math.log10(span)) - 1)
     while True:
         for nice in (1, 2, 5):
@@ -211,9 +215,9 @@ def nice_steps(span):
 
 
 def nice_ticks(low, high, max_ticks=MAX_TICKS):
-    """Round tick values ("nice numbers") from at or below `low` to at or above `high`, at the smallest round
-    spacing that needs at most max_ticks of them: (0, 1488) -> [0, 500, 1000, 1500]; (0, 120) -> [0, 20, ..,
-    120]. The first and last are the axis limits."""
+    """Round tick values ("nice numbers") from at or below `low` to at or above `high`, at the
+    smallest round spacing that needs at most max_ticks of them: (0, 1488) -> [0, 500, 1000, 1500];
+    (0, 120) -> [0, 20, .., 120]. The first and last are the axis limits."""
     if high <= low:  # one value: a small range around it
         spread = abs(low) * 0.1 if low else 1.0
         low = low - spread
@@ -251,7 +255,7 @@ def read_log(log_path):
 
 
 def is_number(value):
-    """A finite int or float (a NaN loss, written by the run that it stopped, has no place on an axis)."""
+    """A finite int or float (the NaN loss that stopped a run has no place on an axis)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return math.isfinite(value)
@@ -266,8 +270,8 @@ def first_value(record, keys):
 
 
 def points(records, split, keys):
-    """[(iter, value)] of the records of `split` that hold one of `keys`, by iteration. A resumed run logs some
-    iterations again: the last record of an iteration wins."""
+    """[(iter, value)] of the records of `split` that hold one of `keys`, by iteration. A resumed
+    run logs some iterations again: the last record of an iteration wins."""
     by_iter = {}
     for record in records:
         if record.get("split") != split:
@@ -291,7 +295,8 @@ def panels_of(records):
         for label, keys in specs:
             finals = points(records, "final", keys)
             final = finals[-1] if finals else None
-            found = Series(label, points(records, "train", keys), points(records, "val", keys), final)
+            train = points(records, "train", keys)
+            found = Series(label, train, points(records, "val", keys), final)
             if found.train or found.val or found.final:
                 series.append(found)
         if series:
@@ -320,7 +325,7 @@ def all_points(series):
 
 
 def draw_marker(draw, kind, x, y, colour):
-    """A validation dot or a final-evaluation diamond, outlined in black so it stands out from the lines."""
+    """A validation dot or a final-evaluation diamond, outlined in black to stand out from lines."""
     if kind == "dot":
         r = DOT_RADIUS
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline="black")
@@ -332,7 +337,9 @@ def draw_marker(draw, kind, x, y, colour):
 def draw_legend(draw, panel, x, y, font):
     """Colour keys on a line from (x, y); a series' final value beside its name."""
     for colour, series in zip(SERIES_COLOURS, panel.series):
-        label = series.label if series.final is None else f"{series.label} (final {series.final[1]:.3f})"
+        label = series.label
+        if series.final is not None:
+            label += f" (final {series.final[1]:.3f})"
         draw.rectangle([x, y + 3, x + 11, y + 12], fill=colour)
         draw.text((x + 16, y), label, fill="black", font=font)
         x += 16 + text_size(draw, label, font)[0] + 20
@@ -353,11 +360,13 @@ class Axes:
         """(iteration, value) -> canvas (x, y)."""
         fx = (it - self.x_ticks[0]) / (self.x_ticks[-1] - self.x_ticks[0])
         fy = (value - self.y_ticks[0]) / (self.y_ticks[-1] - self.y_ticks[0])
-        return self.left + fx * (self.right - self.left), self.bottom - fy * (self.bottom - self.top)
+        x = self.left + fx * (self.right - self.left)
+        y = self.bottom - fy * (self.bottom - self.top)
+        return x, y
 
 
 def panel_axes(panel, x0, y0, last_iter):
-    """The plot area of a panel whose top-left corner is (x0, y0), its axes spanning the panel's values."""
+    """The plot area of the panel with top-left corner (x0, y0); the axes span the panel's values."""
     values = [value for series in panel.series for _, value in all_points(series)]
     low = min(values)
     if panel.from_zero:
@@ -389,12 +398,13 @@ def draw_grid(draw, axes, font):
         width, _ = text_size(draw, label, font)
         draw.text((x - width / 2, axes.bottom + 5), label, fill="black", font=font)
     width, _ = text_size(draw, "iteration", font)
-    draw.text(((axes.left + axes.right - width) / 2, axes.bottom + 22), "iteration", fill="black", font=font)
+    x_name = ((axes.left + axes.right - width) / 2, axes.bottom + 22)
+    draw.text(x_name, "iteration", fill="black", font=font)
     draw.rectangle([axes.left, axes.top, axes.right, axes.bottom], outline="black")
 
 
 def draw_series(draw, axes, series, colour):
-    """The training line (a dot when there is one record), the validation dots and the final diamond."""
+    """The training line (a dot for a single record), the validation dots, the final diamond."""
     if len(series.train) > 1:
         draw.line([axes.pixel(*p) for p in series.train], fill=colour, width=2)
     if len(series.train) == 1:
@@ -408,7 +418,7 @@ def draw_series(draw, axes, series, colour):
 
 
 def draw_panel(draw, panel, x0, y0, last_iter, font):
-    """One panel with its top-left corner at (x0, y0): title, legend, grid and ticks, then each series."""
+    """The panel with top-left corner (x0, y0): title, legend, grid and ticks, then each series."""
     axes = panel_axes(panel, x0, y0, last_iter)
     draw.text((axes.left, y0 + 8), panel.title, fill="black", font=font)
     draw_legend(draw, panel, axes.left, y0 + 28, font)
@@ -438,15 +448,17 @@ def draw_key(draw, title, font):
 
 
 def train_picture(log_path):
-    """Curves of a run from its log.jsonl, drawn with Pillow: for pretraining the audio and visual reconstruction
-    losses, the contrastive loss and accuracy, retrieval R@1 both ways; for fine-tuning the loss, accuracy and
-    mAP. Lines are training records, dots evaluations, diamonds the final evaluation. A quantity the log lacks
-    is left out; None when the log has nothing to draw."""
+    """Curves of a run from its log.jsonl, drawn with Pillow: for pretraining the audio and visual
+    reconstruction losses, the contrastive loss and accuracy, retrieval R@1 both ways; for
+    fine-tuning the loss, accuracy and mAP. Lines are training records, dots evaluations, diamonds
+    the final evaluation. A quantity the log lacks is left out; None when the log has nothing to
+    draw."""
     records = read_log(log_path)
     panels = panels_of(records)
     if not panels:
         return None
-    last_iter = max(it for panel in panels for series in panel.series for it, _ in all_points(series))
+    every_series = [series for panel in panels for series in panel.series]
+    last_iter = max(it for series in every_series for it, _ in all_points(series))
     columns = 1 if len(panels) == 1 else 2
     rows = math.ceil(len(panels) / columns)
     canvas = Image.new("RGB", (columns * CHART_WIDTH, CHART_HEADER + rows * CHART_HEIGHT), "white")
