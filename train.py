@@ -150,7 +150,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 def configure(argv):
-    """Defaults <- config files <- --key=value flags (configurator.py); model_<field> keys only where set."""
+    """Defaults <- config files <- --key=value flags (configurator.py); model_<field> keys only where set.
+    -h / --help prints every setting with its default and the comment beside it above, and exits."""
+    if configurator.wants_help(argv):
+        print(configurator.usage(__file__, DEFAULTS, CHOICES, model_class=CAVMAEConfig))
+        sys.exit(0)
     model_fields = {"model_" + f.name: f.default for f in dataclasses.fields(CAVMAEConfig)}
     return configurator.configure(argv, DEFAULTS, CHOICES, optional=model_fields)
 
