@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import ConfigError
+from model import CAVMAEConfig
 
 
 class WeightAverage:
@@ -153,11 +154,12 @@ def restore_rngs(cfg, rank, device, ckpt):
         torch.manual_seed(s), np.random.seed(s), random.seed(s)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading checkpoints: ours, the official release's and the ImageNet MAE ViT-B initialisation
 #
-# model.load_pretrained, train.py (resume, init_from) and eval.py (load_model) all read checkpoints through
-# read_checkpoint, strip wrapper prefixes with strip_key_prefixes and load weights with load_pretrained.
+# model.load_pretrained, train.py (resume, init_from) and eval.py (load_model) all read checkpoints
+# through read_checkpoint, strip wrapper prefixes with strip_key_prefixes and load weights with
+# load_pretrained.
 
 KEY_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel / DDP, and torch.compile of a whole model
 
@@ -167,9 +169,10 @@ class CheckpointError(ConfigError):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """torch.load of a checkpoint file -> its dict (ours, or a state dict such as the official release's). A
-    missing file, or one that is not a checkpoint, is a CheckpointError naming the file and what it holds.
-    Unpickles with weights_only=False (our checkpoints hold settings too): load only checkpoints you trust."""
+    """torch.load of a checkpoint file -> its dict (ours, or a state dict such as the official
+    release's). A missing file, or one that is not a checkpoint, is a CheckpointError naming the
+    file and what it holds. Unpickles with weights_only=False (our checkpoints hold settings too):
+    load only checkpoints you trust."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): check the path")
@@ -203,7 +206,7 @@ def _describe_file(path):
 
 
 def strip_key_prefixes(state):
-    """The one rule for wrapper prefixes: every leading `module.` and `_orig_mod.` removed from each key."""
+    """The one rule for wrapper prefixes: each key without its leading `module.` / `_orig_mod.`."""
     return {_strip_prefixes(key): value for key, value in state.items()}
 
 
@@ -215,16 +218,14 @@ def _strip_prefixes(key):
 
 
 def state_dict_of(ckpt):
-    """The weights in a checkpoint dict, prefixes stripped: ours keep them under 'model', the official release's
-    file is the state dict itself."""
+    """The weights in a checkpoint dict, prefixes stripped: ours keep them under 'model', the
+    official release's file is the state dict itself."""
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
     return strip_key_prefixes(state)
 
 
 def architecture_from(settings):
-    """The CAVMAEConfig fields in a settings dict, named as themselves or as train.py's model_<field>."""
-    from model import CAVMAEConfig
-
+    """The CAVMAEConfig fields in a settings dict, named as themselves or as train.py's model_<f>."""
     fields = {f.name for f in dataclasses.fields(CAVMAEConfig)}
     found = {key: value for key, value in settings.items() if key in fields}
     for key, value in settings.items():
@@ -235,9 +236,8 @@ def architecture_from(settings):
 
 
 def infer_architecture(state):
-    """The CAVMAEConfig fields a state dict's shapes determine, ours or official (all but the head counts and
-    mlp_ratio): what eval.py needs to rebuild a model around an official checkpoint."""
-    from model import CAVMAEConfig
+    """The CAVMAEConfig fields a state dict's shapes determine, ours or official (all but the head
+    counts and mlp_ratio): what eval.py needs to rebuild a model around an official checkpoint."""
 
     def count(prefix):  # distinct block indices under prefix
         return len({k[len(prefix) + 1 :].split(".")[0] for k in state if k.startswith(prefix + ".")})
@@ -338,11 +338,12 @@ def official_to_ours(state):
 
 
 def imagenet_mae_to_ours(state, config):
-    """The official adaptation of an ImageNet MAE ViT-B: layers < modality_specific_depth -> both modality
-    branches, the next joint_depth layers -> joint blocks with all three norm sets copied from their norms, the
-    final norm -> norm, norm_a and norm_v, audio patch kernel = RGB kernel summed over channels, encoder and
-    decoder positions from the MAE grid without the cls position, the decoder by name, the visual prediction
-    head as is and the audio one from the first p*p rows. Returns (mapped, ignored keys)."""
+    """The official adaptation of an ImageNet MAE ViT-B: layers < modality_specific_depth -> both
+    modality branches, the next joint_depth layers -> joint blocks with all three norm sets copied
+    from their norms, the final norm -> norm, norm_a and norm_v, audio patch kernel = RGB kernel
+    summed over channels, encoder and decoder positions from the MAE grid without the cls position,
+    the decoder by name, the visual prediction head as is and the audio one from the first p*p rows.
+    Returns (mapped, ignored keys)."""
     specific = config.modality_specific_depth
     joint = config.joint_depth
     mapped = {}
@@ -386,11 +387,12 @@ AUDIO_POSITION_KEYS = ("encoder.pos_embed_a", "decoder_pos_embed_a")
 
 
 def cut_audio_positions(mapped, own, bands):
-    """Clips shorter than the checkpoint's (official issue #8, e.g. ESC-50's 5 s): each audio position table
-    (1, bands * T/p, D), frequency-major, keeps its first T'/p time columns, so every kept token has the position
-    it was trained with. A model longer than its checkpoint is an error: positions it never saw would have to be
-    invented (interpolating a trained table would also change what every column means), so we do not guess.
-    Returns (mapped with the cut tables, notes for the load report)."""
+    """Clips shorter than the checkpoint's (official issue #8, e.g. ESC-50's 5 s): each audio
+    position table (1, bands * T/p, D), frequency-major, keeps its first T'/p time columns, so every
+    kept token has the position it was trained with. A model longer than its checkpoint is an error:
+    positions it never saw would have to be invented (interpolating a trained table would also
+    change what every column means), so we do not guess. Returns (mapped with the cut tables, notes
+    for the load report)."""
     cut = dict(mapped)
     notes = []
     for key in AUDIO_POSITION_KEYS:
@@ -422,12 +424,13 @@ def _differs_in_time_only(have, want, bands):  # (1, bands * T/p, D) tables of t
 
 
 def load_pretrained(model, source):
-    """Load `source` (a path, a state dict, or a checkpoint dict with the state dict under 'model') into a
-    CAVMAE or CAVMAEClassifier. Formats: this project's, the official release's (with or without the prefixes
-    of nn.DataParallel / torch.compile), and an ImageNet MAE ViT-B. A pretraining checkpoint loads into the
-    classifier (decoder ignored, head left newly initialised). A model with a shorter audio_length than the
-    checkpoint gets the first time columns of its audio position tables (cut_audio_positions; the report says
-    so). Raises ValueError on any other shape mismatch. Returns a LoadReport."""
+    """Load `source` (a path, a state dict, or a checkpoint dict with the state dict under 'model')
+    into a CAVMAE or CAVMAEClassifier. Formats: this project's, the official release's (with or
+    without the prefixes of nn.DataParallel / torch.compile), and an ImageNet MAE ViT-B. A
+    pretraining checkpoint loads into the classifier (decoder ignored, head left newly initialised).
+    A model with a shorter audio_length than the checkpoint gets the first time columns of its audio
+    position tables (cut_audio_positions; the report says so). Raises ValueError on any other shape
+    mismatch. Returns a LoadReport."""
     is_path = isinstance(source, (str, os.PathLike))
     ckpt = read_checkpoint(source) if is_path else source
     if (not isinstance(ckpt, dict)) or (not ckpt):

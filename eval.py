@@ -28,7 +28,13 @@ import torch.nn.functional as F
 import data
 import pictures
 import prepare
-from checkpoint import architecture_from, infer_architecture, load_pretrained, read_checkpoint, state_dict_of
+from checkpoint import (
+    architecture_from,
+    infer_architecture,
+    load_pretrained,
+    read_checkpoint,
+    state_dict_of,
+)
 from configurator import config_file_items
 from model import (
     CAVMAE,

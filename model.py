@@ -1,13 +1,13 @@
 """CAV-MAE: Contrastive Audio-Visual Masked Autoencoder (Gong et al., ICLR 2023), in one file.
 
-Read top to bottom, in the order of the method (as MAE's models_mae.py reads): the configuration, the transformer
-block, the encoder shared by both models (patch embeddings, fixed sin-cos positions, modality embeddings,
-modality-specific and joint blocks), MAE's random masking, then the pretraining model: forward_encoder,
-forward_decoder, forward_loss and the contrastive loss, forward. Then the fine-tuning classifier and the
-per-block compilation. Reading other people's checkpoints (the official release, ImageNet MAE) lives with
-saving and resuming in checkpoint.py; `load_pretrained` here hands over to it.
-Numerically identical to the official release (tests/golden holds its outputs).
-"""
+Read top to bottom, in the order of the method (as MAE's models_mae.py reads): the configuration,
+the transformer block, the encoder shared by both models (patch embeddings, fixed sin-cos positions,
+modality embeddings, modality-specific and joint blocks), MAE's random masking, then the pretraining
+model: forward_encoder, forward_decoder, forward_loss and the contrastive loss, forward. Then the
+fine-tuning classifier and the per-block compilation. Reading other people's checkpoints (the
+official release, ImageNet MAE) lives with saving and resuming in checkpoint.py; `load_pretrained`
+here hands over to it. Numerically identical to the official release (tests/golden holds its
+outputs)."""
 
 import math
 import random
@@ -41,8 +41,9 @@ class CAVMAEConfig:
     mlp_ratio: float = 4.0
     norm_pix_loss: bool = False
     tr_pos: bool = False  # trainable positional embeddings in pretraining (the paper keeps them fixed)
-    # Official pretraining quirk, kept for exactness: with joint_depth > 1 the audio-only and visual-only streams
-    # of the contrastive loss pass through the last joint block only (no effect at the paper's joint_depth=1).
+    # Official pretraining quirk, kept for exactness: with joint_depth > 1 the audio-only and
+    # visual-only streams of the contrastive loss pass through the last joint block only (no effect
+    # at the paper's joint_depth=1).
     official_contrastive_streams: bool = True
 
     def __post_init__(self):
@@ -128,9 +129,10 @@ PRESETS = {
 
 
 def sincos_pos_embed(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos table (grid_h * grid_w, dim), row-major over the grid, as the official code builds it:
-    the first dim/2 channels encode the column (x / time), the last dim/2 the row (y / frequency); each half is
-    [sin(pos * w_i), cos(pos * w_i)] with w_i = 1 / 10000^(i / (dim/4)). Computed in float64."""
+    """Fixed 2-D sin-cos table (grid_h * grid_w, dim), row-major over the grid, as the official code
+    builds it: the first dim/2 channels encode the column (x / time), the last dim/2 the row (y /
+    frequency); each half is [sin(pos * w_i), cos(pos * w_i)] with w_i = 1 / 10000^(i / (dim/4)).
+    Computed in float64."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
     rows, cols = torch.meshgrid(
         torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
@@ -147,7 +149,7 @@ def num_params(module, trainable_only=True):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Transformer block
 
 
@@ -162,8 +164,9 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
-        # softmax(q k^T / sqrt(Dh)) v in one fused kernel. Measured on the CPU (base model, batch 4, 2 threads):
-        # attention 2.0 s instead of 5.2 s per step with the explicit softmax; flash kernels on GPUs.
+        # softmax(q k^T / sqrt(Dh)) v in one fused kernel. Measured on the CPU (base model, batch
+        # 4): attention 2.0 s instead of 5.2 s per step with the explicit softmax; flash /
+        # memory-efficient kernels on GPUs.
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -179,8 +182,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block. A joint block (Sec. 3) has three LayerNorm pairs, one per stream: 'joint' for the
-    concatenated audio-visual tokens, 'audio' and 'visual' for one modality alone; the weights are shared."""
+    """Pre-norm ViT block. A joint block (Sec. 3) has three LayerNorm pairs, one per stream: 'joint'
+    for the concatenated audio-visual tokens, 'audio' and 'visual' for one modality alone; the
+    weights are shared."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, joint=False):
         super().__init__()
@@ -211,12 +215,12 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Encoder, shared by the pretraining model and the classifier
 
 
 class Encoder(nn.Module):
-    """Patch embeddings + positions + modality embeddings, modality-specific blocks, joint blocks, final norms."""
+    """Patch and modality embeddings with positions, modality-specific blocks, joint blocks, norms."""
 
     def __init__(self, config, trainable_pos=False):
         super().__init__()
@@ -266,7 +270,7 @@ class Encoder(nn.Module):
         return x.flatten(2).transpose(1, 2) + self.pos_embed_v + self.modality_v
 
     def joint(self, x, stream, last_block_only=False):
-        """Sec. 3 multi-stream forward: the shared joint blocks with the stream's norms, then its final norm."""
+        """Sec. 3 multi-stream pass: the shared joint blocks with the stream's norms, then its norm."""
         final_norm = {"joint": self.norm, "audio": self.norm_a, "visual": self.norm_v}[stream]
         blocks = self.joint_blocks[-1:] if last_block_only else self.joint_blocks
         for block in blocks:
@@ -286,21 +290,23 @@ class Encoder(nn.Module):
         return x
 
     def embed(self, audio, image):
-        """Coordinated per-modality tokens without masking, for retrieval (the official forward_feat):
-        (B, La, D), (B, Lv, D). Either input may be None, and then so is its output."""
+        """Coordinated per-modality tokens without masking, for retrieval (the official
+        forward_feat): (B, La, D), (B, Lv, D). Either input may be None, and then so is its
+        output."""
         audio_out = None if audio is None else self.joint(self.audio_tokens(audio), "audio")
         visual_out = None if image is None else self.joint(self.visual_tokens(image), "visual")
         return audio_out, visual_out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Masking (Sec. 3: MAE's per-sample random masking)
 
 
 def random_masking(x, noise, mask_ratio):
-    """Keep the int(L * (1 - mask_ratio)) tokens of x (B, L, D) with the lowest noise (B, L), as MAE does.
-    Returns the kept tokens (B, L_keep, D) in ascending noise, the mask (B, L) with 1 = masked, and
-    ids_restore (B, L): each token's place in that order, which puts the sequence back together."""
+    """Keep the int(L * (1 - mask_ratio)) tokens of x (B, L, D) with the lowest noise (B, L), as MAE
+    does. Returns the kept tokens (B, L_keep, D) in ascending noise, the mask (B, L) with 1 =
+    masked, and ids_restore (B, L): each token's place in that order, which puts the sequence back
+    together."""
     B, L, D = x.shape
     num_keep = int(L * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first num_keep stay
@@ -312,7 +318,7 @@ def random_masking(x, noise, mask_ratio):
 
 
 def append_mask_tokens_and_unshuffle(x, mask_token, ids_restore):
-    """Kept tokens (B, L_keep, D) in masking order -> (B, L, D) in patch order, mask_token at the masked places."""
+    """Kept tokens (B, L_keep, D) in masking order -> (B, L, D) in patch order, mask tokens between."""
     B, num_keep, D = x.shape
     num_masked = ids_restore.shape[1] - num_keep
     x = torch.cat([x, mask_token.expand(B, num_masked, D)], dim=1)  # (B, L, D), still in masking order
@@ -331,7 +337,7 @@ class EncoderOutput:
     visual: torch.Tensor = None  # (B, Lv_keep, D) the visual-only stream after `norm_v`: contrastive
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pretraining model
 
 
@@ -368,7 +374,7 @@ class CAVMAE(nn.Module):
         for layer in decoder_layers:
             layer.apply(init_weights)
 
-    # --- patches: the reconstruction targets ------------------------------------------------------------------
+    # --- patches: the reconstruction targets ------------------------------------------------------
     def patchify_audio(self, audio):  # (B, T, F) -> (B, La, p*p), patches frequency-major like the tokens
         p = self.config.patch_size
         x = audio.transpose(1, 2)  # (B, F, T)
@@ -392,24 +398,22 @@ class CAVMAE(nn.Module):
         c = self.config
         p = c.patch_size
         rows, cols = c.visual_grid
-        x = patches.reshape(-1, rows, cols, p, p, c.in_chans).permute(
-            0, 5, 1, 3, 2, 4
-        )  # (B, C, H/p, p, W/p, p)
+        x = patches.reshape(-1, rows, cols, p, p, c.in_chans)  # (B, H/p, W/p, p, p, C)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, H/p, p, W/p, p)
         return x.reshape(-1, c.in_chans, rows * p, cols * p)
 
-    # --- encoder ----------------------------------------------------------------------------------------------
+    # --- encoder ----------------------------------------------------------------------------------
     def audio_noise(self, batch, mask_ratio, mask_mode, device):
-        """Masking noise (B, La) for the audio tokens. 'unstructured': uniform, as MAE. The paper's ablation masks
-        whole time columns ('time'), frequency rows ('freq') or both at 0.7x the ratio each ('tf') by giving them
-        noise above any uniform draw. Columns / rows are drawn with Python's `random` after the torch noise, as
-        in the official code, so seeding both reproduces its masks. They are marked on the CPU and sent in one
-        copy: per-sample indexing of a GPU tensor would make the host wait for the GPU twice per sample."""
+        """Masking noise (B, La) for the audio tokens. 'unstructured': uniform, as MAE. The paper's
+        ablation masks whole time columns ('time'), frequency rows ('freq') or both at 0.7x the
+        ratio each ('tf') by giving them noise above any uniform draw. Columns / rows are drawn with
+        Python's `random` after the torch noise, as in the official code, so seeding both reproduces
+        its masks. They are marked on the CPU and sent in one copy: per-sample indexing of a GPU
+        tensor would make the host wait for the GPU twice per sample."""
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         bands, steps = self.config.audio_grid
-        noise = torch.rand(
-            batch, bands, steps, device=device
-        )  # (B, F/p, T/p), frequency-major like the tokens
+        noise = torch.rand(batch, bands, steps, device=device)  # (B, F/p, T/p), frequency-major
         if mask_mode == "unstructured":
             return noise.reshape(batch, bands * steps)
         pinned = torch.device(device).type == "cuda"
@@ -434,19 +438,16 @@ class CAVMAE(nn.Module):
         joint_stream=True,
         modality_streams=True,
     ):
-        """Embed all patches, mask them (audio noise drawn first, then visual), run the modality-specific blocks,
-        then the joint blocks in the requested streams (Sec. 3): the concatenated tokens for the decoder, each
-        modality alone for the contrastive loss."""
+        """Embed all patches, mask them (audio noise drawn first, then visual), run the
+        modality-specific blocks, then the joint blocks in the requested streams (Sec. 3): the
+        concatenated tokens for the decoder, each modality alone for the contrastive loss."""
         enc = self.encoder
         B = audio.shape[0]
         noise_a = self.audio_noise(B, mask_ratio_a, mask_mode, audio.device)  # (B, La)
         noise_v = torch.rand(B, math.prod(self.config.visual_grid), device=audio.device)  # (B, Lv)
-        a, mask_a, ids_restore_a = random_masking(
-            enc.embed_audio(audio), noise_a, mask_ratio_a
-        )  # (B, La_keep, D)
-        v, mask_v, ids_restore_v = random_masking(
-            enc.embed_visual(image), noise_v, mask_ratio_v
-        )  # (B, Lv_keep, D)
+        a, mask_a, ids_restore_a = random_masking(enc.embed_audio(audio), noise_a, mask_ratio_a)
+        v, mask_v, ids_restore_v = random_masking(enc.embed_visual(image), noise_v, mask_ratio_v)
+        # a: (B, La_keep, D), v: (B, Lv_keep, D)
         for block in enc.audio_blocks:
             a = block(a)
         for block in enc.visual_blocks:
@@ -455,7 +456,7 @@ class CAVMAE(nn.Module):
         if joint_stream:  # stream 1: audio and visual tokens together -> decoder
             out.joint = enc.joint(torch.cat([a, v], dim=1), "joint")
         if modality_streams:  # streams 2 and 3: each modality alone -> contrastive loss
-            # official quirk: with joint_depth > 1 these streams pass through the last joint block only
+            # official quirk: with joint_depth > 1 these streams pass the last joint block only
             last_only = self.config.official_contrastive_streams
             out.audio = enc.joint(a, "audio", last_block_only=last_only)
             out.visual = enc.joint(v, "visual", last_block_only=last_only)
@@ -464,18 +465,16 @@ class CAVMAE(nn.Module):
     def embed(self, audio, image):  # coordinated tokens without masking, see Encoder.embed
         return self.encoder.embed(audio, image)
 
-    # --- decoder ----------------------------------------------------------------------------------------------
+    # --- decoder ----------------------------------------------------------------------------------
     def forward_decoder(self, x, ids_restore_a, ids_restore_v, num_kept_a):
-        """Visible tokens (B, La_keep + Lv_keep, D), audio first -> predicted patches (B, La, p*p), (B, Lv, p*p*C):
-        project to the decoder's width, append mask tokens and unshuffle each modality, add the decoder's
-        positions and modality embeddings, run the decoder blocks."""
+        """Visible tokens (B, La_keep + Lv_keep, D), audio first -> predicted patches (B, La, p*p),
+        (B, Lv, p*p*C): project to the decoder's width, append mask tokens and unshuffle each
+        modality, add the decoder's positions and modality embeddings, run the decoder blocks."""
         x = self.decoder_embed(x)  # (B, La_keep + Lv_keep, Dd)
-        x_a = append_mask_tokens_and_unshuffle(
-            x[:, :num_kept_a], self.mask_token, ids_restore_a
-        )  # (B, La, Dd)
-        x_v = append_mask_tokens_and_unshuffle(
-            x[:, num_kept_a:], self.mask_token, ids_restore_v
-        )  # (B, Lv, Dd)
+        visible_a = x[:, :num_kept_a]  # (B, La_keep, Dd)
+        visible_v = x[:, num_kept_a:]  # (B, Lv_keep, Dd)
+        x_a = append_mask_tokens_and_unshuffle(visible_a, self.mask_token, ids_restore_a)  # (B, La, Dd)
+        x_v = append_mask_tokens_and_unshuffle(visible_v, self.mask_token, ids_restore_v)  # (B, Lv, Dd)
         x_a = x_a + self.decoder_pos_embed_a + self.decoder_modality_a
         x_v = x_v + self.decoder_pos_embed_v + self.decoder_modality_v
         x = torch.cat([x_a, x_v], dim=1)  # (B, La + Lv, Dd)
@@ -485,7 +484,7 @@ class CAVMAE(nn.Module):
         num_audio = ids_restore_a.shape[1]
         return self.decoder_pred_a(x[:, :num_audio]), self.decoder_pred_v(x[:, num_audio:])
 
-    # --- losses -----------------------------------------------------------------------------------------------
+    # --- losses -----------------------------------------------------------------------------------
     @staticmethod
     def patch_mean_and_std(patches):  # (B, L, P) -> each patch's mean and sqrt(var + eps), (B, L, 1) each
         mean = patches.mean(dim=-1, keepdim=True)
@@ -493,8 +492,9 @@ class CAVMAE(nn.Module):
         return mean, (var + NORM_PIX_EPS) ** 0.5
 
     def forward_loss(self, patches, pred, mask):
-        """Sec. 3: mean squared error per patch, averaged over the masked patches. patches/pred (B, L, P): the
-        input's patches and their prediction; with norm_pix_loss the target is each patch normalised."""
+        """Sec. 3: mean squared error per patch, averaged over the masked patches. patches and pred
+        (B, L, P): the input's patches and their prediction; with norm_pix_loss the target is each
+        patch normalised by its own mean and std."""
         target = patches
         if self.config.norm_pix_loss:
             mean, std = self.patch_mean_and_std(patches)
@@ -503,9 +503,9 @@ class CAVMAE(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp(min=1)
 
     def prediction_to_input_space(self, pred, patches):
-        """Predicted patches (B, L, P) in the input's units. With norm_pix_loss the prediction is per-patch
-        normalised, so it is mapped back with the input patch's own mean and std (as MAE's demo does: a picture
-        then shows structure, not the patch's true brightness)."""
+        """Predicted patches (B, L, P) in the input's units. With norm_pix_loss the prediction is
+        per-patch normalised, so it is mapped back with the input patch's own mean and std (as MAE's
+        demo does: a picture then shows structure, not the patch's true brightness)."""
         if not self.config.norm_pix_loss:
             return pred
         mean, std = self.patch_mean_and_std(patches)
@@ -523,8 +523,9 @@ class CAVMAE(nn.Module):
         bidirectional=False,
         gather=None,
     ):
-        """One pretraining step's forward. A weight of 0 skips its branch entirely (AV-MAE: contrastive_weight=0;
-        CAV: mae_weight=0) and reports 0 for that loss. `gather` adds other ranks' clips as negatives."""
+        """One pretraining step's forward. A weight of 0 skips its branch entirely (AV-MAE:
+        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss. `gather` adds other
+        ranks' clips as negatives."""
         if (mae_weight == 0) and (contrastive_weight == 0):
             raise ValueError("mae_weight and contrastive_weight are both 0: there is nothing to train")
         encoded = self.forward_encoder(
@@ -565,7 +566,7 @@ class CAVMAE(nn.Module):
         return out
 
     def flops_per_sample(self, mask_ratio_a=0.75, mask_ratio_v=0.75):
-        """Analytic forward FLOPs (2 per multiply-add) of one pretraining sample with both losses on."""
+        """Analytic forward FLOPs (2 per multiply-add) of one pretraining sample, both losses on."""
         c = self.config
         D = c.embed_dim
         Dd = c.decoder_embed_dim
@@ -580,7 +581,7 @@ class CAVMAE(nn.Module):
 
         flops = 2 * (La * P + Lv * P * c.in_chans) * D  # patch embeddings
         flops += c.modality_specific_depth * (block(ka, D) + block(kv, D))
-        # three streams; the single-modality ones pass the last joint block only under the official quirk
+        # three streams; under the official quirk the single-modality ones pass the last joint block
         modality_joint_depth = min(c.joint_depth, 1) if c.official_contrastive_streams else c.joint_depth
         flops += c.joint_depth * block(ka + kv, D) + modality_joint_depth * (block(ka, D) + block(kv, D))
         flops += 2 * (ka + kv) * D * Dd + c.decoder_depth * block(La + Lv, Dd)
@@ -589,25 +590,24 @@ class CAVMAE(nn.Module):
 
 
 def pooled_representation(tokens):
-    """Sec. 3.2 coordinated representation: tokens (B, L, D) mean-pooled and L2-normalised -> (B, D)."""
+    """Sec. 3.2 coordinated representation: tokens (B, L, D) mean-pooled, L2-normalised -> (B, D)."""
     return F.normalize(tokens.float().mean(dim=1), dim=-1)
 
 
 def contrastive_loss(audio_rep, visual_rep, bidirectional=False, gather=None):
-    """Sec. 3 InfoNCE on pooled representations (B, D). Official default: one direction, softmax over the
-    audio axis for each visual column. `gather` (B, D) -> (N, D) adds other ranks' clips as negatives.
-    Returns (loss, accuracy of picking the paired clip)."""
-    # float32 even under autocast, which would run the similarity product in bf16 / fp16 whatever its inputs'
-    # dtype: measured, the bf16 product put the gradient off by 1.4-3.3%.
+    """Sec. 3 InfoNCE on pooled representations (B, D). Official default: one direction, softmax
+    over the audio axis for each visual column. `gather` (B, D) -> (N, D) adds other ranks' clips as
+    negatives. Returns (loss, accuracy of picking the paired clip)."""
+    # float32 even under autocast, which would run the similarity product in bf16 / fp16 whatever
+    # its inputs' dtype: measured, the bf16 product put the gradient off by 1.4-3.3%.
     with torch.autocast(audio_rep.device.type, enabled=False):
         audio_unit = F.normalize(audio_rep.float(), dim=-1)
         visual_unit = F.normalize(visual_rep.float(), dim=-1)
         if gather is not None:
             audio_unit = gather(audio_unit)  # (N, D)
             visual_unit = gather(visual_unit)
-        similarity = (
-            audio_unit @ visual_unit.T / CONTRASTIVE_TEMPERATURE
-        )  # (N, N), rows audio, columns visual
+        # (N, N): rows audio, columns visual
+        similarity = audio_unit @ visual_unit.T / CONTRASTIVE_TEMPERATURE
         loss, accuracy = _infonce_one_direction(similarity)
         if bidirectional:
             loss_other, accuracy_other = _infonce_one_direction(similarity.T)
@@ -623,13 +623,13 @@ def _infonce_one_direction(similarity):  # (N, N) -> (loss, accuracy) of a softm
     return loss, accuracy
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Fine-tuning classifier
 
 
 class CAVMAEClassifier(nn.Module):
-    """The encoder without the decoder; tokens of the mode's stream mean-pooled -> LayerNorm -> Linear.
-    Positions are trainable, as in the official fine-tuning model."""
+    """The encoder without the decoder; tokens of the mode's stream mean-pooled -> LayerNorm ->
+    Linear. Positions are trainable, as in the official fine-tuning model."""
 
     def __init__(self, config, num_classes, trainable_pos=True):
         super().__init__()
@@ -663,32 +663,34 @@ class CAVMAEClassifier(nn.Module):
         return self.encoder.embed(audio, image)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Speed: each transformer block compiled on its own
 
 
 def apply_compile(model, **options):
-    """torch.compile each transformer Block of a CAVMAE or CAVMAEClassifier in place (`options` go to
-    torch.compile); returns the model. Parameters and state-dict keys are unchanged (checkpoints as eager), and
-    the masking noise stays eager, so a seed draws the same masks as in eager mode."""
-    # Measured on one H100 (base model, bf16): the whole model compiled took ~107 s and crashed at batch >= 128;
-    # block by block 29-37 s of compilation and 1090 / 1130 samples/s at batch 128 / 256 against 815-875 / 914
-    # eager (LayerNorm, residual adds, GELU and weight casts fuse; each block shape is compiled once).
+    """torch.compile each transformer Block of a CAVMAE or CAVMAEClassifier in place (`options` go
+    to torch.compile); returns the model. Parameters and state-dict keys are unchanged (checkpoints
+    as eager), and the masking noise stays eager, so a seed draws the same masks as in eager
+    mode."""
+    # Measured on one H100 (base model, bf16): the whole model compiled took ~107 s and crashed at
+    # batch >= 128; block by block 29-37 s of compilation and 1090 / 1130 samples/s at batch 128 /
+    # 256 against 815-875 / 914 eager (LayerNorm, residual adds, GELU and weight casts fuse).
     for module in model.modules():
         if isinstance(module, Block):
             module.compile(**options)
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading pretrained weights
 
 
 def load_pretrained(model, source):
-    """Load `source` (a checkpoint path, a state dict, or a checkpoint dict with the state dict under 'model')
-    into a CAVMAE or CAVMAEClassifier: this project's checkpoints, the official release's and an ImageNet MAE
-    ViT-B. Returns the load report. This only hands over to checkpoint.load_pretrained, where reading
-    checkpoints lives (imported here, not at the top: checkpoint.py imports this file)."""
+    """Load `source` (a checkpoint path, a state dict, or a checkpoint dict with the state dict
+    under 'model') into a CAVMAE or CAVMAEClassifier: this project's checkpoints, the official
+    release's and an ImageNet MAE ViT-B. Returns the load report. This only hands over to
+    checkpoint.load_pretrained, where reading checkpoints lives (imported here, not at the top, as
+    checkpoint.py imports this file)."""
     import checkpoint
 
     return checkpoint.load_pretrained(model, source)
