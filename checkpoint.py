@@ -387,7 +387,7 @@ AUDIO_POSITION_KEYS = ("encoder.pos_embed_a", "decoder_pos_embed_a")
 
 
 def cut_audio_positions(mapped, own, bands):
-    """Clips shorter than the checkpoint's (official issue #8, e.g. ESC-50's 5 s): each audio
+    """Clips shorter than the checkpoint's (e.g. ESC-50's 5 s): each audio
     position table (1, bands * T/p, D), frequency-major, keeps its first T'/p time columns, so every
     kept token has the position it was trained with. A model longer than its checkpoint is an error:
     positions it never saw would have to be invented (interpolating a trained table would also

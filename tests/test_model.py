@@ -1,6 +1,7 @@
-"""Specification of model.py: configuration, shapes, masking, attention, positions, losses, per-block
-compilation, exactness to the golden vectors of the official release; of checkpoint.py's reading of checkpoints
-(ours, the official release's, ImageNet MAE); and of bench.py at tiny scale on the CPU."""
+"""Specification of model.py: configuration, shapes, masking, attention, positions, losses,
+per-block compilation, exactness to the golden vectors of the official release; of checkpoint.py's
+reading of checkpoints (ours, the official release's, ImageNet MAE); and of bench.py at tiny scale
+on the CPU."""
 
 import copy
 import json
@@ -72,7 +73,7 @@ def golden_config(c, pretrain=True):
     )
 
 
-# --- configuration and size -------------------------------------------------------------------------------
+# --- configuration and size -----------------------------------------------------------------------
 
 
 def test_from_preset_applies_overrides_and_rejects_unknown_names():
@@ -125,7 +126,7 @@ def test_flops_per_sample_matches_the_hand_count_for_the_base_model():
     assert model.flops_per_sample(0.5, 0.5) > model.flops_per_sample(0.75, 0.75)
 
 
-# --- shapes -------------------------------------------------------------------------------------------------
+# --- shapes ---------------------------------------------------------------------------------------
 
 
 def test_pretraining_forward_returns_losses_masks_and_predictions():
@@ -169,7 +170,7 @@ def test_classifier_shares_the_pretraining_encoder_class():
     assert isinstance(CAVMAEClassifier(cfg, 3).head[0], torch.nn.LayerNorm)
 
 
-# --- patches and positions ----------------------------------------------------------------------------------
+# --- patches and positions ------------------------------------------------------------------------
 
 
 def test_audio_patch_targets_are_ordered_like_the_audio_tokens():
@@ -198,8 +199,8 @@ def test_sincos_table_encodes_time_in_the_first_half_and_frequency_in_the_second
 
 
 def test_sincos_tables_equal_the_official_ones(golden):
-    # the golden checkpoint stores the official tables plus N(0, 0.02) noise (so that loaders must load them):
-    # ours must sit within that noise, while the other grid orientation is far off
+    # the golden checkpoint stores the official tables plus N(0, 0.02) noise (so that loaders must
+    # load them): ours must sit within that noise, while the other grid orientation is far off
     state, c = load(golden, "pretrain_state_dict.pth"), load(golden, "pretrain_vectors.pth")["config"]
     fa, ta, gv = 128 // 16, c["audio_length"] // 16, c["img_size"] // 16
     for dim, prefix in ((c["embed_dim"], "module."), (c["decoder_embed_dim"], "module.decoder_")):
@@ -221,7 +222,7 @@ def test_positions_are_fixed_in_pretraining_and_trainable_in_the_classifier():
     assert CAVMAE(CAVMAEConfig.from_preset("tiny", tr_pos=True)).encoder.pos_embed_a.requires_grad
 
 
-# --- attention ----------------------------------------------------------------------------------------------
+# --- attention ------------------------------------------------------------------------------------
 
 
 def test_attention_equals_the_explicit_softmax_formula():
@@ -233,7 +234,7 @@ def test_attention_equals_the_explicit_softmax_formula():
     assert torch.allclose(attn(x), explicit, atol=1e-6)
 
 
-# --- masking ------------------------------------------------------------------------------------------------
+# --- masking --------------------------------------------------------------------------------------
 
 
 def test_masking_keeps_int_L_times_one_minus_ratio_tokens_in_noise_order():
@@ -317,7 +318,7 @@ def test_structured_masks_draw_columns_with_python_random_after_the_torch_noise(
 
 
 def test_decoder_input_is_the_unshuffled_sequence_plus_the_decoders_positions():
-    """forward_decoder's first steps, checked against a decoder with no blocks and identity heads."""
+    """What forward_decoder feeds its blocks, seen by decoder_norm when there are none."""
     model = tiny(decoder_depth=0)
     Dd = model.config.decoder_embed_dim
     seen = {}
@@ -340,7 +341,7 @@ def test_unknown_mask_mode_is_rejected():
         model(*inputs(model.config), mask_mode="checkerboard")
 
 
-# --- losses and their weights -------------------------------------------------------------------------------
+# --- losses and their weights ---------------------------------------------------------------------
 
 
 def test_mae_weight_zero_skips_the_decoder_and_the_joint_stream():
@@ -460,12 +461,13 @@ def test_bf16_autocast_runs_forward_and_backward_on_cpu():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-# --- speed ------------------------------------------------------------------------------------------------
+# --- speed ----------------------------------------------------------------------------------------
 
 
 def test_compiled_blocks_give_the_eager_masks_losses_and_gradients():
-    """apply_compile changes speed, not results: masks drawn eagerly from the same seed, losses and gradients
-    equal within float tolerance, the same state-dict keys (checkpoints as in eager mode). ~40 s of CPU compile."""
+    """apply_compile changes speed, not results: masks drawn eagerly from the same seed, losses and
+    gradients equal within float tolerance, the same state-dict keys (checkpoints as in eager mode).
+    ~40 s of CPU compile."""
     torch._dynamo.reset()  # no graphs of other tests' shapes in the recompile limit
     eager = tiny(norm_pix_loss=True)
     compiled = apply_compile(copy.deepcopy(eager), fullgraph=True)  # a graph break in a block is an error
@@ -553,7 +555,7 @@ def test_bench_end_to_end_rate_averages_epoch_records_after_the_first(tmp_path):
     assert bench.epoch_rate(log) == (30.0, 3)  # the train record and the first epoch (compilation) left out
 
 
-# --- checkpoints --------------------------------------------------------------------------------------------
+# --- checkpoints ----------------------------------------------------------------------------------
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -713,7 +715,7 @@ def test_imagenet_mae_checkpoint_maps_as_the_official_adaptation():
     ]
 
 
-# --- exactness against the official release (tests/golden) ---------------------------------------------
+# --- exactness against the official release (tests/golden) ----------------------------------------
 
 
 def test_official_pretraining_checkpoint_reproduces_the_golden_outputs(golden):
@@ -774,12 +776,12 @@ def test_official_contrastive_quirk_only_matters_with_several_joint_blocks():
     )
 
 
-# --- clips shorter than the checkpoint's: audio position tables cut in time (official issue #8) ----------------
+# --- clips shorter than the checkpoint's (ESC-50's 5 s): audio position tables cut in time ---------
 
 
 def position_table(bands, steps, dim):
-    """(1, bands * steps, dim) frequency-major table whose channel 0 holds the row (band) and channel 1 the column
-    (time step) of each position."""
+    """(1, bands * steps, dim) frequency-major table whose channel 0 holds the row (band) and
+    channel 1 the column (time step) of each position."""
     rows, cols = torch.meshgrid(torch.arange(bands), torch.arange(steps), indexing="ij")
     table = torch.zeros(bands, steps, dim)
     table[..., 0], table[..., 1] = rows, cols
