@@ -14,6 +14,7 @@ out_dir/best.pt holds the best validation weights by the main metric (model, mod
 config, iter_num, metric). model.load_pretrained and eval.py read both files.
 """
 
+import codecs
 import dataclasses
 import math
 import os
@@ -178,9 +179,8 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): check the path")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (
-        Exception
-    ) as error:  # truncated, empty, text or random bytes fail in zip, pickle or EOF checks alike
+    # an empty, truncated, text or random file fails in torch's zip, pickle or EOF checks alike
+    except Exception as error:
         raise CheckpointError(
             f"checkpoint {path} is not a PyTorch checkpoint ({_describe_file(path)}; torch.load: "
             f"{type(error).__name__}): give a file written by torch.save"
@@ -192,15 +192,17 @@ def read_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def _describe_file(path):
+def _describe_file(path):  # what a file that is not a checkpoint holds, for the error message
     size = os.path.getsize(path)
     if size == 0:
         return "an empty file"
     with open(path, "rb") as f:
         head = f.read(512)
     try:
-        head.decode("utf-8")
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at byte 512 is fine
     except UnicodeDecodeError:
+        return f"{size} bytes of unrecognised binary data"
+    if b"\0" in head:
         return f"{size} bytes of unrecognised binary data"
     return f"a text file of {size} bytes"
 

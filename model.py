@@ -232,10 +232,10 @@ class Encoder(nn.Module):
         self.modality_a = nn.Parameter(torch.zeros(1, 1, D))
         self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
         # fixed 2-D sin-cos positions (Sec. 3); the official fine-tuning model trains them
-        self.pos_embed_a = nn.Parameter(sincos_pos_embed(D, *c.audio_grid)[None], requires_grad=trainable_pos)
-        self.pos_embed_v = nn.Parameter(
-            sincos_pos_embed(D, *c.visual_grid)[None], requires_grad=trainable_pos
-        )
+        audio_table = sincos_pos_embed(D, *c.audio_grid)[None]  # (1, La, D)
+        visual_table = sincos_pos_embed(D, *c.visual_grid)[None]  # (1, Lv, D)
+        self.pos_embed_a = nn.Parameter(audio_table, requires_grad=trainable_pos)
+        self.pos_embed_v = nn.Parameter(visual_table, requires_grad=trainable_pos)
         self.audio_blocks = nn.ModuleList(self._block() for _ in range(c.modality_specific_depth))
         self.visual_blocks = nn.ModuleList(self._block() for _ in range(c.modality_specific_depth))
         self.joint_blocks = nn.ModuleList(self._block(joint=True) for _ in range(c.joint_depth))
@@ -248,10 +248,8 @@ class Encoder(nn.Module):
         return Block(self.config.embed_dim, self.config.num_heads, self.config.mlp_ratio, joint)
 
     def reset_parameters(self):
-        for conv in (
-            self.patch_embed_a,
-            self.patch_embed_v,
-        ):  # the patch projection initialised as a linear layer
+        # the patch projections are initialised as linear layers
+        for conv in (self.patch_embed_a, self.patch_embed_v):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
             nn.init.zeros_(conv.bias)
         nn.init.normal_(self.modality_a, std=0.02)
