@@ -3,7 +3,7 @@ eager and compiled, at several batch sizes; or end to end: train.py's real loop 
 
     python bench.py                                      # the GPU table: eager and compiled, batch 48 and 256, bf16
     python bench.py --dtype float16                      # fp16 autocast with a GradScaler, as train.py runs it
-    python bench.py --modes compiled --compile_scope blocks --batch_sizes 256   # one technique at a time
+    python bench.py --modes compiled --static --batch_sizes 256   # one technique at a time (--sdpa, --compile_mode)
     python bench.py --e2e --workers 8 --batch_size 256   # train.py on 224 px / 10 s clips, next to the bench rate
     python bench.py --preset tiny --device cpu --modes eager --batch_sizes 4 --steps 2   # a CPU smoke test
 
@@ -40,13 +40,11 @@ def parse_args(argv=None):
         "--modes", default="", help="eager,compiled (default; --e2e: compiled on CUDA, eager on CPU)"
     )
     p.add_argument(
-        "--compile_scope",
-        default="regions",
-        choices=["regions", "blocks", "model"],
-        help="regions: apply_compile (blocks + RNG-free regions); blocks: Blocks only; "
-        "model: torch.compile of the whole model (crashes at batch >= 128 on torch 2.11)",
+        "--static",
+        action="store_true",
+        help="compile with dynamic=False: every block shape compiled on its own, static sizes (not measured "
+        "yet against apply_compile's default, torch's automatic dynamic shapes)",
     )
-    p.add_argument("--dynamic", action="store_true", help="compile with torch's automatic dynamic shapes")
     p.add_argument(
         "--compile_mode",
         default="default",
@@ -112,15 +110,12 @@ def build(args, device, mode):
     model = CAVMAE(config).to(device).train()
     step_model = model
     if mode == "compiled":
-        torch._dynamo.reset()  # every configuration compiles from scratch: its compile time, its static shapes
+        torch._dynamo.reset()  # every configuration compiles from scratch: its compile time, its own shapes
         options = dict(
-            **({"dynamic": None} if args.dynamic else {}),
+            **({"dynamic": False} if args.static else {}),
             **({"mode": args.compile_mode} if args.compile_mode != "default" else {}),
         )
-        if args.compile_scope == "model":
-            step_model = torch.compile(model, **options)
-        else:
-            apply_compile(model, regions=args.compile_scope == "regions", **options)
+        apply_compile(model, **options)  # each transformer block on its own, as train.py's compile=True
     optimizer = torch.optim.Adam(
         model.parameters(),
         lr=5e-5,
@@ -334,7 +329,7 @@ def main(argv=None):
     )
     print(
         f"preset {args.preset} ({size / 1e6:.1f}M trainable), {args.dtype}, {name}, torch {torch.__version__}, "
-        f"compile {args.compile_scope} {args.compile_mode}{' dynamic' if args.dynamic else ''}, attention "
+        f"compile per block {args.compile_mode}{' static' if args.static else ''}, attention "
         f"{args.sdpa}, norm_pix_loss "
         f"{bool(args.norm_pix_loss)}, mask {args.mask_ratio}, forward + backward + Adam step"
     )

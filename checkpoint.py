@@ -14,9 +14,12 @@ out_dir/best.pt holds the best validation weights by the main metric (model, mod
 config, iter_num, metric). model.load_pretrained and eval.py read both files.
 """
 
+import codecs
 import dataclasses
+import math
 import os
 import random
+import re
 import time
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import ConfigError
+from model import CAVMAEConfig
 
 
 class WeightAverage:
@@ -149,3 +153,313 @@ def restore_rngs(cfg, rank, device, ckpt):
     else:
         s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
         torch.manual_seed(s), np.random.seed(s), random.seed(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading checkpoints: ours, the official release's and the ImageNet MAE ViT-B initialisation
+#
+# model.load_pretrained, train.py (resume, init_from) and eval.py (load_model) all read checkpoints
+# through read_checkpoint, strip wrapper prefixes with strip_key_prefixes and load weights with
+# load_pretrained.
+
+KEY_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel / DDP, and torch.compile of a whole model
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that does not exist or is not a checkpoint."""
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load of a checkpoint file -> its dict (ours, or a state dict such as the official
+    release's). A missing file, or one that is not a checkpoint, is a CheckpointError naming the
+    file and what it holds. Unpickles with weights_only=False (our checkpoints hold settings too):
+    load only checkpoints you trust."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): check the path")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    # an empty, truncated, text or random file fails in torch's zip, pickle or EOF checks alike
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path} is not a PyTorch checkpoint ({_describe_file(path)}; torch.load: "
+            f"{type(error).__name__}): give a file written by torch.save"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict"
+        )
+    return ckpt
+
+
+def _describe_file(path):  # what a file that is not a checkpoint holds, for the error message
+    size = os.path.getsize(path)
+    if size == 0:
+        return "an empty file"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at byte 512 is fine
+    except UnicodeDecodeError:
+        return f"{size} bytes of unrecognised binary data"
+    if b"\0" in head:
+        return f"{size} bytes of unrecognised binary data"
+    return f"a text file of {size} bytes"
+
+
+def strip_key_prefixes(state):
+    """The one rule for wrapper prefixes: each key without its leading `module.` / `_orig_mod.`."""
+    return {_strip_prefixes(key): value for key, value in state.items()}
+
+
+def _strip_prefixes(key):
+    while key.startswith(KEY_PREFIXES):
+        prefix = next(p for p in KEY_PREFIXES if key.startswith(p))
+        key = key[len(prefix) :]
+    return key
+
+
+def state_dict_of(ckpt):
+    """The weights in a checkpoint dict, prefixes stripped: ours keep them under 'model', the
+    official release's file is the state dict itself."""
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    return strip_key_prefixes(state)
+
+
+def architecture_from(settings):
+    """The CAVMAEConfig fields in a settings dict, named as themselves or as train.py's model_<f>."""
+    fields = {f.name for f in dataclasses.fields(CAVMAEConfig)}
+    found = {key: value for key, value in settings.items() if key in fields}
+    for key, value in settings.items():
+        field = key.removeprefix("model_")
+        if key.startswith("model_") and (field in fields):
+            found[field] = value
+    return found
+
+
+def infer_architecture(state):
+    """The CAVMAEConfig fields a state dict's shapes determine, ours or official (all but the head
+    counts and mlp_ratio): what eval.py needs to rebuild a model around an official checkpoint."""
+
+    def count(prefix):  # distinct block indices under prefix
+        return len({k[len(prefix) + 1 :].split(".")[0] for k in state if k.startswith(prefix + ".")})
+
+    arch = {}
+    pos_a = state.get("pos_embed_a", state.get("encoder.pos_embed_a"))
+    pos_v = state.get("pos_embed_v", state.get("encoder.pos_embed_v"))
+    patch = state.get("patch_embed_a.proj.weight", state.get("encoder.patch_embed_a.weight"))
+    if (patch is not None) and (pos_a is not None) and (pos_v is not None):
+        p = patch.shape[-1]
+        bands = CAVMAEConfig.num_mel_bins // p  # the audio grid is bands x time steps
+        arch["patch_size"] = p
+        arch["embed_dim"] = pos_a.shape[-1]
+        arch["audio_length"] = pos_a.shape[1] // bands * p
+        arch["img_size"] = math.isqrt(pos_v.shape[1]) * p
+    for official, ours, name in (
+        ("blocks_a", "encoder.audio_blocks", "modality_specific_depth"),
+        ("blocks_u", "encoder.joint_blocks", "joint_depth"),
+        ("decoder_blocks", "decoder_blocks", "decoder_depth"),
+    ):
+        depth = count(official) or count(ours)
+        if depth:
+            arch[name] = depth
+    if "decoder_embed.weight" in state:
+        arch["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
+    return arch
+
+
+@dataclasses.dataclass
+class LoadReport:
+    source_format: str  # "ours" | "official" | "imagenet-mae"
+    loaded: list = dataclasses.field(default_factory=list)  # model keys that received a tensor
+    missing: list = dataclasses.field(default_factory=list)  # model keys left as initialised
+    ignored: list = dataclasses.field(default_factory=list)  # checkpoint keys with no place in the model
+    adapted: list = dataclasses.field(default_factory=list)  # what was changed to fit (audio positions cut)
+
+    def __str__(self):
+        unused_norms = [k for k in self.ignored if _is_unused_modality_norm(k)]
+        other = [k for k in self.ignored if not _is_unused_modality_norm(k)]
+        lines = [f"{self.source_format} checkpoint: loaded {len(self.loaded)} tensors"]
+        if unused_norms:
+            lines.append(
+                f"ignored {len(unused_norms)} per-modality norms of non-joint blocks "
+                "(the official model never uses them)"
+            )
+        if other:
+            lines.append(f"ignored {len(other)}: {_summary(other)}")
+        if self.missing:
+            lines.append(f"missing {len(self.missing)} (left as initialised): {_summary(self.missing)}")
+        else:
+            lines.append("missing: none")
+        return "; ".join(lines + self.adapted)
+
+
+def _is_unused_modality_norm(
+    key,
+):  # the official blocks all carry norm1_a/_v, norm2_a/_v; ours only joint ones
+    return re.search(r"blocks\.\d+\.norm[12]_[av]\.", key) is not None
+
+
+def _summary(keys, n=6):
+    more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+OFFICIAL_RENAMES = [  # official CAVMAE / CAVMAEFT key -> ours
+    (r"^blocks_a\.", "encoder.audio_blocks."),
+    (r"^blocks_v\.", "encoder.visual_blocks."),
+    (r"^blocks_u\.", "encoder.joint_blocks."),
+    (r"^patch_embed_([av])\.proj\.", r"encoder.patch_embed_\1."),
+    (r"^(modality_[av]|pos_embed_[av])$", r"encoder.\1"),
+    (r"^(norm|norm_a|norm_v)\.", r"encoder.\1."),
+    (r"^mlp_head\.", "head."),
+]
+
+
+def checkpoint_format(state):
+    """'ours', 'official' or 'imagenet-mae', from the keys of a prefix-stripped state dict."""
+    if any(k.startswith("encoder.") for k in state):
+        return "ours"
+    if any(k.startswith(("blocks_a.", "blocks_u.")) for k in state):
+        return "official"
+    if ("patch_embed.proj.weight" in state) and any(k.startswith("blocks.") for k in state):
+        return "imagenet-mae"
+    raise ValueError(
+        f"unrecognised checkpoint format (first keys: {_summary(list(state))}); expected this project's, "
+        "the official CAV-MAE release's, or an ImageNet MAE ViT-B state dict"
+    )
+
+
+def official_to_ours(state):
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in OFFICIAL_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def imagenet_mae_to_ours(state, config):
+    """The official adaptation of an ImageNet MAE ViT-B: layers < modality_specific_depth -> both
+    modality branches, the next joint_depth layers -> joint blocks with all three norm sets copied
+    from their norms, the final norm -> norm, norm_a and norm_v, audio patch kernel = RGB kernel
+    summed over channels, encoder and decoder positions from the MAE grid without the cls position,
+    the decoder by name, the visual prediction head as is and the audio one from the first p*p rows.
+    Returns (mapped, ignored keys)."""
+    specific = config.modality_specific_depth
+    joint = config.joint_depth
+    mapped = {}
+    ignored = []
+    for key, value in state.items():
+        block = re.match(r"^blocks\.(\d+)\.(.*)$", key)
+        if block and int(block[1]) < specific:
+            mapped[f"encoder.audio_blocks.{block[1]}.{block[2]}"] = value
+            mapped[f"encoder.visual_blocks.{block[1]}.{block[2]}"] = value
+        elif block and int(block[1]) < specific + joint:
+            prefix = f"encoder.joint_blocks.{int(block[1]) - specific}."
+            mapped[prefix + block[2]] = value
+            if re.match(r"norm[12]\.", block[2]):
+                for suffix in ("_a", "_v"):
+                    mapped[prefix + block[2].replace(".", suffix + ".", 1)] = value
+        elif key.startswith("norm."):
+            for name in ("norm", "norm_a", "norm_v"):
+                mapped[f"encoder.{name}.{key[len('norm.') :]}"] = value
+        elif key == "patch_embed.proj.weight":
+            mapped["encoder.patch_embed_v.weight"] = value
+            mapped["encoder.patch_embed_a.weight"] = value.sum(dim=1, keepdim=True)
+        elif key == "patch_embed.proj.bias":
+            mapped["encoder.patch_embed_v.bias"] = value
+            mapped["encoder.patch_embed_a.bias"] = value
+        elif key == "pos_embed":
+            mapped["encoder.pos_embed_v"] = value[:, 1:]  # without the cls position
+        elif key == "decoder_pos_embed":
+            mapped["decoder_pos_embed_v"] = value[:, 1:]
+        elif key.startswith("decoder_pred."):
+            parameter = key.removeprefix("decoder_pred.")
+            mapped["decoder_pred_v." + parameter] = value
+            mapped["decoder_pred_a." + parameter] = value[: config.patch_size**2]
+        elif (key == "mask_token") or key.startswith(("decoder_embed.", "decoder_blocks.", "decoder_norm.")):
+            mapped[key] = value
+        else:
+            ignored.append(key)
+    return mapped, ignored
+
+
+AUDIO_POSITION_KEYS = ("encoder.pos_embed_a", "decoder_pos_embed_a")
+
+
+def cut_audio_positions(mapped, own, bands):
+    """Clips shorter than the checkpoint's (e.g. ESC-50's 5 s): each audio
+    position table (1, bands * T/p, D), frequency-major, keeps its first T'/p time columns, so every
+    kept token has the position it was trained with. A model longer than its checkpoint is an error:
+    positions it never saw would have to be invented (interpolating a trained table would also
+    change what every column means), so we do not guess. Returns (mapped with the cut tables, notes
+    for the load report)."""
+    cut = dict(mapped)
+    notes = []
+    for key in AUDIO_POSITION_KEYS:
+        have = mapped.get(key)
+        want = own.get(key)
+        if (have is None) or (want is None) or (have.shape == want.shape):
+            continue
+        if not _differs_in_time_only(have, want, bands):
+            continue  # not a difference in clip length: load_pretrained's shape check reports it
+        steps = have.shape[1] // bands
+        keep = want.shape[1] // bands
+        if keep > steps:
+            raise ValueError(
+                f"{key}: checkpoint has {steps} audio time steps ({bands}x{steps} positions), the model "
+                f"{keep}: a model may take shorter clips than its checkpoint (the table is cut), not "
+                "longer ones; build it with audio_length <= the checkpoint's"
+            )
+        table = have.reshape(1, bands, steps, -1)  # (1, F/p, T/p, D)
+        cut[key] = table[:, :, :keep].reshape(1, bands * keep, -1)  # (1, F/p * T'/p, D)
+        notes.append(f"{key}: audio positions cut from {bands}x{steps} to {bands}x{keep} time steps")
+    return cut, notes
+
+
+def _differs_in_time_only(have, want, bands):  # (1, bands * T/p, D) tables of the same width
+    if (have.ndim != 3) or (want.ndim != 3):
+        return False
+    same_batch_and_width = (have.shape[0] == want.shape[0]) and (have.shape[2] == want.shape[2])
+    return same_batch_and_width and (have.shape[1] % bands == 0)
+
+
+def load_pretrained(model, source):
+    """Load `source` (a path, a state dict, or a checkpoint dict with the state dict under 'model')
+    into a CAVMAE or CAVMAEClassifier. Formats: this project's, the official release's (with or
+    without the prefixes of nn.DataParallel / torch.compile), and an ImageNet MAE ViT-B. A
+    pretraining checkpoint loads into the classifier (decoder ignored, head left newly initialised).
+    A model with a shorter audio_length than the checkpoint gets the first time columns of its audio
+    position tables (cut_audio_positions; the report says so). Raises ValueError on any other shape
+    mismatch. Returns a LoadReport."""
+    is_path = isinstance(source, (str, os.PathLike))
+    ckpt = read_checkpoint(source) if is_path else source
+    if (not isinstance(ckpt, dict)) or (not ckpt):
+        raise ValueError(f"{source if is_path else 'the given object'}: no state dict found")
+    state = state_dict_of(ckpt)
+    source_format = checkpoint_format(state)
+    ignored = []
+    if source_format == "ours":
+        mapped = state
+    elif source_format == "official":
+        mapped = official_to_ours(state)
+    else:
+        mapped, ignored = imagenet_mae_to_ours(state, model.config)
+    own = model.state_dict()
+    ignored += [k for k in mapped if k not in own]
+    mapped = {k: v for k, v in mapped.items() if k in own}
+    mapped, adapted = cut_audio_positions(mapped, own, model.config.audio_grid[0])
+    mismatches = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if v.shape != own[k].shape
+    ]
+    if mismatches:
+        raise ValueError(
+            f"{source_format} checkpoint does not fit this model config ({len(mismatches)} shape "
+            "mismatches): " + "; ".join(mismatches[:5])
+        )
+    model.load_state_dict(mapped, strict=False)
+    missing = [k for k in own if k not in mapped]
+    return LoadReport(source_format, list(mapped), missing, ignored, adapted)

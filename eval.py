@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import runpy
 import sys
 import tempfile
 
@@ -29,6 +28,14 @@ import torch.nn.functional as F
 import data
 import pictures
 import prepare
+from checkpoint import (
+    architecture_from,
+    infer_architecture,
+    load_pretrained,
+    read_checkpoint,
+    state_dict_of,
+)
+from configurator import config_file_items
 from model import (
     CAVMAE,
     FT_MODES,
@@ -36,8 +43,6 @@ from model import (
     PRESETS,
     CAVMAEClassifier,
     CAVMAEConfig,
-    infer_architecture,
-    load_pretrained,
     pooled_representation,
 )
 
@@ -143,31 +148,12 @@ def retrieval_metrics(similarity):
 # Rebuilding a model from a checkpoint (ours or the official release)
 
 
-def _state_dict(ckpt):
-    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-    return {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state.items()}
-
-
 def read_config_file(path):
     """Settings from a json file or a python config file like train.py's (its top-level assignments)."""
     if path.endswith(".json"):
         with open(path) as f:
             return json.load(f)
-    namespace = runpy.run_path(path)
-    return {
-        k: v
-        for k, v in namespace.items()
-        if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"
-    }
-
-
-def architecture_from(settings, fields):
-    """CAVMAEConfig fields in a settings dict, named as themselves or as train.py's model_<field>."""
-    out = {k: v for k, v in settings.items() if k in fields}
-    out.update(
-        {k[len("model_") :]: v for k, v in settings.items() if k.startswith("model_") and k[6:] in fields}
-    )
-    return out
+    return dict(config_file_items(path))
 
 
 def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", **arch_overrides):
@@ -178,30 +164,29 @@ def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", 
     file), then `arch_overrides`; its task and class count come from its keys. `task` given and different
     from the checkpoint's is an error. Returns (model in eval mode on `device`, info dict with the
     checkpoint's format, task, num_classes, train config and load report)."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise ValueError(
-            f"{checkpoint}: expected a checkpoint dict or a state dict, got {type(ckpt).__name__}"
-        )
-    state = _state_dict(ckpt)
-    fields = set(CAVMAEConfig.__dataclass_fields__)
+    ckpt = read_checkpoint(checkpoint)
+    state = state_dict_of(ckpt)
     extra = read_config_file(config) if isinstance(config, str) else dict(config or {})
     if "model_args" in ckpt:  # ours
         model_args = {**ckpt["model_args"], **arch_overrides}
-        found_task, found_classes = ckpt.get("task", "pretrain"), ckpt.get("num_classes")
+        found_task = ckpt.get("task", "pretrain")
+        found_classes = ckpt.get("num_classes")
         train_config = ckpt.get("config") or {}
     else:  # official (or a bare state dict of ours)
         preset = extra.get("preset", extra.get("model_preset", preset))
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r}: choose one of {sorted(PRESETS)}")
         model_args = {
             **PRESETS[preset],
             **infer_architecture(state),
-            **architecture_from(extra, fields),
+            **architecture_from(extra),
             **arch_overrides,
         }
         head = state.get("mlp_head.1.weight", state.get("head.1.weight"))
-        found_task = "finetune" if head is not None else "pretrain"
-        found_classes, train_config = (None if head is None else head.shape[0]), extra
-    if task is not None and task != found_task:
+        found_task = "pretrain" if head is None else "finetune"
+        found_classes = None if head is None else head.shape[0]
+        train_config = extra
+    if (task is not None) and (task != found_task):
         need = "a fine-tuned classifier" if task == "finetune" else "a pretrained CAV-MAE (with its decoder)"
         raise ValueError(f"{checkpoint} holds a {found_task} model; this command needs {need}")
     cfg = CAVMAEConfig(**model_args)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
-from model import NORM_PIX_EPS
 
 PAD, TEXT = 4, 14  # pixels between panels, height of a caption line
 GREY = 128
@@ -64,14 +63,12 @@ def image_picture(image, zoom):
 
 
 def reconstruct(model, target, pred, mask):
-    """Visible patches from the input, masked ones from the prediction (MAE's visualisation). With norm_pix_loss
-    the prediction is per-patch normalised, so it is mapped back with the input patch's own mean and variance
-    (as MAE's demo does: the picture then shows structure, not the patch's true brightness)."""
-    if model.config.norm_pix_loss:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + NORM_PIX_EPS) ** 0.5 + mean
-    visible = target.masked_fill(mask[..., None].bool(), float("nan"))
-    return visible, torch.where(mask[..., None].bool(), pred, target)
+    """Visible patches from the input, masked ones from the prediction (MAE's visualisation); the prediction
+    in the input's units (model.prediction_to_input_space undoes norm_pix_loss). Returns (visible, recon)."""
+    pred = model.prediction_to_input_space(pred, target)
+    masked = mask[..., None].bool()  # (B, L, 1)
+    visible = target.masked_fill(masked, float("nan"))
+    return visible, torch.where(masked, pred, target)
 
 
 def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):

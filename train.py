@@ -38,7 +38,9 @@ import configurator
 import data
 from checkpoint import (
     WeightAverage,
+    architecture_from,
     atomic_save,
+    load_pretrained,
     load_start,
     restore_rngs,
     rng_state,
@@ -55,7 +57,6 @@ from model import (
     CAVMAEClassifier,
     CAVMAEConfig,
     apply_compile,
-    load_pretrained,
     pooled_representation,
 )
 from pictures import loss_picture
@@ -163,12 +164,13 @@ def model_config(cfg, model_args=None, resume=False):
     """The architecture: a resumed checkpoint's; else a checkpoint of ours with the --model_<field> values that
     differ from the paper's model (e.g. --model_audio_length=512: load_pretrained cuts the audio positions); else
     the preset with the model_<field> overrides."""
-    overrides = {
-        k[len("model_") :]: v for k, v in cfg.items() if k.startswith("model_") and k != "model_preset"
-    }
+    overrides = architecture_from(cfg)  # the model_<field> keys that are set
     if model_args is None:
         return CAVMAEConfig.from_preset(cfg["model_preset"], **overrides)
-    changed = {} if resume else {k: v for k, v in overrides.items() if v != getattr(CAVMAEConfig(), k)}
+    if resume:
+        return CAVMAEConfig(**model_args)
+    paper = CAVMAEConfig()
+    changed = {k: v for k, v in overrides.items() if v != getattr(paper, k)}
     return CAVMAEConfig(**{**model_args, **changed})
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 import eval as ev
 import prepare
+from checkpoint import CheckpointError
 from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig
 
 # -----------------------------------------------------------------------------
@@ -278,6 +279,32 @@ def test_official_state_dict_loads_with_architecture_flags(golden, tmp_path):
     finetune = torch.load(os.path.join(base, "finetune_vectors.pth"), weights_only=False)["config"]
     clf, info = ev.load_model(os.path.join(base, "finetune_state_dict.pth"), num_heads=finetune["num_heads"])
     assert info["task"] == "finetune" and info["num_classes"] == finetune["label_dim"]
+
+
+def test_load_model_names_a_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not weights\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pt is not a PyTorch checkpoint \(a text file"):
+        ev.load_model(str(path))
+
+
+def test_load_model_names_a_checkpoint_that_does_not_exist(tmp_path):
+    with pytest.raises(CheckpointError, match=r"missing\.pt does not exist"):
+        ev.load_model(str(tmp_path / "missing.pt"))
+
+
+def test_read_config_file_takes_the_assignments_of_a_python_file_or_a_json_file(tmp_path):
+    python_file = tmp_path / "arch.py"
+    python_file.write_text("import math\nmodel_num_heads = 4\n_private = 1\nwidth = math.isqrt(1024)\n")
+    assert ev.read_config_file(str(python_file)) == {"model_num_heads": 4, "width": 32}
+    json_file = tmp_path / "arch.json"
+    json_file.write_text(json.dumps({"num_heads": 4}))
+    assert ev.read_config_file(str(json_file)) == {"num_heads": 4}
+
+
+def test_architecture_from_reads_fields_by_name_and_as_train_py_model_keys():
+    settings = {"num_heads": 4, "model_decoder_depth": 2, "model_preset": "small", "lr": 0.1}
+    assert ev.architecture_from(settings) == {"num_heads": 4, "decoder_depth": 2}
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
