@@ -1,25 +1,28 @@
 """CAV-MAE's input pipeline: files -> (fbank, image, label) tensors, equal to the official loader
 (docs/preprocessing.md).
 
-    audio           load_audio, fbank (the Kaldi recipe), cpu_fbank (the same numbers, faster on a CPU)
-    images          read_frame, normalise_image, load_image
-    augmentations   each drawn once on the loader worker, applied by the batch path: mixup, SpecAugment, noise,
-                    label smoothing
-    AVDataset       a datafile's rows -> items; collate_raw batches raw items; BatchPreprocessor finishes them
+    audio          load_audio; fbank, the Kaldi recipe; cpu_fbank, the same numbers faster on a CPU
+    images         read_frame, normalise_image, load_image
+    augmentations  mixup, SpecAugment, noise, label smoothing: each drawn on the loader worker
+                   (draw_*) and applied by the batch path (mix, spec_augment, add_noise, ...)
+    AVDataset      a datafile's rows -> items; collate_raw batches raw items; BatchPreprocessor
+                   finishes a batch on any device
 
-One definition of every augmentation: a worker decodes a row and draws every random choice of the item (frame,
-mixup partner from the whole dataset and lambda, SpecAugment bands, noise seed, scale and roll) from Python's
-`random`, NumPy and torch's CPU generator (train.py seeds them per item); BatchPreprocessor applies the draws:
-    ds = AVDataset(datafile, label_csv, raw=True, ...)   # ds[i] or ds[(i, frame)] -> a raw item (dict)
-    loader = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
+A worker decodes a row and draws every random choice of the item (frame, mixup partner from the
+whole dataset and lambda, SpecAugment bands, noise seed, scale and roll) from Python's `random`,
+NumPy and torch's CPU generator (train.py seeds them per item); BatchPreprocessor applies the draws:
+    ds = AVDataset(datafile, label_csv, raw=True, ...)  # ds[i] or ds[(i, frame)] -> a raw item
+    batches = DataLoader(ds, batch_size, collate_fn=collate_raw, num_workers=8, pin_memory=True)
     prep = BatchPreprocessor.from_dataset(ds)
-    for batch in loader:
-        audio, image, label = prep(batch, device)        # (B, T, 128), (B, 3, S, S), (B, K)
-AVDataset(raw=False)[i] -> (fbank [T, 128], image [3, S, S], label [K]) is the same code on a batch of one.
-Project deviations: bad input raises a clear error instead of becoming a 0.01-filled sample; non-RGB frames are
-converted to RGB; augmentation only when train=True; a mixup partner's frame comes from its own video_path (the
-official code looks under the first sample's); the noise field is hash_uniform's. How a datafile is held in
-memory at scale is loader.py's (loader.Rows); `python prepare.py check` loads every row as training does.
+    for batch in batches:
+        audio, image, label = prep(batch, device)  # (B, T, 128), (B, 3, S, S), (B, K)
+AVDataset(raw=False)[i] -> (fbank [T, 128], image [3, S, S], label [K]) is that on a batch of one.
+
+Project deviations: bad input raises a clear error instead of becoming a 0.01-filled sample; non-RGB
+frames are converted to RGB; augmentation only when train=True; a mixup partner's frame comes from
+its own video_path (the official code looks under the first sample's); the noise field is
+hash_uniform's. A datafile is held compactly by loader.Rows; `python prepare.py check` loads every
+row as training does.
 """
 
 import csv
@@ -30,6 +33,7 @@ import os
 import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
-import loader  # the datafile's compact storage (loader.Rows); loader imports this module too, both at call time
+import loader  # a datafile's compact storage; loader imports data too (both use names at call time)
 
 SAMPLE_RATE = 16000
 WIN = 400  # fbank window in samples: 25 ms at 16 kHz
@@ -48,7 +52,7 @@ N_FFT = 512  # the window zero-padded to a power of two
 NUM_MEL_BINS = 128
 AUDIOSET_MEAN = -5.081  # fbank normalisation of the paper (AudioSet's)
 AUDIOSET_STD = 4.4849
-IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as torchvision.transforms.Normalize in the official loader
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as the official loader's transforms.Normalize
 IMAGE_STD = (0.229, 0.224, 0.225)
 MIXUP_BETA = 10.0  # lambda ~ Beta(10, 10)
 
@@ -58,7 +62,7 @@ class DataError(ValueError):
 
 
 def constant_on(t, device):
-    """A CPU constant on `device` without a host sync: a CUDA copy from pinned memory, non-blocking."""
+    """A CPU constant on `device` without a host sync (a non-blocking copy from pinned memory)."""
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -74,11 +78,12 @@ def samples_for(frames):
 
 
 def wav_header_frames(path):
-    """The sample frames the data chunk of a RIFF/WAVE file declares, or None (another format, or a streamed
-    wav whose header holds a placeholder size). libsndfile quietly shortens a truncated wav to what is there."""
+    """The sample frames the data chunk of a RIFF/WAVE file declares, or None (another format, or a
+    streamed wav whose header holds a placeholder size). libsndfile quietly shortens a truncated wav
+    to what is there."""
     with open(path, "rb") as f:
         riff = f.read(12)
-        if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        if (riff[:4] != b"RIFF") or (riff[8:12] != b"WAVE"):
             return None
         block_align = None
         while len(chunk := f.read(8)) == 8:
@@ -110,12 +115,13 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
     if rate != sample_rate:
         raise DataError(
             f"{path} is sampled at {rate} Hz, the model needs {sample_rate} Hz: extract it with "
-            f"`python prepare.py videos` (which resamples), or `ffmpeg -i IN -ar {sample_rate} OUT.wav`"
+            f"`python prepare.py videos` (which resamples), "
+            f"or `ffmpeg -i IN -ar {sample_rate} OUT.wav`"
         )
     if data.shape[0] < promised:
         raise DataError(
-            f"{path} is truncated: its header promises {promised} samples, the file holds {data.shape[0]}; "
-            f"extract it again (python prepare.py videos redoes broken files)"
+            f"{path} is truncated: its header promises {promised} samples, "
+            f"the file holds {data.shape[0]}; extract it again (python prepare.py videos redoes broken files)"
         )
     if data.shape[0] < WIN:
         raise DataError(
@@ -131,8 +137,9 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
 def mel_filterbank(
     num_mel_bins=NUM_MEL_BINS, n_fft=N_FFT, sample_rate=SAMPLE_RATE, low_freq=20.0, high_freq=0.0
 ):
-    """Kaldi's triangular mel filters, linear in mel = 1127 ln(1 + f/700), [num_mel_bins, n_fft // 2 + 1] float32,
-    built with the same float32 torch ops as torchaudio (preprocessing.md 1.4)."""
+    """Kaldi's triangular mel filters, linear in mel = 1127 ln(1 + f/700), float32
+    [num_mel_bins, n_fft // 2 + 1], built with the same float32 torch ops as torchaudio
+    (preprocessing.md 1.4)."""
 
     def mel(f):
         return 1127.0 * math.log(1.0 + f / 700.0)
@@ -144,7 +151,8 @@ def mel_filterbank(
     left = mel_low + band * delta
     center = mel_low + (band + 1.0) * delta
     right = mel_low + (band + 2.0) * delta
-    bin_mel = 1127.0 * (1.0 + sample_rate / n_fft * torch.arange(n_fft // 2) / 700.0).log()  # (n_fft/2,)
+    bin_hz = sample_rate / n_fft * torch.arange(n_fft // 2)  # (n_fft/2,)
+    bin_mel = 1127.0 * (1.0 + bin_hz / 700.0).log()
     up = (bin_mel - left) / (center - left)
     down = (right - bin_mel) / (right - center)
     weights = torch.max(torch.zeros(1), torch.min(up, down))  # (M, n_fft/2)
@@ -160,12 +168,12 @@ def fbank_constants(win, n_fft, num_mel_bins, sample_rate, low_freq, high_freq, 
 
 
 def windowed_frames(waveform, win, hop, window, preemphasis):
-    """(..., N) -> (..., T, win), T = 1 + (N - win) // hop (snip_edges): Kaldi's frames with the DC removed,
-    pre-emphasis inside the frame (its first sample replicated) and the window applied."""
+    """(..., N) -> (..., T, win), T = 1 + (N - win) // hop (snip_edges): Kaldi's frames with the DC
+    removed, pre-emphasis inside the frame (its first sample replicated) and the window applied."""
     frames = waveform.unfold(-1, win, hop)  # (..., T, win) view
     frames = frames - frames.mean(dim=-1, keepdim=True)  # remove DC, frame by frame
     previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-    return (frames - preemphasis * previous) * window
+    return frames.sub_(previous.mul_(preemphasis)).mul_(window)  # in place on the new tensors
 
 
 def require_one_frame(waveform, win, frame_length):
@@ -186,8 +194,9 @@ def fbank(
     preemphasis=0.97,
 ):
     """Log-mel filterbank of torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False,
-    window_type='hanning', dither=0.0) as CAV-MAE calls it, with torchaudio's float32 ops one for one.
-    [N] -> [T, M] or [B, N] -> [B, T, M]. The waveform's own scale is kept (CAV-MAE feeds [-1, 1))."""
+    window_type='hanning', dither=0.0) as CAV-MAE calls it, with torchaudio's float32 ops one for
+    one (preprocessing.md 1.2-1.4). [N] -> [T, M] or [B, N] -> [B, T, M]. The waveform's own scale
+    is kept (CAV-MAE feeds [-1, 1))."""
     win = int(sample_rate * frame_length * 0.001)  # Kaldi's rounding: 400 samples
     hop = int(sample_rate * frame_shift * 0.001)  # 160
     require_one_frame(waveform, win, frame_length)
@@ -203,9 +212,10 @@ def fbank(
 
 @functools.cache
 def mel_bands(dtype, group=16):
-    """CAV-MAE's mel filters in groups of `group` bands, each cut to the bins it covers (the triangles are
-    contiguous): [(first band, lo bin, hi bin, filters (hi - lo, group))]."""
-    weights = fbank_constants(WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, 20.0, 0.0, torch.device("cpu"), dtype)[1]
+    """CAV-MAE's mel filters in groups of `group` bands, each cut to the bins it covers (the
+    triangles are contiguous): [(first band, lo bin, hi bin, filters (hi - lo, group))]."""
+    cpu = torch.device("cpu")
+    weights = fbank_constants(WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, 20.0, 0.0, cpu, dtype)[1]
     bands = []
     for first in range(0, NUM_MEL_BINS, group):
         filters = weights[first : first + group]  # (group, n_fft/2 + 1)
@@ -217,10 +227,11 @@ def mel_bands(dtype, group=16):
 
 
 def cpu_fbank(waveform):
-    """fbank(waveform) at CAV-MAE's settings, within 1e-5 of it, faster on a CPU: one clip at a time, so its
-    frames stay in cache; |X|^2 as re^2 + im^2, in place; each group of 16 mel filters multiplied with the bins
-    it covers only. Measured on 32 clips of 10 s, one thread (python bench.py --data): 57 ms against 103 ms for
-    fbank clip by clip and 322 ms for fbank over the whole batch. [N] -> [T, M] or [B, N] -> [B, T, M]."""
+    """fbank(waveform) at CAV-MAE's settings, within 1e-5 of it, faster on a CPU: one clip at a
+    time, so its frames stay in cache; |X|^2 as re^2 + im^2, in place; each group of 16 mel filters
+    multiplied with the bins it covers only. Measured on 32 clips of 10 s, one thread, 2-core CPU
+    (python bench.py --data): 76 ms against 116 ms for fbank clip by clip and 288 ms for fbank over
+    the whole batch. [N] -> [T, M] or [B, N] -> [B, T, M]."""
     require_one_frame(waveform, WIN, 25.0)
     window = fbank_constants(
         WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, 20.0, 0.0, waveform.device, waveform.dtype
@@ -234,13 +245,14 @@ def cpu_fbank(waveform):
         power = re_im[..., 0] + re_im[..., 1]  # (T, n_fft/2 + 1)
         for first, lo, hi, filters in mel_bands(waveform.dtype):
             torch.mm(power[:, lo:hi], filters, out=mel[:, first : first + filters.shape[1]])
-    out.clamp_min_(torch.finfo(out.dtype).eps).log_()
+        mel.clamp_min_(torch.finfo(mel.dtype).eps).log_()
     return out[0] if waveform.dim() == 1 else out
 
 
 def fbank_features(wave, length, target_length):
-    """Centred waveforms (B, N) and their lengths (B,) on the same device -> fbank cut or padded with zero rows to
-    (B, target_length, M). Rows past a clip's own frames are zero: a clip in a padded batch equals its own fbank."""
+    """Centred waveforms (B, N) and their lengths (B,) on the same device -> fbank cut or padded
+    with zero rows to (B, target_length, M). Rows past a clip's own frames are zero: a clip in a
+    padded batch equals its own fbank."""
     wave = wave[:, : samples_for(target_length)]  # no unused frames
     feats = cpu_fbank(wave) if wave.device.type == "cpu" else fbank(wave)  # (B, <=T, M)
     frames = torch.div(length - WIN, HOP, rounding_mode="floor") + 1  # (B,) a clip's own frames
@@ -254,14 +266,16 @@ def fbank_features(wave, length, target_length):
 
 
 def resized_size(width, height, size):
-    """torchvision's Resize(size): the shorter side becomes `size`, the longer int(size * long / short)."""
+    """torchvision's Resize(size): the shorter side becomes `size`, the longer one
+    int(size * long / short)."""
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
 
 
 def read_frame(path, image_size=224):
-    """uint8 [3, S, S]: RGB, shorter side resized to S with Pillow bicubic, centre crop (torchvision's rules)."""
+    """uint8 [3, S, S]: RGB, the shorter side resized to S with Pillow bicubic, a centre crop
+    (torchvision's rules)."""
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
     try:
@@ -286,7 +300,8 @@ def image_mean_std(device):
 
 
 def normalise_image(image_u8):
-    """uint8 (..., 3, S, S) -> float32 /255, then ImageNet mean/std (torchvision ToTensor + Normalize)."""
+    """uint8 (..., 3, S, S) -> float32 / 255, then ImageNet's mean and std (torchvision's ToTensor
+    and Normalize)."""
     mean, std = image_mean_std(image_u8.device)
     return (image_u8.float().div(255) - mean) / std
 
@@ -297,12 +312,13 @@ def load_image(path, image_size=224):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Augmentations: a worker draws (draw_*, in AVDataset.load), the batch path applies (BatchPreprocessor)
+# Augmentations: a worker draws (draw_*, in AVDataset.load), BatchPreprocessor applies the draws
 
 
 def draw_band(length, max_width):
-    """One SpecAugment band as torchaudio draws it from torch's CPU generator: width = floor(u1 F) in [0, F),
-    start = floor(u2 (L - u1 F)), so start + width <= L. Returns (start, width); max_width 0 draws nothing."""
+    """One SpecAugment band as torchaudio draws it from torch's CPU generator: width = floor(u1 F)
+    in [0, F), start = floor(u2 (L - u1 F)), so start + width <= L. Returns (start, width);
+    max_width 0 draws nothing."""
     if not max_width:
         return 0, 0
     value = torch.rand(1) * max_width  # draw 1: width
@@ -311,8 +327,9 @@ def draw_band(length, max_width):
 
 
 def spec_augment(feats, bands):
-    """SpecAugment on (B, T, M) with bands (B, 4) = (freq start, freq width, time start, time width): whole mel bands
-    and whole frames set to 0 (preprocessing.md 3). A width of 0 masks nothing."""
+    """SpecAugment on (B, T, M) with bands (B, 4) = (freq start, freq width, time start, time
+    width): whole mel bands and whole frames set to 0 (preprocessing.md 3). A width of 0 masks
+    nothing."""
     frame = torch.arange(feats.shape[1], device=feats.device)  # (T,)
     band = torch.arange(feats.shape[2], device=feats.device)  # (M,)
     in_band = (band >= bands[:, 0:1]) & (band < bands[:, 0:1] + bands[:, 1:2])  # (B, M)
@@ -321,8 +338,8 @@ def spec_augment(feats, bands):
 
 
 def mix(first, second, lam):
-    """Mixup: lam * first + (1 - lam) * second per sample; lam (B,) float64, both weights rounded to float32 as
-    the official loader's numpy scalars are."""
+    """Mixup: lam * first + (1 - lam) * second per sample; lam (B,) float64, both weights rounded to
+    float32 as the official loader's numpy scalars are."""
     shape = (-1,) + (1,) * (first.dim() - 1)  # (B, 1, ...)
     own = lam.float().view(shape)
     other = (1 - lam).float().view(shape)
@@ -330,7 +347,8 @@ def mix(first, second, lam):
 
 
 def draw_noise(target_length):
-    """The noise augmentation's draws: the seed of its field, its scale s ~ U(0, 1) and a roll in [-T, T)."""
+    """The noise augmentation's draws: the seed of its field, its scale s ~ U(0, 1) and a roll in
+    [-T, T)."""
     return dict(
         noise_seed=int(torch.randint(2**32, (1,))),
         noise_scale=float(np.random.rand()),
@@ -339,8 +357,9 @@ def draw_noise(target_length):
 
 
 def hash32(x):
-    """A 32-bit integer mixing hash, in place on int64 holding uint32 values: hash-prospector's xorshift-multiply
-    [16 21f0aaad 15 735a2d97 15], whose multipliers are below 2^31, so x * c < 2^63 never overflows int64."""
+    """A 32-bit integer mixing hash, in place on int64 holding uint32 values: hash-prospector's
+    xorshift-multiply [16 21f0aaad 15 735a2d97 15], whose multipliers are below 2^31, so
+    x * c < 2^63 never overflows int64."""
     for shift, multiplier in ((16, 0x21F0AAAD), (15, 0x735A2D97)):
         x ^= x >> shift
         x.mul_(multiplier).bitwise_and_(0xFFFFFFFF)
@@ -355,33 +374,37 @@ def hashed_positions(n, device):
 
 
 def hash_uniform(seeds, shape, device):
-    """U[0, 1) float32 (B, *shape) from integer seeds (B,): element k of sample b is a hash of (seed b, k), 24 bits.
-    Counter-based, not a generator's stream: the same numbers on every device and for any batch composition, a
-    worker ships one integer instead of a (T, M) field, and the device makes the field in a few integer kernels."""
+    """U[0, 1) float32 (B, *shape) from integer seeds (B,): element k of sample b is a hash of
+    (seed b, k), 24 bits. Counter-based, not a generator's stream: the same numbers on every device
+    and for any batch composition, a worker ships one integer instead of a (T, M) field, and the
+    device makes the field in a few integer kernels."""
     device = torch.device(device)
     positions = hashed_positions(math.prod(shape), device)  # (n,)
     seed = hash32(seeds.to(device, torch.int64) & 0xFFFFFFFF)  # (B,)
     out = torch.empty(len(seed), len(positions), device=device)  # (B, n)
-    samples = range(len(seed)) if device.type == "cpu" else [slice(None)]  # CPU: a sample stays in cache
+    samples = range(len(seed)) if device.type == "cpu" else [slice(None)]  # CPU: one stays in cache
     for b in samples:
-        torch.mul(hash32(positions ^ seed[b, None]) >> 8, 2.0**-24, out=out[b])  # top 24 bits -> [0, 1)
+        bits = hash32(positions ^ seed[b, None]) >> 8  # the top 24 bits
+        torch.mul(bits, 2.0**-24, out=out[b])  # -> [0, 1)
     return out.view(-1, *shape)
 
 
 def add_noise(feats, seed, scale, shift):
-    """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10, then a roll in time by
-    `shift` (out[t] = in[t - shift]). seed, scale (float64) and shift are (B,) tensors a worker drew."""
+    """The official `noise` augmentation on normalised fbank (B, T, M): + U(0,1) * s / 10, then a
+    roll in time by `shift` (out[t] = in[t - shift]). seed, scale (float64) and shift are (B,)
+    tensors a worker drew."""
     B, T, M = feats.shape
-    noise = hash_uniform(seed, (T, M), feats.device).mul_(scale.float()[:, None, None]).div_(10)  # (B, T, M)
-    noisy = noise.add_(feats)
-    source = (torch.arange(T, device=feats.device) - shift[:, None]) % T  # (B, T) the frame that lands at t
+    uniform = hash_uniform(seed, (T, M), feats.device)  # (B, T, M)
+    noisy = uniform.mul_(scale.float()[:, None, None]).div_(10).add_(feats)
+    source = (torch.arange(T, device=feats.device) - shift[:, None]) % T  # (B, T) frame moved to t
     rows = (source + T * torch.arange(B, device=feats.device)[:, None]).flatten()  # (B * T,)
     return noisy.reshape(B * T, M).index_select(0, rows).view(B, T, M)
 
 
 def smooth_labels(y1, label_smooth, y2=None, lam=None):
-    """Multi-hot (B, K) -> targets (section 6): negatives ls/K, positives 1 - ls; with mixup positives of the
-    two samples add lam (1 - ls) and (1 - lam) (1 - ls) on top of ls/K. Float64 arithmetic, float32 result."""
+    """Multi-hot (B, K) -> targets (section 6): negatives ls/K, positives 1 - ls; with mixup
+    positives of the two samples add lam (1 - ls) and (1 - lam) (1 - ls) on top of ls/K. Float64
+    arithmetic, float32 result."""
     y1 = y1.double()
     base = label_smooth / y1.shape[1]
     if y2 is None:
@@ -410,7 +433,7 @@ def require_file(path, what):
         return
     folder = os.path.dirname(path) or "."
     if os.path.basename(os.path.normpath(folder)).startswith("synthetic"):
-        make = f"`python prepare.py synthetic --out {folder}` (the config's header lists its options)"
+        make = f"`python prepare.py synthetic --out {folder}` (its config's header has the options)"
     else:
         make = "`python prepare.py videos --input VIDEOS --out FOLDER --labels CSV`"
     raise DataError(f"{what} not found: {path}; write it with {make}, or give the path of yours")
@@ -433,7 +456,8 @@ def load_label_csv(path):
             try:
                 index = int(row["index"])
             except (TypeError, ValueError):
-                raise DataError(f"{path} line {line}: index {row['index']!r} is not an integer") from None
+                problem = f"index {row['index']!r} is not an integer"
+                raise DataError(f"{path} line {line}: {problem}") from None
             rows.append((index, mid, (row.get("display_name") or "").strip()))
     rows.sort()
     if [index for index, _, _ in rows] != list(range(len(rows))):
@@ -445,8 +469,8 @@ def load_label_csv(path):
 
 
 def read_datafile(path):
-    """Rows {video_id, wav, video_path, labels} of an official json datafile, paths resolved against its folder,
-    held compactly (loader.Rows)."""
+    """Rows {video_id, wav, video_path, labels} of an official json datafile, paths resolved against
+    its folder, held compactly (loader.Rows)."""
     require_file(path, "datafile")
     try:
         with open(path, encoding="utf-8") as f:
@@ -470,9 +494,10 @@ def frame_path(row, k):
 
 
 def row_problems(row, labels, num_frames=10, image_size=224):
-    """Every problem that would stop training on `row`, found by loading it as training does (load_audio, and
-    read_frame on each of its frames), and how many of its frames are missing. No problems: []."""
-    problems = [f"label {m!r} is not in the label csv" for m in label_mids(row) if m not in labels.index]
+    """(every problem that would stop training on `row`, how many of its frames are missing),
+    found by loading it as training does: load_audio, and read_frame on each frame. Fine: []."""
+    unknown = [mid for mid in label_mids(row) if mid not in labels.index]
+    problems = [f"label {mid!r} is not in the label csv" for mid in unknown]
     try:
         load_audio(row["wav"])
     except DataError as e:
@@ -480,7 +505,7 @@ def row_problems(row, labels, num_frames=10, image_size=224):
     paths = [frame_path(row, k) for k in range(num_frames)]
     present = [path for path in paths if os.path.isfile(path)]
     if paths[0] not in present:
-        problems.append(f"frame_0 missing ({paths[0]}): a missing frame has no earlier one to fall back to")
+        problems.append(f"frame_0 missing ({paths[0]}): a missing frame has no earlier one to use")
     for path in present:
         try:
             read_frame(path, image_size)
@@ -500,9 +525,10 @@ def all_row_problems(rows, labels, num_frames=10, image_size=224):
 
 
 class AVDataset(torch.utils.data.Dataset):
-    """ds[i] or ds[(i, frame)] -> (fbank [T, 128], image [3, S, S], label [K]), or the raw item that collate_raw
-    batches (raw=True). A key's frame (int or None) overrides ds.frame for that load in evaluation. frame_fallbacks
-    counts the per-item path's fallbacks in this process (num_workers=0); loaders read batch["fallbacks"]."""
+    """ds[i] or ds[(i, frame)] -> (fbank [T, 128], image [3, S, S], label [K]), or the raw item that
+    collate_raw batches (raw=True). A key's frame (int or None) overrides ds.frame for that load in
+    evaluation. frame_fallbacks counts the per-item path's fallbacks in this process
+    (num_workers=0); loaders read batch["fallbacks"]."""
 
     def __init__(
         self,
@@ -546,28 +572,29 @@ class AVDataset(torch.utils.data.Dataset):
         self.dropped = []  # (row in the datafile, video_id, problems) dropped by on_error="skip"
         if on_error == "skip":
             self.skip_bad_rows()
-        self.class_of_code = np.array([self.labels.index.get(m, -1) for m in self.rows.mids], np.int64)
-        unknown = np.flatnonzero(self.class_of_code[self.rows.label_codes] < 0)  # positions in label_codes
+        classes = [self.labels.index.get(mid, -1) for mid in self.rows.mids]
+        self.class_of_code = np.array(classes, np.int64)  # label code -> class, -1: not in the csv
+        unknown = np.flatnonzero(self.class_of_code[self.rows.label_codes] < 0)  # in label_codes
         if len(unknown):
             i = int(np.searchsorted(self.rows.label_offsets, unknown[0], side="right")) - 1
             mid = self.rows.mids[self.rows.label_codes[unknown[0]]]
             raise DataError(
-                f"{datafile} row {i} (video_id {self.rows[i]['video_id']}): label {mid!r} is not in {label_csv}"
+                f"{datafile} row {i} (video_id {self.rows[i]['video_id']}): "
+                f"label {mid!r} is not in {label_csv}"
             )
 
     def skip_bad_rows(self):
-        """Drop every row that would stop training (row_problems), keep the list in self.dropped and warn once."""
-        checks = [
-            problems
-            for problems, _ in all_row_problems(self.rows, self.labels, self.num_frames, self.image_size)
-        ]
+        """Drop every row that would stop training (row_problems); list them in self.dropped, warn."""
+        results = all_row_problems(self.rows, self.labels, self.num_frames, self.image_size)
+        checks = [problems for problems, _ in results]
         self.dropped = [(i, self.rows[i]["video_id"], p) for i, p in enumerate(checks) if p]
         kept = [row for row, problems in zip(self.rows, checks) if not problems]
         self.rows = loader.Rows(kept, "", self.datafile)  # paths already resolved
         if self.dropped:
             first_row, _, first_problems = self.dropped[0]
             warnings.warn(
-                f"{self.datafile}: skipped {len(self.dropped)} of {len(checks)} rows that would stop training "
+                f"{self.datafile}: skipped {len(self.dropped)} of {len(checks)} rows "
+                f"that would stop training "
                 f"(first: row {first_row}: {first_problems[0]}); the list is in .dropped",
                 stacklevel=3,
             )
@@ -576,13 +603,13 @@ class AVDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def wanted_frame(self, frame=None):
-        """Training: a random frame; evaluation: the key's frame, else ds.frame, else the middle one."""
+        """Training: a random frame; evaluation: the key's frame, else ds.frame, else the middle."""
         if self.train:
             return random.randint(0, self.num_frames - 1)
         return next(f for f in (frame, self.frame, self.num_frames // 2) if f is not None)
 
     def choose_frame(self, row, frame=None):
-        """(path, frame loaded, the wanted frame's path if it was missing else None) for one load of `row`."""
+        """(path, frame loaded, the wanted frame's path if it was missing, else None) for a load."""
         want = self.wanted_frame(frame)
         for k in range(want, -1, -1):  # missing frame -> nearest earlier one, as the official code
             path = frame_path(row, k)
@@ -594,7 +621,8 @@ class AVDataset(torch.utils.data.Dataset):
         )
 
     def decode(self, i, frame=None):
-        """Row i read: centred waveform [n], uint8 frame [3, S, S], 0/1 label [K], frame index, missing path or None."""
+        """Row i read: (centred waveform [n], uint8 frame [3, S, S], 0/1 label [K], frame index,
+        the missing wanted frame's path or None)."""
         row = self.rows[i]
         try:
             wave = load_audio(row["wav"])
@@ -607,31 +635,35 @@ class AVDataset(torch.utils.data.Dataset):
         return wave - wave.mean(), image, label, k, missing
 
     def load(self, i, frame=None):
-        """The raw item of row i: decoded, with every random choice of its augmentation drawn here, in the official
-        order (mixup test, partner, lambda, frames, SpecAugment bands, noise). Keys: see collate_raw."""
-        mixed = self.train and self.mixup > 0 and random.random() < self.mixup
+        """The raw item of row i: decoded, with every random choice of its augmentation drawn here,
+        in the official order (mixup test, partner, lambda, frames, SpecAugment bands, noise). Keys:
+        see collate_raw."""
+        mixup_on = self.train and (self.mixup > 0)
+        mixed = mixup_on and (random.random() < self.mixup)  # draw: mix this item?
         if mixed:  # partner from the whole dataset, as the official
             partner = random.randrange(len(self))
             lam = random.betavariate(MIXUP_BETA, MIXUP_BETA)
         wave, image, label, k, missing = self.decode(i, frame)
-        item = dict(wave=wave, image=image, label=label, frame=k, fallbacks=[missing] if missing else [])
+        fallbacks = [missing] if missing else []
+        item = dict(wave=wave, image=image, label=label, frame=k, fallbacks=fallbacks)
         if mixed:
             partner_wave, partner_image, partner_label, _, partner_missing = self.decode(partner)
-            partner_wave = F.pad(
-                partner_wave, (0, max(0, len(wave) - len(partner_wave)))
-            )  # cut or zero-padded
+            shortfall = max(0, len(wave) - len(partner_wave))
+            partner_wave = F.pad(partner_wave, (0, shortfall))[: len(wave)]  # cut or zero-padded
             item.update(
                 partner=partner,
                 lam=lam,
-                partner_wave=partner_wave[: len(wave)],
+                partner_wave=partner_wave,
                 partner_image=partner_image,
                 partner_label=partner_label,
             )
             item["fallbacks"] += [partner_missing] if partner_missing else []
-        elif len(wave) > samples_for(self.target_length):  # only the samples that reach target_length frames
+        elif len(wave) > samples_for(self.target_length):  # only samples that reach a used frame
             item["wave"] = wave[: samples_for(self.target_length)].clone()
         if self.train:
-            item["bands"] = (*draw_band(NUM_MEL_BINS, self.freqm), *draw_band(self.target_length, self.timem))
+            frequency_band = draw_band(NUM_MEL_BINS, self.freqm)
+            time_band = draw_band(self.target_length, self.timem)
+            item["bands"] = (*frequency_band, *time_band)
         if self.train and self.noise:
             item.update(draw_noise(self.target_length))
         return item
@@ -648,13 +680,15 @@ class AVDataset(torch.utils.data.Dataset):
 
 
 def collate_raw(items):
-    """Raw items -> a batch dict of tensors, plus `fallbacks`: the paths of the wanted frames that were missing.
-      wave (B, N) float32 centred, zero-padded; length (B,) int64; image (B, 3, S, S) uint8; label (B, K) 0/1;
-      frame (B,) the frame index loaded.
+    """Raw items -> a batch dict of tensors, plus `fallbacks`: the paths of the wanted frames that
+    were missing.
+      wave (B, N) float32 centred, zero-padded; length (B,) int64; image (B, 3, S, S) uint8;
+      label (B, K) 0/1; frame (B,) the frame index loaded.
     training adds the draws: bands (B, 4) int64 = (freq start, freq width, time start, time width);
       with noise: noise_seed (B,) int64, noise_scale (B,) float64, noise_shift (B,) int64;
     and if any item is mixed: mixed (B,) bool, partner (B,) row index (-1: none), lam (B,) float64,
-      partner_wave (B, N), partner_image (B, 3, S, S) uint8, partner_label (B, K) (zeros where not mixed)."""
+      partner_wave (B, N), partner_image (B, 3, S, S) uint8, partner_label (B, K) (zeros if unmixed).
+    """
 
     def with_partner(item):  # unmixed: zero partner, lam 1
         zeros = {f"partner_{k}": torch.zeros_like(item[k]) for k in ("wave", "image", "label")}
@@ -679,30 +713,21 @@ def collate_raw(items):
     return batch
 
 
+@dataclass
 class BatchPreprocessor:
-    """Applies a collate_raw batch's draws on a device in the official order: mixup (waveforms before fbank, images
-    after normalisation, labels), fbank, pad/cut, SpecAugment, normalisation, noise, label smoothing. No host sync
-    on CUDA: pinned tensors move non_blocking, constants are cached per device, masks come from device lengths."""
+    """Applies a collate_raw batch's draws on a device in the official order: mixup (waveforms
+    before fbank, images after normalisation, labels), fbank, pad/cut, SpecAugment, normalisation,
+    noise, label smoothing. No host sync on CUDA: pinned tensors move non_blocking, constants are
+    cached per device, masks come from device lengths."""
 
-    def __init__(
-        self,
-        target_length=1024,
-        mean=AUDIOSET_MEAN,
-        std=AUDIOSET_STD,
-        train=False,
-        freqm=0,
-        timem=0,
-        noise=False,
-        label_smooth=0.0,
-    ):
-        self.target_length = target_length
-        self.mean = mean
-        self.std = std
-        self.train = train
-        self.freqm = freqm
-        self.timem = timem
-        self.noise = noise
-        self.label_smooth = label_smooth
+    target_length: int = 1024  # fbank frames
+    mean: float = AUDIOSET_MEAN  # fbank normalisation
+    std: float = AUDIOSET_STD
+    train: bool = False  # apply the draws (training) or only normalise (evaluation)
+    freqm: int = 0  # SpecAugment: the largest mel band and time band
+    timem: int = 0
+    noise: bool = False
+    label_smooth: float = 0.0
 
     @classmethod
     def from_dataset(cls, ds):
@@ -721,9 +746,8 @@ class BatchPreprocessor:
             mixed = get("mixed")  # (B,) bool
             lam = get("lam")  # (B,) float64
             mixed_wave = mix(wave, get("partner_wave"), lam)  # (B, N)
-            centred = (
-                mixed_wave - mixed_wave.sum(1, keepdim=True) / length[:, None]
-            )  # over the clip's samples
+            clip_mean = mixed_wave.sum(1, keepdim=True) / length[:, None]  # over the clip's samples
+            centred = mixed_wave - clip_mean
             wave = torch.where(mixed[:, None], centred, wave)
             mixed_image = mix(image, normalise_image(get("partner_image")), lam)
             image = torch.where(mixed[:, None, None, None], mixed_image, image)
@@ -739,8 +763,9 @@ class BatchPreprocessor:
 
 
 def class_balance_weights(ds):
-    """Per-sample weights for WeightedRandomSampler (official formula): a label weighs 1000 / (count + 0.01)
-    over the dataset's rows, a sample the sum over its labels. float64 [len(ds)], aligned with ds (after skips)."""
+    """Per-sample weights for WeightedRandomSampler (official formula): a label weighs 1000 / (count
+    + 0.01) over the dataset's rows, a sample the sum over its labels. float64 [len(ds)], aligned
+    with ds (after skips)."""
     classes = ds.class_of_code[ds.rows.label_codes]  # (labels of all rows,)
     label_weight = 1000.0 / (np.bincount(classes, minlength=ds.num_classes) + 0.01)
     owner = np.repeat(np.arange(len(ds)), np.diff(ds.rows.label_offsets))  # row of each label
@@ -748,19 +773,18 @@ def class_balance_weights(ds):
 
 
 def dataset_stats(ds, max_items=None):
-    """(mean, std) of the padded, unnormalised fbank over ds (or its first max_items rows), to normalise a new
-    dataset as the paper normalises AudioSet (-5.081, 4.4849)."""
+    """(mean, std) of the padded, unnormalised fbank over ds (or its first max_items rows), to
+    normalise a new dataset as the paper normalises AudioSet (-5.081, 4.4849)."""
     total = 0.0
     total_sq = 0.0
     count = 0
     for i in range(min(len(ds), max_items or len(ds))):
         wave = load_audio(ds.rows[i]["wav"])
-        feats = fbank_features(
-            (wave - wave.mean())[None], torch.tensor([len(wave)]), ds.target_length
-        ).double()
+        centred = (wave - wave.mean())[None]  # (1, n)
+        feats = fbank_features(centred, torch.tensor([len(wave)]), ds.target_length).double()
         total += feats.sum().item()
         total_sq += (feats**2).sum().item()
         count += feats.numel()
     mean = total / count
-    variance = max(total_sq / count - mean**2, 0.0) * count / max(count - 1, 1)  # unbiased, as torch.std
+    variance = max(total_sq / count - mean**2, 0.0) * count / max(count - 1, 1)  # unbiased
     return mean, math.sqrt(variance)

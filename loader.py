@@ -224,9 +224,10 @@ def to_device(batch, prep, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Datafile storage at scale: AudioSet-2M's rows as a list of dicts take ~340 B a row, 0.7 GB per process, and
-# every worker copies the pages as reference counts touch them. `python bench.py --data_scale 2000000` builds
-# AVDataset over 2 million generated rows in 8.2 s and holds 218 MB (the list of dicts: 16 s and ~1.5 GB).
+# Datafile storage at scale. As a list of dicts, AudioSet-2M's rows take ~340 B each, 0.7 GB per
+# process, and every worker copies those pages as reference counts touch them. Held here instead:
+# `python bench.py --data_scale 2000000` builds AVDataset over 2 million generated rows in 8.3 s and
+# holds 218 MB (a list of dicts: 16 s and ~1.5 GB), on the 2-core CPU machine.
 
 
 class PackedStrings(NamedTuple):
@@ -241,10 +242,11 @@ class PackedPaths(NamedTuple):
 
     folders: PackedStrings  # distinct folders, each ending in "/" (or "" for a bare name)
     folder_of: np.ndarray  # (n,) int32 folder of path i
-    names: PackedStrings  # (n) names
+    names: PackedStrings  # the name of each path
 
 
 def pack_strings(texts):
+    """Texts -> PackedStrings."""
     encoded = [text.encode() for text in texts]
     offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
     if offsets[-1] < 2**31:  # int32 offsets up to 2 GB of text
@@ -257,6 +259,7 @@ def unpack_string(packed, i):
 
 
 def pack_paths(paths):
+    """Paths -> PackedPaths: split at the last "/", each distinct folder kept once."""
     folders = {}  # folder -> its code, in first-seen order
     folder_of = array("i")
     names = []
@@ -272,9 +275,9 @@ def unpack_path(packed, i):
 
 
 class Rows(Sequence):
-    """A datafile's rows in numpy arrays instead of a list of dicts. rows[i] -> dict(video_id, wav, video_path,
-    labels), paths resolved against `root` on demand; the labels as CSR codes into `mids`: row i's labels are
-    mids[label_codes[label_offsets[i] : label_offsets[i + 1]]]."""
+    """A datafile's rows in numpy arrays instead of a list of dicts. rows[i] -> dict(video_id, wav,
+    video_path, labels), paths resolved against `root` on demand; the labels as CSR codes into
+    `mids`: row i's labels are mids[label_codes[label_offsets[i] : label_offsets[i + 1]]]."""
 
     FIELDS = ("video_id", "wav", "video_path", "labels")
 
@@ -323,7 +326,8 @@ def first_missing_field(records, fields):
 
 
 def release_freed_heap():
-    """Give the heap pages that parsing freed back to the OS (glibc keeps ~100 MB after AudioSet-2M's json)."""
+    """Give the heap pages that parsing freed back to the OS (glibc keeps ~100 MB after
+    AudioSet-2M's json)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
