@@ -1,4 +1,5 @@
-"""data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors."""
+"""data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors;
+the datafile check (prepare.py check), the compact rows (loader.Rows) and the data benchmarks (bench.py)."""
 
 import json
 import math
