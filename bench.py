@@ -6,8 +6,8 @@ eager and compiled, at several batch sizes; or end to end: train.py's real loop 
     python bench.py --modes compiled --compile_scope blocks --batch_sizes 256   # one technique at a time
     python bench.py --e2e --workers 8 --batch_size 256   # train.py on 224 px / 10 s clips, next to the bench rate
     python bench.py --preset tiny --device cpu --modes eager --batch_sizes 4 --steps 2   # a CPU smoke test
-    python bench.py --data                               # the input pipeline: items, batches, fbank (CPU time)
-    python bench.py --data_scale 2000000                 # AVDataset's build time and memory over 2M rows
+    python bench.py --data                               # the input pipeline's CPU time, one thread
+    python bench.py --data_scale 2000000                 # AVDataset's build time and memory, 2M rows
 
 Per configuration: samples/s (--steps timed steps after --warmup ones, one synchronisation at each end), MFU
 (3 x analytic forward FLOPs per sample x samples/s / --peak_flops, CUDA only), peak memory (CUDA: max allocated;
@@ -95,17 +95,17 @@ def parse_args(argv=None):
     )
     e.add_argument("--e2e_data", default="data/bench_e2e", help="cache folder of the generated clips")
     e.add_argument("--e2e_out", default="out/bench_e2e", help="train.py's out_dir (one subfolder per run)")
-    d = p.add_argument_group("the input pipeline (--data, --data_scale): data.py's CPU time and memory")
-    d.add_argument("--data", action="store_true", help="time items, batches and fbank on one CPU thread")
-    d.add_argument("--datafile", default="", help="--data on this datafile (default: generated 10 s clips)")
+    d = p.add_argument_group("the input pipeline (--data, --data_scale): CPU time and memory")
+    d.add_argument("--data", action="store_true", help="time items, batches and fbank, one thread")
+    d.add_argument("--datafile", default="", help="--data on it (default: generated 10 s clips)")
     d.add_argument("--label_csv", default="", help="the label csv of --datafile")
     d.add_argument(
         "--data_items", type=int, default=64, help="clips timed (and generated without --datafile)"
     )
-    d.add_argument("--data_repeats", type=int, default=5, help="interleaved rounds; medians are reported")
+    d.add_argument("--data_repeats", type=int, default=5, help="interleaved rounds (medians)")
     d.add_argument("--target_length", type=int, default=1024, help="fbank frames of an item")
     d.add_argument("--image_size", type=int, default=224, help="frame size of an item")
-    d.add_argument("--data_scale", type=int, default=0, metavar="N", help="AVDataset over N generated rows")
+    d.add_argument("--data_scale", type=int, default=0, metavar="N", help="AVDataset over N rows")
     args = p.parse_args(argv)
     args.batch_sizes = [args.batch_size] if args.batch_size else [int(b) for b in args.batch_sizes.split(",")]
     cuda = args.device.startswith("cuda")
@@ -337,12 +337,12 @@ def describe_e2e(row, workers):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The input pipeline (--data, --data_scale): CPU time of data.py's paths; a datafile's memory at scale
+# The input pipeline (--data, --data_scale): CPU time of data.py's paths; memory at scale
 
 
 def data_bench(datafile, label_csv, items=64, repeats=5, target_length=1024, image_size=224):
-    """CPU time of items, batches and the fbank on one thread, medians of interleaved rounds (load from other
-    processes hits every path alike). Returns {path: ms}."""
+    """CPU time of items, batches and the fbank on one thread, medians of interleaved rounds (load
+    from other processes hits every path alike). Returns {path: ms}."""
     torch.set_num_threads(1)
     size = dict(target_length=target_length, image_size=image_size)
     augment = dict(train=True, mixup=0.5, freqm=48, timem=192, noise=True, label_smooth=0.1)
@@ -394,8 +394,9 @@ def resident_mb():
 
 
 def data_scale(n, num_classes=527):
-    """Seconds to build AVDataset over n generated AudioSet-like rows (files need not exist), and the memory it
-    holds once the json is freed (growth of this process's resident memory). Returns (seconds, MB)."""
+    """Seconds to build AVDataset over n generated AudioSet-like rows (files need not exist), and
+    the memory it holds once the json is freed (this process's resident memory grows by it).
+    Returns (seconds, MB)."""
     mids = [f"/m/0{k:06x}" for k in range(num_classes)]
     with tempfile.TemporaryDirectory() as root:
         with open(os.path.join(root, "labels.csv"), "w") as f:
@@ -424,7 +425,7 @@ def data_scale(n, num_classes=527):
 
 
 def data_main(args):
-    """--data_scale, or --data on --datafile (or on --data_items generated clips of 10 s with 224 px frames)."""
+    """--data_scale, or --data on --datafile (or on --data_items generated 10 s clips, 224 px)."""
     if args.data_scale:
         return data_scale(args.data_scale)
     with tempfile.TemporaryDirectory() as root:

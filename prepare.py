@@ -814,8 +814,8 @@ def make_synthetic(
 
 
 def check_datafile(datafile, label_csv, num_frames=10, image_size=224, show=20):
-    """Load every row of a datafile as training does (data.row_problems: the wav, each frame, the labels); print
-    a summary and the first `show` rows with problems. Returns the number of rows with problems."""
+    """Load every row of a datafile as training does (data.row_problems: the wav, each frame, the
+    labels); print a summary and the first `show` rows with problems. Returns how many have some."""
     start = time.time()
     labels = data.load_label_csv(label_csv)
     rows = data.read_datafile(datafile)
@@ -870,7 +870,7 @@ def main(argv=None):
     synth.add_argument("--num-classes", type=int, default=10)
     synth.add_argument("--multilabel", action="store_true", help="1-3 events of different classes per clip")
     synth.add_argument("--workers", type=int, default=None)
-    check = commands.add_parser("check", help="load every row of a datafile as training does; list problems")
+    check = commands.add_parser("check", help="load every row of a datafile as training does")
     check.add_argument("--data", required=True, help="the datafile (json)")
     check.add_argument("--label-csv", required=True, help="its label csv (index,mid,display_name)")
     check.add_argument("--num-frames", type=int, default=10, help="frames per video")
