@@ -6,6 +6,8 @@ eager and compiled, at several batch sizes; or end to end: train.py's real loop 
     python bench.py --modes compiled --static --batch_sizes 256   # one technique at a time (--sdpa, --compile_mode)
     python bench.py --e2e --workers 8 --batch_size 256   # train.py on 224 px / 10 s clips, next to the bench rate
     python bench.py --preset tiny --device cpu --modes eager --batch_sizes 4 --steps 2   # a CPU smoke test
+    python bench.py --data                               # the input pipeline's CPU time, one thread
+    python bench.py --data_scale 2000000                 # AVDataset's build time and memory, 2M rows
 
 Per configuration: samples/s (--steps timed steps after --warmup ones, one synchronisation at each end), MFU
 (3 x analytic forward FLOPs per sample x samples/s / --peak_flops, CUDA only), peak memory (CUDA: max allocated;
@@ -22,10 +24,13 @@ import json
 import os
 import resource
 import statistics
+import tempfile
 import time
 
 import torch
 
+import data
+import loader
 from model import CAVMAE, CAVMAEConfig, apply_compile, num_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -88,6 +93,17 @@ def parse_args(argv=None):
     )
     e.add_argument("--e2e_data", default="data/bench_e2e", help="cache folder of the generated clips")
     e.add_argument("--e2e_out", default="out/bench_e2e", help="train.py's out_dir (one subfolder per run)")
+    d = p.add_argument_group("the input pipeline (--data, --data_scale): CPU time and memory")
+    d.add_argument("--data", action="store_true", help="time items, batches and fbank, one thread")
+    d.add_argument("--datafile", default="", help="--data on it (default: generated 10 s clips)")
+    d.add_argument("--label_csv", default="", help="the label csv of --datafile")
+    d.add_argument(
+        "--data_items", type=int, default=64, help="clips timed (and generated without --datafile)"
+    )
+    d.add_argument("--data_repeats", type=int, default=5, help="interleaved rounds (medians)")
+    d.add_argument("--target_length", type=int, default=1024, help="fbank frames of an item")
+    d.add_argument("--image_size", type=int, default=224, help="frame size of an item")
+    d.add_argument("--data_scale", type=int, default=0, metavar="N", help="AVDataset over N rows")
     args = p.parse_args(argv)
     args.batch_sizes = [args.batch_size] if args.batch_size else [int(b) for b in args.batch_sizes.split(",")]
     cuda = args.device.startswith("cuda")
@@ -315,8 +331,115 @@ def describe_e2e(row, workers):
     )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The input pipeline (--data, --data_scale): CPU time of data.py's paths; memory at scale
+
+
+def data_bench(datafile, label_csv, items=64, repeats=5, target_length=1024, image_size=224):
+    """CPU time of items, batches and the fbank on one thread, medians of interleaved rounds (load
+    from other processes hits every path alike). Returns {path: ms}."""
+    torch.set_num_threads(1)
+    size = dict(target_length=target_length, image_size=image_size)
+    augment = dict(train=True, mixup=0.5, freqm=48, timem=192, noise=True, label_smooth=0.1)
+    sets = dict(
+        eval=data.AVDataset(datafile, label_csv, **size),
+        train=data.AVDataset(datafile, label_csv, **augment, **size),
+        raw=data.AVDataset(datafile, label_csv, raw=True, **augment, **size),
+    )
+    n = min(items, len(sets["eval"]))
+    prep = data.BatchPreprocessor.from_dataset(sets["raw"])
+    batch = data.collate_raw([sets["raw"][i % n] for i in range(32)])  # also warms the file cache
+    clips = [wave[:length] for wave, length in zip(batch["wave"], batch["length"])]
+    jobs = [(name, lambda ds=ds, i=i: ds[i]) for i in range(n) for name, ds in sets.items()]
+    jobs += [
+        ("cpu_fbank", lambda: data.cpu_fbank(batch["wave"])),
+        ("fbank", lambda: data.fbank(batch["wave"])),
+        ("loop", lambda: [data.fbank(clip) for clip in clips]),
+        ("prep", lambda: prep(batch)),
+    ]
+    times = {name: [] for name, _ in jobs}
+    for name, job in jobs * repeats:
+        start = time.process_time()
+        job()
+        times[name].append(1000 * (time.process_time() - start))
+    ms = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{n} clips of {datafile}; CPU time, 1 thread, medians over {repeats} interleaved rounds")
+    rows = [
+        ("eval", "eval item (wav + fbank + one JPEG)", "official loader 9.8 ms (docs/costs.md)"),
+        ("train", "train item (mixup .5, SpecAugment 48/192, noise)", "official loader 14.3 ms"),
+        ("raw", "raw item (read, decode, draw)", f"= {1000 / ms['raw']:.0f} samples/s per worker"),
+        ("cpu_fbank", "cpu_fbank, batch of 32 clips", f"({ms['cpu_fbank'] / 32:.2f} ms per clip)"),
+        (
+            "fbank",
+            "fbank (the recipe), batch of 32 clips",
+            f"(cpu_fbank / fbank = {ms['cpu_fbank'] / ms['fbank']:.2f})",
+        ),
+        ("loop", "fbank, one clip at a time", f"(cpu_fbank / loop = {ms['cpu_fbank'] / ms['loop']:.2f})"),
+        ("prep", "BatchPreprocessor, train batch of 32 on the CPU", ""),
+    ]
+    for name, label, note in rows:
+        print(f"  {label:<50} {ms[name]:7.2f} ms   {note}")
+    return ms
+
+
+def resident_mb():
+    """This process's resident memory (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def data_scale(n, num_classes=527):
+    """Seconds to build AVDataset over n generated AudioSet-like rows (files need not exist), and
+    the memory it holds once the json is freed (this process's resident memory grows by it).
+    Returns (seconds, MB)."""
+    mids = [f"/m/0{k:06x}" for k in range(num_classes)]
+    with tempfile.TemporaryDirectory() as root:
+        with open(os.path.join(root, "labels.csv"), "w") as f:
+            f.write("index,mid,display_name\n" + "".join(f"{k},{m},class {k}\n" for k, m in enumerate(mids)))
+        rows = (
+            f'{{"video_id": "{i:011x}_30.000", "wav": "/data/audioset/audio/{i:011x}_30.000.flac", '
+            f'"video_path": "/data/audioset/frames", "labels": "{labels}"}}'  # ~150 B of json
+            for i in range(n)
+            for labels in [
+                ",".join(mids[(i * 7919 + j) % num_classes] for j in range(1 + i % 4))
+            ]  # 1-4 labels
+        )
+        with open(os.path.join(root, "data.json"), "w") as f:
+            f.write('{"data": [' + ",".join(rows) + "]}")
+        loader.release_freed_heap()  # what writing the json freed
+        before = resident_mb()
+        start = time.time()
+        ds = data.AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"))
+        seconds = time.time() - start
+        held = resident_mb() - before
+    print(
+        f"{n} rows: {seconds:.1f} s to build AVDataset, {held:.0f} MB held (RSS growth after the json is freed)"
+    )
+    del ds
+    return seconds, held
+
+
+def data_main(args):
+    """--data_scale, or --data on --datafile (or on --data_items generated 10 s clips, 224 px)."""
+    if args.data_scale:
+        return data_scale(args.data_scale)
+    with tempfile.TemporaryDirectory() as root:
+        datafile = args.datafile
+        label_csv = args.label_csv
+        if not datafile:
+            import prepare
+
+            prepare.make_synthetic(root, n_train=args.data_items, n_test=0, image_size=224, seconds=10.0)
+            datafile = os.path.join(root, "train.json")
+            label_csv = os.path.join(root, "labels.csv")
+        sizes = (args.target_length, args.image_size)
+        return data_bench(datafile, label_csv, args.data_items, args.data_repeats, *sizes)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.data or args.data_scale:
+        return data_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

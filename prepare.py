@@ -39,6 +39,8 @@ import soundfile as sf
 from PIL import Image
 from tqdm import tqdm
 
+import data
+
 SAMPLE_RATE = 16000
 NUM_FRAMES = 10  # frames per video, evenly spaced over the first 10 seconds
 FRAME_SIZE = 224  # side of the stored frames
@@ -811,6 +813,43 @@ def make_synthetic(
 # -----------------------------------------------------------------------------------------------------
 
 
+def check_datafile(datafile, label_csv, num_frames=10, image_size=224, show=20):
+    """Load every row of a datafile as training does (data.row_problems: the wav, each frame, the
+    labels); print a summary and the first `show` rows with problems. Returns how many have some."""
+    start = time.time()
+    labels = data.load_label_csv(label_csv)
+    rows = data.read_datafile(datafile)
+    results = data.all_row_problems(rows, labels, num_frames, image_size)
+    bad = [(i, problems) for i, (problems, _) in enumerate(results) if problems]
+    print(
+        f"checked {len(rows)} rows of {datafile} in {time.time() - start:.1f} s: "
+        f"{len(rows) - len(bad)} ok, {len(bad)} with problems"
+    )
+    for i, problems in bad[:show]:
+        print(f"  row {i} (video_id {rows[i]['video_id']}): {'; '.join(problems)}")
+    if len(bad) > show:
+        print(f"  ... and {len(bad) - show} more rows")
+    partial = sum(0 < missing < num_frames for _, missing in results)
+    if partial:
+        print(
+            f"  {partial} rows miss some of their {num_frames} frames (loading falls back to an earlier frame)"
+        )
+    classes_seen = sum(mid in labels.index for mid in rows.mids)
+    unlabelled = int((np.diff(rows.label_offsets) == 0).sum())
+    summary = f"  labels: {classes_seen} of {len(labels.mids)} classes have examples"
+    print(summary + (f", {unlabelled} rows have no label" if unlabelled else ""))
+    return len(bad)
+
+
+def check_command(args):
+    """`python prepare.py check`: exit status 0 when every row loads, 1 when any does not."""
+    try:
+        return 1 if check_datafile(args.data, args.label_csv, args.num_frames, args.image_size) else 0
+    except data.DataError as error:  # a missing or unreadable datafile or label csv
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter
@@ -831,8 +870,15 @@ def main(argv=None):
     synth.add_argument("--num-classes", type=int, default=10)
     synth.add_argument("--multilabel", action="store_true", help="1-3 events of different classes per clip")
     synth.add_argument("--workers", type=int, default=None)
+    check = commands.add_parser("check", help="load every row of a datafile as training does")
+    check.add_argument("--data", required=True, help="the datafile (json)")
+    check.add_argument("--label-csv", required=True, help="its label csv (index,mid,display_name)")
+    check.add_argument("--num-frames", type=int, default=10, help="frames per video")
+    check.add_argument("--image-size", type=int, default=224, help="the size frames are decoded at")
     args = parser.parse_args(argv)
 
+    if args.command == "check":
+        return check_command(args)
     if args.command == "synthetic":
         start = time.time()
         make_synthetic(

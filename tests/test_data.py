@@ -1,4 +1,5 @@
-"""data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors."""
+"""data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors;
+the datafile check (prepare.py check), the compact rows (loader.Rows) and the data benchmarks (bench.py)."""
 
 import json
 import math
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from conftest import assert_fbank_close
 from PIL import Image
 
+import bench
 import data
+import prepare
 
 FLOOR = math.log(torch.finfo(torch.float32).eps)  # log-mel of silence: -15.942384719848633
 LABELS_CSV = 'index,mid,display_name\n0,/m/a,Alpha\n1,/m/b,"Beta, with comma"\n2,/m/c,Gamma\n'
@@ -67,12 +70,12 @@ def dataset(root, **kw):
 # ---------------------------------------------------------------------------------------------- golden vectors
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_fbank_matches_torchaudio_golden(golden, exact):
+@pytest.mark.parametrize("fbank", [data.fbank, data.cpu_fbank], ids=["fbank", "cpu_fbank"])
+def test_fbank_matches_torchaudio_golden(golden, fbank):
     vec = torch.load(os.path.join(golden, "fbank", "fbank_vectors.pth"), weights_only=False)
     for name in (k for k in vec if k != "kwargs"):
         wave = torch.from_numpy(sf.read(os.path.join(golden, "fbank", name + ".wav"), dtype="float32")[0])
-        assert_fbank_close(data.fbank(wave - wave.mean(), exact=exact), vec[name], name=name)
+        assert_fbank_close(fbank(wave - wave.mean()), vec[name], name=name)
 
 
 def test_load_image_matches_torchvision_golden(golden):
@@ -138,9 +141,12 @@ def test_fbank_rejects_fewer_samples_than_one_frame():
         data.fbank(torch.randn(399))
 
 
-def test_fast_and_exact_fbank_agree_on_a_batch():
+def test_cpu_fbank_equals_the_recipe_on_a_batch_and_on_one_clip():
     x = torch.randn(3, 20000) * 0.2
-    assert (data.fbank(x) - data.fbank(x, exact=True)).abs().max() < 1e-5
+    assert (data.cpu_fbank(x) - data.fbank(x)).abs().max() < 1e-5
+    assert_fbank_close(data.cpu_fbank(x[0]), data.fbank(x[0]))
+    with pytest.raises(data.DataError, match="400 samples"):
+        data.cpu_fbank(torch.randn(2, 399))
 
 
 # ---------------------------------------------------------------------------------------------- items
@@ -150,7 +156,7 @@ def test_short_clip_is_padded_with_zero_rows_before_normalisation(tmp_path):
     make_dataset(tmp_path)
     fb, _, _ = dataset(tmp_path, target_length=128)[1]  # 0.5 s -> 48 frames
     wave = data.load_audio(str(tmp_path / "clip1.wav"))
-    want = data.fbank(wave - wave.mean())
+    want = data.cpu_fbank(wave - wave.mean())  # the fbank of the item path on the CPU
     assert fb.shape == (128, 128)
     torch.testing.assert_close(fb[:48], (want - data.AUDIOSET_MEAN) / data.AUDIOSET_STD, atol=0, rtol=0)
     assert torch.all(fb[48:] == (0 - data.AUDIOSET_MEAN) / data.AUDIOSET_STD)
@@ -160,7 +166,7 @@ def test_long_clip_is_cut_to_target_length(tmp_path):
     make_dataset(tmp_path)
     fb, _, _ = dataset(tmp_path, target_length=64, mean=0.0, std=1.0)[2]  # 1.3 s -> 128 frames
     w = data.load_audio(str(tmp_path / "clip2.wav"))
-    assert torch.equal(fb, data.fbank(w - w.mean())[:64])
+    assert torch.equal(fb, data.cpu_fbank(w - w.mean())[:64])
 
 
 def test_label_csv_keeps_quoted_commas_and_orders_by_index(tmp_path):
@@ -381,14 +387,96 @@ def test_skip_policy_drops_bad_rows_at_start_and_lists_them(tmp_path):
     assert "not found" in ds.dropped[1][2][0]
 
 
+def check(datafile, labels):
+    return prepare.main(["check", "--data", datafile, "--label-csv", labels, "--image-size", "32"])
+
+
 def test_check_command_reports_problems_with_nonzero_exit(tmp_path, capsys):
     datafile, labels = make_dataset(tmp_path)
-    assert data.main(["--check", datafile, labels]) == 0
+    assert check(datafile, labels) == 0
     write_wav(str(tmp_path / "clip0.wav"), rate=8000)
     os.remove(tmp_path / "frame_9" / "clip1.jpg")
-    assert data.main(["--check", datafile, labels]) == 1
+    assert check(datafile, labels) == 1
     out = capsys.readouterr().out
     assert "3 ok, 1 with problems" in out and "8000 Hz" in out and "1 rows miss some" in out
+
+
+def write_nan_wav(path):
+    wave = np.full(16000, 0.1, np.float32)
+    wave[100] = np.nan
+    sf.write(path, wave, 16000, subtype="FLOAT")
+
+
+def test_check_command_finds_nan_audio(tmp_path, capsys):
+    datafile, labels = make_dataset(tmp_path)
+    write_nan_wav(str(tmp_path / "clip1.wav"))
+    assert check(datafile, labels) == 1
+    out = capsys.readouterr().out
+    assert "3 ok, 1 with problems" in out and "row 1 (video_id clip1)" in out and "NaN" in out
+
+
+def test_skip_policy_drops_rows_with_nan_audio(tmp_path):
+    make_dataset(tmp_path)
+    write_nan_wav(str(tmp_path / "clip1.wav"))
+    with pytest.warns(UserWarning, match="skipped 1 of 4 rows"):
+        ds = dataset(tmp_path, on_error="skip")
+    assert [(i, vid) for i, vid, _ in ds.dropped] == [(1, "clip1")]
+    assert "NaN" in ds.dropped[0][2][0]
+
+
+def test_check_command_finds_a_truncated_frame(tmp_path, capsys):
+    datafile, labels = make_dataset(tmp_path)
+    frame = tmp_path / "frame_3" / "clip2.jpg"
+    frame.write_bytes(frame.read_bytes()[:300])  # the header opens, the pixels do not decode
+    assert check(datafile, labels) == 1
+    out = capsys.readouterr().out
+    assert "row 2 (video_id clip2)" in out and "cannot read image" in out and "frame_3" in out
+
+
+def test_truncated_wav_is_an_error_naming_the_file_and_both_lengths(tmp_path):
+    path = tmp_path / "cut.wav"
+    write_wav(str(path), seconds=1.0)  # 16000 samples of PCM-16 after a 44-byte header
+    path.write_bytes(path.read_bytes()[: 44 + 2 * 6000])
+    with pytest.raises(
+        data.DataError, match=r"cut\.wav is truncated: its header promises 16000 samples, the file holds 6000"
+    ):
+        data.load_audio(str(path))
+
+
+def test_check_command_finds_a_truncated_wav(tmp_path, capsys):
+    datafile, labels = make_dataset(tmp_path)
+    path = tmp_path / "clip2.wav"
+    path.write_bytes(path.read_bytes()[:5000])
+    assert check(datafile, labels) == 1
+    assert "clip2.wav is truncated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("missing", ["data.json", "labels.csv"])
+def test_a_missing_datafile_or_label_csv_is_an_error_naming_it_and_the_command_that_writes_it(
+    tmp_path, missing
+):
+    folder = tmp_path / "synthetic"
+    folder.mkdir()
+    make_dataset(folder, n=1)
+    os.remove(folder / missing)
+    what = "datafile" if missing == "data.json" else "label csv"
+    want = rf"{what} not found: .*synthetic/{missing}; write it with `python prepare.py synthetic --out .*synthetic`"
+    with pytest.raises(data.DataError, match=want):
+        dataset(folder)
+
+
+def test_a_missing_label_csv_outside_a_synthetic_folder_points_at_prepare_videos(tmp_path):
+    datafile, _ = make_dataset(tmp_path, n=1)
+    with pytest.raises(
+        data.DataError, match=r"label csv not found: .*none\.csv; write it with `python prepare\.py videos"
+    ):
+        data.AVDataset(datafile, str(tmp_path / "none.csv"))
+
+
+def test_check_command_on_a_missing_label_csv_exits_1_with_the_error(tmp_path, capsys):
+    datafile, _ = make_dataset(tmp_path, n=1)
+    assert check(datafile, str(tmp_path / "none.csv")) == 1
+    assert "error: label csv not found" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- loading at scale
@@ -450,8 +538,9 @@ def test_class_balance_weights_on_compact_rows_equal_the_formula_over_dicts(tmp_
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
-def test_scale_command_reports_build_time_and_memory(capsys):
-    assert data.main(["--scale", "2000"]) == 0
+def test_data_scale_bench_reports_build_time_and_memory(capsys):
+    seconds, held = bench.main(["--data_scale", "2000"])
+    assert seconds > 0 and held >= 0
     out = capsys.readouterr().out
     assert "2000 rows" in out and "s to build" in out and "MB held" in out
 
@@ -599,21 +688,11 @@ def test_rows_without_labels_get_an_all_zero_target(tmp_path):
     assert dataset(tmp_path)[0][2].tolist() == [0.0, 0.0, 0.0]
 
 
-def test_bench_command_times_every_path(tmp_path, capsys):
+def test_data_bench_times_every_path(tmp_path, capsys):
     datafile, labels = make_dataset(tmp_path)
-    assert (
-        data.main(
-            ["--bench", "--datafile", datafile, "--label_csv", labels, "--items", "4", "--repeats", "1"]
-        )
-        == 0
-    )
+    flags = ["--datafile", datafile, "--label_csv", labels, "--data_items", "4", "--data_repeats", "1"]
+    ms = bench.main(["--data", *flags, "--target_length", "128", "--image_size", "32"])
+    assert set(ms) == {"eval", "train", "raw", "cpu_fbank", "fbank", "loop", "prep"}
     out = capsys.readouterr().out
-    for line in (
-        "eval item",
-        "train item",
-        "raw item",
-        "batch of 32",
-        "one clip at a time",
-        "BatchPreprocessor",
-    ):
+    for line in ("eval item", "train item", "raw item", "cpu_fbank, batch of 32", "one clip at a time"):
         assert line in out
