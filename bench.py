@@ -243,7 +243,7 @@ def print_table(rows):
 
 def e2e_dataset(args, config):
     """Generate the synthetic clips once per (size, length, count) into args.e2e_data; return the folder."""
-    import prepare
+    import synthetic
 
     seconds = min(
         10.0, config.audio_length / 100 + 0.05
@@ -254,7 +254,7 @@ def e2e_dataset(args, config):
         print(
             f"generating {args.e2e_clips} + {n_test} synthetic clips ({config.img_size} px, {seconds:g} s) in {out}"
         )
-        prepare.make_synthetic(
+        synthetic.make_synthetic(
             out, n_train=args.e2e_clips, n_test=n_test, image_size=config.img_size, seconds=seconds
         )
     return out
