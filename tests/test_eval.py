@@ -5,8 +5,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
-import prepare
+import pictures
+import synthetic
 from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig
 
 # -----------------------------------------------------------------------------
@@ -126,7 +129,7 @@ CLASSES = 3
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    prepare.make_synthetic(
+    synthetic.make_synthetic(
         str(root / "data"),
         n_train=1,
         n_test=6,
@@ -525,7 +528,7 @@ def test_object_patches_marks_the_patches_whose_centre_lies_inside_an_object():
 def test_heat_overlay_is_hottest_where_the_similarity_peaks():
     sim = torch.zeros(4, 4)
     sim[0, 3] = 1.0  # top right
-    heat = ev.pictures.heat_overlay(np.zeros((64, 64, 3), np.uint8), sim).astype(int)
+    heat = pictures.heat_overlay(np.zeros((64, 64, 3), np.uint8), sim).astype(int)
     assert heat[8, 56, 0] > 50 and heat[8, 56, 0] > 3 * heat[8, 56, 1:].max()  # red at the top-right patch
     assert heat[56, 8, 2] > 50 and heat[56, 8, 2] > 3 * heat[56, 8, :2].max()  # blue at the bottom-left one
 
@@ -551,7 +554,7 @@ def object_tokens(self, audio, image):
 def localize_argv(tmp_path, clips):
     """Disks and squares on 64 px frames, a checkpoint that sees them at 48 px (a 12 x 12 grid of 4 px patches),
     and the localize command line for them."""
-    prepare.make_synthetic(
+    synthetic.make_synthetic(
         str(tmp_path / "data"),
         n_train=0,
         n_test=clips,
@@ -629,3 +632,102 @@ def test_localize_without_object_positions_draws_pictures_only(tiny):
         tiny / "loc_one",
     )
     assert out["pointing_game"] is None and out["n"] == 1 and os.path.isfile(out["clips"][0]["picture"])
+
+
+# -----------------------------------------------------------------------------
+# data of another size than the checkpoint's
+
+
+def test_a_checkpoint_of_another_frame_size_and_clip_length_says_how_the_data_is_adapted(tmp_path, capsys):
+    argv = localize_argv(
+        tmp_path, clips=1
+    )  # 64 px frames and 0.7 s clips (68 fbank frames); the model: 48 px, 64
+    ev.main(argv)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1
+    assert (
+        "img_size is 48 and the frames are 64x64 px: frames resized and centre-cropped to 48x48" in notes[0]
+    )
+    assert (
+        "audio_length is 64 and the audio has 68 fbank frames: audio cut to its first 64 frames" in notes[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "seconds, note",
+    [(0.655, None), (0.3, "audio padded with 36 frames of zeros")],  # 64 fbank frames; 28
+)
+def test_data_that_fits_the_checkpoint_gets_no_note_and_a_short_clip_a_padding_note(tmp_path, seconds, note):
+    synthetic.make_synthetic(str(tmp_path), n_train=0, n_test=1, image_size=32, seconds=seconds, workers=1)
+    ds = ev.data.AVDataset(str(tmp_path / "test.json"), str(tmp_path / "labels.csv"))
+    found = ev.adaptation_note(ds, CAVMAEConfig.from_preset("tiny"))  # 32 px, 64 frames
+    if note is None:
+        assert found is None
+    else:
+        assert note in found
+
+
+# -----------------------------------------------------------------------------
+# errors on one clip name the file and say what to do
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_predict_on_a_video_without_sound_names_the_video_and_what_to_do(tiny):
+    video = tiny / "silent.mp4"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=64x48:rate=10:duration=1.5",
+            "-c:v",
+            "mpeg4",
+            str(video),
+        ],
+        check=True,
+    )
+    with pytest.raises(
+        ValueError, match=re.escape(f"--video {video}: no audio stream; CAV-MAE needs a clip with")
+    ):
+        run(tiny, "predict", "finetune.pt", "--video", video)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_predict_on_a_missing_video_names_the_video_and_what_to_do(tiny):
+    missing = tiny / "nowhere.mp4"
+    with pytest.raises(ValueError, match=re.escape(f"--video {missing}: file not found; check the path")):
+        run(tiny, "predict", "finetune.pt", "--video", missing)
+
+
+def test_predict_on_a_missing_image_names_the_image_and_what_to_do(tiny):
+    wav = tiny / "data" / "audio" / "test_00000.wav"
+    missing = tiny / "nowhere.jpg"
+    with pytest.raises(ValueError, match=re.escape(f"--image {missing}: file not found; check the path")):
+        run(tiny, "predict", "finetune.pt", "--wav", wav, "--image", missing)
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def test_importing_eval_leaves_out_the_video_tools_and_the_pictures():
+    code = "import sys, eval; print(sorted({'prepare', 'synthetic', 'pictures'} & set(sys.modules)))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["classify"], ["retrieval"], ["inpaint"], ["localize"], ["embed"], ["predict"]]
+)
+def test_help_prints_the_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        ev.main([*argv, "--help"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")
