@@ -8,8 +8,8 @@ Evaluate CAV-MAE the ways the paper does, and run a model on a video.
     python eval.py localize  --checkpoint out/pretrain/ckpt.pt --data test.json --out localize/
     python eval.py embed     --checkpoint out/pretrain/ckpt.pt --video clip.mp4 --out emb/
 
-The metric functions at the top stand alone (numpy + torch) and reproduce scikit-learn's average precision and
-ROC AUC bit for bit, and the official retrieval script's recall@K and median rank.
+The metric functions at the top stand alone (numpy + torch) and reproduce scikit-learn's average
+precision and ROC AUC bit for bit, and the official retrieval script's recall@K and median rank.
 """
 
 import argparse
@@ -41,8 +41,8 @@ from model import (
     pooled_representation,
 )
 
-# A clip padded by more than this share of the model's audio_length is worth a note; a 10 s AudioSet clip fills 998
-# of the 1024 frames (2.5 % padding), as in the official setup.
+# A clip padded by more than this share of the model's audio_length is worth a note; a 10 s AudioSet
+# clip fills 998 of the 1024 frames (2.5 % padding), as in the official setup.
 PADDING_NOTE_FRACTION = 0.05
 
 # -----------------------------------------------------------------------------
@@ -50,7 +50,7 @@ PADDING_NOTE_FRACTION = 0.05
 
 
 def _threshold_counts(y, s):
-    """True/false positives above each distinct score, highest first: tied scores share one threshold."""
+    """True/false positives above each distinct score, highest first: a tie is one threshold."""
     order = np.argsort(s, kind="stable")[::-1]  # descending; the order inside a tie does not matter
     s = s[order]
     y = y[order]
@@ -61,11 +61,12 @@ def _threshold_counts(y, s):
 
 
 def average_precision(y, s):
-    """scikit-learn's average_precision_score for one class: sum over thresholds of precision x recall step."""
+    """scikit-learn's average_precision_score for one class: sum of precision x recall step."""
     fps, tps = _threshold_counts(y, s)
     ps = tps + fps
     precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
-    recall = np.ones_like(tps) if tps[-1] == 0 else tps / tps[-1]  # no positives: AP = 0, as sklearn >= 1.1
+    no_positives = tps[-1] == 0  # then AP = 0, as sklearn >= 1.1 says
+    recall = np.ones_like(tps) if no_positives else tps / tps[-1]
     # sklearn's summation order: recall decreasing, then the point (recall 0, precision 1) appended
     precision = np.r_[precision[::-1], 1.0]
     recall = np.r_[recall[::-1], 0.0]
@@ -73,8 +74,8 @@ def average_precision(y, s):
 
 
 def roc_auc(y, s):
-    """scikit-learn's roc_auc_score for one class: trapezoids over thresholds (a tie is one diagonal step).
-    NaN when the class has only positives or only negatives, as sklearn 1.9 returns."""
+    """scikit-learn's roc_auc_score for one class: trapezoids over thresholds (a tie is one diagonal
+    step). NaN when the class has only positives or only negatives, as sklearn 1.9 returns."""
     if y.min() == y.max():
         return float("nan")
     fps, tps = _threshold_counts(y, s)
@@ -100,13 +101,15 @@ def _as_numpy(x, name):
 
 
 def classification_metrics(scores, targets):
-    """Per-class AP and ROC AUC exactly as scikit-learn defines them, their means, d-prime and accuracy.
+    """Per-class AP and ROC AUC exactly as scikit-learn defines them, their means, d-prime and
+    accuracy.
 
-    scores: (N, C) logits or probabilities (only their order matters for AP/AUC); targets: (N, C) in {0, 1}.
-    As the official code does, mAP averages AP over all classes (a class without positives has AP 0.0) and
-    d_prime is computed from the mean AUC. A class without positives (or negatives) has AUC NaN, as in
-    sklearn 1.9; mAUC averages the classes whose AUC is defined (the official code would print NaN).
-    acc: fraction of rows whose argmax of scores equals the argmax of targets (first index on ties)."""
+    scores: (N, C) logits or probabilities (only their order matters for AP/AUC); targets: (N, C) in
+    {0, 1}. As the official code does, mAP averages AP over all classes (a class without positives
+    has AP 0.0) and d_prime is computed from the mean AUC. A class without positives (or negatives)
+    has AUC NaN, as in sklearn 1.9; mAUC averages the classes whose AUC is defined (the official
+    code would print NaN). acc: fraction of rows whose argmax of scores equals the argmax of targets
+    (first index on ties)."""
     scores = _as_numpy(scores, "scores")
     targets = _as_numpy(targets, "targets")
     if scores.shape != targets.shape:
@@ -126,19 +129,22 @@ def classification_metrics(scores, targets):
 def retrieval_metrics(similarity):
     """Recall@1/5/10 and median rank (1-based) with queries as rows and the match on the diagonal.
 
-    Same numbers as the official retrieval script: the match's rank is its position in the row sorted by
-    decreasing similarity; when k other candidates tie with the match exactly, the row counts once at each of
-    the k+1 tied positions (so a collapsed model scores like chance, not perfectly)."""
+    Same numbers as the official retrieval script: the match's rank is its position in the row
+    sorted by decreasing similarity; when k other candidates tie with the match exactly, the row
+    counts once at each of the k+1 tied positions (so a collapsed model scores like chance, not
+    perfectly)."""
     sim = torch.as_tensor(similarity).double()
     if (sim.ndim != 2) or (sim.shape[0] != sim.shape[1]):
-        raise ValueError(f"similarity must be a square (queries, candidates) matrix, got {tuple(sim.shape)}")
+        shape = tuple(sim.shape)
+        raise ValueError(f"similarity must be a square (queries, candidates) matrix, got {shape}")
     if not torch.isfinite(sim).all():
         raise ValueError("similarity contains NaN or inf (did the embeddings diverge?)")
     match = sim.diagonal()[:, None]  # (N, 1)
     above = (sim > match).sum(1)  # (N,) candidates strictly more similar than the match
     tied = (sim == match).sum(1)  # (N,) >= 1: the match itself
     start = torch.cumsum(tied, 0) - tied
-    ranks = above.repeat_interleave(tied) + torch.arange(int(tied.sum())) - start.repeat_interleave(tied)
+    position_in_tie = torch.arange(int(tied.sum())) - start.repeat_interleave(tied)  # 0 .. k for k ties
+    ranks = above.repeat_interleave(tied) + position_in_tie
     ranks = ranks.numpy()  # 0-based, one per (row, tied position)
     return dict(
         R1=float(np.mean(ranks < 1)),
@@ -229,14 +235,14 @@ def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", 
 
 
 def fbank_statistic(flag, train, name, default):
-    """--mean / --std if given, else the checkpoint's training setting (dataset_NAME or NAME), else AudioSet's."""
+    """--mean / --std if given, else the checkpoint's (dataset_NAME or NAME), else AudioSet's."""
     if flag is not None:
         return flag
     return train.get(f"dataset_{name}", train.get(name, default))
 
 
 def data_settings(model, info, args):
-    """AVDataset keywords for this model: its input sizes, and the fbank mean/std it was trained with."""
+    """AVDataset keywords for this model: its input sizes, and the fbank mean/std it trained with."""
     cfg = model.config
     train = info["config"]
     return dict(
@@ -252,9 +258,10 @@ def fbank_frames(samples):
     return (samples - data.WIN) // data.HOP + 1
 
 
-def adaptation_note(ds, cfg):
-    """One line saying how the model's input sizes change this data (frames resized, audio cut or padded), as
-    seen on the dataset's first clip; None when the data fits as it is (a 10 s clip in 1024 frames fits)."""
+def adaptation_note(ds, cfg, source=None):
+    """One line saying how the model's input sizes change this data (frames resized, audio cut or
+    padded), as seen on the dataset's first clip; None when the data fits as it is (a 10 s clip in
+    1024 frames fits). source: what to call the data (default: the datafile's first clip)."""
     if len(ds.rows) == 0:
         return None
     row = ds.rows[0]
@@ -267,26 +274,25 @@ def adaptation_note(ds, cfg):
             f"frames resized and centre-cropped to {cfg.img_size}x{cfg.img_size}"
         )
     frames = fbank_frames(sf.info(row["wav"]).frames)
-    if frames > cfg.audio_length:
-        changes.append(
-            f"the checkpoint's audio_length is {cfg.audio_length} and the audio has {frames} fbank frames: "
-            f"audio cut to its first {cfg.audio_length} frames"
-        )
-    elif cfg.audio_length - frames > PADDING_NOTE_FRACTION * cfg.audio_length:
-        changes.append(
-            f"the checkpoint's audio_length is {cfg.audio_length} and the audio has {frames} fbank frames: "
-            f"audio padded with {cfg.audio_length - frames} frames of zeros"
-        )
+    audio_length = cfg.audio_length
+    lengths = f"the checkpoint's audio_length is {audio_length} and the audio has {frames} fbank frames"
+    if frames > audio_length:
+        changes.append(f"{lengths}: audio cut to its first {audio_length} frames")
+    elif audio_length - frames > PADDING_NOTE_FRACTION * audio_length:
+        changes.append(f"{lengths}: audio padded with {audio_length - frames} frames of zeros")
     if not changes:
         return None
-    return f"note: {ds.datafile} (first clip): " + "; ".join(changes)
+    if source is None:
+        source = f"{ds.datafile} (first clip)"
+    return f"note: {source}: " + "; ".join(changes)
 
 
-def open_dataset(model, info, args, datafile, label_csv, **options):
-    """data.AVDataset of `datafile` with the model's input sizes and fbank statistics (options: AVDataset's
-    other keywords); says in one line when those sizes change the data."""
+def open_dataset(model, info, args, datafile, label_csv, source=None, **options):
+    """data.AVDataset of `datafile` with the model's input sizes and fbank statistics (options:
+    AVDataset's other keywords); says in one line when those sizes change the data (source: what to
+    call it there)."""
     ds = data.AVDataset(datafile, label_csv, **data_settings(model, info, args), **options)
-    note = adaptation_note(ds, model.config)
+    note = adaptation_note(ds, model.config, source)
     if note:
         print(note)
     return ds
@@ -298,19 +304,22 @@ def ftmode(args, info):
 
 def check_classes(ds, info, label_csv):
     if ds.num_classes != info["num_classes"]:
-        raise ValueError(
-            f"{label_csv} lists {ds.num_classes} classes but the model predicts {info['num_classes']}"
-        )
+        predicted = info["num_classes"]
+        raise ValueError(f"{label_csv} lists {ds.num_classes} classes but the model predicts {predicted}")
 
 
 def label_csv_for(datafile, label_csv, workdir):
-    """The label csv to read `datafile` with; retrieval needs none, so one is written from the datafile's labels."""
+    """The label csv to read `datafile` with: retrieval needs none, so one of the datafile's labels."""
     if label_csv:
         return label_csv
-    mids = sorted({m for row in data.read_datafile(datafile) for m in data.label_mids(row)}) or ["unlabelled"]
+    mids = sorted({m for row in data.read_datafile(datafile) for m in data.label_mids(row)})
+    if not mids:
+        mids = ["unlabelled"]
     path = os.path.join(workdir, "labels.csv")
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([("index", "mid", "display_name"), *((i, m, m) for i, m in enumerate(mids))])
+        writer = csv.writer(f)
+        writer.writerow(("index", "mid", "display_name"))
+        writer.writerows((i, m, m) for i, m in enumerate(mids))
     return path
 
 
@@ -319,9 +328,16 @@ def check_file(flag, path):
         raise ValueError(f"{flag} {path}: file not found; check the path")
 
 
+def clip_name(args):
+    """The one clip of --video, or of --wav with --image, as the user named it."""
+    if args.video:
+        return args.video
+    return f"{args.wav} with {args.image}"
+
+
 def clip_datafile(args, tmp):
-    """--video, or --wav with --image: a one-clip datafile in `tmp`; returns (its path, the frames the clip has).
-    An error names the file and says what to do."""
+    """--video, or --wav with --image: a one-clip datafile in `tmp`; returns (its path, the frames
+    the clip has). An error names the file and says what to do."""
     import prepare  # ffmpeg's wrappers, only for a clip
 
     has_clip = bool(args.video) or (bool(args.wav) and bool(args.image))
@@ -340,14 +356,18 @@ def clip_datafile(args, tmp):
 
 
 def clip_dataset(model, info, args, tmp):
-    """What localize and embed run on: the clips of --data (the first --limit), or the one clip of --video /
-    --wav + --image, at frame --frame (default: the middle one, as retrieval; an --image is frame 0)."""
+    """What localize and embed run on: the clips of --data (the first --limit), or the one clip of
+    --video / --wav + --image, at frame --frame (default: the middle one, as retrieval; an --image
+    is frame 0)."""
     if args.data:
         datafile = args.data
         available = None  # every frame of the datafile's clips
+        source = None
     else:
         datafile, available = clip_datafile(args, tmp)
-    ds = open_dataset(model, info, args, datafile, label_csv_for(datafile, args.label_csv, tmp), raw=True)
+        source = clip_name(args)
+    label_csv = label_csv_for(datafile, args.label_csv, tmp)
+    ds = open_dataset(model, info, args, datafile, label_csv, source, raw=True)
     if available == [0]:  # an --image is the clip's only frame
         ds.frame = 0
     elif args.frame is not None:
@@ -380,7 +400,8 @@ def autocast(args):
 @torch.no_grad()
 def predict_logits(model, ds, args, mode):
     """Logits (N, K) float32 and labels (N, K) of the whole dataset at its current frame."""
-    logits, labels = [], []
+    logits = []
+    labels = []
     for audio, image, label in batches(ds, args):
         with autocast(args):
             logits.append(model(audio, image, mode).float().cpu())
@@ -389,25 +410,33 @@ def predict_logits(model, ds, args, mode):
 
 
 def frame_list(frames, num_frames=10):
-    """--frames: 'all' -> every frame (averaged), an int -> that frame, None -> the middle frame (official)."""
+    """--frames: 'all' -> every frame (averaged), an int -> that frame, None -> the middle one."""
     if frames is None:
         return [num_frames // 2]
     if frames == "all":
         return list(range(num_frames))
-    if not frames.isdigit() or int(frames) >= num_frames:
+    if (not frames.isdigit()) or (int(frames) >= num_frames):
         raise ValueError(f"--frames must be 'all' or a frame number 0..{num_frames - 1}, got {frames!r}")
     return [int(frames)]
 
 
 def activation_for(args, info, labels=None):
-    """How per-frame predictions are averaged (preprocessing.md 4.4): softmax for accuracy runs, sigmoid for mAP
-    runs, as the checkpoint's config says (metric='acc' | 'mAP'); without one, softmax iff every clip has one label."""
+    """How per-frame predictions are averaged (docs/preprocessing.md 4.4): softmax for accuracy
+    runs, sigmoid for mAP runs, as the checkpoint's config says (metric='acc' | 'mAP'); without one,
+    softmax iff every clip has one label."""
     if args.activation != "auto":
         return args.activation
     metric = info["config"].get("metric")
     if metric is None:
-        metric = "acc" if labels is not None and bool((labels.sum(1) == 1).all()) else "mAP"
+        metric = "acc" if one_label_each(labels) else "mAP"
     return "softmax" if metric == "acc" else "sigmoid"
+
+
+def one_label_each(labels):
+    """Whether every clip has exactly one label: (N, K) 0/1, or None (unknown: no)."""
+    if labels is None:
+        return False
+    return bool((labels.sum(1) == 1).all())
 
 
 def frame_logits(model, ds, args, mode, frames):
@@ -421,7 +450,7 @@ def frame_logits(model, ds, args, mode, frames):
 
 
 def average_frames(logits, activation):
-    """(frames, N, K) logits -> (N, K) mean of per-frame sigmoid or softmax (the official multi-frame score)."""
+    """(frames, N, K) logits -> (N, K) mean of per-frame sigmoid or softmax (the official score)."""
     probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=-1)
     return probs.mean(0)
 
@@ -452,7 +481,7 @@ def print_table(rows, header):
     """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
-        cells = [str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
         print("  ".join(cells))
 
 
@@ -474,8 +503,10 @@ def cmd_classify(args):
         scores = logits[0]
     m = classification_metrics(scores, labels)
     averaged = f" ({act} averaged)" if act else ""
-    print(f"{args.checkpoint}: {len(ds)} clips, mode {mode}, frames {args.frames or frames[0]}{averaged}")
-    print_table([[k, f"{m[k]:.4f}"] for k in ("mAP", "mAUC", "d_prime", "acc")], ["metric", "value"])
+    frames_shown = args.frames or frames[0]
+    print(f"{args.checkpoint}: {len(ds)} clips, mode {mode}, frames {frames_shown}{averaged}")
+    summary = [[k, f"{m[k]:.4f}"] for k in ("mAP", "mAUC", "d_prime", "acc")]
+    print_table(summary, ["metric", "value"])
     out = dict(m, mode=mode, frames=frames, activation=act, clips=len(ds), checkpoint=args.checkpoint)
     per_class = per_class_csv_path(args)
     if per_class:
@@ -501,13 +532,16 @@ def write_per_class_csv(path, label_csv, labels, metrics):
         w.writerow(["index", "mid", "display_name", "positives", "AP", "AUC"])
         for k, (mid, name) in enumerate(zip(label_csv.mids, label_csv.names)):
             positives = int(labels[:, k].sum())
-            w.writerow([k, mid, name, positives, f"{metrics['AP'][k]:.6f}", f"{metrics['AUC'][k]:.6f}"])
+            ap = f"{metrics['AP'][k]:.6f}"
+            auc = f"{metrics['AUC'][k]:.6f}"
+            w.writerow([k, mid, name, positives, ap, auc])
 
 
 def per_class_subset(rows, k, seed):
-    """The paper's retrieval protocol: k clips of each class (a clip's class is its first label; unlabelled clips
-    are left out), drawn reproducibly for `seed`; a class with fewer clips gives all of them. Returns (the chosen
-    row indices in datafile order, {mid: clips taken} for each class)."""
+    """The paper's retrieval protocol: k clips of each class (a clip's class is its first label;
+    unlabelled clips are left out), drawn reproducibly for `seed`; a class with fewer clips gives
+    all of them. Returns (the chosen row indices in datafile order, {mid: clips taken} for each
+    class)."""
     members = {}
     for i, row in enumerate(rows):
         mids = data.label_mids(row)
@@ -535,7 +569,7 @@ def save_embeddings(folder, ds, **arrays):
 @torch.no_grad()
 def cmd_retrieval(args):
     if args.frames == "all":
-        raise ValueError("retrieval embeds one frame per clip: --frames must be a frame number (default: 5)")
+        raise ValueError("retrieval embeds one frame of each clip: --frames must be a frame number")
     model, info = load_model(args.checkpoint, device=args.device, **arch_flags(args))
     with tempfile.TemporaryDirectory() as tmp:
         ds = open_dataset(
@@ -543,7 +577,7 @@ def cmd_retrieval(args):
         )
         ds.frame = frame_list(args.frames)[0]
         subset = None
-        if args.per_class:  # the paper's protocol: a subset with the same number of clips of each class
+        if args.per_class:  # the paper's protocol: the same number of clips of each class
             keep, taken = per_class_subset(ds.rows, args.per_class, args.seed)
             short = {mid: n for mid, n in taken.items() if n < args.per_class}
             subset = dict(
@@ -633,10 +667,8 @@ def cmd_inpaint(args):
             title,
         ).save(path)
     losses = dict(loss_mae_a=out["loss_mae_a"].item(), loss_mae_v=out["loss_mae_v"].item())
-    print(
-        f"{len(written)} pictures -> {args.out}; masked-patch MSE audio {losses['loss_mae_a']:.4f}, "
-        f"visual {losses['loss_mae_v']:.4f}"
-    )
+    errors = f"audio {losses['loss_mae_a']:.4f}, visual {losses['loss_mae_v']:.4f}"
+    print(f"{len(written)} pictures -> {args.out}; masked-patch MSE {errors}")
     write_json(
         os.path.join(args.out, "inpaint.json"),
         dict(
@@ -654,8 +686,9 @@ def cmd_inpaint(args):
 
 
 def similarity_map(audio_tokens, visual_tokens, grid):
-    """Cosine similarity between each clip's pooled audio representation (the coordinated one retrieval uses) and
-    each of its coordinated visual patch tokens: (B, La, D), (B, Lv, D) -> (B, h, w) over the patch grid."""
+    """Cosine similarity between each clip's pooled audio representation (the coordinated one
+    retrieval uses) and each of its coordinated visual patch tokens: (B, La, D), (B, Lv, D) -> (B,
+    h, w) over the patch grid."""
     audio = pooled_representation(audio_tokens)  # (B, D) unit length
     visual = F.normalize(visual_tokens.float(), dim=-1)  # (B, Lv, D)
     return torch.einsum("bd,bld->bl", audio, visual).reshape(-1, *grid)
@@ -669,9 +702,10 @@ def peak_patch(similarity):
 
 
 def object_patches(inside, patch_size, image_size, samples=256):
-    """The pointing game's truth on one frame: which patch centres lie inside an object ((h, w) bool: a map hits
-    when its peak patch is one), and the fraction of the frame the objects cover (on samples x samples points).
-    inside(x, y): the objects test, in pixels of the (image_size, image_size) image the model sees."""
+    """The pointing game's truth on one frame: which patch centres lie inside an object ((h, w)
+    bool: a map hits when its peak patch is one), and the fraction of the frame the objects cover
+    (on samples x samples points). inside(x, y): the objects test, in pixels of the (image_size,
+    image_size) image the model sees."""
     centres = (np.arange(image_size // patch_size) + 0.5) * patch_size
     points = (np.arange(samples) + 0.5) * image_size / samples
     in_patch = inside(centres[None, :], centres[:, None])  # (h, w)
@@ -680,17 +714,18 @@ def object_patches(inside, patch_size, image_size, samples=256):
 
 
 def score_clip(objects, video_id, frame, sim, other, patch_size, image_size):
-    """One clip's entry of localization.json: its peak patch and, where objects.json says where the objects are,
-    hit (the pointing game), area (its chance level), patch_centres (the chance of a random patch), hit_min (a
-    diagnostic: the map's minimum on an object, i.e. a map that finds the objects with the wrong sign) and
-    hit_other_audio (the control: the map of another clip's audio, `other`; None to skip). Returns (the entry,
-    the objects test inside(x, y) in image pixels, or None)."""
+    """One clip's entry of localization.json: its peak patch and, where objects.json says where the
+    objects are, hit (the pointing game), area (its chance level), patch_centres (the chance of a
+    random patch), hit_min (a diagnostic: the map's minimum on an object, i.e. a map that finds the
+    objects with the wrong sign) and hit_other_audio (the control: the map of another clip's audio,
+    `other`; None to skip). Returns (the entry, the objects test inside(x, y) in image pixels, or
+    None)."""
     import synthetic  # objects.json's geometry
 
     clip = dict(video_id=video_id, peak=list(peak_patch(sim)))
     if objects is None:
         return clip, None
-    # objects.json is in pixels of the stored (square) frame, which read_frame rescales to image_size
+    # objects.json is in pixels of the stored (square) frame; read_frame rescales it to image_size
     scale = objects["frame_size"] / image_size
     frame_objects = objects["clips"][video_id][frame]
 
@@ -769,9 +804,8 @@ def cmd_localize(args):
     scores = [f"{k} {v:.3f}" for k, v in list(out.items())[:5] if v is not None]  # the five means
     if not scores:
         scores = ["no objects.json, pictures only"]
-    print(
-        f"{len(clips)} clips, frame {ds.frame}: {', '.join(scores)}; pictures and localization.json -> {args.out}"
-    )
+    written = f"pictures and localization.json -> {args.out}"
+    print(f"{len(clips)} clips, frame {ds.frame}: {', '.join(scores)}; {written}")
     return out
 
 
@@ -779,10 +813,11 @@ def cmd_localize(args):
 
 
 def representations(model, audio, image):
-    """Sec. 3's three representations of each clip, without masking: the coordinated audio and visual ones
-    (each modality alone through the joint blocks with its own norms, mean-pooled, unit length: what retrieval
-    compares) and the joint one (audio and visual tokens together through the joint blocks with the joint norms,
-    mean-pooled and not normalised: the classifier's multimodal features, what its head reads). (B, D) each."""
+    """Sec. 3's three representations of each clip, without masking: the coordinated audio and
+    visual ones (each modality alone through the joint blocks with its own norms, mean-pooled, unit
+    length: what retrieval compares) and the joint one (audio and visual tokens together through the
+    joint blocks with the joint norms, mean-pooled and not normalised: the classifier's multimodal
+    features, what its head reads). (B, D) each."""
     enc = model.encoder
     a = enc.audio_tokens(audio)  # (B, La, D)
     v = enc.visual_tokens(image)  # (B, Lv, D)
@@ -803,17 +838,16 @@ def cmd_embed(args):
                 parts.append([x.float().cpu() for x in representations(model, audio, image)])
     audio_emb, visual_emb, joint_emb = (torch.cat(x) for x in zip(*parts))  # (N, D) each
     save_embeddings(args.out, ds, audio=audio_emb, visual=visual_emb, joint=joint_emb)
-    return dict(
-        audio=audio_emb, visual=visual_emb, joint=joint_emb, video_ids=[r["video_id"] for r in ds.rows]
-    )
+    video_ids = [r["video_id"] for r in ds.rows]
+    return dict(audio=audio_emb, visual=visual_emb, joint=joint_emb, video_ids=video_ids)
 
 
 # Inference on one video
 
 
 def predict_label_csv(args, info, tmp):
-    """--label_csv (which must exist), else the checkpoint's label csv if it is here, else one written in `tmp`
-    that names the classes by their index."""
+    """--label_csv (which must exist), else the checkpoint's label csv if it is here, else one
+    written in `tmp` that names the classes by their index."""
     if args.label_csv:
         return args.label_csv
     label_csv = info["config"].get("label_csv")
@@ -841,7 +875,7 @@ def cmd_predict(args):
         else:
             frames = available
         label_csv = predict_label_csv(args, info, tmp)
-        ds = open_dataset(model, info, args, datafile, label_csv, raw=True)
+        ds = open_dataset(model, info, args, datafile, label_csv, clip_name(args), raw=True)
         check_classes(ds, info, label_csv)
         logits, _ = frame_logits(model, ds, args, ftmode(args, info), frames)
     act = activation_for(args, info)
@@ -852,7 +886,7 @@ def cmd_predict(args):
         for p, k in zip(top.values, top.indices)
     ]
     print(
-        f"{args.video or args.wav}: top {len(result)} of {probs.numel()} classes "
+        f"{clip_name(args)}: top {len(result)} of {probs.numel()} classes "
         f"({act}, mean over {len(frames)} frames)"
     )
     print_table([[r["name"] or r["mid"], f"{r['score']:.4f}"] for r in result], ["label", "score"])
@@ -875,8 +909,8 @@ def cmd_predict(args):
 
 
 def arch_flags(args):
-    """--preset / --config / --model_arg KEY=VALUE: the architecture of an official checkpoint; --audio_length:
-    clips shorter than the checkpoint's, for any checkpoint."""
+    """--preset / --config / --model_arg KEY=VALUE: the architecture of an official checkpoint;
+    --audio_length: clips shorter than the checkpoint's, for any checkpoint."""
     overrides = {}
     defaults = CAVMAEConfig()
     for item in args.model_arg:
@@ -891,10 +925,10 @@ def arch_flags(args):
 
 
 def add_command(commands, name, help, inputs="data"):
-    """A subcommand with the flags every command shares. inputs: "data" (--data), "clip" (one video, or a wav
-    and an image) or "either"."""
+    """A subcommand with the flags every command shares. inputs: "data" (--data), "clip" (one video,
+    or a wav and an image) or "either"."""
     p = commands.add_parser(name, help=help)
-    p.add_argument("--checkpoint", required=True, help="ours (train.py's ckpt.pt) or an official state dict")
+    p.add_argument("--checkpoint", required=True, help="train.py's ckpt.pt, or an official state dict")
     if inputs != "clip":
         p.add_argument("--data", required=inputs == "data", help="datafile (json, official format)")
     if inputs != "data":
@@ -907,11 +941,11 @@ def add_command(commands, name, help, inputs="data"):
         )
         p.add_argument("--limit", type=int, metavar="N", help="only the first N clips of --data")
     p.add_argument("--label_csv", help="index,mid,display_name csv")
-    p.add_argument("--out", help="json file of the results (inpaint, localize, embed: output folder)")
+    p.add_argument("--out", help="json file of the results (inpaint, localize, embed: a folder)")
     p.add_argument(
         "--preset", default="base", choices=sorted(PRESETS), help="official checkpoints: architecture"
     )
-    p.add_argument("--config", help="official checkpoints: architecture from a .json or .py config file")
+    p.add_argument("--config", help="official checkpoints: architecture from a .json or .py config")
     p.add_argument(
         "--model_arg",
         action="append",
@@ -925,7 +959,7 @@ def add_command(commands, name, help, inputs="data"):
         help="fbank frames per clip (default: the checkpoint's); "
         "shorter ones cut the audio position tables, e.g. 512 for 5 s clips with a 10 s model",
     )
-    p.add_argument("--mean", type=float, help="fbank mean (default: the checkpoint's, else AudioSet's)")
+    p.add_argument("--mean", type=float, help="fbank mean (default: the checkpoint's, or AudioSet's)")
     p.add_argument("--std", type=float, help="fbank normalisation std")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=0)
@@ -941,7 +975,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = add_command(commands, "classify", "mAP, mAUC, d-prime and accuracy of a fine-tuned model")
-    p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's ftmode, else multimodal")
+    p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's, else multimodal")
     p.add_argument(
         "--frames", help="'all' (average over the 10 frames) or a frame number (default: middle frame)"
     )
@@ -956,7 +990,7 @@ def main(argv=None):
 
     p = add_command(commands, "retrieval", "audio->visual and visual->audio recall@K and median rank")
     p.add_argument("--frames", help="which frame (default: the middle one, as the official script)")
-    p.add_argument("--save_embeddings", metavar="DIR", help="write audio.npy, visual.npy and video_ids.txt")
+    p.add_argument("--save_embeddings", metavar="DIR", help="audio.npy, visual.npy, video_ids.txt")
     p.add_argument(
         "--per_class",
         type=int,
@@ -980,7 +1014,7 @@ def main(argv=None):
         "heat maps of where the sound comes from, and the pointing game on synthetic data",
         "either",
     )
-    p.add_argument("--objects", help="where the objects are (default: objects.json next to --data, if there)")
+    p.add_argument("--objects", help="where the objects are (default: objects.json beside --data)")
     p.set_defaults(run=cmd_localize)
 
     p = add_command(
@@ -992,7 +1026,7 @@ def main(argv=None):
         commands, "predict", "top labels of a fine-tuned model on one video (or a wav and an image)", "clip"
     )
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's ftmode, else multimodal")
+    p.add_argument("--ftmode", choices=FT_MODES, help="default: the checkpoint's, else multimodal")
     p.add_argument("--frames", help="'all' (default for videos) or a frame number")
     p.add_argument("--activation", default="auto", choices=["auto", "sigmoid", "softmax"])
     p.set_defaults(run=cmd_predict)
@@ -1004,7 +1038,8 @@ def main(argv=None):
     has_data = bool(getattr(args, "data", None))
     has_clip = bool(getattr(args, "video", None)) or bool(getattr(args, "wav", None))
     if has_data and has_clip:
-        parser.error(f"{args.command} takes --data or one clip (--video, or --wav with --image), not both")
+        one_clip = "one clip (--video, or --wav with --image)"
+        parser.error(f"{args.command} takes --data or {one_clip}, not both")
     return args.run(args)
 
 

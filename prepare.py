@@ -12,11 +12,11 @@ The format (what data.py reads):
 Paths inside our datafiles are relative to the datafile's folder, so a dataset folder can be moved.
 
 `videos` reproduces the official extraction (docs/preprocessing.md, section 5) with the ffmpeg and
-ffprobe programs: audio resampled to 16 kHz keeping the first channel, and the 10 frames the official
-OpenCV extractor reads, resized (shorter side 224, Pillow bilinear), centre-cropped to 224 and saved with
-Pillow's JPEG defaults. A video that cannot become a sample is listed with its reason in OUT/failed.csv
-(and the exit status is 1); a rerun redoes only what is missing or broken. `synthetic` draws a toy
-audio-visual dataset (synthetic.py: shapes that sound).
+ffprobe programs: audio resampled to 16 kHz keeping the first channel, and the 10 frames the
+official OpenCV extractor reads, resized (shorter side 224, Pillow bilinear), centre-cropped to 224
+and saved with Pillow's JPEG defaults. A video that cannot become a sample is listed with its reason
+in OUT/failed.csv (and the exit status is 1); a rerun redoes only what is missing or broken.
+`synthetic` draws a toy audio-visual dataset (synthetic.py: shapes that sound).
 """
 
 import argparse
@@ -53,9 +53,9 @@ AUDIO_EXTS = {
     ".aac",
     ".wma",
 }  # listed, then failed: no video
-LIST_HEADERS = {"path", "video", "video_path", "file", "filename"}  # a first line of --input to skip
-LABEL_HEADERS = {"video_id", "video", "id", "ytid", "youtube_id"}  # a first line of --labels to skip
-NEEDS_BOTH = "CAV-MAE needs a clip with pictures and sound (eval.py also takes a --wav with an --image)"
+LIST_HEADERS = {"path", "video", "video_path", "file", "filename"}  # --input's header line, skipped
+LABEL_HEADERS = {"video_id", "video", "id", "ytid", "youtube_id"}  # --labels' header line, skipped
+NEEDS_BOTH = "CAV-MAE needs a clip with pictures and sound (eval.py also takes --wav with --image)"
 FFMPEG_HELP = (
     "prepare.py needs the `ffmpeg` and `ffprobe` programs on the PATH. Install them with one of\n"
     "  sudo apt-get install -y ffmpeg          (Debian, Ubuntu)\n"
@@ -65,7 +65,7 @@ FFMPEG_HELP = (
 
 
 class PrepareError(ValueError):
-    """A video that cannot become a sample: str(error) is the reason (failed.csv's column), .advice what to do."""
+    """A video that cannot become a sample: str(error) is the reason (failed.csv's), .advice what to do."""
 
     def __init__(self, reason, advice):
         super().__init__(reason)
@@ -81,7 +81,7 @@ def progress(results, total, desc):
 
 
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
-    """list(map(fn, jobs)) over `workers` processes (in this process when 1), with a progress bar."""
+    """list(map(fn, jobs)) over `workers` processes (here when 1), with a progress bar."""
     if workers <= 1:
         return progress(map(fn, jobs), len(jobs), desc)
     with ProcessPoolExecutor(workers) as pool:
@@ -108,17 +108,18 @@ def write_label_csv(path, mids, names):
     os.replace(tmp, path)
 
 
-# -----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Real videos: ffprobe / ffmpeg wrappers (importable: eval.py's `predict` runs them on one video)
 
 
 @functools.cache
 def check_ffmpeg():
-    """Return ffmpeg's (major, minor) version; raise FFmpegMissing with install help when it is missing."""
+    """ffmpeg's (major, minor) version; FFmpegMissing, with install help, when it is missing."""
     missing = [p for p in ("ffmpeg", "ffprobe") if shutil.which(p) is None]
     if missing:
         raise FFmpegMissing(f"{' and '.join(missing)} not found.\n{FFMPEG_HELP}")
-    line = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0]
+    version = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout
+    line = version.split("\n")[0]
     match = re.search(r"version n?(\d+)\.(\d+)", line)
     if match is None:  # git builds say `version N-...`: assume a new one
         return (99, 0)
@@ -131,7 +132,7 @@ def _run(cmd, video, timeout=600):
     except subprocess.TimeoutExpired:
         raise PrepareError(
             f"ffmpeg did not finish within {timeout} s",
-            f"check that the file plays (`ffprobe {video}`); cut a very long video first (`ffmpeg -t 10`)",
+            f"check that the file plays (`ffprobe {video}`); cut a long video first (ffmpeg -t 10)",
         ) from None
 
 
@@ -168,7 +169,7 @@ def stream_fps(stream):
 
 
 def count_packets(video, stream_index):
-    """The packets (one frame each) of one stream, counted by reading the file through without decoding."""
+    """The packets (one frame each) of one stream, counted by reading the file without decoding."""
     result = _run(
         [
             "ffprobe",
@@ -190,9 +191,9 @@ def count_packets(video, stream_index):
 
 
 def frame_count(video, facts, stream, fps):
-    """OpenCV's CAP_PROP_FRAME_COUNT: the container's nb_frames, else floor(duration * fps + 0.5). A container
-    with neither (a webm as browsers and downloaders write it) has its frames counted: the number the official
-    extractor would get from a container that announced it."""
+    """OpenCV's CAP_PROP_FRAME_COUNT: the container's nb_frames, else floor(duration * fps + 0.5). A
+    container with neither (a webm as browsers and downloaders write it) has its frames counted: the
+    number the official extractor would get from a container that announced it."""
     count = int(stream.get("nb_frames") or 0)
     if count > 0:
         return count
@@ -212,9 +213,9 @@ def is_video_stream(stream):
 def probe(video):
     """Stream facts of `video` as OpenCV reports them to the official extractor.
 
-    Returns dict(has_video, has_audio, video_stream, fps, count, total): fps and count as stream_fps and
-    frame_count say; total = min(count, int(fps * 10)), the number of frames the 10 samples are spread
-    over. Raises PrepareError when the file is missing, empty or unreadable.
+    Returns dict(has_video, has_audio, video_stream, fps, count, total): fps and count as stream_fps
+    and frame_count say; total = min(count, int(fps * 10)), the number of frames the 10 samples are
+    spread over. Raises PrepareError when the file is missing, empty or unreadable.
     """
     check_ffmpeg()
     if not os.path.isfile(video):
@@ -256,7 +257,8 @@ def probe(video):
     stream = videos[0]
     fps = stream_fps(stream)
     count = frame_count(video, facts, stream, fps)
-    info.update(video_stream=int(stream["index"]), fps=fps, count=count, total=min(count, int(fps * 10)))
+    total = min(count, int(fps * 10))
+    info.update(video_stream=int(stream["index"]), fps=fps, count=count, total=total)
     return info
 
 
@@ -269,12 +271,12 @@ def check_streams(info):
 
 
 def frame_indices(total):
-    """0-based decode index of each of the 10 frames: the official seek to int(i*total/10) - 1 (Sec. 5.1)."""
+    """0-based decode index of each of the 10 frames: the official seek to int(i*total/10) - 1."""
     return [max(int(i * (total / NUM_FRAMES)) - 1, 0) for i in range(NUM_FRAMES)]
 
 
 def resized_size(w, h, size):
-    """(width, height) with the shorter side `size` and the other scaled by torchvision's int rule."""
+    """(width, height): the shorter side `size`, the other scaled by torchvision's int rule."""
     if w <= h:
         return size, int(size * h / w)
     return int(size * w / h), size
@@ -291,7 +293,7 @@ def resize_crop(image, size=FRAME_SIZE):
 
 
 def _read_ppm_stream(data):
-    """Split ffmpeg's image2pipe PPM output into (H, W, 3) uint8 arrays; a cut-off last image is dropped."""
+    """ffmpeg's image2pipe PPM output as (H, W, 3) uint8 arrays; a cut-off last image is dropped."""
     frames = []
     pos = 0
     header = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+255\s")
@@ -314,8 +316,8 @@ def frame_path(frames_root, i, video_id):
 
 
 def decode_frames(video, info, wanted):
-    """The frames of `video` at the sorted decode indices `wanted`, in one ffmpeg pass (select by decode index,
-    RGB24): {index: (H, W, 3) uint8}. A frame that could not be decoded is absent."""
+    """The frames of `video` at the sorted decode indices `wanted`, in one ffmpeg pass (select by
+    decode index, RGB24): {index: (H, W, 3) uint8}. A frame that could not be decoded is absent."""
     select = "+".join(f"eq(n\\,{k})" for k in wanted)
     passthrough = ["-fps_mode", "passthrough"] if check_ffmpeg() >= (5, 1) else ["-vsync", "0"]
     result = _run(
@@ -355,11 +357,12 @@ def decode_frames(video, info, wanted):
 
 
 def extract_frames(video, frames_root, video_id, info=None, only=None):
-    """Write the 10 official frames of `video` to frames_root/frame_{i}/{video_id}.jpg; return their paths.
+    """Write the 10 official frames of `video` to frames_root/frame_{i}/{video_id}.jpg; return their
+    paths.
 
-    Decodes the wanted frames, then resizes, crops and saves each with Pillow. `only`: the frame numbers i to
-    (re)write, default all. Each JPEG is written to a temporary name and renamed. Raises PrepareError for a
-    video with too few decodable frames.
+    Decodes the wanted frames, then resizes, crops and saves each with Pillow. `only`: the frame
+    numbers i to (re)write, default all. Each JPEG is written to a temporary name and renamed.
+    Raises PrepareError for a video with too few decodable frames.
     """
     if info is None:
         info = probe(video)
@@ -387,7 +390,8 @@ def extract_frames(video, frames_root, video_id, info=None, only=None):
 
 
 def extract_audio(video, wav_path, info=None):
-    """Write the first audio channel of `video`, resampled to 16 kHz, as PCM16 wav (Sec. 5.2); return the path.
+    """Write the first audio channel of `video`, resampled to 16 kHz, as PCM16 wav (Sec. 5.2);
+    return the path.
 
     pan keeps channel 0 like the official `sox remix 1` (-ac 1 would average the channels instead).
     """
@@ -442,8 +446,9 @@ def extract_audio(video, wav_path, info=None):
 
 
 def one_clip_datafile(folder, video=None, wav=None, image=None):
-    """One clip as a dataset in `folder`: a video's audio and 10 frames, or a wav and one image (frame_0). The clip
-    is named after the file. Returns (the datafile's path, the frame numbers the clip has)."""
+    """One clip as a dataset in `folder`: a video's audio and 10 frames, or a wav and one image
+    (frame_0). The clip is named after the file. Returns (the datafile's path, the frame numbers the
+    clip has)."""
     video_id = os.path.splitext(os.path.basename(video if video else wav))[0]
     frames_root = os.path.join(folder, "frames")
     if video:
@@ -454,7 +459,7 @@ def one_clip_datafile(folder, video=None, wav=None, image=None):
         available = list(range(NUM_FRAMES))
     else:
         os.makedirs(os.path.join(frames_root, "frame_0"), exist_ok=True)
-        shutil.copyfile(image, frame_path(frames_root, 0, video_id))  # data.read_frame decodes by content
+        shutil.copyfile(image, frame_path(frames_root, 0, video_id))  # read by content: any format
         available = [0]
     path = os.path.join(folder, "clip.json")
     row = dict(video_id=video_id, wav=os.path.abspath(wav), video_path="frames", labels="")
@@ -489,7 +494,7 @@ def _jpeg_ok(path):
 
 
 def failure_reason(error):
-    """failed.csv's reason for an error: a PrepareError's own words, else the exception's type and message."""
+    """failed.csv's reason: a PrepareError's own words, else the exception's type and message."""
     if isinstance(error, PrepareError):
         return str(error)
     return f"{type(error).__name__}: {error}"
@@ -515,14 +520,14 @@ def prepare_video(job):
             extract_frames(video, frames_root, video_id, info=info, only=need_frames)
         if need_audio:
             extract_audio(video, wav, info=info)
-    except Exception as error:  # PrepareError, or anything unforeseen (disk full, odd ffprobe output):
-        _remove(wav, *frames)  # one bad video must not stop the run; a failed video leaves nothing behind
+    except Exception as error:  # PrepareError, or the unforeseen (disk full, odd ffprobe output):
+        _remove(wav, *frames)  # one bad video does not stop the run, and leaves nothing behind
         return "failed", failure_reason(error)
     return "done", ""
 
 
 def list_folder(folder):
-    """The videos in `folder` and below, by extension, and the audio-only files (they fail: no video stream)."""
+    """The videos in `folder` and below, by extension, and the audio-only files (to fail: no video)."""
     wanted = VIDEO_EXTS | AUDIO_EXTS
     found = [
         os.path.join(root, name)
@@ -531,9 +536,8 @@ def list_folder(folder):
         if os.path.splitext(name)[1].lower() in wanted
     ]
     if not found:
-        raise ValueError(
-            f"--input {folder}: no video files in it or below (looked for {' '.join(sorted(VIDEO_EXTS))})"
-        )
+        extensions = " ".join(sorted(VIDEO_EXTS))
+        raise ValueError(f"--input {folder}: no video files in it or below (looked for {extensions})")
     return sorted(found)
 
 
@@ -545,7 +549,7 @@ def is_listed_path(row):
 
 
 def list_videos(source):
-    """Video paths from a folder (recursive, by extension) or a csv/text list (first column, one a line)."""
+    """Video paths from a folder (recursive, by extension) or a csv/text list (first column)."""
     if os.path.isdir(source):
         return list_folder(source)
     if not os.path.isfile(source):
@@ -557,7 +561,7 @@ def list_videos(source):
     if has_header:
         rows = rows[1:]
     if not rows:
-        raise ValueError(f"--input {source}: the list names no videos (one path a line, first column)")
+        raise ValueError(f"--input {source}: the list names no videos (one path a line)")
     return [os.path.join(base, row[0].strip()) for row in rows]
 
 
@@ -570,12 +574,12 @@ def _is_number(text):
 
 
 def is_segment_row(row):
-    """A VGGSound (label in column 2) or AudioSet (labels in column 3) row: id, start seconds, ..."""
+    """A VGGSound (label in column 2) or AudioSet (labels in column 3) row: id, start, ..."""
     return (len(row) >= 4) and _is_number(row[1])
 
 
 def segment_keys(video_id, start_text):
-    """The usual spellings of a segment's file name: {id}_{start} as written, with 3 decimals, 6 digits, int."""
+    """The usual names of a segment's file: {id}_{start} as written, %.3f, 6 digits, int."""
     start = float(start_text)
     return [
         f"{video_id}_{start_text}",
@@ -586,7 +590,8 @@ def segment_keys(video_id, start_text):
 
 
 def read_video_labels(path):
-    """Labels per video_id from a csv in one of three layouts; returns dict video_id -> [label, ...].
+    """Labels per video_id from a csv in one of three layouts; returns dict video_id -> [label,
+    ...].
 
     `video_id,labels` (labels: mids or names separated by commas, quoted), the VGGSound csv
     `youtube_id,start_seconds,label,split` and the AudioSet segment csv `YTID, start_seconds,
@@ -605,7 +610,8 @@ def read_video_labels(path):
     labels = {}
     for n, row in enumerate(rows, 1):
         if is_segment_row(row):
-            names = row[3].split(",") if _is_number(row[2]) else [row[2]]  # AudioSet: col 2 is the end
+            audioset = _is_number(row[2])  # its column 2 is the end time
+            names = row[3].split(",") if audioset else [row[2]]
             for key in segment_keys(row[0], row[1]):
                 labels[key] = names
             labels.setdefault(row[0], names)
@@ -621,7 +627,7 @@ def read_video_labels(path):
 
 
 def number_label_names(entries, names):
-    """Labels given by name get mids /label/0000, ... (in name order); returns (the mids, the names)."""
+    """Labels given by name get mids /label/0000, ... in name order; returns (mids, names)."""
     mids = {name: f"/label/{i:04d}" for i, name in enumerate(names)}
     for e in entries:
         e["labels"] = [mids[l] for l in e["labels"]]
@@ -629,10 +635,8 @@ def number_label_names(entries, names):
 
 
 def report(out, entries, counts, failed):
-    print(
-        f"{len(entries)} videos ready in {os.path.join(out, 'data.json')} ({counts['done']} extracted, "
-        f"{counts['skipped']} already done), {len(failed)} failed"
-    )
+    done = f"{counts['done']} extracted, {counts['skipped']} already done"
+    print(f"{len(entries)} videos ready in {os.path.join(out, 'data.json')} ({done}), {len(failed)} failed")
     for video, reason in failed:
         print(f"  FAILED {video}: {reason}")
     if failed:
@@ -640,7 +644,8 @@ def report(out, entries, counts, failed):
 
 
 def prepare_videos(source, out, labels_csv=None, workers=None):
-    """Extract every video of `source` into `out`; write data.json, failed.csv (and labels.csv). Returns failures."""
+    """Extract every video of `source` into `out`; write data.json, failed.csv (and labels.csv).
+    Returns the failures, (video, reason) each."""
     check_ffmpeg()
     videos = list_videos(source)
     table = read_video_labels(labels_csv) if labels_csv else {}  # a bad csv fails before any work
@@ -692,12 +697,12 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
     return failed
 
 
-# -----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Command line: one function per subcommand, each returning the exit status
 
 
 def cmd_videos(args):
-    """Exit status 0 when every video became a sample, 1 when some failed (listed in OUT/failed.csv)."""
+    """Exit status 0 when every video became a sample, 1 when some failed (OUT/failed.csv)."""
     failed = prepare_videos(args.input, args.out, args.labels, args.workers)
     return 1 if failed else 0
 
@@ -718,24 +723,22 @@ def cmd_synthetic(args):
         args.workers,
     )
     kind = " (multi-label)" if args.multilabel else ""
-    print(
-        f"synthetic: {args.n_train} train + {args.n_test} test clips, {args.num_classes} classes{kind}, "
-        f"{args.image_size}px frames, {args.seconds} s audio -> {args.out} in {time.time() - start:.1f} s"
-    )
+    clips = f"{args.n_train} train + {args.n_test} test clips, {args.num_classes} classes{kind}"
+    sizes = f"{args.image_size}px frames, {args.seconds} s audio"
+    print(f"synthetic: {clips}, {sizes} -> {args.out} in {time.time() - start:.1f} s")
     return 0
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    description = __doc__.split("\n\n")[0].strip()
+    parser = argparse.ArgumentParser(description=description)
     commands = parser.add_subparsers(dest="command", required=True)
 
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
-    videos.add_argument("--input", required=True, help="folder of videos, or a csv/text list of paths")
+    videos.add_argument("--input", required=True, help="folder of videos, or a csv/text list")
     videos.add_argument("--out", required=True, help="output folder")
-    videos.add_argument("--labels", help="csv: video_id,labels | VGGSound csv | AudioSet segment csv")
-    videos.add_argument("--workers", type=int, default=None, help="parallel videos (default: CPU count)")
+    videos.add_argument("--labels", help="csv: video_id,labels | VGGSound | AudioSet segments")
+    videos.add_argument("--workers", type=int, default=None, help="parallel videos (default: CPUs)")
     videos.set_defaults(run=cmd_videos)
 
     synth = commands.add_parser(
@@ -748,7 +751,7 @@ def main(argv=None):
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--seconds", type=float, default=2.56)
     synth.add_argument("--num-classes", type=int, default=10)
-    synth.add_argument("--multilabel", action="store_true", help="1-3 events of different classes per clip")
+    synth.add_argument("--multilabel", action="store_true", help="1-3 events of different classes")
     synth.add_argument("--workers", type=int, default=None)
     synth.set_defaults(run=cmd_synthetic)
 

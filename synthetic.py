@@ -1,18 +1,18 @@
 """
-The synthetic audio-visual dataset: shapes that sound. Written in the official on-disk format (prepare.py's
-docstring describes it), so everything that reads real data reads it too.
+The synthetic audio-visual dataset: shapes that sound. Written in the official on-disk format
+(prepare.py's docstring describes it), so everything that reads real data reads it too.
 
     python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --seed 0 --multilabel]
 
-Class = a visual shape/texture + a sound timbre (each recognisable alone). Instance cues shared by both
-modalities, so retrieval must learn more than the class: hue <-> pitch of each object's note, number of objects
-<-> number of note onsets, left-to-right order <-> order in time, size <-> loudness (the size follows the
-loudness envelope over the 10 frames). Nuisances: background colour, gradient and pixel noise, vertical
-position, drift, audio noise level.
+Class = a visual shape/texture + a sound timbre (each recognisable alone). Instance cues shared by
+both modalities, so retrieval must learn more than the class: hue <-> pitch of each object's note,
+number of objects <-> number of note onsets, left-to-right order <-> order in time, size <->
+loudness (the size follows the loudness envelope over the 10 frames). Nuisances: background colour,
+gradient and pixel noise, vertical position, drift, audio noise level.
 
 Beside the official files, objects.json records where each object is on each frame, for eval.py's
-localisation score (`inside_objects` tests points against it, `read_objects` reads it back).
-Every clip draws from its own random generator, so a seed gives the same bytes with any number of workers.
+localisation score (`inside_objects` tests points against it, `read_objects` reads it back). Every
+clip draws from its own random generator, so a seed gives the same bytes with any number of workers.
 """
 
 import json
@@ -67,12 +67,12 @@ OBJECTS_HELP = (
 )
 
 
-# -----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Drawing one clip
 
 
 def shape_mask(cls, x, y):
-    """(inside, dark texture) boolean masks of class `cls`'s shape; x, y: coordinates / object radius."""
+    """(inside, dark texture) boolean masks of class `cls`'s shape; x, y: coordinates / radius."""
     ax = np.abs(x)
     ay = np.abs(y)
     r2 = x * x + y * y
@@ -112,7 +112,7 @@ def note(cls, f0, n, rng):
     nyquist_margin = 0.45 * SAMPLE_RATE
 
     def partials(ratios, amps):
-        """A sum of sines at f0 times each ratio (those below the Nyquist margin), each with a random phase."""
+        """Sines at f0 times each ratio (those below the Nyquist margin), each with a random phase."""
         keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < nyquist_margin]
         return sum(a * np.sin(2 * np.pi * r * f0 * t + rng.uniform(0, 2 * np.pi)) for r, a in keep)
 
@@ -142,7 +142,7 @@ def note(cls, f0, n, rng):
 
 
 def object_box(x, y, r):
-    """(rows, columns) slices of the pixels a shape of radius r centred at (x, y) can touch: every shape fits."""
+    """(rows, columns) slices of the pixels that a shape of radius r centred at (x, y) can touch."""
     rows = slice(max(int(y - 1.2 * r), 0), max(int(y + 1.2 * r) + 2, 0))
     columns = slice(max(int(x - 1.2 * r), 0), max(int(x + 1.2 * r) + 2, 0))
     return rows, columns
@@ -153,16 +153,17 @@ def background(rng, S):
     colour = hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.45))
     gradient_dir = rng.uniform(0, 2 * np.pi)
     gradient = rng.uniform(0, 40)
-    along = (np.arange(S)[None, :] - S / 2) * np.cos(gradient_dir) + (np.arange(S)[:, None] - S / 2) * np.sin(
-        gradient_dir
-    )  # (S, S) signed distance along the gradient, in pixels
+    from_centre = np.arange(S) - S / 2  # (S,) pixels
+    # (S, S) signed distance along the gradient, in pixels
+    along = from_centre[None, :] * np.cos(gradient_dir) + from_centre[:, None] * np.sin(gradient_dir)
     return colour + gradient * along[..., None] / S
 
 
 def draw_clip(rng, classes, image_size, seconds):
-    """Draw one clip: (10 frames (10, S, S, 3) uint8, waveform (N,) int16, where the objects are). classes: one
-    per object. The geometry is, per frame, a list of dict(class, x, y, radius) in pixels of the frame (x to the
-    right, y down, pixel k spans [k, k + 1)); inside_objects() tests points against it."""
+    """Draw one clip: (10 frames (10, S, S, 3) uint8, waveform (N,) int16, where the objects are).
+    classes: one per object. The geometry is, per frame, a list of dict(class, x, y, radius) in
+    pixels of the frame (x to the right, y down, pixel k spans [k, k + 1)); inside_objects() tests
+    points against it."""
     S = image_size
     n = len(classes)
     n_samples = int(round(seconds * SAMPLE_RATE))
@@ -185,18 +186,21 @@ def draw_clip(rng, classes, image_size, seconds):
         wave[start : start + length] += note(cls, f0, length, rng)[: n_samples - start]
     t = np.arange(n_samples) / SAMPLE_RATE
     wave *= 0.3 * loud * envelope(t)
-    noise = rng.standard_normal(n_samples) * rng.uniform(0.003, 0.03) * 0.3  # 10 .. 30 dB below the notes
+    white = rng.standard_normal(n_samples)
+    noise = white * rng.uniform(0.003, 0.03) * 0.3  # 10 .. 30 dB below the notes
     pcm = np.round(np.clip(wave + noise, -1, 1) * 32767).astype(np.int16)
 
     # frames: background + objects, 2 x 2 supersampled edges
     base = background(rng, S)  # (S, S, 3)
     pixel_noise = rng.uniform(2, 10)
-    xs = rng.uniform(0.3, 0.7, n) * (S / n) + np.arange(n) * (S / n)  # one horizontal slot per object
+    slot_width = S / n  # one horizontal slot per object
+    xs = rng.uniform(0.3, 0.7, n) * slot_width + np.arange(n) * slot_width
     ys = rng.uniform(0.3, 0.7, n) * S
     drift = rng.uniform(-0.08, 0.08, 2) * S
     radii = 0.1 * S * loud * rng.uniform(0.9, 1.1, n)
     colours = [hsv_to_rgb(h, rng.uniform(0.75, 1), rng.uniform(0.85, 1)) for h in hues]
-    grid = (np.arange(S) + 0.5)[None, :] - 0.25 + 0.5 * np.array([0, 1])[:, None]  # (2, S) sub-pixel
+    sub_pixel = 0.5 * np.array([0, 1])[:, None]  # (2, 1): 2 samples per pixel and axis
+    grid = (np.arange(S) + 0.5)[None, :] - 0.25 + sub_pixel  # (2, S)
     gy = grid[:, None, :, None]  # (2, 1, S, 1)
     gx = grid[None, :, None, :]  # (1, 2, 1, S)
     frames = np.empty((NUM_FRAMES, S, S, 3), np.uint8)
@@ -209,24 +213,26 @@ def draw_clip(rng, classes, image_size, seconds):
             r = r0 * envelope(t_i)
             x = x0 + drift[0] * t_i / seconds
             y = y0 + drift[1] * t_i / seconds
-            objects[-1].append({"class": int(cls), "x": float(x), "y": float(y), "radius": float(r)})
+            drawn = {"class": int(cls), "x": float(x), "y": float(y), "radius": float(r)}
+            objects[-1].append(drawn)
             rows, columns = object_box(x, y, r)
             inside, dark = shape_mask(cls, (gx[..., columns] - x) / r, (gy[..., rows, :] - y) / r)
             cover = inside.mean(axis=(0, 1))[..., None]  # (h, w, 1) in [0, 1]
             shade = (inside & dark).mean(axis=(0, 1))[..., None]
-            image[rows, columns] = image[rows, columns] * (1 - cover) + colour * (cover - 0.65 * shade)
+            paint = colour * (cover - 0.65 * shade)  # the textures' dark parts at 35 % brightness
+            image[rows, columns] = image[rows, columns] * (1 - cover) + paint
         image += rng.normal(0, pixel_noise, image.shape)
         frames[i] = np.clip(np.round(image), 0, 255)
     return frames, pcm, objects
 
 
-# -----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Where the objects are: objects.json
 
 
 def inside_objects(objects, x, y):
-    """Which points lie inside one of a frame's objects (draw_clip's geometry): boolean array shaped like x and y,
-    which are coordinates in pixels of the frame (arrays of any shape)."""
+    """Which points lie inside one of a frame's objects (draw_clip's geometry): boolean array shaped
+    like x and y, which are coordinates in pixels of the frame (arrays of any shape)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
@@ -244,8 +250,8 @@ def objects_beside(datafile):
 
 
 def read_objects(path, datafile, video_ids):
-    """make_synthetic's objects.json: `path`, else the one next to `datafile` if there (else (None, None)).
-    Checked to hold every clip of video_ids. Returns (the objects, the path read)."""
+    """make_synthetic's objects.json: `path`, else the one next to `datafile` if there (else (None,
+    None)). Checked to hold every clip of video_ids. Returns (the objects, the path read)."""
     path = path or objects_beside(datafile)
     if not path:
         return None, None
@@ -260,11 +266,11 @@ def read_objects(path, datafile, video_ids):
 
 
 def rounded_geometry(clip):
-    """One clip's objects per frame with every number rounded to 4 decimals (1e-4 px: far below a pixel)."""
+    """One clip's objects per frame with every number rounded to 4 decimals (1e-4 px)."""
     return [[{key: round(value, 4) for key, value in o.items()} for o in frame] for frame in clip]
 
 
-# -----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The dataset
 
 
@@ -276,12 +282,12 @@ def draw_classes(rng, num_classes, multilabel):
     """The class of each object of one clip."""
     if multilabel:  # 1-3 different events, one object each
         return rng.choice(num_classes, size=rng.integers(1, min(3, num_classes) + 1), replace=False)
-    return np.full(rng.integers(1, 4), rng.integers(num_classes))  # one event class, 1-3 objects of it
+    return np.full(rng.integers(1, 4), rng.integers(num_classes))  # one event class, 1-3 objects
 
 
 def _make_clip(job):
-    """Draw and write one synthetic clip; its own Generator makes the bytes independent of scheduling.
-    Returns (class indices, object geometry per frame)."""
+    """Draw and write one synthetic clip; its own Generator makes the bytes independent of
+    scheduling. Returns (class indices, object geometry per frame)."""
     out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel = job
     rng = np.random.default_rng([seed, split, index])
     classes = draw_classes(rng, num_classes, multilabel)
@@ -297,7 +303,7 @@ def check_settings(image_size, seconds, num_classes):
         raise ValueError(f"num_classes must be between 2 and {len(SHAPES)}, got {num_classes}")
     if seconds * SAMPLE_RATE < MIN_SAMPLES:
         raise ValueError(
-            f"seconds must be at least {MIN_SAMPLES / SAMPLE_RATE} (one fbank window), got {seconds}"
+            f"seconds must be at least {MIN_SAMPLES / SAMPLE_RATE} (a fbank window), got {seconds}"
         )
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
@@ -314,9 +320,9 @@ def make_synthetic(
     multilabel=False,
     workers=None,
 ):
-    """Write the synthetic dataset to `out` (train.json, test.json, labels.csv, audio/, frames/) and, beside the
-    official format, objects.json: where each clip's objects are on each frame (draw_clip's geometry, keyed by
-    video_id). Return counts."""
+    """Write the synthetic dataset to `out` (train.json, test.json, labels.csv, audio/, frames/)
+    and, beside the official format, objects.json: where each clip's objects are on each frame
+    (draw_clip's geometry, keyed by video_id). Return counts."""
     check_settings(image_size, seconds, num_classes)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     for i in range(NUM_FRAMES):
@@ -331,7 +337,8 @@ def make_synthetic(
         workers = 1
     elif workers is None:
         workers = os.cpu_count() or 1
-    results = parallel_map(_make_clip, jobs, workers, "synthetic", chunksize=16)  # (classes, geometry) each
+    # (classes, geometry) of each clip
+    results = parallel_map(_make_clip, jobs, workers, "synthetic", chunksize=16)
     video_ids = [job[1] for job in jobs]
     for name in splits:
         entries = [
