@@ -43,16 +43,8 @@ NUM_FRAMES = 10  # frames per video, evenly spaced over the first 10 seconds
 FRAME_SIZE = 224  # side of the stored frames
 MIN_SAMPLES = 400  # one 25 ms fbank window: a shorter wav cannot be featurised
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts"}
-AUDIO_EXTS = {
-    ".m4a",
-    ".mp3",
-    ".wav",
-    ".flac",
-    ".ogg",
-    ".opus",
-    ".aac",
-    ".wma",
-}  # listed, then failed: no video
+# audio-only files in an --input folder are listed too, and fail with "no video stream"
+AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac", ".wma"}
 LIST_HEADERS = {"path", "video", "video_path", "file", "filename"}  # --input's header line, skipped
 LABEL_HEADERS = {"video_id", "video", "id", "ytid", "youtube_id"}  # --labels' header line, skipped
 NEEDS_BOTH = "CAV-MAE needs a clip with pictures and sound (eval.py also takes --wav with --image)"
