@@ -1,4 +1,4 @@
-"""eval.py: metrics equal to scikit-learn / the official retrieval script, and the four commands end to end."""
+"""eval.py: metrics equal to scikit-learn / the official retrieval script, and the commands end to end."""
 
 import csv
 import dataclasses
@@ -38,7 +38,8 @@ def test_metrics_match_golden_vectors(golden):
 
 
 def test_tied_scores_share_one_threshold():
-    y, s = np.array([1.0, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.1])
+    y = np.array([1.0, 0, 1, 0])
+    s = np.array([0.5, 0.5, 0.5, 0.1])
     assert ev.average_precision(y, s) == pytest.approx(
         2 / 3, abs=1e-15
     )  # one step: precision 2/3, recall 0 -> 1
@@ -67,8 +68,10 @@ def test_class_without_positives_has_ap_zero_auc_nan_and_is_left_out_of_mauc():
     m = ev.classification_metrics(scores, targets)
     assert m["AP"] == [1.0, 0.0]  # sklearn >= 1.1: no positives -> 0, and mAP averages it in
     assert m["mAP"] == 0.5
-    assert m["AUC"][0] == 1.0 and math.isnan(m["AUC"][1])  # sklearn 1.9: NaN
-    assert m["mAUC"] == 1.0 and m["d_prime"] == math.inf  # the mean over classes with a defined AUC
+    assert m["AUC"][0] == 1.0
+    assert math.isnan(m["AUC"][1])  # sklearn 1.9: NaN
+    assert m["mAUC"] == 1.0
+    assert m["d_prime"] == math.inf  # the mean over classes with a defined AUC
 
 
 def test_d_prime_is_sqrt2_times_the_normal_quantile_of_the_mean_auc():
@@ -107,7 +110,9 @@ def test_retrieval_ranks_are_positions_in_the_sorted_row():
     sim = -((j[None, :] - perm[:, None]) % N).astype(float)  # row i peaks at column perm[i]
     ranks = (j - perm) % N + 1
     r = ev.retrieval_metrics(sim)
-    assert r["R1"] == np.mean(ranks == 1) and r["R5"] == np.mean(ranks <= 5) and r["R10"] == 1.0
+    assert r["R1"] == np.mean(ranks == 1)
+    assert r["R5"] == np.mean(ranks <= 5)
+    assert r["R10"] == 1.0
     assert r["MR"] == np.median(ranks)
 
 
@@ -180,8 +185,10 @@ def test_classify_writes_metrics_json_and_per_class_csv(tiny, capsys):
         tiny / "cls.json",
     )
     out = json.load(open(tiny / "cls.json"))
-    assert {"mAP", "mAUC", "d_prime", "acc", "AP", "AUC"} <= set(out) and len(out["AP"]) == CLASSES
-    assert out["frames"] == [5] and out["clips"] == 6
+    assert {"mAP", "mAUC", "d_prime", "acc", "AP", "AUC"} <= set(out)
+    assert len(out["AP"]) == CLASSES
+    assert out["frames"] == [5]
+    assert out["clips"] == 6
     rows = list(csv.DictReader(open(tiny / "cls_per_class.csv")))
     assert [r["mid"] for r in rows] == [f"/synth/{k:02d}" for k in range(CLASSES)]
     assert sum(int(r["positives"]) for r in rows) == 6
@@ -203,9 +210,8 @@ def test_classify_all_frames_averages_softmax_over_the_ten_frames(tiny):
         "--ftmode",
         "missingaudioonly",
     )
-    assert out["activation"] == "softmax" and out["frames"] == list(
-        range(10)
-    )  # the checkpoint says metric='acc'
+    assert out["activation"] == "softmax"  # the checkpoint says metric='acc'
+    assert out["frames"] == list(range(10))
     model, _ = ev.load_model(str(tiny / "finetune.pt"))
     ds = ev.data.AVDataset(str(data / "test.json"), str(data / "labels.csv"), target_length=64, image_size=32)
     probs = []
@@ -233,7 +239,8 @@ def test_retrieval_works_on_pretrain_and_finetune_checkpoints(tiny):
             tiny / "emb",
         )
         out = json.load(open(tiny / "ret.json"))
-        a, v = np.load(tiny / "emb" / "audio.npy"), np.load(tiny / "emb" / "visual.npy")
+        a = np.load(tiny / "emb" / "audio.npy")
+        v = np.load(tiny / "emb" / "visual.npy")
         assert a.shape == v.shape == (6, 32)
         np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
         assert out["audio_to_visual"] == ev.retrieval_metrics(a.astype(np.float64) @ v.T.astype(np.float64))
@@ -271,16 +278,19 @@ def test_official_state_dict_loads_with_architecture_flags(golden, tmp_path):
     model, info = ev.load_model(
         os.path.join(base, "pretrain_state_dict.pth"), config=str(config), norm_pix_loss=True
     )
-    assert info["format"] == "official" and info["task"] == "pretrain"
+    assert info["format"] == "official"
+    assert info["task"] == "pretrain"
     depths = (model.config.modality_specific_depth, model.config.joint_depth)
     assert depths == (official["modality_specific_depth"], 12 - official["modality_specific_depth"])
     assert model.config.img_size == official["img_size"]
     with torch.no_grad():
         a, v = model.embed(vec["audio"], vec["image"])
-    assert (a - vec["feat_audio"]).abs().max() < 2e-4 and (v - vec["feat_visual"]).abs().max() < 2e-4
+    assert (a - vec["feat_audio"]).abs().max() < 2e-4
+    assert (v - vec["feat_visual"]).abs().max() < 2e-4
     finetune = torch.load(os.path.join(base, "finetune_vectors.pth"), weights_only=False)["config"]
     clf, info = ev.load_model(os.path.join(base, "finetune_state_dict.pth"), num_heads=finetune["num_heads"])
-    assert info["task"] == "finetune" and info["num_classes"] == finetune["label_dim"]
+    assert info["task"] == "finetune"
+    assert info["num_classes"] == finetune["label_dim"]
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
@@ -311,7 +321,9 @@ def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
     )
     top = run(tiny, "predict", "finetune.pt", "--video", video, "--topk", 2)  # label csv from the checkpoint
     names = [r[2] for r in csv.reader(open(tiny / "data" / "labels.csv"))][1:]
-    assert len(top) == 2 and top[0]["score"] >= top[1]["score"] and top[0]["name"] in names
+    assert len(top) == 2
+    assert top[0]["score"] >= top[1]["score"]
+    assert top[0]["name"] in names
     assert top[0]["name"] in capsys.readouterr().out
 
 
@@ -342,9 +354,11 @@ def test_embed_and_localize_a_video_name_the_clip_after_the_file(tiny):
         check=True,
     )
     out = run(tiny, "embed", "pretrain.pt", "--video", video, "--out", tiny / "emb_video", "--frame", 9)
-    assert out["video_ids"] == ["street"] and out["audio"].shape == (1, 32)
+    assert out["video_ids"] == ["street"]
+    assert out["audio"].shape == (1, 32)
     out = run(tiny, "localize", "pretrain.pt", "--video", video, "--out", tiny / "loc_video")
-    assert out["frame"] == 5 and os.path.isfile(tiny / "loc_video" / "street.png")
+    assert out["frame"] == 5
+    assert os.path.isfile(tiny / "loc_video" / "street.png")
 
 
 def test_predict_from_a_wav_and_an_image(tiny):
@@ -374,7 +388,8 @@ def test_predict_from_a_wav_and_an_image(tiny):
 
 def test_audio_length_flag_runs_a_shorter_model_on_a_longer_checkpoint(tiny):
     model, info = ev.load_model(str(tiny / "pretrain.pt"), audio_length=32)
-    assert model.config.audio_length == 32 and "cut from 8x4 to 8x2 time steps" in info["report"]
+    assert model.config.audio_length == 32
+    assert "cut from 8x4 to 8x2 time steps" in info["report"]
     out = run(
         tiny,
         "embed",
@@ -406,7 +421,8 @@ def test_per_class_subset_takes_k_clips_of_each_class_by_first_label():
     keep, taken = ev.per_class_subset(rows, 2, seed=0)
     assert taken == {"a": 2, "b": 2, "c": 1}  # c has only one clip: it is taken
     firsts = [rows[i]["labels"].split(",")[0] for i in keep]
-    assert keep == sorted(keep) and sorted(firsts) == ["a", "a", "b", "b", "c"]
+    assert keep == sorted(keep)
+    assert sorted(firsts) == ["a", "a", "b", "b", "c"]
 
 
 def test_per_class_subset_is_deterministic_for_a_seed_and_differs_between_seeds():
@@ -430,10 +446,10 @@ def test_retrieval_per_class_reports_both_directions_on_the_subset(tiny, capsys)
         "--save_embeddings",
         tiny / "emb_pc",
     )
-    assert out["clips"] == 3 and out["subset"] == dict(
-        per_class=1, seed=0, clips=3, of=6, classes=CLASSES, short_classes={}
-    )
-    assert {"R1", "R5", "R10", "MR"} <= set(out["audio_to_visual"]) and "visual_to_audio" in out
+    assert out["clips"] == 3
+    assert out["subset"] == dict(per_class=1, seed=0, clips=3, of=6, classes=CLASSES, short_classes={})
+    assert {"R1", "R5", "R10", "MR"} <= set(out["audio_to_visual"])
+    assert "visual_to_audio" in out
     assert len(open(tiny / "emb_pc" / "video_ids.txt").read().split()) == 3
     out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 5)
     assert (
@@ -450,7 +466,8 @@ def test_embed_saves_coordinated_and_joint_representations_in_datafile_order(tin
     data = tiny / "data"
     run(tiny, "embed", "finetune.pt", "--data", data / "test.json", "--out", tiny / "emb_ft", "--frame", 2)
     a, v, j = (np.load(tiny / "emb_ft" / f"{name}.npy") for name in ("audio", "visual", "joint"))
-    assert a.shape == v.shape == j.shape == (6, 32) and a.dtype == v.dtype == j.dtype == np.float32
+    assert a.shape == v.shape == j.shape == (6, 32)
+    assert a.dtype == v.dtype == j.dtype == np.float32
     assert open(tiny / "emb_ft" / "video_ids.txt").read().split() == [f"test_{k:05d}" for k in range(6)]
     model, _ = ev.load_model(str(tiny / "finetune.pt"))
     ds = ev.data.AVDataset(
@@ -478,7 +495,8 @@ def test_joint_representation_of_a_pretraining_model_is_its_encoders_multimodal_
     model, _ = ev.load_model(str(tiny / "pretrain.pt"))
     clf = CAVMAEClassifier(model.config, CLASSES).eval()
     ev.load_pretrained(clf, model.state_dict())
-    audio, image = torch.randn(2, 64, 128), torch.randn(2, 3, 32, 32)
+    audio = torch.randn(2, 64, 128)
+    image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(
             ev.representations(model, audio, image)[2], clf.features(audio, image), atol=1e-6
@@ -498,7 +516,8 @@ def test_embed_from_a_wav_and_an_image(tiny):
         "--out",
         tiny / "emb_one",
     )
-    assert out["video_ids"] == ["test_00001"] and out["joint"].shape == (1, 32)
+    assert out["video_ids"] == ["test_00001"]
+    assert out["joint"].shape == (1, 32)
     assert np.load(tiny / "emb_one" / "visual.npy").shape == (1, 32)
 
 
@@ -514,7 +533,8 @@ def test_similarity_map_is_the_cosine_of_the_pooled_audio_with_each_visual_patch
     )
     sim = ev.similarity_map(audio, visual, (2, 3))
     want = torch.tensor([[0.0, 2**-0.5, -1], [1, 0, 2**-0.5]])
-    assert sim.shape == (1, 2, 3) and torch.allclose(sim[0], want, atol=1e-6)
+    assert sim.shape == (1, 2, 3)
+    assert torch.allclose(sim[0], want, atol=1e-6)
     assert ev.peak_patch(sim[0]) == (1, 0)
 
 
@@ -529,8 +549,10 @@ def test_heat_overlay_is_hottest_where_the_similarity_peaks():
     sim = torch.zeros(4, 4)
     sim[0, 3] = 1.0  # top right
     heat = pictures.heat_overlay(np.zeros((64, 64, 3), np.uint8), sim).astype(int)
-    assert heat[8, 56, 0] > 50 and heat[8, 56, 0] > 3 * heat[8, 56, 1:].max()  # red at the top-right patch
-    assert heat[56, 8, 2] > 50 and heat[56, 8, 2] > 3 * heat[56, 8, :2].max()  # blue at the bottom-left one
+    assert heat[8, 56, 0] > 50
+    assert heat[8, 56, 0] > 3 * heat[8, 56, 1:].max()  # red at the top-right patch
+    assert heat[56, 8, 2] > 50
+    assert heat[56, 8, 2] > 3 * heat[56, 8, :2].max()  # blue at the bottom-left one
 
 
 def object_tokens(self, audio, image):
@@ -541,7 +563,8 @@ def object_tokens(self, audio, image):
         image * torch.tensor(ev.data.IMAGE_STD)[:, None, None]
         + torch.tensor(ev.data.IMAGE_MEAN)[:, None, None]
     )
-    high, low = rgb.max(1).values, rgb.min(1).values  # (B, S, S)
+    high = rgb.max(1).values  # (B, S, S)
+    low = rgb.min(1).values
     looks = ((high - low > 0.5 * high) & (high > 0.7)).float()
     f = F.avg_pool2d(looks[:, None], p).flatten(1)  # (B, Lv)
     visual = torch.zeros(*f.shape, D)
@@ -591,7 +614,9 @@ def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak
     monkeypatch.setattr(ev.CAVMAE, "embed", object_tokens)
     out = ev.main(argv)
     assert out == json.load(open(tmp_path / "loc" / "localization.json"))
-    assert out["n"] == 6 and out["pointing_game"] == 1.0 and 0 < out["chance"] < 0.2
+    assert out["n"] == 6
+    assert out["pointing_game"] == 1.0
+    assert 0 < out["chance"] < 0.2
     assert out["pointing_game_other_audio"] == 1.0  # this stand-in sees objects whatever it hears
     assert out["pointing_game_min"] == 0.0  # and its minimum is never on one
     clip = out["clips"][0]
@@ -615,7 +640,8 @@ def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, m
     argv = localize_argv(tmp_path, clips=4)
     monkeypatch.setattr(ev.CAVMAE, "embed", opposite_audio)
     out = ev.main(argv + ["--batch_size", "4"])
-    assert out["pointing_game"] == 1.0 and out["pointing_game_other_audio"] == 0.0
+    assert out["pointing_game"] == 1.0
+    assert out["pointing_game_other_audio"] == 0.0
 
 
 def test_localize_without_object_positions_draws_pictures_only(tiny):
@@ -631,7 +657,9 @@ def test_localize_without_object_positions_draws_pictures_only(tiny):
         "--out",
         tiny / "loc_one",
     )
-    assert out["pointing_game"] is None and out["n"] == 1 and os.path.isfile(out["clips"][0]["picture"])
+    assert out["pointing_game"] is None
+    assert out["n"] == 1
+    assert os.path.isfile(out["clips"][0]["picture"])
 
 
 # -----------------------------------------------------------------------------

@@ -16,9 +16,8 @@ from PIL import Image
 import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_ffmpeg = pytest.mark.skipif(
-    shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None, reason="ffmpeg/ffprobe not installed"
-)
+HAS_FFMPEG = (shutil.which("ffmpeg") is not None) and (shutil.which("ffprobe") is not None)
+needs_ffmpeg = pytest.mark.skipif(not HAS_FFMPEG, reason="ffmpeg/ffprobe not installed")
 # Each frame's colour encodes its decode index n: red = (n % 16) * 16 + 8, green = (n // 16) * 16 + 8.
 COUNTER = (
     "nullsrc=size={size}:rate={rate}:duration={seconds},geq=r='mod(N\\,16)*16+8':g='trunc(N/16)*16+8':b=128"
@@ -122,10 +121,11 @@ def make_videos(folder):
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     """Videos in `in/`, `prepare_videos` run once into `out/`; returns (in, out, failures)."""
-    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+    if not HAS_FFMPEG:
         pytest.skip("ffmpeg/ffprobe not installed")
     root = tmp_path_factory.mktemp("videos")
-    videos, out = str(root / "in"), str(root / "out")
+    videos = str(root / "in")
+    out = str(root / "out")
     make_videos(videos)
     failures = prepare.prepare_videos(videos, out, workers=2)
     return videos, out, failures
@@ -256,7 +256,8 @@ def test_rerun_skips_finished_videos_and_redoes_missing_or_broken_outputs(extrac
 @needs_ffmpeg
 def test_exit_status_is_nonzero_iff_a_video_failed(extracted, tmp_path):
     videos, _, _ = extracted
-    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good = tmp_path / "good.txt"
+    bad = tmp_path / "bad.txt"
     good.write_text(os.path.join(videos, "counter.mov") + "\n")
     bad.write_text(os.path.join(videos, "counter.mov") + "\n" + os.path.join(videos, "noaudio.mp4") + "\n")
     run = lambda listing: subprocess.run(
