@@ -258,28 +258,41 @@ def fbank_frames(samples):
     return (samples - data.WIN) // data.HOP + 1
 
 
+def first_clip_sizes(ds):
+    """(frame width, frame height, fbank frames) of the dataset's first clip, read from the file headers;
+    None for an empty dataset or unreadable files (loading the clip then reports them)."""
+    if len(ds.rows) == 0:
+        return None
+    row = ds.rows[0]
+    try:
+        with Image.open(data.frame_path(row, 0)) as frame:
+            width, height = frame.size
+        samples = sf.info(row["wav"]).frames
+    except (OSError, RuntimeError, ValueError):  # missing or unreadable: data.py's error says which
+        return None
+    return width, height, fbank_frames(samples)
+
+
 def adaptation_note(ds, cfg, source=None):
     """One line saying how the model's input sizes change this data (frames resized, audio cut or
     padded), as seen on the dataset's first clip; None when the data fits as it is (a 10 s clip in
     1024 frames fits). source: what to call the data (default: the datafile's first clip)."""
-    if len(ds.rows) == 0:
+    sizes = first_clip_sizes(ds)
+    if sizes is None:
         return None
-    row = ds.rows[0]
+    width, height, fbank_length = sizes
     changes = []
-    with Image.open(data.frame_path(row, 0)) as frame:
-        width, height = frame.size
     if (width, height) != (cfg.img_size, cfg.img_size):
         changes.append(
             f"the checkpoint's img_size is {cfg.img_size} and the frames are {width}x{height} px: "
             f"frames resized and centre-cropped to {cfg.img_size}x{cfg.img_size}"
         )
-    frames = fbank_frames(sf.info(row["wav"]).frames)
     audio_length = cfg.audio_length
-    lengths = f"the checkpoint's audio_length is {audio_length} and the audio has {frames} fbank frames"
-    if frames > audio_length:
+    lengths = f"the checkpoint's audio_length is {audio_length} and the audio has {fbank_length} fbank frames"
+    if fbank_length > audio_length:
         changes.append(f"{lengths}: audio cut to its first {audio_length} frames")
-    elif audio_length - frames > PADDING_NOTE_FRACTION * audio_length:
-        changes.append(f"{lengths}: audio padded with {audio_length - frames} frames of zeros")
+    elif audio_length - fbank_length > PADDING_NOTE_FRACTION * audio_length:
+        changes.append(f"{lengths}: audio padded with {audio_length - fbank_length} frames of zeros")
     if not changes:
         return None
     if source is None:
