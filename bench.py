@@ -254,7 +254,7 @@ def print_table(rows):
 
 def e2e_dataset(args, config):
     """Generate the synthetic clips once per (size, length, count) into args.e2e_data; return the folder."""
-    import prepare
+    import synthetic
 
     seconds = min(
         10.0, config.audio_length / 100 + 0.05
@@ -265,7 +265,7 @@ def e2e_dataset(args, config):
         print(
             f"generating {args.e2e_clips} + {n_test} synthetic clips ({config.img_size} px, {seconds:g} s) in {out}"
         )
-        prepare.make_synthetic(
+        synthetic.make_synthetic(
             out, n_train=args.e2e_clips, n_test=n_test, image_size=config.img_size, seconds=seconds
         )
     return out
@@ -427,9 +427,9 @@ def data_main(args):
         datafile = args.datafile
         label_csv = args.label_csv
         if not datafile:
-            import prepare
+            import synthetic
 
-            prepare.make_synthetic(root, n_train=args.data_items, n_test=0, image_size=224, seconds=10.0)
+            synthetic.make_synthetic(root, n_train=args.data_items, n_test=0, image_size=224, seconds=10.0)
             datafile = os.path.join(root, "train.json")
             label_csv = os.path.join(root, "labels.csv")
         sizes = (args.target_length, args.image_size)

@@ -1,12 +1,14 @@
-"""eval.py: metrics equal to scikit-learn / the official retrieval script, and the four commands end to end."""
+"""eval.py: metrics equal to scikit-learn / the official retrieval script, and the commands end to end."""
 
 import csv
 import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
-import prepare
+import pictures
+import synthetic
 from checkpoint import CheckpointError
 from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig
 
@@ -36,7 +39,8 @@ def test_metrics_match_golden_vectors(golden):
 
 
 def test_tied_scores_share_one_threshold():
-    y, s = np.array([1.0, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.1])
+    y = np.array([1.0, 0, 1, 0])
+    s = np.array([0.5, 0.5, 0.5, 0.1])
     assert ev.average_precision(y, s) == pytest.approx(
         2 / 3, abs=1e-15
     )  # one step: precision 2/3, recall 0 -> 1
@@ -65,8 +69,10 @@ def test_class_without_positives_has_ap_zero_auc_nan_and_is_left_out_of_mauc():
     m = ev.classification_metrics(scores, targets)
     assert m["AP"] == [1.0, 0.0]  # sklearn >= 1.1: no positives -> 0, and mAP averages it in
     assert m["mAP"] == 0.5
-    assert m["AUC"][0] == 1.0 and math.isnan(m["AUC"][1])  # sklearn 1.9: NaN
-    assert m["mAUC"] == 1.0 and m["d_prime"] == math.inf  # the mean over classes with a defined AUC
+    assert m["AUC"][0] == 1.0
+    assert math.isnan(m["AUC"][1])  # sklearn 1.9: NaN
+    assert m["mAUC"] == 1.0
+    assert m["d_prime"] == math.inf  # the mean over classes with a defined AUC
 
 
 def test_d_prime_is_sqrt2_times_the_normal_quantile_of_the_mean_auc():
@@ -105,7 +111,9 @@ def test_retrieval_ranks_are_positions_in_the_sorted_row():
     sim = -((j[None, :] - perm[:, None]) % N).astype(float)  # row i peaks at column perm[i]
     ranks = (j - perm) % N + 1
     r = ev.retrieval_metrics(sim)
-    assert r["R1"] == np.mean(ranks == 1) and r["R5"] == np.mean(ranks <= 5) and r["R10"] == 1.0
+    assert r["R1"] == np.mean(ranks == 1)
+    assert r["R5"] == np.mean(ranks <= 5)
+    assert r["R10"] == 1.0
     assert r["MR"] == np.median(ranks)
 
 
@@ -127,7 +135,7 @@ CLASSES = 3
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    prepare.make_synthetic(
+    synthetic.make_synthetic(
         str(root / "data"),
         n_train=1,
         n_test=6,
@@ -178,8 +186,10 @@ def test_classify_writes_metrics_json_and_per_class_csv(tiny, capsys):
         tiny / "cls.json",
     )
     out = json.load(open(tiny / "cls.json"))
-    assert {"mAP", "mAUC", "d_prime", "acc", "AP", "AUC"} <= set(out) and len(out["AP"]) == CLASSES
-    assert out["frames"] == [5] and out["clips"] == 6
+    assert {"mAP", "mAUC", "d_prime", "acc", "AP", "AUC"} <= set(out)
+    assert len(out["AP"]) == CLASSES
+    assert out["frames"] == [5]
+    assert out["clips"] == 6
     rows = list(csv.DictReader(open(tiny / "cls_per_class.csv")))
     assert [r["mid"] for r in rows] == [f"/synth/{k:02d}" for k in range(CLASSES)]
     assert sum(int(r["positives"]) for r in rows) == 6
@@ -201,9 +211,8 @@ def test_classify_all_frames_averages_softmax_over_the_ten_frames(tiny):
         "--ftmode",
         "missingaudioonly",
     )
-    assert out["activation"] == "softmax" and out["frames"] == list(
-        range(10)
-    )  # the checkpoint says metric='acc'
+    assert out["activation"] == "softmax"  # the checkpoint says metric='acc'
+    assert out["frames"] == list(range(10))
     model, _ = ev.load_model(str(tiny / "finetune.pt"))
     ds = ev.data.AVDataset(str(data / "test.json"), str(data / "labels.csv"), target_length=64, image_size=32)
     probs = []
@@ -231,7 +240,8 @@ def test_retrieval_works_on_pretrain_and_finetune_checkpoints(tiny):
             tiny / "emb",
         )
         out = json.load(open(tiny / "ret.json"))
-        a, v = np.load(tiny / "emb" / "audio.npy"), np.load(tiny / "emb" / "visual.npy")
+        a = np.load(tiny / "emb" / "audio.npy")
+        v = np.load(tiny / "emb" / "visual.npy")
         assert a.shape == v.shape == (6, 32)
         np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
         assert out["audio_to_visual"] == ev.retrieval_metrics(a.astype(np.float64) @ v.T.astype(np.float64))
@@ -269,16 +279,19 @@ def test_official_state_dict_loads_with_architecture_flags(golden, tmp_path):
     model, info = ev.load_model(
         os.path.join(base, "pretrain_state_dict.pth"), config=str(config), norm_pix_loss=True
     )
-    assert info["format"] == "official" and info["task"] == "pretrain"
+    assert info["format"] == "official"
+    assert info["task"] == "pretrain"
     depths = (model.config.modality_specific_depth, model.config.joint_depth)
     assert depths == (official["modality_specific_depth"], 12 - official["modality_specific_depth"])
     assert model.config.img_size == official["img_size"]
     with torch.no_grad():
         a, v = model.embed(vec["audio"], vec["image"])
-    assert (a - vec["feat_audio"]).abs().max() < 2e-4 and (v - vec["feat_visual"]).abs().max() < 2e-4
+    assert (a - vec["feat_audio"]).abs().max() < 2e-4
+    assert (v - vec["feat_visual"]).abs().max() < 2e-4
     finetune = torch.load(os.path.join(base, "finetune_vectors.pth"), weights_only=False)["config"]
     clf, info = ev.load_model(os.path.join(base, "finetune_state_dict.pth"), num_heads=finetune["num_heads"])
-    assert info["task"] == "finetune" and info["num_classes"] == finetune["label_dim"]
+    assert info["task"] == "finetune"
+    assert info["num_classes"] == finetune["label_dim"]
 
 
 def test_load_model_names_a_file_that_is_not_a_checkpoint(tmp_path):
@@ -335,7 +348,9 @@ def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
     )
     top = run(tiny, "predict", "finetune.pt", "--video", video, "--topk", 2)  # label csv from the checkpoint
     names = [r[2] for r in csv.reader(open(tiny / "data" / "labels.csv"))][1:]
-    assert len(top) == 2 and top[0]["score"] >= top[1]["score"] and top[0]["name"] in names
+    assert len(top) == 2
+    assert top[0]["score"] >= top[1]["score"]
+    assert top[0]["name"] in names
     assert top[0]["name"] in capsys.readouterr().out
 
 
@@ -366,9 +381,11 @@ def test_embed_and_localize_a_video_name_the_clip_after_the_file(tiny):
         check=True,
     )
     out = run(tiny, "embed", "pretrain.pt", "--video", video, "--out", tiny / "emb_video", "--frame", 9)
-    assert out["video_ids"] == ["street"] and out["audio"].shape == (1, 32)
+    assert out["video_ids"] == ["street"]
+    assert out["audio"].shape == (1, 32)
     out = run(tiny, "localize", "pretrain.pt", "--video", video, "--out", tiny / "loc_video")
-    assert out["frame"] == 5 and os.path.isfile(tiny / "loc_video" / "street.png")
+    assert out["frame"] == 5
+    assert os.path.isfile(tiny / "loc_video" / "street.png")
 
 
 def test_predict_from_a_wav_and_an_image(tiny):
@@ -398,7 +415,8 @@ def test_predict_from_a_wav_and_an_image(tiny):
 
 def test_audio_length_flag_runs_a_shorter_model_on_a_longer_checkpoint(tiny):
     model, info = ev.load_model(str(tiny / "pretrain.pt"), audio_length=32)
-    assert model.config.audio_length == 32 and "cut from 8x4 to 8x2 time steps" in info["report"]
+    assert model.config.audio_length == 32
+    assert "cut from 8x4 to 8x2 time steps" in info["report"]
     out = run(
         tiny,
         "embed",
@@ -430,7 +448,8 @@ def test_per_class_subset_takes_k_clips_of_each_class_by_first_label():
     keep, taken = ev.per_class_subset(rows, 2, seed=0)
     assert taken == {"a": 2, "b": 2, "c": 1}  # c has only one clip: it is taken
     firsts = [rows[i]["labels"].split(",")[0] for i in keep]
-    assert keep == sorted(keep) and sorted(firsts) == ["a", "a", "b", "b", "c"]
+    assert keep == sorted(keep)
+    assert sorted(firsts) == ["a", "a", "b", "b", "c"]
 
 
 def test_per_class_subset_is_deterministic_for_a_seed_and_differs_between_seeds():
@@ -454,10 +473,10 @@ def test_retrieval_per_class_reports_both_directions_on_the_subset(tiny, capsys)
         "--save_embeddings",
         tiny / "emb_pc",
     )
-    assert out["clips"] == 3 and out["subset"] == dict(
-        per_class=1, seed=0, clips=3, of=6, classes=CLASSES, short_classes={}
-    )
-    assert {"R1", "R5", "R10", "MR"} <= set(out["audio_to_visual"]) and "visual_to_audio" in out
+    assert out["clips"] == 3
+    assert out["subset"] == dict(per_class=1, seed=0, clips=3, of=6, classes=CLASSES, short_classes={})
+    assert {"R1", "R5", "R10", "MR"} <= set(out["audio_to_visual"])
+    assert "visual_to_audio" in out
     assert len(open(tiny / "emb_pc" / "video_ids.txt").read().split()) == 3
     out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 5)
     assert (
@@ -474,7 +493,8 @@ def test_embed_saves_coordinated_and_joint_representations_in_datafile_order(tin
     data = tiny / "data"
     run(tiny, "embed", "finetune.pt", "--data", data / "test.json", "--out", tiny / "emb_ft", "--frame", 2)
     a, v, j = (np.load(tiny / "emb_ft" / f"{name}.npy") for name in ("audio", "visual", "joint"))
-    assert a.shape == v.shape == j.shape == (6, 32) and a.dtype == v.dtype == j.dtype == np.float32
+    assert a.shape == v.shape == j.shape == (6, 32)
+    assert a.dtype == v.dtype == j.dtype == np.float32
     assert open(tiny / "emb_ft" / "video_ids.txt").read().split() == [f"test_{k:05d}" for k in range(6)]
     model, _ = ev.load_model(str(tiny / "finetune.pt"))
     ds = ev.data.AVDataset(
@@ -502,7 +522,8 @@ def test_joint_representation_of_a_pretraining_model_is_its_encoders_multimodal_
     model, _ = ev.load_model(str(tiny / "pretrain.pt"))
     clf = CAVMAEClassifier(model.config, CLASSES).eval()
     ev.load_pretrained(clf, model.state_dict())
-    audio, image = torch.randn(2, 64, 128), torch.randn(2, 3, 32, 32)
+    audio = torch.randn(2, 64, 128)
+    image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(
             ev.representations(model, audio, image)[2], clf.features(audio, image), atol=1e-6
@@ -522,7 +543,8 @@ def test_embed_from_a_wav_and_an_image(tiny):
         "--out",
         tiny / "emb_one",
     )
-    assert out["video_ids"] == ["test_00001"] and out["joint"].shape == (1, 32)
+    assert out["video_ids"] == ["test_00001"]
+    assert out["joint"].shape == (1, 32)
     assert np.load(tiny / "emb_one" / "visual.npy").shape == (1, 32)
 
 
@@ -538,7 +560,8 @@ def test_similarity_map_is_the_cosine_of_the_pooled_audio_with_each_visual_patch
     )
     sim = ev.similarity_map(audio, visual, (2, 3))
     want = torch.tensor([[0.0, 2**-0.5, -1], [1, 0, 2**-0.5]])
-    assert sim.shape == (1, 2, 3) and torch.allclose(sim[0], want, atol=1e-6)
+    assert sim.shape == (1, 2, 3)
+    assert torch.allclose(sim[0], want, atol=1e-6)
     assert ev.peak_patch(sim[0]) == (1, 0)
 
 
@@ -552,9 +575,11 @@ def test_object_patches_marks_the_patches_whose_centre_lies_inside_an_object():
 def test_heat_overlay_is_hottest_where_the_similarity_peaks():
     sim = torch.zeros(4, 4)
     sim[0, 3] = 1.0  # top right
-    heat = ev.pictures.heat_overlay(np.zeros((64, 64, 3), np.uint8), sim).astype(int)
-    assert heat[8, 56, 0] > 50 and heat[8, 56, 0] > 3 * heat[8, 56, 1:].max()  # red at the top-right patch
-    assert heat[56, 8, 2] > 50 and heat[56, 8, 2] > 3 * heat[56, 8, :2].max()  # blue at the bottom-left one
+    heat = pictures.heat_overlay(np.zeros((64, 64, 3), np.uint8), sim).astype(int)
+    assert heat[8, 56, 0] > 50
+    assert heat[8, 56, 0] > 3 * heat[8, 56, 1:].max()  # red at the top-right patch
+    assert heat[56, 8, 2] > 50
+    assert heat[56, 8, 2] > 3 * heat[56, 8, :2].max()  # blue at the bottom-left one
 
 
 def object_tokens(self, audio, image):
@@ -565,7 +590,8 @@ def object_tokens(self, audio, image):
         image * torch.tensor(ev.data.IMAGE_STD)[:, None, None]
         + torch.tensor(ev.data.IMAGE_MEAN)[:, None, None]
     )
-    high, low = rgb.max(1).values, rgb.min(1).values  # (B, S, S)
+    high = rgb.max(1).values  # (B, S, S)
+    low = rgb.min(1).values
     looks = ((high - low > 0.5 * high) & (high > 0.7)).float()
     f = F.avg_pool2d(looks[:, None], p).flatten(1)  # (B, Lv)
     visual = torch.zeros(*f.shape, D)
@@ -578,7 +604,7 @@ def object_tokens(self, audio, image):
 def localize_argv(tmp_path, clips):
     """Disks and squares on 64 px frames, a checkpoint that sees them at 48 px (a 12 x 12 grid of 4 px patches),
     and the localize command line for them."""
-    prepare.make_synthetic(
+    synthetic.make_synthetic(
         str(tmp_path / "data"),
         n_train=0,
         n_test=clips,
@@ -615,7 +641,9 @@ def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak
     monkeypatch.setattr(ev.CAVMAE, "embed", object_tokens)
     out = ev.main(argv)
     assert out == json.load(open(tmp_path / "loc" / "localization.json"))
-    assert out["n"] == 6 and out["pointing_game"] == 1.0 and 0 < out["chance"] < 0.2
+    assert out["n"] == 6
+    assert out["pointing_game"] == 1.0
+    assert 0 < out["chance"] < 0.2
     assert out["pointing_game_other_audio"] == 1.0  # this stand-in sees objects whatever it hears
     assert out["pointing_game_min"] == 0.0  # and its minimum is never on one
     clip = out["clips"][0]
@@ -639,7 +667,8 @@ def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, m
     argv = localize_argv(tmp_path, clips=4)
     monkeypatch.setattr(ev.CAVMAE, "embed", opposite_audio)
     out = ev.main(argv + ["--batch_size", "4"])
-    assert out["pointing_game"] == 1.0 and out["pointing_game_other_audio"] == 0.0
+    assert out["pointing_game"] == 1.0
+    assert out["pointing_game_other_audio"] == 0.0
 
 
 def test_localize_without_object_positions_draws_pictures_only(tiny):
@@ -655,4 +684,105 @@ def test_localize_without_object_positions_draws_pictures_only(tiny):
         "--out",
         tiny / "loc_one",
     )
-    assert out["pointing_game"] is None and out["n"] == 1 and os.path.isfile(out["clips"][0]["picture"])
+    assert out["pointing_game"] is None
+    assert out["n"] == 1
+    assert os.path.isfile(out["clips"][0]["picture"])
+
+
+# -----------------------------------------------------------------------------
+# data of another size than the checkpoint's
+
+
+def test_a_checkpoint_of_another_frame_size_and_clip_length_says_how_the_data_is_adapted(tmp_path, capsys):
+    argv = localize_argv(
+        tmp_path, clips=1
+    )  # 64 px frames and 0.7 s clips (68 fbank frames); the model: 48 px, 64
+    ev.main(argv)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1
+    assert (
+        "img_size is 48 and the frames are 64x64 px: frames resized and centre-cropped to 48x48" in notes[0]
+    )
+    assert (
+        "audio_length is 64 and the audio has 68 fbank frames: audio cut to its first 64 frames" in notes[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "seconds, note",
+    [(0.655, None), (0.3, "audio padded with 36 frames of zeros")],  # 64 fbank frames; 28
+)
+def test_data_that_fits_the_checkpoint_gets_no_note_and_a_short_clip_a_padding_note(tmp_path, seconds, note):
+    synthetic.make_synthetic(str(tmp_path), n_train=0, n_test=1, image_size=32, seconds=seconds, workers=1)
+    ds = ev.data.AVDataset(str(tmp_path / "test.json"), str(tmp_path / "labels.csv"))
+    found = ev.adaptation_note(ds, CAVMAEConfig.from_preset("tiny"))  # 32 px, 64 frames
+    if note is None:
+        assert found is None
+    else:
+        assert note in found
+
+
+# -----------------------------------------------------------------------------
+# errors on one clip name the file and say what to do
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_predict_on_a_video_without_sound_names_the_video_and_what_to_do(tiny):
+    video = tiny / "silent.mp4"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=64x48:rate=10:duration=1.5",
+            "-c:v",
+            "mpeg4",
+            str(video),
+        ],
+        check=True,
+    )
+    with pytest.raises(
+        ValueError, match=re.escape(f"--video {video}: no audio stream; CAV-MAE needs a clip with")
+    ):
+        run(tiny, "predict", "finetune.pt", "--video", video)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_predict_on_a_missing_video_names_the_video_and_what_to_do(tiny):
+    missing = tiny / "nowhere.mp4"
+    with pytest.raises(ValueError, match=re.escape(f"--video {missing}: file not found; check the path")):
+        run(tiny, "predict", "finetune.pt", "--video", missing)
+
+
+def test_predict_on_a_missing_image_names_the_image_and_what_to_do(tiny):
+    wav = tiny / "data" / "audio" / "test_00000.wav"
+    missing = tiny / "nowhere.jpg"
+    with pytest.raises(ValueError, match=re.escape(f"--image {missing}: file not found; check the path")):
+        run(tiny, "predict", "finetune.pt", "--wav", wav, "--image", missing)
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def test_importing_eval_leaves_out_the_video_tools_and_the_pictures():
+    code = "import sys, eval; print(sorted({'prepare', 'synthetic', 'pictures'} & set(sys.modules)))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["classify"], ["retrieval"], ["inpaint"], ["localize"], ["embed"], ["predict"]]
+)
+def test_help_prints_the_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        ev.main([*argv, "--help"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")

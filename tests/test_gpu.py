@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import prepare
+import synthetic
 from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig, apply_compile
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -35,7 +35,7 @@ def fresh_compile_cache():
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth"))
-    prepare.make_synthetic(out, n_train=8, n_test=4, image_size=IMAGE_SIZE, seconds=2.0, seed=0)
+    synthetic.make_synthetic(out, n_train=8, n_test=4, image_size=IMAGE_SIZE, seconds=2.0, seed=0)
     return out
 
 

@@ -1,6 +1,5 @@
-"""prepare.py: real videos -> the official on-disk format, and the synthetic dataset."""
+"""prepare.py: real videos -> the official on-disk format, byte for byte as the official extraction."""
 
-import colorsys
 import csv
 import io
 import json
@@ -17,9 +16,8 @@ from PIL import Image
 import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_ffmpeg = pytest.mark.skipif(
-    shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None, reason="ffmpeg/ffprobe not installed"
-)
+HAS_FFMPEG = (shutil.which("ffmpeg") is not None) and (shutil.which("ffprobe") is not None)
+needs_ffmpeg = pytest.mark.skipif(not HAS_FFMPEG, reason="ffmpeg/ffprobe not installed")
 # Each frame's colour encodes its decode index n: red = (n % 16) * 16 + 8, green = (n // 16) * 16 + 8.
 COUNTER = (
     "nullsrc=size={size}:rate={rate}:duration={seconds},geq=r='mod(N\\,16)*16+8':g='trunc(N/16)*16+8':b=128"
@@ -123,10 +121,11 @@ def make_videos(folder):
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     """Videos in `in/`, `prepare_videos` run once into `out/`; returns (in, out, failures)."""
-    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+    if not HAS_FFMPEG:
         pytest.skip("ffmpeg/ffprobe not installed")
     root = tmp_path_factory.mktemp("videos")
-    videos, out = str(root / "in"), str(root / "out")
+    videos = str(root / "in")
+    out = str(root / "out")
     make_videos(videos)
     failures = prepare.prepare_videos(videos, out, workers=2)
     return videos, out, failures
@@ -138,7 +137,7 @@ def frame_number(jpeg_path):
 
 
 def test_frame_indices_match_the_official_examples():
-    # ../shared/preprocessing.md 5.1: byte-matched against the official extractor's output
+    # docs/preprocessing.md 5.1: byte-matched against the official extractor's output
     assert prepare.frame_indices(125) == [0, 11, 24, 36, 49, 61, 74, 86, 99, 111]
     assert prepare.frame_indices(299) == [0, 28, 58, 88, 118, 148, 178, 208, 238, 268]
 
@@ -257,7 +256,8 @@ def test_rerun_skips_finished_videos_and_redoes_missing_or_broken_outputs(extrac
 @needs_ffmpeg
 def test_exit_status_is_nonzero_iff_a_video_failed(extracted, tmp_path):
     videos, _, _ = extracted
-    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good = tmp_path / "good.txt"
+    bad = tmp_path / "bad.txt"
     good.write_text(os.path.join(videos, "counter.mov") + "\n")
     bad.write_text(os.path.join(videos, "counter.mov") + "\n" + os.path.join(videos, "noaudio.mp4") + "\n")
     run = lambda listing: subprocess.run(
@@ -322,130 +322,113 @@ def test_missing_ffmpeg_names_the_install_command(monkeypatch):
 
 
 # -----------------------------------------------------------------------------------------------------
-# synthetic dataset
+# Inputs seen in the wild
 
 
-def read_tree(folder):
-    return {
-        os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
-        for root, _, names in os.walk(folder)
-        for name in names
+def ffmpeg_encoders():
+    listing = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+    return {line.split()[1] for line in listing.splitlines() if len(line.split()) > 1}
+
+
+def streamed_container_args():
+    """ffmpeg output options for a clip whose container holds no duration and no frame count: a webm
+    (VP9 + Opus) as browsers and downloaders write it, else Matroska with ffmpeg's own encoders; both written
+    to a pipe, so the muxer cannot go back to fill the duration in."""
+    encoders = ffmpeg_encoders()
+    if {"libvpx-vp9", "libopus"} <= encoders:
+        return [
+            "-c:v",
+            "libvpx-vp9",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+            "-c:a",
+            "libopus",
+            "-f",
+            "webm",
+        ]
+    if {"mpeg4", "aac"} <= encoders:
+        return ["-c:v", "mpeg4", "-q:v", "2", "-c:a", "aac", "-f", "matroska"]
+    pytest.skip("this ffmpeg can write neither VP9 + Opus nor MPEG-4 + AAC")
+
+
+@needs_ffmpeg
+def test_a_webm_without_duration_has_its_frames_counted_and_extracted_as_the_official_extractor_would(
+    tmp_path,
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    video = folder / "browser.webm"
+    with open(video, "wb") as pipe:  # 4.9 s at 14.985 fps: 74 frames, with sound
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-f",
+                "lavfi",
+                "-i",
+                COUNTER.format(size="160x120", rate=14.985, seconds=4.9),
+                "-f",
+                "lavfi",
+                "-i",
+                "sine=frequency=440:duration=4.9",
+                "-pix_fmt",
+                "yuv420p",
+                *streamed_container_args(),
+                "pipe:1",
+            ],
+            stdout=pipe,
+            check=True,
+        )
+    facts = prepare.probe(str(video))
+    assert (facts["count"], facts["total"]) == (74, 74)
+    out = str(tmp_path / "out")
+    assert prepare.prepare_videos(str(folder), out, workers=1) == []
+    frames = [frame_number(os.path.join(out, "frames", f"frame_{i}", "browser.jpg")) for i in range(10)]
+    assert frames == prepare.frame_indices(74) == [0, 6, 13, 21, 28, 36, 43, 50, 58, 65]
+
+
+def run_prepare(*argv):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "prepare.py"), *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+@needs_ffmpeg
+def test_an_input_folder_without_videos_is_an_error_naming_the_folder_and_the_extensions(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no videos here\n")
+    result = run_prepare("videos", "--input", str(empty), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert str(empty) in message
+    assert ".mp4" in message
+    assert ".webm" in message
+
+
+@needs_ffmpeg
+def test_audio_only_files_are_listed_among_the_failures_with_no_video_stream(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(folder / "voice.m4a"))
+    sf.write(str(folder / "tone.wav"), np.zeros(16000, np.int16), 16000)
+    out = str(tmp_path / "out")
+    failures = prepare.prepare_videos(str(folder), out, workers=1)
+    assert {os.path.basename(video): reason for video, reason in failures} == {
+        "voice.m4a": "no video stream",
+        "tone.wav": "no video stream",
     }
+    with open(os.path.join(out, "failed.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 2
 
 
-TINY = dict(n_train=40, n_test=30, image_size=32, seconds=0.5)  # 70 clips: enough to use the process pool
-
-
-def test_synthetic_is_the_same_bytes_for_a_seed_with_or_without_workers(tmp_path):
-    prepare.make_synthetic(str(tmp_path / "a"), seed=3, workers=2, **TINY)
-    prepare.make_synthetic(str(tmp_path / "b"), seed=3, workers=1, **TINY)
-    prepare.make_synthetic(str(tmp_path / "c"), seed=4, workers=1, **TINY)
-    a, b, c = (read_tree(str(tmp_path / x)) for x in "abc")
-    assert (
-        len(a) == 4 + 70 * 11 and a == b
-    )  # datafiles, labels.csv, objects.json; a wav and 10 frames per clip
-    assert a["audio/train_00000.wav"] != c["audio/train_00000.wav"]
-
-
-def test_synthetic_is_in_the_official_format(tmp_path):
-    out = str(tmp_path / "syn")
-    prepare.make_synthetic(out, n_train=12, n_test=5, image_size=48, seconds=1.0, num_classes=4, workers=1)
-    with open(os.path.join(out, "labels.csv")) as f:
-        mids = [row["mid"] for row in csv.DictReader(f)]
-    assert len(mids) == 4
-    for split, n in (("train", 12), ("test", 5)):
-        data = json.load(open(os.path.join(out, f"{split}.json")))["data"]
-        assert len(data) == n and all(e["video_id"].startswith(split) for e in data)
-        for e in data:
-            assert e["labels"] in mids  # single-label
-            info = sf.info(os.path.join(out, e["wav"]))
-            assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", 16000)
-            for i in range(10):
-                image = Image.open(os.path.join(out, e["video_path"], f"frame_{i}", f"{e['video_id']}.jpg"))
-                assert (image.mode, image.size) == ("RGB", (48, 48))
-
-
-def test_synthetic_multilabel_has_one_to_three_distinct_events(tmp_path):
-    out = str(tmp_path / "syn")
-    prepare.make_synthetic(out, n_train=60, n_test=0, image_size=32, seconds=0.5, multilabel=True, workers=1)
-    counts = [
-        len(set(e["labels"].split(","))) for e in json.load(open(os.path.join(out, "train.json")))["data"]
-    ]
-    assert set(counts) == {1, 2, 3}
-
-
-def test_synthetic_object_hue_sets_the_pitch_of_its_sound():
-    frames, pcm, _ = prepare.draw_clip(np.random.default_rng(5), [0], 64, 1.0)  # one disk, one pure tone
-    pixels = frames[5].reshape(-1, 3) / 255.0
-    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
-    hue = np.median(hsv[(hsv[:, 1] > 0.6) & (hsv[:, 2] > 0.6), 0])  # the object, not the dull background
-    pitch = np.argmax(np.abs(np.fft.rfft(pcm / 32768.0)))  # 1 s: bin k = k Hz
-    assert pitch == pytest.approx(200 * 2 ** (3 * hue / 0.8), rel=0.03)
-
-
-def test_synthetic_number_of_objects_is_the_number_of_onsets():
-    _, pcm, _ = prepare.draw_clip(np.random.default_rng(1), [8, 8, 8], 64, 2.56)  # three plucks
-    energy = np.convolve((pcm / 32768.0) ** 2, np.ones(160) / 160, mode="same")[::160]  # 10 ms frames
-    loud = energy > 0.1 * energy.max()
-    assert np.count_nonzero(loud[1:] & ~loud[:-1]) + int(loud[0]) == 3
-
-
-def test_inside_objects_tests_points_against_each_shape():
-    disk = {"class": 0, "x": 10.0, "y": 20.0, "radius": 4.0}
-    bar = {"class": 9, "x": 40.0, "y": 20.0, "radius": 4.0}  # an ellipse 1.1 r wide, 0.45 r high
-    x, y = np.array([10, 13.9, 10, 40, 44.3, 40]), np.array([20, 20, 24.5, 20, 20, 22])
-    assert prepare.inside_objects([disk, bar], x, y).tolist() == [True, True, False, True, True, False]
-    assert not prepare.inside_objects([], x, y).any()
-
-
-def test_synthetic_object_geometry_covers_the_drawn_objects():
-    frames, _, objects = prepare.draw_clip(np.random.default_rng(2), [0, 1], 64, 2.56)  # a disk and a square
-    assert len(objects) == 10 and all(len(o) == 2 for o in objects)
-    centres = np.arange(64) + 0.5
-    for frame, frame_objects in zip(frames, objects):
-        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in frame.reshape(-1, 3) / 255.0]).reshape(64, 64, 3)
-        drawn = (hsv[..., 1] > 0.5) & (
-            hsv[..., 2] > 0.7
-        )  # saturated and bright: the objects, not the background
-        inside = prepare.inside_objects(frame_objects, centres[None, :], centres[:, None])
-        assert (
-            drawn & inside
-        ).sum() >= 0.99 * drawn.sum()  # every object-coloured pixel lies inside an object
-        assert (
-            drawn & inside
-        ).sum() >= 0.8 * inside.sum()  # and most inside pixels are object-coloured (not edges)
-
-
-def test_synthetic_writes_the_objects_of_every_clip_and_frame(tmp_path):
-    out = str(tmp_path / "syn")
-    prepare.make_synthetic(out, n_train=3, n_test=2, image_size=32, seconds=0.5, num_classes=4, workers=1)
-    objects = json.load(open(os.path.join(out, "objects.json")))
-    rows = [
-        e for split in ("train", "test") for e in json.load(open(os.path.join(out, f"{split}.json")))["data"]
-    ]
-    assert objects["frame_size"] == 32 and sorted(objects["clips"]) == sorted(e["video_id"] for e in rows)
-    for e in rows:
-        frames = objects["clips"][e["video_id"]]
-        assert len(frames) == 10 and 1 <= len(frames[0]) <= 3
-        assert {prepare.synthetic_mid(o["class"]) for f in frames for o in f} == {e["labels"]}
-    found, path = prepare.read_objects(None, os.path.join(out, "test.json"), ["test_00000"])
-    assert path == os.path.join(out, "objects.json") and found == objects
-    with pytest.raises(ValueError, match="no objects for 1 of the 2 clips"):
-        prepare.read_objects(path, None, ["test_00000", "elsewhere"])
-    assert prepare.read_objects(None, str(tmp_path / "real" / "data.json"), ["x"]) == (None, None)
-
-
-def test_avdataset_reads_the_synthetic_dataset(tmp_path):
-    data = pytest.importorskip("data")
-    if not hasattr(data, "AVDataset"):
-        pytest.skip("data.AVDataset not written yet")
-    out = str(tmp_path / "syn")
-    prepare.make_synthetic(out, n_train=4, n_test=2, image_size=64, seconds=2.56, workers=1)
-    ds = data.AVDataset(
-        os.path.join(out, "train.json"), os.path.join(out, "labels.csv"), target_length=256, image_size=64
-    )
-    fbank, image, label = ds[0]
-    assert (
-        tuple(fbank.shape) == (256, 128) and tuple(image.shape) == (3, 64, 64) and tuple(label.shape) == (10,)
-    )
-    assert float(label.sum()) == 1.0
+@pytest.mark.parametrize("argv", [["--help"], ["videos", "--help"], ["synthetic", "--help"]])
+def test_help_prints_the_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        prepare.main(argv)
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import data
 import loader
-import prepare
+import synthetic
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth"))
-    prepare.make_synthetic(out, n_train=16, n_test=8, image_size=32, seconds=0.7, seed=0)
+    synthetic.make_synthetic(out, n_train=16, n_test=8, image_size=32, seconds=0.7, seed=0)
     return out
 
 
