@@ -17,6 +17,8 @@ config, iter_num, metric). model.load_pretrained and eval.py read both files.
 import dataclasses
 import os
 import random
+import signal
+import sys
 import time
 
 import numpy as np
@@ -47,13 +49,34 @@ class WeightAverage:
         return dict(count=self.count, sum=self.sum) if self.count else None
 
 
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load of a checkpoint (ours, official or MAE), or a ConfigError naming the file when it is not one."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch.load raises several types for a file that is not a checkpoint
+        raise ConfigError(
+            f"{path} is not a checkpoint torch.load can read ({type(e).__name__}: {e})"
+        ) from None
+
+
+TRAINING_STATE = ("model", "optimizer", "iter_num", "task", "sampler")  # what a resume needs of ckpt.pt
+
+
 def load_start(cfg, ckpt_path):
     """-> (our checkpoint to resume, or None; weights to initialise from, or None). A new run refuses an out_dir
     that holds a checkpoint unless overwrite=True: nothing is replaced by accident."""
     if cfg["init_from"] == "resume":
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"init_from=resume but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(ckpt_path)
+        missing = [k for k in TRAINING_STATE if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise ConfigError(
+                f"{ckpt_path} holds no training state to resume (no {', '.join(missing)}): start a new run from "
+                f"its weights with --init_from={ckpt_path} and another --out_dir"
+            )
         if ckpt["task"] != cfg["task"]:
             raise ConfigError(f"{ckpt_path} is a {ckpt['task']} checkpoint but task={cfg['task']}")
         return ckpt, None
@@ -66,7 +89,51 @@ def load_start(cfg, ckpt_path):
         return None, None
     if not os.path.isfile(cfg["init_from"]):
         raise ConfigError(f"init_from={cfg['init_from']}: no such file")
-    return None, torch.load(cfg["init_from"], map_location="cpu", weights_only=False)
+    return None, read_checkpoint(cfg["init_from"])
+
+
+# Settings that decide the clip order or the lr schedule of the steps left: a resume with other values would not
+# continue the run it says it continues. The run's length changes only the cosine schedule (the step schedule
+# depends on the epoch alone, so a step-schedule run may be extended exactly).
+ORDER_AND_SCHEDULE = (
+    "data_train",
+    "label_csv",
+    "num_frames",
+    "balanced_sampling",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "lr_schedule",
+    "lrscheduler_start",
+    "lrscheduler_step",
+    "lrscheduler_decay",
+    "warmup_iters",
+    "min_lr_ratio",
+)
+COSINE_LENGTH = ("epochs", "max_iters")
+
+
+def changed_settings(ckpt, cfg, world):
+    """{setting: (old, new)} of the settings in ORDER_AND_SCHEDULE (and the world size) that a resume changes."""
+    old = dict(ckpt["config"], world_size=ckpt.get("world_size", world))
+    new = dict(cfg, world_size=world)
+    keys = [*ORDER_AND_SCHEDULE, "world_size"]
+    if new["lr_schedule"] == "cosine":
+        keys += COSINE_LENGTH
+    return {k: (old[k], new[k]) for k in keys if k in old and old[k] != new[k]}
+
+
+def refuse_changed_settings(ckpt, cfg, world, ckpt_path):
+    """A resume with steps left to train must keep the clip order and the schedule (changed_settings)."""
+    changed = changed_settings(ckpt, cfg, world)
+    if not changed:
+        return
+    lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    raise ConfigError(
+        f"init_from=resume would not continue the run in {ckpt_path}: these settings change its clip order or "
+        f"schedule (old -> new):\n{lines}\nresume with the old values, or start a new run from its weights "
+        f"with --init_from={ckpt_path} and another --out_dir"
+    )
 
 
 def rng_state(device):
@@ -79,19 +146,33 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"]), np.random.set_state(state["numpy"]), random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk, a read-only or missing folder)."""
+
+
 def atomic_save(obj, path):
-    """torch.save to path.tmp, then rename: a crash leaves either the old file or the new one, never half of one."""
+    """torch.save to path.tmp, then rename: a crash or a full disk leaves the old file, never half of a new one.
+    Written through a Python file, so that a full disk is reported as such (torch's own writer says only
+    `unexpected pos`)."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
+    except OSError as e:
+        kept = f"; the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ""
+        raise WriteError(
+            f"cannot write {path}: {e.strerror or e}{kept}. Free space there or choose another --out_dir"
+        ) from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
@@ -117,9 +198,11 @@ def save_checkpoint(run, rngs=None, model_last=None):
             rngs = [None] * run.world
             dist.all_gather_object(rngs, rng_state(run.device))
     if not run.master:
-        run.last_save, run.saved_iter = time.time(), run.iter_num
+        run.last_save = time.time()
+        run.saved_iter = run.iter_num
         return
-    cfg, (epoch, done) = run.cfg, divmod(run.iter_num, run.iters_per_epoch)
+    cfg = run.cfg
+    epoch, done = divmod(run.iter_num, run.iters_per_epoch)
     atomic_save(
         dict(
             weights_entry(run),
@@ -129,6 +212,7 @@ def save_checkpoint(run, rngs=None, model_last=None):
             scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
             iter_num=run.iter_num,
             epoch=epoch,
+            world_size=run.world,
             rng=rngs,
             best_metric=run.best_metric,
             best_iter=run.best_iter,
@@ -137,7 +221,8 @@ def save_checkpoint(run, rngs=None, model_last=None):
         ),
         run.path("ckpt.pt"),
     )
-    run.last_save, run.saved_iter = time.time(), run.iter_num  # only once the file is there
+    run.last_save = time.time()  # only once the file is there
+    run.saved_iter = run.iter_num
 
 
 def restore_rngs(cfg, rank, device, ckpt):
@@ -148,4 +233,137 @@ def restore_rngs(cfg, rank, device, ckpt):
         set_rng_state(states[rank] if len(states) > rank else states[0], device)
     else:
         s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
-        torch.manual_seed(s), np.random.seed(s), random.seed(s)
+        torch.manual_seed(s)
+        np.random.seed(s)
+        random.seed(s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fault tolerance of the training loop: signals, the NaN check, the ranks' agreement, a checkpoint after an error
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Safeguard:
+    """train.py's loop runs inside `with Safeguard(run, resume_cmd) as guard:`.
+
+    - SIGINT / SIGTERM set `received`; at the next sync (`agree`) the ranks agree to stop, the loop saves after the
+      step and ends, and `stopped` holds the signal (the process then exits with status 128 + signal).
+    - Each step's loss is counted on the device when it is not finite (`step_done`: no host sync per step); `agree`
+      raises NonFiniteLoss, and the last good checkpoint stays.
+    - Any other exception saves the state after the last completed step and prints the command that resumes it.
+      One that follows a signal (loader workers ended by the same SIGTERM) ends the run as the signal does."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run, resume_cmd=""):
+        self.run = run
+        self.resume_cmd = resume_cmd
+        self.received = 0  # the signal this process got, 0: none
+        self.stopped = 0  # the signal the ranks agreed to stop on, 0: none
+        self.nonfinite = torch.zeros((), device=run.device)  # steps with a NaN/inf loss, on the device
+        self.step_rng = None  # RNG states after the last completed step (one process): an error's checkpoint
+        self.previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self.on_signal)
+        return self
+
+    def on_signal(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if not isinstance(error, Exception):
+            return False
+        self.save_after_error(error)
+        if not self.received or isinstance(error, NonFiniteLoss):
+            return False
+        self.stopped = self.received
+        self.say_stopped(f" ({type(error).__name__} after it: {one_line(error)})")
+        return True  # the signal ends the run, not the error
+
+    def step_done(self, stats):
+        """After a step: its loss counted if not finite; on one process, the RNG states an error's checkpoint needs
+        (under torchrun every rank's states are gathered at a save, which an error cannot do)."""
+        self.nonfinite += ~torch.isfinite(stats["loss"])
+        if self.run.world == 1:
+            self.step_rng = rng_state(self.run.device)
+
+    def agree(self):
+        """The loop's one host sync: a NaN/inf loss on any rank raises NonFiniteLoss; the ranks agree on stopping
+        after a signal and on a save that `save_minutes` asks for. -> (the signal to stop on or 0, save now)."""
+        run = self.run
+        minutes = run.cfg["save_minutes"]
+        clock_due = minutes > 0 and time.time() - run.last_save > 60 * minutes
+        flags = torch.stack(
+            [
+                self.nonfinite.float(),
+                torch.tensor(float(self.received), device=run.device),
+                torch.tensor(float(clock_due), device=run.device),
+            ]
+        )
+        if run.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank's NaN, signal or clock counts for all
+        bad, stop, clock_due = flags.tolist()
+        if bad:
+            raise NonFiniteLoss(
+                f"non-finite loss at iter {run.iter_num}: stopped; {run.path('ckpt.pt')} (if any) keeps "
+                "the last good state: continue with --init_from=resume and a lower lr or --grad_clip=1.0"
+            )
+        self.stopped = int(stop)
+        return self.stopped, (self.stopped > 0 or clock_due > 0)
+
+    def say_stopped(self, extra=""):
+        if self.run.master:
+            print(
+                f"\nstopped by {signal.Signals(self.stopped).name} at iter {self.run.iter_num}{extra}: "
+                f"{self.run.path('ckpt.pt')} holds iter {self.run.saved_iter}; continue with:\n  {self.resume_cmd}",
+                file=sys.stderr,
+            )
+
+    def save_after_error(self, error):
+        """An exception inside the loop: save the state after the last completed step before the error propagates,
+        and say how to resume. A NaN keeps the last good checkpoint instead; so does an error inside the weight
+        update. Under torchrun rank 0 saves alone, without the other ranks' RNG streams; an error on another rank
+        leaves rank 0 waiting in a collective until torchrun or the NCCL timeout ends it, with the last regular
+        checkpoint."""
+        run = self.run
+        if isinstance(error, NonFiniteLoss):
+            return
+        if run.updating:
+            return
+        if not run.master:
+            return
+        try:
+            if self.nonfinite.item():  # a NaN since the last check: the last good checkpoint stays
+                return
+        except Exception:  # a broken device cannot tell
+            return
+        if run.saved_iter != run.iter_num:
+            try:
+                save_checkpoint(run, rngs=[self.step_rng] if run.world == 1 else [])
+            except Exception as e:  # the original error matters more
+                print(f"could not save a checkpoint after the error: {one_line(e)}", file=sys.stderr)
+                return
+        if self.received:
+            return  # __exit__ reports the stop
+        if run.iter_num > 0 or run.cfg["init_from"] == "resume":  # else ckpt.pt is not this run's
+            print(
+                f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that state; once "
+                f"the cause is fixed, continue with:\n  {self.resume_cmd}",
+                file=sys.stderr,
+            )
+
+
+def one_line(error):
+    """An error's message without the worker traceback that DataLoader puts into errors raised on a worker."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]  # "module.ErrorType: message"
+    return last.split(": ", 1)[-1]

@@ -123,8 +123,11 @@ class FinishOnWorker:
         return dict(audio=audio, image=image, label=label, fallbacks=batch["fallbacks"])
 
 
-def ignore_signals(worker_id):  # Ctrl-C and SIGTERM are the main process's business: it saves and stops
-    signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def ignore_ctrl_c(worker_id):
+    """Ctrl-C reaches every process of the terminal; stopping is the main process's business (it saves, then shuts
+    the workers down). SIGTERM keeps its default: it is how the DataLoader and multiprocessing end a worker at the
+    process's exit, and a worker that ignored it kept the process from ever exiting after an error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(ds, cfg, device, prep, on_device, **kw):
@@ -136,7 +139,7 @@ def make_loader(ds, cfg, device, prep, on_device, **kw):
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,  # pinned: copies overlap compute
         prefetch_factor=PREFETCH_BATCHES if workers else None,
-        worker_init_fn=ignore_signals,
+        worker_init_fn=ignore_ctrl_c,
         generator=torch.Generator(),
         **kw,
     )  # own generator: an iterator's seed draw leaves the global RNG alone

@@ -68,12 +68,12 @@ def test_pretraining_runs_and_lowers_the_loss(synth, tmp_path):
     result = train.main(flags(synth, tmp_path, "--max_iters=24", "--noise=False"))
     losses = train_losses(tmp_path)
     assert len(losses) == 24 and sum(losses[-6:]) < sum(losses[:6])
-    assert {"a2v_R1", "v2a_R1", "loss_c", "c_acc"} <= result["final"].keys()
+    assert {"a2v_R1", "v2a_R1", "loss_c", "contrastive_accuracy"} <= result["final"].keys()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["iter_num"] == 24 and ckpt["task"] == "pretrain" and ckpt["num_classes"] is None
     assert ckpt["model_args"]["embed_dim"] == 32 and ckpt["config"]["max_iters"] == 24
     assert json.load(open(tmp_path / "config.json"))["model_preset"] == "tiny"
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "train.png").stat().st_size > 0
 
 
 def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(synth, tmp_path):
@@ -160,11 +160,21 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     before = open(path, "rb").read()
 
     def broken_save(obj, f):  # writes half a file, then fails (disk full, killed, ...)
-        open(f, "wb").write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left on device"):
+        train.atomic_save({"iter_num": 2}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == before
+
+
+def test_a_full_disk_during_a_checkpoint_write_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.atomic_save({"iter_num": 1}, path)
+    before = open(path, "rb").read()
+    os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC, as on a full disk
+    with pytest.raises(train.WriteError, match="No space left on device; the previous ckpt.pt is intact"):
         train.atomic_save({"iter_num": 2}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == before
 
