@@ -15,6 +15,7 @@ H100 with 12 workers: 4-5 s per epoch when workers restarted every epoch).
 import itertools
 import random
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -123,11 +124,18 @@ class FinishOnWorker:
         return dict(audio=audio, image=image, label=label, fallbacks=batch["fallbacks"])
 
 
-def ignore_ctrl_c(worker_id):
-    """Ctrl-C reaches every process of the terminal; stopping is the main process's business (it saves, then shuts
-    the workers down). SIGTERM keeps its default: it is how the DataLoader and multiprocessing end a worker at the
-    process's exit, and a worker that ignored it kept the process from ever exiting after an error."""
+def exit_quietly(signum, frame):
+    sys.exit(0)
+
+
+def worker_signals(worker_id):
+    """A loader worker leaves stopping to the main process, which saves and then ends the workers. Ctrl-C, which
+    reaches every process of the terminal, is ignored. SIGTERM ends the worker with status 0: it is how the
+    DataLoader and multiprocessing end workers when the process exits (a worker that ignored it kept the process
+    from ever exiting after an error), and a worker that exits 0 when a scheduler sends SIGTERM to every process
+    does not interrupt the main process (DataLoader raises for a worker killed by a signal): it saves the step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, exit_quietly)
 
 
 def make_loader(ds, cfg, device, prep, on_device, **kw):
@@ -139,7 +147,7 @@ def make_loader(ds, cfg, device, prep, on_device, **kw):
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,  # pinned: copies overlap compute
         prefetch_factor=PREFETCH_BATCHES if workers else None,
-        worker_init_fn=ignore_ctrl_c,
+        worker_init_fn=worker_signals,
         generator=torch.Generator(),
         **kw,
     )  # own generator: an iterator's seed draw leaves the global RNG alone
