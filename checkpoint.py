@@ -6,12 +6,17 @@ out_dir/ckpt.pt, written atomically (a temporary file, then a rename) by rank 0,
     model_last     the training weights when they differ from `model` (else None): what a resumed run continues
     model_args     the CAVMAEConfig fields; task, num_classes, config (the settings of the run)
     optimizer, scaler, scheduler, iter_num, epoch
+    world_size     the processes that trained it (a resume with another count would change the clip order)
     rng            every rank's RNG states (torch, CUDA, NumPy, Python) after the saved step; [] in a checkpoint
                    written by rank 0 alone after an error under torchrun (the streams then restart from the seed)
     sampler        (epoch, start): where the data order continues (loader.RunBatches)
     best_metric, best_iter, wa (the running sum of weight averaging: {count, sum} or None)
 out_dir/best.pt holds the best validation weights by the main metric (model, model_args, task, num_classes,
 config, iter_num, metric). model.load_pretrained and eval.py read both files.
+
+A resume continues the run exactly or not at all: refuse_changed_settings names the settings that would change
+its clip order or schedule. Below the save functions, Safeguard is the training loop's fault tolerance: signals,
+the NaN check, the ranks' agreement on stopping and saving, and a checkpoint after an error.
 """
 
 import dataclasses
@@ -300,13 +305,8 @@ class Safeguard:
         run = self.run
         minutes = run.cfg["save_minutes"]
         clock_due = minutes > 0 and time.time() - run.last_save > 60 * minutes
-        flags = torch.stack(
-            [
-                self.nonfinite.float(),
-                torch.tensor(float(self.received), device=run.device),
-                torch.tensor(float(clock_due), device=run.device),
-            ]
-        )
+        host_flags = torch.tensor([float(self.received), float(clock_due)], device=run.device)
+        flags = torch.cat([self.nonfinite.view(1), host_flags])  # (3,)
         if run.world > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank's NaN, signal or clock counts for all
         bad, stop, clock_due = flags.tolist()

@@ -12,9 +12,11 @@ assignments), then --key=value flags (configurator.py). Model fields are set wit
 batch_size x grad_accum x world_size clips, and the contrastive negatives are the batch_size clips of one step on
 one process (the official code: the per-GPU batch) unless gather_negatives=True.
 
-Read train() first: it builds a Run, then loops over train_step, logging, epoch ends, evaluation and checkpoints.
-Long runs lose minutes, not hours: a checkpoint at every evaluation, every save_interval steps or save_minutes,
-on SIGINT/SIGTERM, and on any error inside the loop (the state after the last completed step).
+Read train() first: it builds a Run, then loop() runs the steps (set_lr, train_step) and whatever due_at says the
+iteration asks for (a log line, the epoch end, an evaluation, a checkpoint), then finish() evaluates and saves.
+Long runs lose minutes, not hours (checkpoint.Safeguard): a checkpoint at every evaluation, every save_interval
+steps or save_minutes, on SIGINT/SIGTERM, and on any error inside the loop (the state after the last completed
+step). Exit status: 0 when the run ended, 1 after an error, 128 + the signal's number after a signal (saved).
 """
 
 import contextlib
@@ -29,9 +31,11 @@ import statistics
 import sys
 import time
 
+import soundfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -227,9 +231,6 @@ def resolve_device(name):
 def input_adaptation(ds, mcfg):
     """One line when the first clip of the data differs from what the model takes (its frames are resized, its
     audio is cut to the model's length), else None. The loader reports unreadable files; this only looks."""
-    import soundfile  # only here: the loader workers read the files
-    from PIL import Image
-
     row = ds.rows[0]
     frames = [data.frame_path(row, k) for k in range(ds.num_frames)]
     existing = [path for path in frames if os.path.isfile(path)]
@@ -1013,12 +1014,13 @@ def next_commands(cfg, argv):
         c.replace("pretrain", "finetune") for c in configs if "pretrain" in os.path.basename(c)
     ]
     data_flags = [a for a in argv if a.startswith(DATA_FLAGS)]
-    if finetune_configs and os.path.isfile(finetune_configs[-1]):
+    if finetune_configs and os.path.isfile(finetune_configs[-1]):  # its own out_dir
         finetune = [finetune_configs[-1], *data_flags]
     else:
-        finetune = ["--task=finetune", *(f"--{k}={cfg[k]}" for k in DATA_FILES)]
+        data_settings = [f"--{k}={cfg[k]}" for k in DATA_FILES]
+        finetune = ["--task=finetune", *data_settings, f"--out_dir={cfg['out_dir']}_finetune"]
     return [
-        " ".join(["python train.py", *finetune, f"--init_from={ckpt}", "--out_dir=<new folder>"]),
+        " ".join(["python train.py", *finetune, f"--init_from={ckpt}"]),
         f"python eval.py retrieval {evaluate_on}",
         f"python eval.py inpaint {evaluate_on} --out {os.path.join(cfg['out_dir'], 'inpaint')}",
     ]
@@ -1092,5 +1094,6 @@ if __name__ == "__main__":
     except (ConfigError, NonFiniteLoss, data.DataError, WriteError) as e:
         sys.exit(f"error: {one_line(e)}")  # status 1
     except KeyboardInterrupt:  # Ctrl-C outside the loop: building the run or the final evaluation
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     sys.exit(status)
