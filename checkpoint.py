@@ -66,7 +66,7 @@ def read_checkpoint(path, map_location="cpu"):
         ) from None
 
 
-TRAINING_STATE = ("model", "optimizer", "iter_num", "task", "sampler")  # what a resume needs of ckpt.pt
+TRAINING_STATE = ("model", "optimizer", "iter_num", "task", "sampler", "config")  # what a resume needs of ckpt.pt
 
 
 def load_start(cfg, ckpt_path):

@@ -771,3 +771,19 @@ def test_the_slowdown_watch_warns_once_when_throughput_falls_below_a_third():
     assert warnings[:7] == [None] * 7  # too few windows yet, then 40 is above a third of 100
     assert "top or nvidia-smi" in warnings[7] and warnings[8] is None  # at most once per WARN_SECONDS
     assert watch.check(10.0, now=7.0 + train.SlowdownWatch.WARN_SECONDS) is not None
+
+
+def test_importing_train_leaves_out_evaluation_and_preparation_modules():
+    check = "import sys, train; print(sorted(m for m in ('eval', 'prepare', 'pictures') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[]", run.stderr
+
+
+def test_final_retrieval_equals_eval_py_retrieval_on_the_same_checkpoint(synth, tmp_path):
+    import eval
+
+    final = train.main(flags(synth, tmp_path, "--max_iters=2"))["final"]
+    ckpt = str(tmp_path / "ckpt.pt")
+    out = eval.main(["retrieval", "--checkpoint", ckpt, "--data", f"{synth}/test.json", "--device", "cpu"])
+    for name, key in (("audio_to_visual", "a2v"), ("visual_to_audio", "v2a")):
+        assert {k: final[f"{key}_{k}"] for k in ("R1", "R5", "R10", "MR")} == out[name]
