@@ -229,8 +229,8 @@ def resolve_device(name):
 
 
 def input_adaptation(ds, mcfg):
-    """One line when the first clip of the data differs from what the model takes (its frames are resized, its
-    audio is cut to the model's length), else None. The loader reports unreadable files; this only looks."""
+    """How the first clip of the data differs from what the model takes (its frames are resized, its audio is cut
+    to the model's length), or None. The loader reports unreadable files; this only looks."""
     row = ds.rows[0]
     frames = [data.frame_path(row, k) for k in range(ds.num_frames)]
     existing = [path for path in frames if os.path.isfile(path)]
@@ -249,7 +249,7 @@ def input_adaptation(ds, mcfg):
         notes.append(f"its {fbank_frames} fbank frames are cut to the model's first {mcfg.audio_length}")
     if not notes:
         return None
-    return f"note: the data does not match the model ({ds.datafile}, first clip): {'; '.join(notes)}"
+    return "; ".join(notes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -974,10 +974,12 @@ def start_log(run, report):
         f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
         + (f"\ninit_from {cfg['init_from']}: {report}" if report else "")
     )
+    said = set()
     for ds in (d["train_ds"], d["val_ds"]):
         note = input_adaptation(ds, mcfg)
-        if note:
-            print(note)
+        if note and note not in said:
+            print(f"note: the first clip of {ds.datafile} does not match the model: {note}")
+            said.add(note)
 
 
 def train(cfg, device, rank=0, world=1, resume_cmd=""):
