@@ -431,9 +431,10 @@ def save_embeddings(folder, ds, **arrays):
 
 @torch.no_grad()
 def pool_embeddings(model, batches, autocast):
-    """The coordinated representations that retrieval compares (Sec. 4.2): each clip's audio and visual tokens,
-    each modality alone through the joint blocks, mean-pooled and unit length -> audio (N, D), visual (N, D) on the
-    CPU, in the order of `batches` ((audio, image, label) batches; train.py's validation and cmd_retrieval)."""
+    """The coordinated representations that retrieval compares (Sec. 4.2): each clip's audio and
+    visual tokens, each modality alone through the joint blocks, mean-pooled and unit length ->
+    audio (N, D), visual (N, D) on the CPU, in the order of `batches` ((audio, image, label)
+    batches; train.py's validation and cmd_retrieval)."""
     audio_emb = []
     visual_emb = []
     for audio, image, _ in batches:

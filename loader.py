@@ -129,11 +129,12 @@ def exit_quietly(signum, frame):
 
 
 def worker_signals(worker_id):
-    """A loader worker leaves stopping to the main process, which saves and then ends the workers. Ctrl-C, which
-    reaches every process of the terminal, is ignored. SIGTERM ends the worker with status 0: it is how the
-    DataLoader and multiprocessing end workers when the process exits (a worker that ignored it kept the process
-    from ever exiting after an error), and a worker that exits 0 when a scheduler sends SIGTERM to every process
-    does not interrupt the main process (DataLoader raises for a worker killed by a signal): it saves the step."""
+    """A loader worker leaves stopping to the main process, which saves and then ends the workers.
+    Ctrl-C, which reaches every process of the terminal, is ignored. SIGTERM ends the worker with
+    status 0: it is how the DataLoader and multiprocessing end workers when the process exits (a
+    worker that ignored it kept the process from ever exiting after an error), and a worker that
+    exits 0 when a scheduler sends SIGTERM to every process does not interrupt the main process
+    (DataLoader raises for a worker killed by a signal): it saves the step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, exit_quietly)
 

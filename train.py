@@ -1,22 +1,24 @@
-"""
-Train CAV-MAE: self-supervised pretraining (task='pretrain') or fine-tuning a classifier (task='finetune').
+"""Train CAV-MAE: self-supervised pretraining (task='pretrain') or fine-tuning a classifier
+(task='finetune').
 
     python train.py config/pretrain_synthetic.py                      # the CPU demo, a few minutes
     python train.py config/pretrain_synthetic.py --batch_size=32 --out_dir=out/x
     python train.py config/pretrain_synthetic.py --init_from=resume   # continue out_dir/ckpt.pt exactly
     torchrun --standalone --nproc_per_node=4 train.py config/pretrain_audioset.py
 
-Settings: the defaults below (the paper's base pretraining recipe), then each config file (plain Python
-assignments), then --key=value flags (configurator.py). Model fields are set with --model_<field>=value (e.g.
---model_embed_dim=256) on top of --model_preset. batch_size is per process and micro-step: one optimizer step sees
-batch_size x grad_accum x world_size clips, and the contrastive negatives are the batch_size clips of one step on
-one process (the official code: the per-GPU batch) unless gather_negatives=True.
+Settings: the defaults below (the paper's base pretraining recipe), then each config file (plain
+Python assignments), then --key=value flags (configurator.py). Model fields are set with
+--model_<field>=value (e.g. --model_embed_dim=256) on top of --model_preset. batch_size is per
+process and micro-step: one optimizer step sees batch_size x grad_accum x world_size clips, and the
+contrastive negatives are the batch_size clips of one step on one process (the official code: the
+per-GPU batch) unless gather_negatives=True.
 
-Read train() first: it builds a Run, then loop() runs the steps (set_lr, train_step) and whatever due_at says the
-iteration asks for (a log line, the epoch end, an evaluation, a checkpoint), then finish() evaluates and saves.
-Long runs lose minutes, not hours (checkpoint.Safeguard): a checkpoint at every evaluation, every save_interval
-steps or save_minutes, on SIGINT/SIGTERM, and on any error inside the loop (the state after the last completed
-step). Exit status: 0 when the run ended, 1 after an error, 128 + the signal's number after a signal (saved).
+Read train() first: it builds a Run, then loop() runs the steps (set_lr, train_step) and whatever
+due_at says the iteration asks for (a log line, the epoch end, an evaluation, a checkpoint), then
+finish() evaluates and saves. Long runs lose minutes, not hours (checkpoint.Safeguard): a checkpoint
+at every evaluation, every save_interval steps or save_minutes, on SIGINT/SIGTERM, and on any error
+inside the loop (the state after the last completed step). Exit status: 0 when the run ended, 1
+after an error, 128 + the signal's number after a signal (saved).
 """
 
 import contextlib
@@ -152,7 +154,7 @@ CHOICES = dict(
 
 
 def configure(argv):
-    """Defaults <- config files <- --key=value flags (configurator.py); model_<field> keys only where set."""
+    """Defaults <- config files <- --key=value flags (configurator.py); model_<field> where set."""
     model_fields = {"model_" + f.name: f.default for f in dataclasses.fields(CAVMAEConfig)}
     return configurator.configure(argv, DEFAULTS, CHOICES, optional=model_fields)
 
@@ -196,7 +198,8 @@ def check_settings(cfg):
             raise ConfigError(f"{key}={cfg[key]}: must be 0 or more")
     if cfg["eval_interval"] < -1:
         raise ConfigError(
-            f"eval_interval={cfg['eval_interval']}: N (every N iterations), 0 (every epoch) or -1 (at the end)"
+            f"eval_interval={cfg['eval_interval']}: "
+            "N (every N iterations), 0 (every epoch) or -1 (only at the end)"
         )
 
 
@@ -204,33 +207,34 @@ def check_data_files(cfg):
     missing = [f"{key}={cfg[key]}" for key in DATA_FILES if not os.path.isfile(cfg[key])]
     if missing:
         raise ConfigError(
-            f"not found: {', '.join(missing)}. Make the synthetic set with `python prepare.py synthetic` and run "
-            "a synthetic config (python train.py config/pretrain_synthetic.py), or point --data_train, "
-            "--data_val and --label_csv at your data"
+            f"not found: {', '.join(missing)}. Make the synthetic set with `python prepare.py "
+            "synthetic` and run a synthetic config (python train.py config/pretrain_synthetic.py), "
+            "or point --data_train, --data_val and --label_csv at your data"
         )
 
 
 def resolve_device(name):
-    """--device: 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda', 'cuda:N' or another torch
-    device type."""
+    """--device: 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda', 'cuda:N' or
+    another torch device type."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:<index>") from None
+        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but torch sees no CUDA GPU here: use --device=cpu (or auto)")
+        raise ConfigError(f"device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device={name} but torch sees {torch.cuda.device_count()} GPU(s), from cuda:0")
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={name} but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return device
 
 
 def input_adaptation(ds, mcfg):
-    """How the first clip of the data differs from what the model takes (its frames are resized, its audio is cut
-    to the model's length), or None. The loader reports unreadable files; this only looks."""
+    """How the first clip of the data differs from what the model takes (its frames are resized, its
+    audio is cut to the model's length), or None. The loader reports unreadable files."""
     row = ds.rows[0]
     frames = [data.frame_path(row, k) for k in range(ds.num_frames)]
     existing = [path for path in frames if os.path.isfile(path)]
@@ -240,13 +244,15 @@ def input_adaptation(ds, mcfg):
             with Image.open(existing[0]) as image:
                 width, height = image.size
             if (width, height) != (mcfg.img_size, mcfg.img_size):
-                notes.append(f"its {width}x{height} frames are resized to the model's {mcfg.img_size} px")
+                size = mcfg.img_size
+                notes.append(f"its {width}x{height} frames are resized to the model's {size} px")
         samples = soundfile.info(row["wav"]).frames
     except (OSError, RuntimeError):  # the loader says what is wrong with the file
         return None
     fbank_frames = 1 + (samples - data.WIN) // data.HOP
     if fbank_frames > mcfg.audio_length:
-        notes.append(f"its {fbank_frames} fbank frames are cut to the model's first {mcfg.audio_length}")
+        length = mcfg.audio_length
+        notes.append(f"its {fbank_frames} fbank frames are cut to the model's first {length}")
     if not notes:
         return None
     return "; ".join(notes)
@@ -264,7 +270,7 @@ class Run:
     rank: int
     world: int
     model: torch.nn.Module  # the plain model: weights, checkpoints, evaluation
-    step_model: torch.nn.Module  # what a training step calls: the same model, DDP-wrapped under torchrun
+    step_model: torch.nn.Module  # what a step calls: the same model, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: object
@@ -349,8 +355,9 @@ def build_optimizer(cfg, model, device):
 
 
 def has_unused_parameters(cfg, mcfg, num_classes):
-    """DDP: branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; neither have the
-    single-modality norms of all but the last joint block under the official contrastive-stream quirk."""
+    """DDP: branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient;
+    neither have the single-modality norms of all but the last joint block under the official
+    contrastive-stream quirk."""
     if num_classes is not None:
         return True
     if cfg["mae_weight"] == 0:
@@ -373,7 +380,7 @@ def build_run(cfg, device, rank, world):
     sampler = ckpt["sampler"] if ckpt else dict(epoch=0, start=0)
     loaders = build_data(cfg, mcfg, device, rank, world, sampler["epoch"], sampler["start"])
     total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * loaders["iters_per_epoch"]
-    if ckpt is not None and ckpt["iter_num"] < total_iters:  # steps left: they must be the run's own
+    if ckpt is not None and ckpt["iter_num"] < total_iters:  # steps left: the run's own ones
         refuse_changed_settings(ckpt, cfg, world, ckpt_path)
     num_classes = None if cfg["task"] == "pretrain" else loaders["train_ds"].num_classes
     model, report = build_model(cfg, mcfg, num_classes, ckpt, init)
@@ -424,8 +431,9 @@ def build_run(cfg, device, rank, world):
 
 
 class GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own slice: the
-    `gather` of model.contrastive_loss for negatives from every rank (gather_negatives=True)."""
+    """all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own
+    slice: the `gather` of model.contrastive_loss for negatives from every rank
+    (gather_negatives=True)."""
 
     @staticmethod
     def forward(ctx, x):  # (B, D) -> (world * B, D)
@@ -435,8 +443,8 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # (world * B, D) -> (B, D)
-        # Every rank computes the same loss over all gathered clips; summing their gradients here and DDP's mean
-        # over ranks afterwards give each parameter the gradient of that one loss.
+        # Every rank computes the same loss over all gathered clips; summing their gradients here
+        # and DDP's mean over ranks afterwards give each parameter the gradient of that one loss.
         grad = grad.contiguous()
         dist.all_reduce(grad)  # sum over the ranks' losses
         B = grad.shape[0] // dist.get_world_size()
@@ -469,7 +477,7 @@ def compute_loss(model, audio, image, label, cfg, gather=None):
 
 
 def train_step(run):
-    """One optimizer step over grad_accum micro-batches -> the step's statistics as device scalars (no host sync)."""
+    """One optimizer step over grad_accum micro-batches -> its statistics as device scalars (no sync)."""
     cfg = run.cfg
     accum = cfg["grad_accum"]
     stats = {}
@@ -522,8 +530,8 @@ def val_batches(run, frame=None):
 
 
 def with_validation_losses(run, batches, sums):
-    """Pass the validation batches on, adding each one's losses (times its clips) and its clip count to `sums`:
-    the losses and the retrieval embeddings come from one pass over the validation set."""
+    """Pass the validation batches on, adding each one's losses (times its clips) and its clip count
+    to `sums`: losses and retrieval embeddings come from one pass over the validation set."""
     for audio, image, label in batches:
         with run.autocast:
             _, stats = compute_loss(run.model, audio, image, label, run.cfg)
@@ -545,15 +553,17 @@ def mean_over_ranks(run, sums):
 
 
 def retrieval_record(a2v, v2a):
-    """a2v_R1, v2a_R1, a2v_R5, ... a2v_MR, v2a_MR: recall@1/5/10 and median rank of both directions."""
+    """a2v_R1, v2a_R1, a2v_R5, ... v2a_MR: recall@1/5/10 and median rank of both directions."""
     directions = (("a2v", a2v), ("v2a", v2a))
-    return {f"{name}_{k}": metrics[k] for k in ("R1", "R5", "R10", "MR") for name, metrics in directions}
+    keys = ("R1", "R5", "R10", "MR")
+    return {f"{name}_{k}": metrics[k] for k in keys for name, metrics in directions}
 
 
 @torch.no_grad()
 def evaluate_pretrain(run):
-    """Validation losses (masks from a fixed seed; under torchrun each rank masks its own share) and audio<->visual
-    retrieval from mean-pooled, L2-normalised coordinated tokens (Sec. 4.2), over the whole validation set."""
+    """Validation losses (masks from a fixed seed; under torchrun each rank masks its own share) and
+    audio<->visual retrieval from mean-pooled, L2-normalised coordinated tokens (Sec. 4.2), over the
+    whole validation set."""
     from eval import pool_embeddings, retrieval_metrics  # eval.py: only needed to evaluate
 
     seed = run.cfg["seed"]
@@ -563,17 +573,19 @@ def evaluate_pretrain(run):
         torch.manual_seed(seed)
         random.seed(seed)
         batches = with_validation_losses(run, val_batches(run), sums)
-        audio_emb, visual_emb = pool_embeddings(run.model, batches, run.autocast)  # (n, D) this rank's clips
+        audio_emb, visual_emb = pool_embeddings(run.model, batches, run.autocast)  # (n, D) each
     random.setstate(python_state)
     losses = mean_over_ranks(run, sums)
     audio_emb, visual_emb = gather_in_order([audio_emb, visual_emb], run.rank, run.world)  # (N, D)
     similarity = audio_emb @ visual_emb.T  # (N, N), rows = audio clips
-    return {**losses, **retrieval_record(retrieval_metrics(similarity), retrieval_metrics(similarity.T))}
+    a2v = retrieval_metrics(similarity)
+    v2a = retrieval_metrics(similarity.T)
+    return {**losses, **retrieval_record(a2v, v2a)}
 
 
 @torch.no_grad()
 def predict(run, frame=None):
-    """Logits (N, K) float32 and targets (N, K) of the whole validation set at `frame` (None: the middle one)."""
+    """Logits (N, K) float32 and targets (N, K) of the validation set at `frame` (None: the middle)."""
     logits = []
     targets = []
     for audio, image, label in val_batches(run, frame):
@@ -584,8 +596,9 @@ def predict(run, frame=None):
 
 
 def evaluate_finetune(run, all_frames=False):
-    """Middle-frame metrics; with all_frames, also the official multi-frame evaluation: probabilities (sigmoid
-    for mAP runs, softmax for acc runs) averaged over the num_frames frames (preprocessing.md 4.4)."""
+    """Middle-frame metrics; with all_frames, also the official multi-frame evaluation:
+    probabilities (sigmoid for mAP runs, softmax for acc runs) averaged over the num_frames frames
+    (preprocessing.md 4.4)."""
     from eval import average_frames, classification_metrics  # eval.py: only needed to evaluate
 
     cfg = run.cfg
@@ -599,7 +612,8 @@ def evaluate_finetune(run, all_frames=False):
         acc=m["acc"],
     )
     if all_frames:
-        per_frame = torch.stack([predict(run, frame)[0] for frame in range(cfg["num_frames"])])  # (F, N, K)
+        frames = range(cfg["num_frames"])
+        per_frame = torch.stack([predict(run, frame)[0] for frame in frames])  # (F, N, K)
         probs = average_frames(per_frame, "sigmoid" if cfg["metric"] == "mAP" else "softmax")
         m = classification_metrics(probs, targets)
         out.update({f"{k}_frames": m[k] for k in ("mAP", "mAUC", "d_prime", "acc")})
@@ -613,13 +627,13 @@ def main_metric(cfg, metrics):
 
 
 def eager_evaluation():
-    """Compiled blocks run eagerly in evaluation: graphs without gradients would need compiling again."""
+    """Compiled blocks run eagerly in evaluation: graphs without gradients would compile again."""
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def evaluate(run, final=False):
-    """Evaluate the plain model on data_val (every rank its share); rank 0 logs and prints the metrics."""
+    """Evaluate the plain model on data_val (every rank its share); rank 0 logs and prints."""
     run.model.eval()
     with eager_evaluation():
         metrics = evaluate_pretrain(run) if run.pretrain else evaluate_finetune(run, all_frames=final)
@@ -635,8 +649,8 @@ def evaluate(run, final=False):
 
 
 def update_best(run, metrics):
-    """Keep the best validation weights by the main metric in out_dir/best.pt (the official fine-tuning keeps its
-    best_audio_model.pth and evaluates it at the end)."""
+    """Keep the best validation weights by the main metric in out_dir/best.pt (the official
+    fine-tuning keeps its best_audio_model.pth and evaluates it at the end)."""
     value = main_metric(run.cfg, metrics)
     if run.best_metric is not None and value <= run.best_metric:
         return
@@ -662,8 +676,8 @@ def log_line(cfg, record):
 
 
 def trim_log(path, iter_num):
-    """A resumed run's log keeps the records up to the checkpoint's iteration: the steps after it, done before
-    the interruption, are done again (rewritten atomically)."""
+    """A resumed run's log keeps the records up to the checkpoint's iteration: the steps after it,
+    done before the interruption, are done again (rewritten atomically)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -677,8 +691,8 @@ def trim_log(path, iter_num):
 
 
 class TrainingClock:
-    """Seconds of training: the wall clock less the time spent inside `with clock.paused():` (evaluation and
-    checkpoints)."""
+    """Seconds of training: the wall clock less the time spent inside `with clock.paused():`
+    (evaluation and checkpoints)."""
 
     def __init__(self):
         self.paused_seconds = 0.0
@@ -699,7 +713,7 @@ class TrainingClock:
 
 
 class Meter:
-    """Step statistics summed on the device since the meter started (no host sync), and their training time."""
+    """Step statistics summed on the device since the meter started (no host sync), and their time."""
 
     def __init__(self, clock):
         self.clock = clock
@@ -720,8 +734,9 @@ class Meter:
 
 
 class SlowdownWatch:
-    """A line when a log window's throughput falls below a third of the median of the earlier windows: another job
-    on the same CPU or GPU slowed long runs 10-30x without a word. At most once per WARN_SECONDS."""
+    """A line when a log window's throughput falls below a third of the median of the earlier
+    windows: another job on the same CPU or GPU slowed long runs 10-30x without a word. At most once
+    per WARN_SECONDS."""
 
     HISTORY = 50  # earlier windows the median is taken over
     MIN_HISTORY = 5
@@ -745,14 +760,15 @@ class SlowdownWatch:
             return None
         self.last_warning = now
         return (
-            f"slow: {rate:.1f} samples/s in the last log interval against a median of {typical:.1f} before: "
-            "other processes may be using the CPU or GPU (check with top or nvidia-smi)"
+            f"slow: {rate:.1f} samples/s in the last log interval, against a median of "
+            f"{typical:.1f} before: other processes may be using the CPU or GPU (check with top "
+            "or nvidia-smi)"
         )
 
 
 class Progress:
-    """The loop's bookkeeping: the progress bar, the step statistics since the last log line (`window`) and since
-    the epoch began (`epoch`), their training time, and the slowdown watch."""
+    """The loop's bookkeeping: the progress bar, the step statistics since the last log line
+    (`window`) and since the epoch began (`epoch`), their training time, and the slowdown watch."""
 
     def __init__(self, run):
         self.bar = tqdm(
@@ -779,7 +795,7 @@ class Progress:
 
 
 def log_train(run, progress):
-    """The `train` record of the steps since the last one (their mean statistics, samples/s, MFU on CUDA)."""
+    """The `train` record of the steps since the last one: mean statistics, samples/s, MFU on CUDA."""
     window = progress.window
     record = {k: float(v) / window.steps for k, v in window.sums.items()}
     record["samples_per_s"] = window.samples_per_s(run.step_samples)
@@ -800,8 +816,9 @@ def log_train(run, progress):
 
 
 def end_epoch(run, progress):
-    """Weight averaging, and the epoch's record: throughput over the whole epoch and the loads that fell back to an
-    earlier frame because the chosen one was missing (counted from the batches: no race between workers)."""
+    """Weight averaging, and the epoch's record: throughput over the whole epoch and the loads that
+    fell back to an earlier frame because the chosen one was missing (counted from the batches: no
+    race between workers)."""
     epoch = run.iter_num // run.iters_per_epoch  # epochs done, 1-based
     if run.wa is not None:
         run.wa.update(run.model, epoch)
@@ -827,9 +844,9 @@ def end_epoch(run, progress):
     log_line(run.cfg, record)
     if count:
         tqdm.write(
-            f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was missing, "
-            f"e.g. {', '.join(examples)} (python prepare.py check --data {run.cfg['data_train']} --label-csv "
-            f"{run.cfg['label_csv']} lists them all)"
+            f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was "
+            f"missing, e.g. {', '.join(examples)} (python prepare.py check --data "
+            f"{run.cfg['data_train']} --label-csv {run.cfg['label_csv']} lists them all)"
         )
 
 
@@ -841,7 +858,7 @@ def end_epoch(run, progress):
 class Due:
     """What the iteration just done asks for."""
 
-    sync: bool  # the host sync: a log line, the NaN check, the ranks' agreement on stopping and saving
+    sync: bool  # the host sync: a log line, the NaN check, the ranks' stop/save agreement
     epoch_end: bool
     evaluate: bool
     save: bool
@@ -875,12 +892,14 @@ def due_at(run, signal_received):
         every(it, cfg["log_interval"]),
         signal_received and run.world == 1,  # under torchrun the ranks agree at the next log line
     ]
-    return Due(sync=any(reasons_to_sync), epoch_end=epoch_end, evaluate=evaluate, save=any(reasons_to_save))
+    sync = any(reasons_to_sync)
+    save = any(reasons_to_save)
+    return Due(sync=sync, epoch_end=epoch_end, evaluate=evaluate, save=save)
 
 
 def loop(run, guard):
-    """The training steps from run.iter_num to total_iters, inside `guard` (checkpoint.Safeguard): a signal ends
-    the loop after the step, saved; an error saves the last completed step."""
+    """The training steps from run.iter_num to total_iters, inside `guard` (checkpoint.Safeguard): a
+    signal ends the loop after the step, saved; an error saves the last completed step."""
     with Progress(run) as progress:
         while run.iter_num < run.total_iters:
             set_lr(run)
@@ -910,8 +929,9 @@ def loop(run, guard):
 
 
 def finish(run):
-    """After the last step: the weights the run reports (the weight average; when fine-tuning, the best validation
-    weights, as the official code does; else the last ones), evaluated on all frames, saved, and the picture."""
+    """After the last step: the weights the run reports (the weight average; when fine-tuning, the
+    best validation weights, as the official code does; else the last ones), evaluated on all
+    frames, saved, and the picture."""
     reported = None
     if run.wa is not None and run.wa.count:
         reported = run.wa.averaged(run.model.state_dict())
@@ -938,8 +958,9 @@ def finish(run):
 
 
 def prepare_out_dir(cfg):
-    """out_dir, created and written to (config.json): a folder that cannot be written is named here, before the
-    run starts. A new run (load_start has checked overwrite) starts a new log and has no best weights yet."""
+    """out_dir, created and written to (config.json): a folder that cannot be written is named here,
+    before the run starts. A new run (load_start has checked overwrite) starts a new log and has no
+    best weights yet."""
     out_dir = cfg["out_dir"]
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -956,8 +977,8 @@ def prepare_out_dir(cfg):
 
 
 def start_log(run, report):
-    """out_dir and its config.json, the log (a resumed run's cut at the checkpoint), and one line that says what
-    is about to run."""
+    """out_dir and its config.json, the log (a resumed run's cut at the checkpoint), and one line
+    that says what is about to run."""
     cfg = run.cfg
     mcfg = run.mcfg
     d = run.data
@@ -966,14 +987,20 @@ def start_log(run, report):
         trim_log(run.path("log.jsonl"), run.iter_num)
     params = sum(p.numel() for p in run.model.parameters())
     trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    print(
-        f"{cfg['task']}: {params / 1e6:.2f}M params ({trained / 1e6:.2f}M trained) | audio {mcfg.audio_length}x"
-        f"{mcfg.num_mel_bins}, image {mcfg.img_size} | data {len(d['train_ds'])} train, {len(d['val_ds'])} val"
-        f"{f', {run.num_classes} classes' if run.num_classes else ''} | {run.device} {run.dtype} x{run.world}"
-        f"{', compiled' if cfg['compile'] else ''}, {'device' if d['prep'] else 'worker'} preprocessing | "
-        f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
-        + (f"\ninit_from {cfg['init_from']}: {report}" if report else "")
-    )
+    classes = f", {run.num_classes} classes" if run.num_classes else ""
+    compiled = ", compiled" if cfg["compile"] else ""
+    preprocessing = "device" if d["prep"] else "worker"
+    parts = [
+        f"{cfg['task']}: {params / 1e6:.2f}M params ({trained / 1e6:.2f}M trained)",
+        f"audio {mcfg.audio_length}x{mcfg.num_mel_bins}, image {mcfg.img_size}",
+        f"data {len(d['train_ds'])} train, {len(d['val_ds'])} val{classes}",
+        f"{run.device} {run.dtype} x{run.world}{compiled}, {preprocessing} preprocessing",
+        f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) "
+        f"from iter {run.iter_num}",
+    ]
+    print(" | ".join(parts))
+    if report:
+        print(f"init_from {cfg['init_from']}: {report}")
     said = set()
     for ds in (d["train_ds"], d["val_ds"]):
         note = input_adaptation(ds, mcfg)
@@ -1006,11 +1033,12 @@ DATA_FLAGS = ("--data_train=", "--data_val=", "--label_csv=", "--dataset_mean=",
 
 
 def next_commands(cfg, argv):
-    """What to run after this run: fine-tuning and evaluation after pretraining, evaluation after fine-tuning."""
+    """What to run next: fine-tuning and evaluation after pretraining, evaluation after fine-tuning."""
     ckpt = os.path.join(cfg["out_dir"], "ckpt.pt")
     evaluate_on = f"--checkpoint {ckpt} --data {cfg['data_val']}"
     if cfg["task"] == "finetune":
-        return [f"python eval.py classify {evaluate_on} --label_csv {cfg['label_csv']} --frames all"]
+        classify = f"python eval.py classify {evaluate_on} --label_csv {cfg['label_csv']}"
+        return [f"{classify} --frames all"]
     configs = [a for a in argv if not a.startswith("--")]
     finetune_configs = [
         c.replace("pretrain", "finetune") for c in configs if "pretrain" in os.path.basename(c)
@@ -1029,7 +1057,7 @@ def next_commands(cfg, argv):
 
 
 def summary(cfg, result, argv, minutes):
-    """The end of a run in a few lines: the final metrics, where the files are, and what to run next."""
+    """The end of a run in a few lines: the final metrics, where the files are, what to run next."""
     out_dir = cfg["out_dir"]
     final = result["final"]
     lines = [f"done: {cfg['task']}, {result['iter_num']} iterations in {minutes:.1f} min"]
@@ -1045,9 +1073,9 @@ def summary(cfg, result, argv, minutes):
             f"(averaged over {cfg['num_frames']} frames)"
         )
     lines.append(f"  weights {os.path.join(out_dir, 'ckpt.pt')}")
-    lines.append(
-        f"  log     {os.path.join(out_dir, 'log.jsonl')}, picture {os.path.join(out_dir, 'train.png')}"
-    )
+    log = os.path.join(out_dir, "log.jsonl")
+    picture = os.path.join(out_dir, "train.png")
+    lines.append(f"  log     {log}, picture {picture}")
     lines.append("next:")
     lines += [f"  {command}" for command in next_commands(cfg, argv)]
     return "\n".join(lines)
@@ -1083,8 +1111,8 @@ def main(argv=None):
 
 
 def exit_status(result):
-    """0 when the run ended; 128 + the signal's number when a signal stopped it (saved), as a shell reports a
-    process that a signal ended: `... && python train.py config/finetune_...` does not go on."""
+    """0 when the run ended; 128 + the signal's number when a signal stopped it (saved), as a shell
+    reports a process that a signal ended: `... && python train.py config/finetune_...` stops."""
     if result["stopped"]:
         return 128 + result["signal"]
     return 0
