@@ -377,12 +377,23 @@ class Safeguard:
                 return
         if self.received:
             return  # __exit__ reports the stop
-        if run.iter_num > 0 or run.cfg["init_from"] == "resume":  # else ckpt.pt is not this run's
-            print(
-                f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that state; once "
-                f"the cause is fixed, continue with:\n  {self.resume_cmd}",
-                file=sys.stderr,
-            )
+        self.say_how_to_resume(error)
+
+    def say_how_to_resume(self, error):
+        """After an error (also one after the loop, in the final evaluation): the command that continues
+        from ckpt.pt, when ckpt.pt holds this run's last step."""
+        run = self.run
+        if not run.master:
+            return
+        if run.saved_iter != run.iter_num:
+            return
+        if run.iter_num == 0 and run.cfg["init_from"] != "resume":  # ckpt.pt is not this run's
+            return
+        print(
+            f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that "
+            f"state; once the cause is fixed, continue with:\n  {self.resume_cmd}",
+            file=sys.stderr,
+        )
 
 
 def one_line(error):

@@ -1019,7 +1019,11 @@ def train(cfg, device, rank=0, world=1, resume_cmd=""):
             loop(run, guard)
         if guard.stopped:
             return dict(model=run.model, iter_num=run.iter_num, stopped=True, signal=guard.stopped)
-        return finish(run)
+        try:
+            return finish(run)
+        except (Exception, KeyboardInterrupt) as error:  # ckpt.pt holds the last step: resume finishes
+            guard.say_how_to_resume(error)
+            raise
     finally:
         run.batches = None  # the loader workers stop now, not whenever the run is collected
         run.data = None

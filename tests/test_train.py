@@ -787,3 +787,22 @@ def test_final_retrieval_equals_eval_py_retrieval_on_the_same_checkpoint(synth, 
     out = eval.main(["retrieval", "--checkpoint", ckpt, "--data", f"{synth}/test.json", "--device", "cpu"])
     for name, key in (("audio_to_visual", "a2v"), ("visual_to_audio", "v2a")):
         assert {k: final[f"{key}_{k}"] for k in ("R1", "R5", "R10", "MR")} == out[name]
+
+
+def test_an_error_in_the_final_evaluation_prints_the_command_that_finishes_the_run(
+    synth, tmp_path, monkeypatch, capsys
+):
+    real = train.evaluate
+
+    def failing_final_evaluation(run, final=False):
+        if final:
+            raise data.DataError("test_00003.wav: cannot read audio")
+        return real(run, final)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", failing_final_evaluation)
+        with pytest.raises(data.DataError):
+            train.main(flags(synth, tmp_path, "--max_iters=2"))
+    assert "--init_from=resume" in capsys.readouterr().err
+    result = train.main(flags(synth, tmp_path, "--max_iters=2", "--init_from=resume"))
+    assert result["iter_num"] == 2 and "a2v_R1" in result["final"]
