@@ -871,6 +871,7 @@ def every(it, interval):
 
 
 def due_at(run, signal_received):
+    """What iteration run.iter_num asks for now that its step is done, one reason per line."""
     cfg = run.cfg
     it = run.iter_num
     last = it == run.total_iters

