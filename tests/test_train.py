@@ -629,8 +629,8 @@ def wait_for_a_train_record(process, out_dir, seconds=300):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_sigterm_saves_and_exits_with_128_plus_the_signal(synth, tmp_path, workers):
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGINT, 1)])
+def test_a_signal_saves_and_exits_with_128_plus_its_number(synth, tmp_path, signum, workers):
     process = subprocess.Popen(
         command_line(synth, tmp_path, "--max_iters=100000", f"--num_workers={workers}"),
         cwd=ROOT,
@@ -641,13 +641,14 @@ def test_sigterm_saves_and_exits_with_128_plus_the_signal(synth, tmp_path, worke
     )
     try:
         wait_for_a_train_record(process, tmp_path)
-        os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: every process of the run, workers too
+        os.killpg(process.pid, signum)  # as a terminal's Ctrl-C or a scheduler: every process, workers too
         _, stderr = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM" in stderr and "--init_from=resume" in stderr and "Traceback" not in stderr
+    assert process.returncode == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "--init_from=resume" in stderr
+    assert "Traceback" not in stderr
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] >= 1
 
 
