@@ -247,20 +247,6 @@ def save_checkpoint(run, rngs=None, model_last=None):
     run.saved_iter = run.iter_num
 
 
-def restore_rngs(cfg, rank, device, ckpt):
-    """Per-rank RNG streams (masking, structured masks): from the checkpoint when resuming; an
-    error's checkpoint under torchrun has none, and the streams start again from (seed, rank,
-    iteration)."""
-    states = ckpt and ckpt["rng"]
-    if states:
-        set_rng_state(states[rank] if len(states) > rank else states[0], device)
-    else:
-        s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
-        torch.manual_seed(s)
-        np.random.seed(s)
-        random.seed(s)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Fault tolerance of the training loop: signals, the NaN check, the ranks' agreement, a checkpoint
 # after an error
@@ -404,3 +390,21 @@ def one_line(error):
         return text
     last = text.splitlines()[-1]  # "module.ErrorType: message"
     return last.split(": ", 1)[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A resumed run's random streams
+
+
+def restore_rngs(cfg, rank, device, ckpt):
+    """Per-rank RNG streams (masking, structured masks): from the checkpoint when resuming; an
+    error's checkpoint under torchrun has none, and the streams start again from (seed, rank,
+    iteration)."""
+    states = ckpt and ckpt["rng"]
+    if states:
+        set_rng_state(states[rank] if len(states) > rank else states[0], device)
+    else:
+        s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
+        torch.manual_seed(s)
+        np.random.seed(s)
+        random.seed(s)
