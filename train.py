@@ -154,7 +154,7 @@ CHOICES = dict(
 
 
 def configure(argv):
-    """Defaults <- config files <- --key=value flags (configurator.py); model_<field> where set."""
+    """Defaults <- config files <- --key=value flags (configurator.py); model_<field> keys only where set."""
     model_fields = {"model_" + f.name: f.default for f in dataclasses.fields(CAVMAEConfig)}
     return configurator.configure(argv, DEFAULTS, CHOICES, optional=model_fields)
 
