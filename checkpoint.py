@@ -1,17 +1,25 @@
 """What a training run saves and how it continues: train.py's checkpoints.
 
 out_dir/ckpt.pt, written atomically (a temporary file, then a rename) by rank 0, is one dict:
-    model          the weights the run reports: the training weights, or after the final evaluation the weight
-                   average (wa=True) or the best validation weights (fine-tuning)
-    model_last     the training weights when they differ from `model` (else None): what a resumed run continues
-    model_args     the CAVMAEConfig fields; task, num_classes, config (the settings of the run)
+    model        the weights the run reports: the training weights, or after the final evaluation
+                 the weight average (wa=True) or the best validation weights (fine-tuning)
+    model_last   the training weights when they differ from `model` (else None): what a resume
+                 continues
+    model_args   the CAVMAEConfig fields; task, num_classes, config (the settings of the run)
     optimizer, scaler, scheduler, iter_num, epoch
-    rng            every rank's RNG states (torch, CUDA, NumPy, Python) after the saved step; [] in a checkpoint
-                   written by rank 0 alone after an error under torchrun (the streams then restart from the seed)
-    sampler        (epoch, start): where the data order continues (loader.RunBatches)
+    world_size   the processes that trained it (another count would change the clip order)
+    rng          every rank's RNG states (torch, CUDA, NumPy, Python) after the saved step; [] in a
+                 checkpoint written by rank 0 alone after an error under torchrun (the streams then
+                 restart from the seed)
+    sampler      (epoch, start): where the data order continues (loader.RunBatches)
     best_metric, best_iter, wa (the running sum of weight averaging: {count, sum} or None)
-out_dir/best.pt holds the best validation weights by the main metric (model, model_args, task, num_classes,
-config, iter_num, metric). model.load_pretrained and eval.py read both files.
+out_dir/best.pt holds the best validation weights by the main metric (model, model_args, task,
+num_classes, config, iter_num, metric). model.load_pretrained and eval.py read both files.
+
+A resume continues the run exactly or not at all: refuse_changed_settings names the settings that
+would change its clip order or schedule. Below the save functions, Safeguard is the training loop's
+fault tolerance: signals, the NaN check, the ranks' agreement on stopping and saving, and a
+checkpoint after an error.
 """
 
 import codecs
@@ -20,6 +28,8 @@ import math
 import os
 import random
 import re
+import signal
+import sys
 import time
 
 import numpy as np
@@ -31,8 +41,9 @@ from model import CAVMAEConfig
 
 
 class WeightAverage:
-    """Official fine-tuning WA: the element-wise mean of the weights at the ends of epochs start..end (1-based),
-    kept as a running sum on the CPU; stored in checkpoints as {'count', 'sum'}."""
+    """Official fine-tuning WA: the element-wise mean of the weights at the ends of epochs
+    start..end (1-based), kept as a running sum on the CPU; stored in checkpoints as {'count',
+    'sum'}."""
 
     def __init__(self, start, end, state=None):
         self.start, self.end = start, end
@@ -51,13 +62,30 @@ class WeightAverage:
         return dict(count=self.count, sum=self.sum) if self.count else None
 
 
+TRAINING_STATE = (
+    "model",
+    "optimizer",
+    "iter_num",
+    "task",
+    "sampler",
+    "config",
+)  # what a resume needs of ckpt.pt
+
+
 def load_start(cfg, ckpt_path):
-    """-> (our checkpoint to resume, or None; weights to initialise from, or None). A new run refuses an out_dir
-    that holds a checkpoint unless overwrite=True: nothing is replaced by accident."""
+    """-> (our checkpoint to resume, or None; weights to initialise from, or None). A new run
+    refuses an out_dir that holds a checkpoint unless overwrite=True: nothing is replaced by
+    accident."""
     if cfg["init_from"] == "resume":
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"init_from=resume but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(ckpt_path)
+        missing = [k for k in TRAINING_STATE if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise ConfigError(
+                f"{ckpt_path} holds no training state to resume (no {', '.join(missing)}): start a "
+                f"new run from its weights with --init_from={ckpt_path} and another --out_dir"
+            )
         if ckpt["task"] != cfg["task"]:
             raise ConfigError(f"{ckpt_path} is a {ckpt['task']} checkpoint but task={cfg['task']}")
         return ckpt, None
@@ -70,7 +98,54 @@ def load_start(cfg, ckpt_path):
         return None, None
     if not os.path.isfile(cfg["init_from"]):
         raise ConfigError(f"init_from={cfg['init_from']}: no such file")
-    return None, torch.load(cfg["init_from"], map_location="cpu", weights_only=False)
+    return None, read_checkpoint(cfg["init_from"])
+
+
+# Settings that decide the clip order or the lr schedule of the steps left: a resume with other
+# values would not continue the run it says it continues. The run's length changes only the cosine
+# schedule (the step schedule depends on the epoch alone, so a step-schedule run may be extended
+# exactly).
+ORDER_AND_SCHEDULE = (
+    "data_train",
+    "label_csv",
+    "num_frames",
+    "balanced_sampling",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "lr_schedule",
+    "lrscheduler_start",
+    "lrscheduler_step",
+    "lrscheduler_decay",
+    "warmup_iters",
+    "min_lr_ratio",
+)
+COSINE_LENGTH = ("epochs", "max_iters")
+
+
+def changed_settings(ckpt, cfg, world):
+    """{setting: (old, new)} of the settings in ORDER_AND_SCHEDULE (and the world size) that a
+    resume changes."""
+    old = dict(ckpt["config"], world_size=ckpt.get("world_size", world))
+    new = dict(cfg, world_size=world)
+    keys = [*ORDER_AND_SCHEDULE, "world_size"]
+    if new["lr_schedule"] == "cosine":
+        keys += COSINE_LENGTH
+    return {k: (old[k], new[k]) for k in keys if k in old and old[k] != new[k]}
+
+
+def refuse_changed_settings(ckpt, cfg, world, ckpt_path):
+    """A resume with steps left to train must keep the clip order and the schedule
+    (changed_settings)."""
+    changed = changed_settings(ckpt, cfg, world)
+    if not changed:
+        return
+    lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    raise ConfigError(
+        f"init_from=resume would not continue the run in {ckpt_path}: these settings change its "
+        f"clip order or schedule (old -> new):\n{lines}\nresume with the old values, or start a new "
+        f"run from its weights with --init_from={ckpt_path} and another --out_dir"
+    )
 
 
 def rng_state(device):
@@ -83,25 +158,39 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"]), np.random.set_state(state["numpy"]), random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk, a read-only or missing folder)."""
+
+
 def atomic_save(obj, path):
-    """torch.save to path.tmp, then rename: a crash leaves either the old file or the new one, never half of one."""
+    """torch.save to path.tmp, then rename: a crash or a full disk leaves the old file, never half
+    of a new one. Written through a Python file, so that a full disk is reported as such (torch's
+    own writer says only `unexpected pos`)."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
+    except OSError as e:
+        kept = f"; the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ""
+        raise WriteError(
+            f"cannot write {path}: {e.strerror or e}{kept}. Free space there or choose another --out_dir"
+        ) from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
 def weights_entry(run):
-    """What ckpt.pt and best.pt share, and all that model.load_pretrained and eval.py need: the weights, the
-    architecture, the task, the classes and the settings of the run."""
+    """What ckpt.pt and best.pt share, and all that model.load_pretrained and eval.py need: the
+    weights, the architecture, the task, the classes and the settings of the run."""
     return dict(
         model=run.model.state_dict(),
         model_args=dataclasses.asdict(run.mcfg),
@@ -112,18 +201,21 @@ def weights_entry(run):
 
 
 def save_checkpoint(run, rngs=None, model_last=None):
-    """Rank 0 writes out_dir/ckpt.pt atomically. Every rank calls it (their RNG states are gathered) unless `rngs`
-    is given. `model` holds what the run reports (after the final evaluation: the weight average or the best
-    weights), `model_last` the training state that a resumed run continues (None: the same as `model`)."""
+    """Rank 0 writes out_dir/ckpt.pt atomically. Every rank calls it (their RNG states are gathered)
+    unless `rngs` is given. `model` holds what the run reports (after the final evaluation: the
+    weight average or the best weights), `model_last` the training state that a resumed run
+    continues (None: the same as `model`)."""
     if rngs is None:
         rngs = [rng_state(run.device)]
         if run.world > 1:
             rngs = [None] * run.world
             dist.all_gather_object(rngs, rng_state(run.device))
     if not run.master:
-        run.last_save, run.saved_iter = time.time(), run.iter_num
+        run.last_save = time.time()
+        run.saved_iter = run.iter_num
         return
-    cfg, (epoch, done) = run.cfg, divmod(run.iter_num, run.iters_per_epoch)
+    cfg = run.cfg
+    epoch, done = divmod(run.iter_num, run.iters_per_epoch)
     atomic_save(
         dict(
             weights_entry(run),
@@ -133,6 +225,7 @@ def save_checkpoint(run, rngs=None, model_last=None):
             scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
             iter_num=run.iter_num,
             epoch=epoch,
+            world_size=run.world,
             rng=rngs,
             best_metric=run.best_metric,
             best_iter=run.best_iter,
@@ -141,18 +234,171 @@ def save_checkpoint(run, rngs=None, model_last=None):
         ),
         run.path("ckpt.pt"),
     )
-    run.last_save, run.saved_iter = time.time(), run.iter_num  # only once the file is there
+    run.last_save = time.time()  # only once the file is there
+    run.saved_iter = run.iter_num
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fault tolerance of the training loop: signals, the NaN check, the ranks' agreement, a checkpoint
+# after an error
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Safeguard:
+    """train.py's loop runs inside `with Safeguard(run, resume_cmd) as guard:`.
+
+    - SIGINT / SIGTERM set `received`; at the next sync (`agree`) the ranks agree to stop, the loop
+      saves after the step and ends, and `stopped` holds the signal (the process then exits with
+      status 128 + signal).
+    - Each step's loss is counted on the device when it is not finite (`step_done`: no host sync per
+      step); `agree` raises NonFiniteLoss, and the last good checkpoint stays.
+    - Any other exception saves the state after the last completed step and prints the command that
+      resumes it. One that follows a signal (loader workers ended by the same SIGTERM) ends the run
+      as the signal does."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run, resume_cmd=""):
+        self.run = run
+        self.resume_cmd = resume_cmd
+        self.received = 0  # the signal this process got, 0: none
+        self.stopped = 0  # the signal the ranks agreed to stop on, 0: none
+        self.nonfinite = torch.zeros((), device=run.device)  # steps with a NaN/inf loss
+        self.step_rng = None  # RNG states after the last step (one process): an error's checkpoint
+        self.previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self.on_signal)
+        return self
+
+    def on_signal(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if not isinstance(error, Exception):
+            return False
+        self.save_after_error(error)
+        if not self.received or isinstance(error, NonFiniteLoss):
+            return False
+        self.stopped = self.received
+        self.say_stopped(f" ({type(error).__name__} after it: {one_line(error)})")
+        return True  # the signal ends the run, not the error
+
+    def step_done(self, stats):
+        """After a step: its loss counted if not finite; on one process, the RNG states an error's
+        checkpoint needs (under torchrun every rank's states are gathered at a save, which an error
+        cannot do)."""
+        self.nonfinite += ~torch.isfinite(stats["loss"])
+        if self.run.world == 1:
+            self.step_rng = rng_state(self.run.device)
+
+    def agree(self):
+        """The loop's one host sync: a NaN/inf loss on any rank raises NonFiniteLoss; the ranks
+        agree on stopping after a signal and on a save that `save_minutes` asks for. -> (the signal
+        to stop on or 0, save now)."""
+        run = self.run
+        minutes = run.cfg["save_minutes"]
+        clock_due = minutes > 0 and time.time() - run.last_save > 60 * minutes
+        host_flags = torch.tensor([float(self.received), float(clock_due)], device=run.device)
+        flags = torch.cat([self.nonfinite.view(1), host_flags])  # (3,)
+        if run.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank's NaN, signal or clock counts
+        bad, stop, clock_due = flags.tolist()
+        if bad:
+            raise NonFiniteLoss(
+                f"non-finite loss at iter {run.iter_num}: stopped; {run.path('ckpt.pt')} (if any) "
+                "keeps the last good state: continue with --init_from=resume and a lower lr or "
+                "--grad_clip=1.0"
+            )
+        self.stopped = int(stop)
+        return self.stopped, (self.stopped > 0 or clock_due > 0)
+
+    def say_stopped(self, extra=""):
+        if self.run.master:
+            print(
+                f"\nstopped by {signal.Signals(self.stopped).name} at iter {self.run.iter_num}{extra}: "
+                f"{self.run.path('ckpt.pt')} holds iter {self.run.saved_iter}; continue with:\n"
+                f"  {self.resume_cmd}",
+                file=sys.stderr,
+            )
+
+    def save_after_error(self, error):
+        """An exception inside the loop: save the state after the last completed step before the
+        error propagates, and say how to resume. A NaN keeps the last good checkpoint instead; so
+        does an error inside the weight update. Under torchrun rank 0 saves alone, without the other
+        ranks' RNG streams; an error on another rank leaves rank 0 waiting in a collective until
+        torchrun or the NCCL timeout ends it, with the last regular checkpoint."""
+        run = self.run
+        if isinstance(error, NonFiniteLoss):
+            return
+        if run.updating:
+            return
+        if not run.master:
+            return
+        try:
+            if self.nonfinite.item():  # a NaN since the last check: the last good checkpoint stays
+                return
+        except Exception:  # a broken device cannot tell
+            return
+        if run.saved_iter != run.iter_num:
+            try:
+                save_checkpoint(run, rngs=[self.step_rng] if run.world == 1 else [])
+            except Exception as e:  # the original error matters more
+                print(f"could not save a checkpoint after the error: {one_line(e)}", file=sys.stderr)
+                return
+        if self.received:
+            return  # __exit__ reports the stop
+        self.say_how_to_resume(error)
+
+    def say_how_to_resume(self, error):
+        """After an error (also one after the loop, in the final evaluation): the command that continues
+        from ckpt.pt, when ckpt.pt holds this run's last step."""
+        run = self.run
+        if not run.master:
+            return
+        if run.saved_iter != run.iter_num:
+            return
+        if run.iter_num == 0 and run.cfg["init_from"] != "resume":  # ckpt.pt is not this run's
+            return
+        print(
+            f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that "
+            f"state; once the cause is fixed, continue with:\n  {self.resume_cmd}",
+            file=sys.stderr,
+        )
+
+
+def one_line(error):
+    """An error's message without the worker traceback that DataLoader puts into errors raised on a
+    worker."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]  # "module.ErrorType: message"
+    return last.split(": ", 1)[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A resumed run's random streams
 
 
 def restore_rngs(cfg, rank, device, ckpt):
-    """Per-rank RNG streams (masking, structured masks): from the checkpoint when resuming; an error's checkpoint
-    under torchrun has none, and the streams start again from (seed, rank, iteration)."""
+    """Per-rank RNG streams (masking, structured masks): from the checkpoint when resuming; an
+    error's checkpoint under torchrun has none, and the streams start again from (seed, rank,
+    iteration)."""
     states = ckpt and ckpt["rng"]
     if states:
         set_rng_state(states[rank] if len(states) > rank else states[0], device)
     else:
         s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
-        torch.manual_seed(s), np.random.seed(s), random.seed(s)
+        torch.manual_seed(s)
+        np.random.seed(s)
+        random.seed(s)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def samples_for(frames):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Audio (preprocessing.md 1)
+# Audio (docs/preprocessing.md, section 1)
 
 
 def wav_header_frames(path):
@@ -139,7 +139,7 @@ def mel_filterbank(
 ):
     """Kaldi's triangular mel filters, linear in mel = 1127 ln(1 + f/700), float32
     [num_mel_bins, n_fft // 2 + 1], built with the same float32 torch ops as torchaudio
-    (preprocessing.md 1.4)."""
+    (docs/preprocessing.md 1.2)."""
 
     def mel(f):
         return 1127.0 * math.log(1.0 + f / 700.0)
@@ -195,7 +195,7 @@ def fbank(
 ):
     """Log-mel filterbank of torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False,
     window_type='hanning', dither=0.0) as CAV-MAE calls it, with torchaudio's float32 ops one for
-    one (preprocessing.md 1.2-1.4). [N] -> [T, M] or [B, N] -> [B, T, M]. The waveform's own scale
+    one (docs/preprocessing.md 1.1-1.2). [N] -> [T, M] or [B, N] -> [B, T, M]. The waveform's own scale
     is kept (CAV-MAE feeds [-1, 1))."""
     win = int(sample_rate * frame_length * 0.001)  # Kaldi's rounding: 400 samples
     hop = int(sample_rate * frame_shift * 0.001)  # 160
@@ -262,7 +262,7 @@ def fbank_features(wave, length, target_length):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images (preprocessing.md 2)
+# Images (docs/preprocessing.md, section 2)
 
 
 def resized_size(width, height, size):
@@ -328,7 +328,7 @@ def draw_band(length, max_width):
 
 def spec_augment(feats, bands):
     """SpecAugment on (B, T, M) with bands (B, 4) = (freq start, freq width, time start, time
-    width): whole mel bands and whole frames set to 0 (preprocessing.md 3). A width of 0 masks
+    width): whole mel bands and whole frames set to 0 (docs/preprocessing.md 1.4). A width of 0 masks
     nothing."""
     frame = torch.arange(feats.shape[1], device=feats.device)  # (T,)
     band = torch.arange(feats.shape[2], device=feats.device)  # (M,)

@@ -419,7 +419,7 @@ def frame_list(frames, num_frames=10):
 
 
 def activation_for(args, info, labels=None):
-    """How per-frame predictions are averaged (docs/preprocessing.md 4.4): softmax for accuracy
+    """How per-frame predictions are averaged (docs/preprocessing.md, section 3): softmax for accuracy
     runs, sigmoid for mAP runs, as the checkpoint's config says (metric='acc' | 'mAP'); without one,
     softmax iff every clip has one label."""
     if args.activation != "auto":
@@ -565,6 +565,22 @@ def save_embeddings(folder, ds, **arrays):
 
 
 @torch.no_grad()
+def pool_embeddings(model, batches, autocast):
+    """The coordinated representations that retrieval compares (Sec. 4.2): each clip's audio and
+    visual tokens, each modality alone through the joint blocks, mean-pooled and unit length ->
+    audio (N, D), visual (N, D) on the CPU, in the order of `batches` ((audio, image, label)
+    batches; train.py's validation and cmd_retrieval)."""
+    audio_emb = []
+    visual_emb = []
+    for audio, image, _ in batches:
+        with autocast:
+            a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D); classifiers have embed too
+        audio_emb.append(pooled_representation(a).cpu())  # (B, D)
+        visual_emb.append(pooled_representation(v).cpu())
+    return torch.cat(audio_emb), torch.cat(visual_emb)
+
+
+@torch.no_grad()
 def cmd_retrieval(args):
     if args.frames == "all":
         raise ValueError("retrieval embeds one frame of each clip: --frames must be a frame number")
@@ -592,13 +608,7 @@ def cmd_retrieval(args):
                 f"{len(taken)} classes"
                 + (f"; all clips of {len(short)} with fewer: {short}" if short else "")
             )
-        audio_emb, visual_emb = [], []
-        for audio, image, _ in batches(ds, args):
-            with autocast(args):
-                a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D); classifiers have embed too
-            audio_emb.append(pooled_representation(a).cpu())  # (B, D) mean-pooled, unit length
-            visual_emb.append(pooled_representation(v).cpu())
-    audio_emb, visual_emb = torch.cat(audio_emb), torch.cat(visual_emb)
+        audio_emb, visual_emb = pool_embeddings(model, batches(ds, args), autocast(args))  # (N, D) each
     similarity = audio_emb.double() @ visual_emb.double().T  # (N, N) cosine, rows = audio queries
     out = dict(
         audio_to_visual=retrieval_metrics(similarity),

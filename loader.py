@@ -18,6 +18,7 @@ import itertools
 import os
 import random
 import signal
+import sys
 from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -41,8 +42,15 @@ class RunBatches(torch.utils.data.Sampler):
     def __init__(
         self, n, batch_size, batches_per_epoch, seed, rank=0, world=1, weights=None, epoch=0, start=0
     ):
-        self.n, self.batch_size, self.batches_per_epoch, self.seed = n, batch_size, batches_per_epoch, seed
-        self.rank, self.world, self.weights, self.epoch, self.start = rank, world, weights, epoch, start
+        self.n = n
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.weights = weights  # class-balanced sampling weights, or None: a permutation
+        self.epoch = epoch  # where the run continues: this epoch,
+        self.start = start  # after this many of its clips on each rank
 
     def order(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -55,7 +63,8 @@ class RunBatches(torch.utils.data.Sampler):
     def __iter__(self):
         B = self.batch_size
         for epoch in itertools.count(self.epoch):
-            order, first = self.order(epoch), self.start // B if epoch == self.epoch else 0
+            order = self.order(epoch)
+            first = self.start // B if epoch == self.epoch else 0  # a resumed epoch's first batch
             for b in range(first, self.batches_per_epoch):
                 positions = np.arange(b * B, (b + 1) * B) * self.world + self.rank  # (B,)
                 yield [(epoch, int(p), int(i)) for p, i in zip(positions, order[positions])]
@@ -67,7 +76,8 @@ class SeededItems(torch.utils.data.Dataset):
     bands, noise), so an item is the same for any num_workers, world size or resume, and wherever it is finished."""
 
     def __init__(self, ds, seed):
-        self.ds, self.seed = ds, seed
+        self.ds = ds
+        self.seed = seed
 
     def __len__(self):
         return len(self.ds)
@@ -75,16 +85,18 @@ class SeededItems(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, position, index = key
         s = ((self.seed * 1_000_003 + epoch) * 1_000_003 + position) % 2**62
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        (
-            random.seed(s),
-            np.random.seed(s % 2**32),
-            torch.default_generator.manual_seed(s),
-        )  # CPU generator only
+        python_state = random.getstate()
+        numpy_state = np.random.get_state()
+        torch_state = torch.get_rng_state()
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.default_generator.manual_seed(s)  # the CPU generator only
         try:
             return self.ds[index]
         finally:
-            random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            torch.set_rng_state(torch_state)
 
 
 class EvalKeys(torch.utils.data.Sampler):
@@ -92,7 +104,10 @@ class EvalKeys(torch.utils.data.Sampler):
     before iterating (None: the middle frame); the keys carry it to workers that live across evaluations."""
 
     def __init__(self, n, rank=0, world=1):
-        self.n, self.rank, self.world, self.frame = n, rank, world, None
+        self.n = n
+        self.rank = rank
+        self.world = world
+        self.frame = None
 
     def __len__(self):
         return len(range(self.rank, self.n, self.world))
@@ -129,8 +144,19 @@ class FinishOnWorker:
         return dict(audio=audio, image=image, label=label, fallbacks=batch["fallbacks"])
 
 
-def ignore_signals(worker_id):  # Ctrl-C and SIGTERM are the main process's business: it saves and stops
-    signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def exit_quietly(signum, frame):
+    sys.exit(0)
+
+
+def worker_signals(worker_id):
+    """A loader worker leaves stopping to the main process, which saves and then ends the workers.
+    Ctrl-C, which reaches every process of the terminal, is ignored. SIGTERM ends the worker with
+    status 0: it is how the DataLoader and multiprocessing end workers when the process exits (a
+    worker that ignored it kept the process from ever exiting after an error), and a worker that
+    exits 0 when a scheduler sends SIGTERM to every process does not interrupt the main process
+    (DataLoader raises for a worker killed by a signal): it saves the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, exit_quietly)
 
 
 def make_loader(ds, cfg, device, prep, on_device, **kw):
@@ -142,7 +168,7 @@ def make_loader(ds, cfg, device, prep, on_device, **kw):
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,  # pinned: copies overlap compute
         prefetch_factor=PREFETCH_BATCHES if workers else None,
-        worker_init_fn=ignore_signals,
+        worker_init_fn=worker_signals,
         generator=torch.Generator(),
         **kw,
     )  # own generator: an iterator's seed draw leaves the global RNG alone

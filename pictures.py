@@ -469,6 +469,3 @@ def train_picture(log_path):
         y0 = CHART_HEADER + (k // columns) * CHART_HEIGHT
         draw_panel(draw, panel, x0, y0, last_iter, font)
     return canvas
-
-
-loss_picture = train_picture  # the former name, until train.py calls train_picture

@@ -1,20 +1,24 @@
-"""
-Train CAV-MAE: self-supervised pretraining (task='pretrain') or fine-tuning a classifier (task='finetune').
+"""Train CAV-MAE: self-supervised pretraining (task='pretrain') or fine-tuning a classifier
+(task='finetune').
 
     python train.py config/pretrain_synthetic.py                      # the CPU demo, a few minutes
     python train.py config/pretrain_synthetic.py --batch_size=32 --out_dir=out/x
     python train.py config/pretrain_synthetic.py --init_from=resume   # continue out_dir/ckpt.pt exactly
     torchrun --standalone --nproc_per_node=4 train.py config/pretrain_audioset.py
 
-Settings: the defaults below (the paper's base pretraining recipe), then each config file (plain Python
-assignments), then --key=value flags (configurator.py). Model fields are set with --model_<field>=value (e.g.
---model_embed_dim=256) on top of --model_preset. batch_size is per process and micro-step: one optimizer step sees
-batch_size x grad_accum x world_size clips, and the contrastive negatives are the batch_size clips of one step on
-one process (the official code: the per-GPU batch) unless gather_negatives=True.
+Settings: the defaults below (the paper's base pretraining recipe), then each config file (plain
+Python assignments), then --key=value flags (configurator.py). Model fields are set with
+--model_<field>=value (e.g. --model_embed_dim=256) on top of --model_preset. batch_size is per
+process and micro-step: one optimizer step sees batch_size x grad_accum x world_size clips, and the
+contrastive negatives are the batch_size clips of one step on one process (the official code: the
+per-GPU batch) unless gather_negatives=True.
 
-Read train() first: it builds a Run, then loops over train_step, logging, epoch ends, evaluation and checkpoints.
-Long runs lose minutes, not hours: a checkpoint at every evaluation, every save_interval steps or save_minutes,
-on SIGINT/SIGTERM, and on any error inside the loop (the state after the last completed step).
+Read train() first: it builds a Run, then loop() runs the steps (set_lr, train_step) and whatever
+due_at says the iteration asks for (a log line, the epoch end, an evaluation, a checkpoint), then
+finish() evaluates and saves. Long runs lose minutes, not hours (checkpoint.Safeguard): a checkpoint
+at every evaluation, every save_interval steps or save_minutes, on SIGINT/SIGTERM, and on any error
+inside the loop (the state after the last completed step). Exit status: 0 when the run ended, 1
+after an error, 128 + the signal's number after a signal (saved).
 """
 
 import contextlib
@@ -25,30 +29,36 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 
+import soundfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
 import data
 from checkpoint import (
+    NonFiniteLoss,
+    Safeguard,
     WeightAverage,
+    WriteError,
     architecture_from,
     atomic_save,
     load_pretrained,
     load_start,
+    one_line,
+    refuse_changed_settings,
     restore_rngs,
-    rng_state,
     save_checkpoint,
     weights_entry,
 )
 from configurator import ConfigError
-from eval import average_frames, classification_metrics, retrieval_metrics
 from loader import build_data, gather_in_order, to_device
 from model import (
     CAVMAE,
@@ -57,12 +67,10 @@ from model import (
     CAVMAEClassifier,
     CAVMAEConfig,
     apply_compile,
-    pooled_representation,
 )
-from pictures import loss_picture
 
 # ----------------------------------------------------------------------------------------------------------
-# default config: CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes")
+# default config: CAV-MAE base pretraining on AudioSet-2M (docs/recipes.md)
 # I/O
 out_dir = "out/pretrain"
 task = "pretrain"  # 'pretrain' (CAV-MAE objective) | 'finetune' (CAVMAEClassifier)
@@ -146,10 +154,6 @@ CHOICES = dict(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
 def configure(argv):
     """Defaults <- config files <- --key=value flags (configurator.py); model_<field> keys only where set.
     -h / --help prints every setting with its default and the comment beside it above, and exits."""
@@ -175,6 +179,92 @@ def model_config(cfg, model_args=None, resume=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Checks before a run starts: one line that names the setting and what to do, not a traceback later
+
+AT_LEAST_ONE = ("batch_size", "grad_accum", "num_frames", "log_interval")
+AT_LEAST_ZERO = (
+    "epochs",
+    "max_iters",
+    "num_workers",
+    "save_interval",
+    "save_minutes",
+    "target_length",
+    "image_size",
+    "warmup_iters",
+)
+DATA_FILES = ("data_train", "data_val", "label_csv")
+
+
+def check_settings(cfg):
+    for key in AT_LEAST_ONE:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]}: must be 1 or more")
+    for key in AT_LEAST_ZERO:
+        if cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]}: must be 0 or more")
+    if cfg["eval_interval"] < -1:
+        raise ConfigError(
+            f"eval_interval={cfg['eval_interval']}: "
+            "N (every N iterations), 0 (every epoch) or -1 (only at the end)"
+        )
+
+
+def check_data_files(cfg):
+    missing = [f"{key}={cfg[key]}" for key in DATA_FILES if not os.path.isfile(cfg[key])]
+    if missing:
+        raise ConfigError(
+            f"not found: {', '.join(missing)}. Make the synthetic set with `python prepare.py "
+            "synthetic` and run a synthetic config (python train.py config/pretrain_synthetic.py), "
+            "or point --data_train, --data_val and --label_csv at your data"
+        )
+
+
+def resolve_device(name):
+    """--device: 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda', 'cuda:N' or
+    another torch device type."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={name} but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def input_adaptation(ds, mcfg):
+    """How the first clip of the data differs from what the model takes (its frames are resized, its
+    audio is cut to the model's length), or None. The loader reports unreadable files."""
+    row = ds.rows[0]
+    frames = [data.frame_path(row, k) for k in range(ds.num_frames)]
+    existing = [path for path in frames if os.path.isfile(path)]
+    notes = []
+    try:
+        if existing:
+            with Image.open(existing[0]) as image:
+                width, height = image.size
+            if (width, height) != (mcfg.img_size, mcfg.img_size):
+                size = mcfg.img_size
+                notes.append(f"its {width}x{height} frames are resized to the model's {size} px")
+        samples = soundfile.info(row["wav"]).frames
+    except (OSError, RuntimeError):  # the loader says what is wrong with the file
+        return None
+    fbank_frames = 1 + (samples - data.WIN) // data.HOP
+    if fbank_frames > mcfg.audio_length:
+        length = mcfg.audio_length
+        notes.append(f"its {fbank_frames} fbank frames are cut to the model's first {length}")
+    if not notes:
+        return None
+    return "; ".join(notes)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The run: everything a training run carries from step to step
 
 
@@ -186,7 +276,7 @@ class Run:
     rank: int
     world: int
     model: torch.nn.Module  # the plain model: weights, checkpoints, evaluation
-    step_model: torch.nn.Module  # what a training step calls: the same model, DDP-wrapped under torchrun
+    step_model: torch.nn.Module  # what a step calls: the same model, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: object
@@ -203,11 +293,8 @@ class Run:
     last_eval_iter: int = None
     last_save: float = dataclasses.field(default_factory=time.time)
     saved_iter: int = 0  # the iteration ckpt.pt holds
-    step_rng: dict = None  # RNG states after the last completed step (an error's checkpoint)
     updating: bool = False  # inside optimizer.step: the weights are not consistent
-    nonfinite: torch.Tensor = None  # steps with a NaN/inf loss, counted on the device (no host sync per step)
     fallbacks: list = dataclasses.field(default_factory=list)  # this epoch's missing frames
-    resume_cmd: str = ""
 
     @property
     def master(self):
@@ -229,11 +316,12 @@ class Run:
         return os.path.join(self.cfg["out_dir"], name)
 
 
-def resolve_dtype(
-    cfg, device
-):  # 'auto': bf16 on CUDA, fp16 (the official AMP) where it has none, fp32 on CPU
-    if cfg["dtype"] != "auto" or device.type != "cuda":
-        return "float32" if cfg["dtype"] == "auto" else cfg["dtype"]
+def resolve_dtype(cfg, device):
+    """'auto': bf16 on CUDA, fp16 (the official AMP) where it has none, fp32 on the CPU."""
+    if cfg["dtype"] != "auto":
+        return cfg["dtype"]
+    if device.type != "cuda":
+        return "float32"
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
@@ -272,8 +360,24 @@ def build_optimizer(cfg, model, device):
     )
 
 
-def build_run(cfg, device, rank, world, resume_cmd=""):
-    ckpt, init = load_start(cfg, os.path.join(cfg["out_dir"], "ckpt.pt"))
+def has_unused_parameters(cfg, mcfg, num_classes):
+    """DDP: branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient;
+    neither have the single-modality norms of all but the last joint block under the official
+    contrastive-stream quirk."""
+    if num_classes is not None:
+        return True
+    if cfg["mae_weight"] == 0:
+        return True
+    if cfg["contrastive_weight"] == 0:
+        return True
+    return mcfg.joint_depth > 1 and mcfg.official_contrastive_streams
+
+
+def build_run(cfg, device, rank, world):
+    check_settings(cfg)
+    check_data_files(cfg)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt, init = load_start(cfg, ckpt_path)
     ours = (ckpt or init) if isinstance(ckpt or init, dict) else {}
     mcfg = model_config(cfg, ours.get("model_args"), resume=ckpt is not None)
     for key, size in (("target_length", mcfg.audio_length), ("image_size", mcfg.img_size)):
@@ -281,11 +385,13 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
             raise ConfigError(f"{key}={cfg[key]} but the model takes {size}: set {key}=0 or change the model")
     sampler = ckpt["sampler"] if ckpt else dict(epoch=0, start=0)
     loaders = build_data(cfg, mcfg, device, rank, world, sampler["epoch"], sampler["start"])
+    total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * loaders["iters_per_epoch"]
+    if ckpt is not None and ckpt["iter_num"] < total_iters:  # steps left: the run's own ones
+        refuse_changed_settings(ckpt, cfg, world, ckpt_path)
     num_classes = None if cfg["task"] == "pretrain" else loaders["train_ds"].num_classes
     model, report = build_model(cfg, mcfg, num_classes, ckpt, init)
     model.to(device)
     dtype = resolve_dtype(cfg, device)
-    total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * loaders["iters_per_epoch"]
     run = Run(
         cfg=cfg,
         mcfg=mcfg,
@@ -302,33 +408,24 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
         batches=None,
         total_iters=total_iters,
         num_classes=num_classes,
-        nonfinite=torch.zeros((), device=device),
-        resume_cmd=resume_cmd,
     )
-    run.wa = WeightAverage(cfg["wa_start"], cfg["wa_end"], ckpt and ckpt["wa"]) if cfg["wa"] else None
+    if cfg["wa"]:
+        run.wa = WeightAverage(cfg["wa_start"], cfg["wa_end"], ckpt and ckpt["wa"])
     if ckpt is not None:
-        run.optimizer.load_state_dict(ckpt["optimizer"]), run.scaler.load_state_dict(ckpt["scaler"])
-        run.iter_num, run.best_metric, run.best_iter = (
-            ckpt["iter_num"],
-            ckpt["best_metric"],
-            ckpt.get("best_iter"),
-        )
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.iter_num = ckpt["iter_num"]
+        run.best_metric = ckpt["best_metric"]
+        run.best_iter = ckpt.get("best_iter")
         run.saved_iter = run.iter_num
     restore_rngs(cfg, rank, device, ckpt)
     if cfg["compile"]:
-        apply_compile(model)  # regional: each block on its own; same state-dict keys, same random draws
-    if (
-        world > 1
-    ):  # branches that a loss weight of 0 or a fine-tuning stream leave out have no gradient; so do the
-        # single-modality norms of all but the last joint block under the official contrastive-stream quirk
-        unused = (
-            num_classes is not None
-            or cfg["mae_weight"] == 0
-            or cfg["contrastive_weight"] == 0
-            or (mcfg.joint_depth > 1 and mcfg.official_contrastive_streams)
-        )
+        apply_compile(model)  # each block compiled on its own; same state-dict keys, same random draws
+    if world > 1:
         run.step_model = DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=has_unused_parameters(cfg, mcfg, num_classes),
         )
         run.gather = GatherWithGrad.apply if cfg["gather_negatives"] else None
     run.batches = iter(loaders["train_loader"])
@@ -340,8 +437,9 @@ def build_run(cfg, device, rank, world, resume_cmd=""):
 
 
 class GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own slice: the
-    `gather` of model.contrastive_loss for negatives from every rank (gather_negatives=True)."""
+    """all_gather whose backward sends each rank the gradient of every rank's loss w.r.t. its own
+    slice: the `gather` of model.contrastive_loss for negatives from every rank
+    (gather_negatives=True)."""
 
     @staticmethod
     def forward(ctx, x):  # (B, D) -> (world * B, D)
@@ -351,8 +449,8 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # (world * B, D) -> (B, D)
-        # Every rank computes the same loss over all gathered clips; summing their gradients here and DDP's mean
-        # over ranks afterwards give each parameter the gradient of that one loss.
+        # Every rank computes the same loss over all gathered clips; summing their gradients here
+        # and DDP's mean over ranks afterwards give each parameter the gradient of that one loss.
         grad = grad.contiguous()
         dist.all_reduce(grad)  # sum over the ranks' losses
         B = grad.shape[0] // dist.get_world_size()
@@ -372,20 +470,23 @@ def classification_loss(logits, label, kind):
     return F.cross_entropy(logits.float(), label)  # soft targets (mixup, smoothing), as the official loss
 
 
+PRETRAIN_STATS = ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "contrastive_accuracy")  # logged per step
+
+
 def compute_loss(model, audio, image, label, cfg, gather=None):
     """-> (loss to minimise, dict of detached scalars to log)."""
     if cfg["task"] == "pretrain":
         out = model(audio, image, gather=gather, **pretrain_kwargs(cfg))
-        return out["loss"], {
-            k: out[k].detach() for k in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
-        }
+        return out["loss"], {k: out[k].detach() for k in PRETRAIN_STATS}
     loss = classification_loss(model(audio, image, mode=cfg["ftmode"]), label, cfg["loss"])
     return loss, {"loss": loss.detach()}
 
 
 def train_step(run):
-    """One optimizer step over grad_accum micro-batches -> the step's statistics as device scalars (no host sync)."""
-    cfg, accum, stats = run.cfg, run.cfg["grad_accum"], {}
+    """One optimizer step over grad_accum micro-batches -> its statistics as device scalars (no sync)."""
+    cfg = run.cfg
+    accum = cfg["grad_accum"]
+    stats = {}
     for micro in range(accum):
         batch = next(run.batches)
         run.fallbacks += batch["fallbacks"]
@@ -434,41 +535,65 @@ def val_batches(run, frame=None):
         yield to_device(batch, run.data["val_prep"], run.device)
 
 
-@torch.no_grad()
-def evaluate_pretrain(run):
-    """Validation losses (masks from a fixed seed; under torchrun each rank masks its own share) and audio<->visual
-    retrieval from mean-pooled, L2-normalised coordinated tokens (Sec. 4.2), over the whole validation set."""
-    cfg, model, sums, audio_emb, visual_emb = run.cfg, run.model, {}, [], []
-    python_state = random.getstate()  # structured masking draws from Python's RNG
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        torch.manual_seed(cfg["seed"]), random.seed(cfg["seed"])
-        for audio, image, label in val_batches(run):
-            with run.autocast:
-                _, stats = compute_loss(model, audio, image, label, cfg)
-                a, v = model.embed(audio, image)  # (B, La, D), (B, Lv, D)
-            for k, val in stats.items():
-                sums[k] = sums.get(k, 0.0) + val.double() * len(audio)
-            sums["n"] = sums.get("n", 0.0) + len(audio)
-            audio_emb.append(pooled_representation(a).cpu())  # (B, D)
-            visual_emb.append(pooled_representation(v).cpu())
-    random.setstate(python_state)
-    keys = list(sums)
-    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=run.device) for k in keys])
+def with_validation_losses(run, batches, sums):
+    """Pass the validation batches on, adding each one's losses (times its clips) and its clip count
+    to `sums`: losses and retrieval embeddings come from one pass over the validation set."""
+    for audio, image, label in batches:
+        with run.autocast:
+            _, stats = compute_loss(run.model, audio, image, label, run.cfg)
+        for k, value in stats.items():
+            sums[k] = sums.get(k, 0.0) + value.double() * len(audio)
+        sums["clips"] = sums.get("clips", 0.0) + len(audio)
+        yield audio, image, label
+
+
+def mean_over_ranks(run, sums):
+    """The losses summed over every rank's clips, divided by the clips."""
+    keys = [k for k in sums if k != "clips"]
+    totals = torch.stack(
+        [torch.as_tensor(sums[k], dtype=torch.float64, device=run.device) for k in [*keys, "clips"]]
+    )
     if run.world > 1:
         dist.all_reduce(totals)
-    audio_emb, visual_emb = gather_in_order(
-        [torch.cat(audio_emb), torch.cat(visual_emb)], run.rank, run.world
-    )
-    sim = audio_emb @ visual_emb.T  # (N, N), rows = audio clips
-    a2v, v2a = retrieval_metrics(sim), retrieval_metrics(sim.T)
-    losses = {k: float(t / totals[-1]) for k, t in zip(keys[:-1], totals[:-1])}
-    return {**losses, "a2v_R1": a2v["R1"], "v2a_R1": v2a["R1"], "a2v_R5": a2v["R5"], "v2a_R5": v2a["R5"]}
+    return {k: float(totals[i] / totals[-1]) for i, k in enumerate(keys)}
+
+
+def retrieval_record(a2v, v2a):
+    """a2v_R1, v2a_R1, a2v_R5, ... v2a_MR: recall@1/5/10 and median rank of both directions."""
+    directions = (("a2v", a2v), ("v2a", v2a))
+    keys = ("R1", "R5", "R10", "MR")
+    return {f"{name}_{k}": metrics[k] for k in keys for name, metrics in directions}
+
+
+@torch.no_grad()
+def evaluate_pretrain(run):
+    """Validation losses (masks from a fixed seed; under torchrun each rank masks its own share) and
+    audio<->visual retrieval from mean-pooled, L2-normalised coordinated tokens (Sec. 4.2), over the
+    whole validation set."""
+    from eval import pool_embeddings, retrieval_metrics  # eval.py: only needed to evaluate
+
+    seed = run.cfg["seed"]
+    sums = {}
+    python_state = random.getstate()  # structured masking draws from Python's RNG
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        batches = with_validation_losses(run, val_batches(run), sums)
+        audio_emb, visual_emb = pool_embeddings(run.model, batches, run.autocast)  # (n, D) each
+    random.setstate(python_state)
+    losses = mean_over_ranks(run, sums)
+    audio_emb, visual_emb = gather_in_order([audio_emb, visual_emb], run.rank, run.world)  # (N, D)
+    similarity = audio_emb @ visual_emb.T  # (N, N), rows = audio clips
+    a2v = retrieval_metrics(similarity)
+    v2a = retrieval_metrics(similarity.T)
+    return {**losses, **retrieval_record(a2v, v2a)}
 
 
 @torch.no_grad()
 def predict(run, frame=None):
-    """Logits (N, K) float32 and targets (N, K) of the whole validation set at `frame` (None: the middle one)."""
-    logits, targets = [], []
+    """Logits (N, K) float32 and targets (N, K) of the validation set at `frame` (None: the middle)."""
+    logits = []
+    targets = []
     for audio, image, label in val_batches(run, frame):
         with run.autocast:
             logits.append(run.model(audio, image, mode=run.cfg["ftmode"]).float().cpu())
@@ -477,8 +602,11 @@ def predict(run, frame=None):
 
 
 def evaluate_finetune(run, all_frames=False):
-    """Middle-frame metrics; with all_frames, also the official multi-frame evaluation: probabilities (sigmoid
-    for mAP runs, softmax for acc runs) averaged over the num_frames frames (preprocessing.md 4.4)."""
+    """Middle-frame metrics; with all_frames, also the official multi-frame evaluation:
+    probabilities (sigmoid for mAP runs, softmax for acc runs) averaged over the num_frames frames
+    (docs/preprocessing.md, section 3)."""
+    from eval import average_frames, classification_metrics  # eval.py: only needed to evaluate
+
     cfg = run.cfg
     logits, targets = predict(run)
     m = classification_metrics(logits, targets)
@@ -490,9 +618,8 @@ def evaluate_finetune(run, all_frames=False):
         acc=m["acc"],
     )
     if all_frames:
-        per_frame = torch.stack(
-            [predict(run, frame)[0] for frame in range(cfg["num_frames"])]
-        )  # (frames, N, K)
+        frames = range(cfg["num_frames"])
+        per_frame = torch.stack([predict(run, frame)[0] for frame in frames])  # (F, N, K)
         probs = average_frames(per_frame, "sigmoid" if cfg["metric"] == "mAP" else "softmax")
         m = classification_metrics(probs, targets)
         out.update({f"{k}_frames": m[k] for k in ("mAP", "mAUC", "d_prime", "acc")})
@@ -500,19 +627,19 @@ def evaluate_finetune(run, all_frames=False):
 
 
 def main_metric(cfg, metrics):
-    return (
-        (metrics["a2v_R1"] + metrics["v2a_R1"]) / 2 if cfg["task"] == "pretrain" else metrics[cfg["metric"]]
-    )
+    if cfg["task"] == "pretrain":
+        return (metrics["a2v_R1"] + metrics["v2a_R1"]) / 2
+    return metrics[cfg["metric"]]
 
 
 def eager_evaluation():
-    """Compiled blocks run eagerly in evaluation: graphs without gradients would need compiling again."""
+    """Compiled blocks run eagerly in evaluation: graphs without gradients would compile again."""
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def evaluate(run, final=False):
-    """Evaluate the plain model on data_val (every rank its share); rank 0 logs and prints the metrics."""
+    """Evaluate the plain model on data_val (every rank its share); rank 0 logs and prints."""
     run.model.eval()
     with eager_evaluation():
         metrics = evaluate_pretrain(run) if run.pretrain else evaluate_finetune(run, all_frames=final)
@@ -528,131 +655,176 @@ def evaluate(run, final=False):
 
 
 def update_best(run, metrics):
-    """Keep the best validation weights by the main metric in out_dir/best.pt (the official fine-tuning keeps its
-    best_audio_model.pth and evaluates it at the end)."""
+    """Keep the best validation weights by the main metric in out_dir/best.pt (the official
+    fine-tuning keeps its best_audio_model.pth and evaluates it at the end)."""
     value = main_metric(run.cfg, metrics)
     if run.best_metric is not None and value <= run.best_metric:
         return
-    run.best_metric, run.best_iter = value, run.iter_num
+    run.best_metric = value
+    run.best_iter = run.iter_num
     if run.master:
         atomic_save(dict(weights_entry(run), iter_num=run.iter_num, metric=value), run.path("best.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints and the log
-
-
-def save_on_error(run, error):
-    """An exception inside the loop: save the state after the last completed step before the error propagates,
-    and say how to resume. A NaN keeps the last good checkpoint instead; so does an error inside the weight update.
-    Under torchrun rank 0 saves alone, without the other ranks' RNG streams; an error on another rank leaves rank
-    0 waiting in a collective until torchrun or the NCCL timeout ends it, with the last regular checkpoint."""
-    if isinstance(error, NonFiniteLoss) or run.updating or not run.master:
-        return
-    try:
-        if run.nonfinite.item():  # a NaN since the last check: the last good checkpoint stays
-            return
-    except Exception:  # a broken device cannot tell
-        return
-    if run.saved_iter != run.iter_num:
-        try:
-            save_checkpoint(run, rngs=[run.step_rng] if run.world == 1 else [])
-        except Exception as e:  # the original error matters more
-            print(f"could not save a checkpoint after the error: {e}", file=sys.stderr)
-            return
-    if run.iter_num > 0 or run.cfg["init_from"] == "resume":  # else ckpt.pt is not this run's
-        print(
-            f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that state; once the "
-            f"cause is fixed, continue with:\n  {run.resume_cmd}",
-            file=sys.stderr,
-        )
+# The log
 
 
 def log_line(cfg, record):
-    with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = os.path.join(cfg["out_dir"], "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise WriteError(
+            f"cannot write {path}: {e.strerror or e}. Free space there or choose another --out_dir"
+        ) from None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loop
+def trim_log(path, iter_num):
+    """A resumed run's log keeps the records up to the checkpoint's iteration: the steps after it,
+    done before the interruption, are done again (rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("iter", 0) <= iter_num]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
-class StopSignal:
-    """SIGINT / SIGTERM while the loop runs set `requested`: the loop saves after the step and returns."""
+class TrainingClock:
+    """Seconds of training: the wall clock less the time spent inside `with clock.paused():`
+    (evaluation and checkpoints)."""
+
+    def __init__(self):
+        self.paused_seconds = 0.0
+        self.paused_at = None
+
+    def now(self):
+        wall = time.time() if self.paused_at is None else self.paused_at
+        return wall - self.paused_seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.paused_at = time.time()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.time() - self.paused_at
+            self.paused_at = None
+
+
+class Meter:
+    """Step statistics summed on the device since the meter started (no host sync), and their time."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.start = clock.now()
+        self.sums = {}
+        self.steps = 0
+
+    def add(self, stats):
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def seconds(self):
+        return self.clock.now() - self.start
+
+    def samples_per_s(self, step_samples):
+        return self.steps * step_samples / max(self.seconds(), 1e-9)
+
+
+class SlowdownWatch:
+    """A line when a log window's throughput falls below a third of the median of the earlier
+    windows: another job on the same CPU or GPU slowed long runs 10-30x without a word. At most once
+    per WARN_SECONDS."""
+
+    HISTORY = 50  # earlier windows the median is taken over
+    MIN_HISTORY = 5
+    FACTOR = 3.0
+    WARN_SECONDS = 300.0
+
+    def __init__(self):
+        self.rates = []
+        self.last_warning = None
+
+    def check(self, rate, now):
+        """-> the warning for a window of `rate` samples/s at time `now`, or None."""
+        earlier = self.rates[-self.HISTORY :]
+        self.rates.append(rate)
+        if len(earlier) < self.MIN_HISTORY:
+            return None
+        typical = statistics.median(earlier)
+        if rate >= typical / self.FACTOR:
+            return None
+        if self.last_warning is not None and now - self.last_warning < self.WARN_SECONDS:
+            return None
+        self.last_warning = now
+        return (
+            f"slow: {rate:.1f} samples/s in the last log interval, against a median of "
+            f"{typical:.1f} before: other processes may be using the CPU or GPU (check with top "
+            "or nvidia-smi)"
+        )
+
+
+class Progress:
+    """The loop's bookkeeping: the progress bar, the step statistics since the last log line
+    (`window`) and since the epoch began (`epoch`), their training time, and the slowdown watch."""
+
+    def __init__(self, run):
+        self.bar = tqdm(
+            total=run.total_iters, initial=run.iter_num, disable=not run.master, dynamic_ncols=True
+        )
+        self.clock = TrainingClock()
+        self.window = Meter(self.clock)
+        self.epoch = Meter(self.clock)
+        self.slowdown = SlowdownWatch()
 
     def __enter__(self):
-        self.requested = False
-        self.previous = {
-            s: signal.signal(s, lambda *_: setattr(self, "requested", True))
-            for s in (signal.SIGINT, signal.SIGTERM)
-        }
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        self.bar.close()
+
+    def step_done(self, stats):
+        self.window.add(stats)
+        self.epoch.add(stats)
+        self.bar.update(1)
+
+    def paused(self):
+        return self.clock.paused()
 
 
-@dataclasses.dataclass
-class Meter:
-    """Step statistics summed on the device since `start`, and the training time they took (evaluation and
-    checkpoint time, added to `paused`, excluded)."""
-
-    sums: dict = dataclasses.field(default_factory=dict)
-    steps: int = 0
-    start: float = dataclasses.field(default_factory=time.time)
-    paused: float = 0.0
-
-    def add(self, stats):
-        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in stats.items()}
-        self.steps += 1
-
-    def samples_per_s(self, step_samples):
-        return self.steps * step_samples / max(time.time() - self.start - self.paused, 1e-9)
-
-
-def check_point(run, stop):
-    """The loop's one host sync (at log intervals, evaluations, saves): a NaN/inf loss on any rank raises
-    NonFiniteLoss; the ranks agree on stopping after a signal and on a save that save_minutes asks for."""
-    due = run.cfg["save_minutes"] > 0 and time.time() - run.last_save > 60 * run.cfg["save_minutes"]
-    flags = torch.cat(
-        [run.nonfinite.view(1), torch.tensor([float(stop.requested), float(due)], device=run.device)]
-    )
-    if run.world > 1:
-        dist.all_reduce(flags)  # any rank's NaN, signal or clock counts for all
-    bad, stopping, save_due = flags.tolist()
-    if bad:
-        raise NonFiniteLoss(
-            f"non-finite loss at iter {run.iter_num}: stopped; {run.path('ckpt.pt')} (if any) keeps "
-            "the last good state: continue with --init_from=resume and a lower lr or --grad_clip=1.0"
-        )
-    return stopping > 0, save_due > 0
-
-
-def log_train(run, meter, bar):
-    record = {k: float(v) / meter.steps for k, v in meter.sums.items()}
-    record["samples_per_s"] = meter.samples_per_s(run.step_samples)
+def log_train(run, progress):
+    """The `train` record of the steps since the last one: mean statistics, samples/s, MFU on CUDA."""
+    window = progress.window
+    record = {k: float(v) / window.steps for k, v in window.sums.items()}
+    record["samples_per_s"] = window.samples_per_s(run.step_samples)
     if run.pretrain and run.device.type == "cuda":  # model FLOPs utilisation; training = 3 forward passes
         ratios = pretrain_kwargs(run.cfg)
         flops = 3 * run.model.flops_per_sample(ratios["mask_ratio_a"], ratios["mask_ratio_v"])
         record["mfu"] = flops * record["samples_per_s"] / run.world / run.cfg["peak_flops"]
-    if run.master:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-        log_line(
-            run.cfg,
-            dict(
-                split="train",
-                iter=run.iter_num,
-                epoch=run.iter_num / run.iters_per_epoch,
-                lr=run.optimizer.param_groups[0]["lr"],
-                **record,
-            ),
-        )
+    progress.window = Meter(progress.clock)
+    if not run.master:
+        return
+    progress.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+    epoch = run.iter_num / run.iters_per_epoch
+    lr = run.optimizer.param_groups[0]["lr"]
+    log_line(run.cfg, dict(split="train", iter=run.iter_num, epoch=epoch, lr=lr, **record))
+    warning = progress.slowdown.check(record["samples_per_s"], time.time())
+    if warning:
+        tqdm.write(warning)
 
 
-def end_epoch(run, meter):
-    """Weight averaging, and the epoch's record: throughput over the whole epoch and the loads that fell back to
-    an earlier frame because the chosen one was missing (counted from the batches: no race between workers)."""
+def end_epoch(run, progress):
+    """Weight averaging, and the epoch's record: throughput over the whole epoch and the loads that
+    fell back to an earlier frame because the chosen one was missing (counted from the batches: no
+    race between workers)."""
     epoch = run.iter_num // run.iters_per_epoch  # epochs done, 1-based
     if run.wa is not None:
         run.wa.update(run.model, epoch)
@@ -660,102 +832,113 @@ def end_epoch(run, meter):
     if run.world > 1:
         dist.all_reduce(count)
     count = int(count.item())
-    if run.master:
-        log_line(
-            run.cfg,
-            dict(
-                split="epoch",
-                epoch=epoch,
-                iter=run.iter_num,
-                samples_per_s=meter.samples_per_s(run.step_samples),
-                seconds=time.time() - meter.start - meter.paused,
-                frame_fallbacks=count,
-                fallback_examples=run.fallbacks[:3],
-            ),
-        )
-        if count:
-            tqdm.write(
-                f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was missing, "
-                f"e.g. {', '.join(run.fallbacks[:3])} (python data.py --check lists them all)"
-            )
+    meter = progress.epoch
+    progress.epoch = Meter(progress.clock)
+    examples = run.fallbacks[:3]
     run.fallbacks = []
-
-
-def loop(run):
-    """The training steps from run.iter_num to total_iters. Returns True when a signal stopped it (saved)."""
-    cfg, bar = (
-        run.cfg,
-        tqdm(total=run.total_iters, initial=run.iter_num, disable=not run.master, dynamic_ncols=True),
+    if not run.master:
+        return
+    record = dict(
+        split="epoch",
+        epoch=epoch,
+        iter=run.iter_num,
+        samples_per_s=meter.samples_per_s(run.step_samples),
+        seconds=meter.seconds(),
+        frame_fallbacks=count,
+        fallback_examples=examples,
     )
-    window, epoch_meter = Meter(), Meter()
-    try:
-        with StopSignal() as stop:
-            while run.iter_num < run.total_iters:
-                set_lr(run)
-                stats = train_step(run)
-                run.iter_num, run.nonfinite = run.iter_num + 1, run.nonfinite + ~torch.isfinite(stats["loss"])
-                run.step_rng = (
-                    rng_state(run.device) if run.world == 1 else None
-                )  # evaluation leaves it as it is
-                window.add(stats), epoch_meter.add(stats), bar.update(1)
-                it, last = run.iter_num, run.iter_num == run.total_iters
-                epoch_end = it % run.iters_per_epoch == 0
-                want_eval = not last and (
-                    cfg["eval_interval"] > 0
-                    and it % cfg["eval_interval"] == 0
-                    or cfg["eval_interval"] == 0
-                    and epoch_end
-                )
-                want_save = (
-                    last
-                    or want_eval
-                    or epoch_end
-                    and cfg["save_epochs"]
-                    or cfg["save_interval"] > 0
-                    and it % cfg["save_interval"] == 0
-                )
-                stopping = save_due = False
-                if (
-                    want_save
-                    or epoch_end
-                    or it % cfg["log_interval"] == 0
-                    or stop.requested
-                    and run.world == 1
-                ):
-                    stopping, save_due = check_point(run, stop)
-                    log_train(run, window, bar)
-                    window = Meter()
-                paused_at = time.time()
-                if epoch_end:
-                    end_epoch(run, epoch_meter)
-                if want_eval and not stopping:
+    log_line(run.cfg, record)
+    if count:
+        tqdm.write(
+            f"epoch {epoch}: {count} loads used an earlier frame because the chosen one was "
+            f"missing, e.g. {', '.join(examples)} (python prepare.py check --data "
+            f"{run.cfg['data_train']} --label-csv {run.cfg['label_csv']} lists them all)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class Due:
+    """What the iteration just done asks for."""
+
+    sync: bool  # the host sync: a log line, the NaN check, the ranks' stop/save agreement
+    epoch_end: bool
+    evaluate: bool
+    save: bool
+    stop: int = 0  # the signal the ranks agreed to stop on (known after the sync)
+
+
+def every(it, interval):
+    """Iteration `it` closes a stretch of `interval` steps (never for an interval of 0 or less)."""
+    return interval > 0 and it % interval == 0
+
+
+def due_at(run, signal_received):
+    """What iteration run.iter_num asks for now that its step is done, one reason per line."""
+    cfg = run.cfg
+    it = run.iter_num
+    last = it == run.total_iters
+    epoch_end = it % run.iters_per_epoch == 0
+    if cfg["eval_interval"] == 0:
+        evaluate = epoch_end
+    else:
+        evaluate = every(it, cfg["eval_interval"])  # -1: never
+    evaluate = evaluate and not last  # finish() evaluates the last step
+    reasons_to_save = [
+        last,
+        evaluate,
+        epoch_end and cfg["save_epochs"],
+        every(it, cfg["save_interval"]),
+    ]
+    reasons_to_sync = [
+        any(reasons_to_save),
+        epoch_end,
+        every(it, cfg["log_interval"]),
+        signal_received and run.world == 1,  # under torchrun the ranks agree at the next log line
+    ]
+    sync = any(reasons_to_sync)
+    save = any(reasons_to_save)
+    return Due(sync=sync, epoch_end=epoch_end, evaluate=evaluate, save=save)
+
+
+def loop(run, guard):
+    """The training steps from run.iter_num to total_iters, inside `guard` (checkpoint.Safeguard): a
+    signal ends the loop after the step, saved; an error saves the last completed step."""
+    with Progress(run) as progress:
+        while run.iter_num < run.total_iters:
+            set_lr(run)
+            stats = train_step(run)
+            run.iter_num += 1
+            guard.step_done(stats)
+            progress.step_done(stats)
+            due = due_at(run, guard.received)
+            if due.sync:
+                stop, save_now = guard.agree()  # raises NonFiniteLoss after a NaN on any rank
+                due = dataclasses.replace(due, stop=stop, save=due.save or save_now)
+                log_train(run, progress)
+            with progress.paused():  # evaluation and checkpoints are not training time
+                if due.epoch_end:
+                    end_epoch(run, progress)
+                if due.evaluate and not due.stop:
                     update_best(run, evaluate(run))
-                if want_save or stopping or save_due:
+                if due.save:
                     save_checkpoint(run)
-                window.paused += time.time() - paused_at
-                epoch_meter = (
-                    Meter()
-                    if epoch_end
-                    else dataclasses.replace(epoch_meter, paused=epoch_meter.paused + time.time() - paused_at)
-                )
-                if stopping:
-                    if run.master:
-                        tqdm.write(
-                            f"stopped by a signal at iter {it}: saved {run.path('ckpt.pt')}; continue with "
-                            f"{run.resume_cmd}"
-                        )
-                    return True
-    except Exception as error:
-        save_on_error(run, error)
-        raise
-    finally:
-        bar.close()
-    return False
+            if due.stop:
+                guard.say_stopped()
+                return
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The start and the end of a run
 
 
 def finish(run):
-    """After the last step: the weights the run reports (the weight average; when fine-tuning, the best validation
-    weights, as the official code does; else the last ones), evaluated on all frames, saved, and the loss plot."""
+    """After the last step: the weights the run reports (the weight average; when fine-tuning, the
+    best validation weights, as the official code does; else the last ones), evaluated on all
+    frames, saved, and the picture."""
     reported = None
     if run.wa is not None and run.wa.count:
         reported = run.wa.averaged(run.model.state_dict())
@@ -773,73 +956,185 @@ def finish(run):
     final = evaluate(run, final=True)
     save_checkpoint(run, model_last=last_state)
     if run.master:
-        picture = loss_picture(run.path("log.jsonl"))
+        import pictures  # only here, at the end of a run
+
+        picture = pictures.train_picture(run.path("log.jsonl"))
         if picture is not None:
-            picture.save(run.path("loss.png"))
+            picture.save(run.path("train.png"))
     return dict(model=run.model, iter_num=run.iter_num, final=final, stopped=False)
 
 
+def prepare_out_dir(cfg):
+    """out_dir, created and written to (config.json): a folder that cannot be written is named here,
+    before the run starts. A new run (load_start has checked overwrite) starts a new log and has no
+    best weights yet."""
+    out_dir = cfg["out_dir"]
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if cfg["init_from"] != "resume":
+            for name in ("log.jsonl", "best.pt"):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+    except OSError as e:
+        raise WriteError(
+            f"out_dir={out_dir} cannot be written ({e.strerror or e}): choose another --out_dir"
+        ) from None
+
+
 def start_log(run, report):
-    """out_dir, config.json, a fresh log for a new run, and one line that says what is about to run."""
-    cfg, mcfg, d = run.cfg, run.mcfg, run.data
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    if cfg["init_from"] != "resume":  # a new run (load_start has checked overwrite): a new log, no old best
-        for name in ("log.jsonl", "best.pt"):
-            if os.path.exists(run.path(name)):
-                os.remove(run.path(name))
-    with open(run.path("config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
+    """out_dir and its config.json, the log (a resumed run's cut at the checkpoint), and one line
+    that says what is about to run."""
+    cfg = run.cfg
+    mcfg = run.mcfg
+    d = run.data
+    prepare_out_dir(cfg)
+    if cfg["init_from"] == "resume":
+        trim_log(run.path("log.jsonl"), run.iter_num)
     params = sum(p.numel() for p in run.model.parameters())
     trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    print(
-        f"{cfg['task']}: {params / 1e6:.2f}M params ({trained / 1e6:.2f}M trained) | audio {mcfg.audio_length}x"
-        f"{mcfg.num_mel_bins}, image {mcfg.img_size} | data {len(d['train_ds'])} train, {len(d['val_ds'])} val"
-        f"{f', {run.num_classes} classes' if run.num_classes else ''} | {run.device} {run.dtype} x{run.world}"
-        f"{', compiled' if cfg['compile'] else ''}, {'device' if d['prep'] else 'worker'} preprocessing | "
-        f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) from iter {run.iter_num}"
-        + (f"\ninit_from {cfg['init_from']}: {report}" if report else "")
-    )
+    classes = f", {run.num_classes} classes" if run.num_classes else ""
+    compiled = ", compiled" if cfg["compile"] else ""
+    preprocessing = "device" if d["prep"] else "worker"
+    parts = [
+        f"{cfg['task']}: {params / 1e6:.2f}M params ({trained / 1e6:.2f}M trained)",
+        f"audio {mcfg.audio_length}x{mcfg.num_mel_bins}, image {mcfg.img_size}",
+        f"data {len(d['train_ds'])} train, {len(d['val_ds'])} val{classes}",
+        f"{run.device} {run.dtype} x{run.world}{compiled}, {preprocessing} preprocessing",
+        f"{run.total_iters} iters of {run.step_samples} clips ({run.iters_per_epoch}/epoch) "
+        f"from iter {run.iter_num}",
+    ]
+    print(" | ".join(parts))
+    if report:
+        print(f"init_from {cfg['init_from']}: {report}")
+    said = set()
+    for ds in (d["train_ds"], d["val_ds"]):
+        note = input_adaptation(ds, mcfg)
+        if note and note not in said:
+            print(f"note: the first clip of {ds.datafile} does not match the model: {note}")
+            said.add(note)
 
 
 def train(cfg, device, rank=0, world=1, resume_cmd=""):
     """Build the run, loop over the steps, finish: the whole of training in the order it happens."""
-    run, report = build_run(cfg, device, rank, world, resume_cmd)
+    run, report = build_run(cfg, device, rank, world)
     try:
         if run.master:
             start_log(run, report)
-        if loop(run):
-            return dict(model=run.model, iter_num=run.iter_num, stopped=True)
-        return finish(run)
+        with Safeguard(run, resume_cmd) as guard:
+            loop(run, guard)
+        if guard.stopped:
+            return dict(model=run.model, iter_num=run.iter_num, stopped=True, signal=guard.stopped)
+        try:
+            return finish(run)
+        except (Exception, KeyboardInterrupt) as error:  # ckpt.pt holds the last step: resume finishes
+            guard.say_how_to_resume(error)
+            raise
     finally:
-        run.batches = run.data = None  # the loader workers stop now, not whenever the run is collected
+        run.batches = None  # the loader workers stop now, not whenever the run is collected
+        run.data = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line
+
+
+DATA_FLAGS = ("--data_train=", "--data_val=", "--label_csv=", "--dataset_mean=", "--dataset_std=")
+
+
+def next_commands(cfg, argv):
+    """What to run next: fine-tuning and evaluation after pretraining, evaluation after fine-tuning."""
+    ckpt = os.path.join(cfg["out_dir"], "ckpt.pt")
+    evaluate_on = f"--checkpoint {ckpt} --data {cfg['data_val']}"
+    if cfg["task"] == "finetune":
+        classify = f"python eval.py classify {evaluate_on} --label_csv {cfg['label_csv']}"
+        return [f"{classify} --frames all"]
+    configs = [a for a in argv if not a.startswith("--")]
+    finetune_configs = [
+        c.replace("pretrain", "finetune") for c in configs if "pretrain" in os.path.basename(c)
+    ]
+    data_flags = [a for a in argv if a.startswith(DATA_FLAGS)]
+    if finetune_configs and os.path.isfile(finetune_configs[-1]):  # its own out_dir
+        finetune = [finetune_configs[-1], *data_flags]
+    else:
+        data_settings = [f"--{k}={cfg[k]}" for k in DATA_FILES]
+        finetune = ["--task=finetune", *data_settings, f"--out_dir={cfg['out_dir']}_finetune"]
+    return [
+        " ".join(["python train.py", *finetune, f"--init_from={ckpt}"]),
+        f"python eval.py retrieval {evaluate_on}",
+        f"python eval.py inpaint {evaluate_on} --out {os.path.join(cfg['out_dir'], 'inpaint')}",
+    ]
+
+
+def summary(cfg, result, argv, minutes):
+    """The end of a run in a few lines: the final metrics, where the files are, what to run next."""
+    out_dir = cfg["out_dir"]
+    final = result["final"]
+    lines = [f"done: {cfg['task']}, {result['iter_num']} iterations in {minutes:.1f} min"]
+    if cfg["task"] == "pretrain":
+        lines.append("  final retrieval      R@1     R@5     R@10    median rank")
+        for name, key in (("audio->visual", "a2v"), ("visual->audio", "v2a")):
+            recalls = "  ".join(f"{final[f'{key}_{k}']:.4f}" for k in ("R1", "R5", "R10"))
+            lines.append(f"  {name:18s} {recalls}  {final[f'{key}_MR']:g}")
+    else:
+        metric = cfg["metric"]
+        lines.append(
+            f"  final {metric} {final[metric]:.4f} (middle frame), {final[f'{metric}_frames']:.4f} "
+            f"(averaged over {cfg['num_frames']} frames)"
+        )
+    lines.append(f"  weights {os.path.join(out_dir, 'ckpt.pt')}")
+    log = os.path.join(out_dir, "log.jsonl")
+    picture = os.path.join(out_dir, "train.png")
+    lines.append(f"  log     {log}, picture {picture}")
+    lines.append("next:")
+    lines += [f"  {command}" for command in next_commands(cfg, argv)]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    started = time.time()
     cfg = configure(argv)
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device_name = cfg["device"] if cfg["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    rank = int(os.environ["RANK"]) if ddp else 0
+    world = int(os.environ["WORLD_SIZE"]) if ddp else 1
+    device = resolve_device(cfg["device"])
     if ddp:
-        if device_name.startswith("cuda"):
-            device_name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-            torch.cuda.set_device(device_name)
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+            torch.cuda.set_device(device)
         dist.init_process_group(
-            "nccl" if device_name.startswith("cuda") else "gloo",
+            "nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=cfg["ddp_timeout_minutes"]),
         )
     launcher = f"torchrun --nproc_per_node={world}" if ddp else "python"
     kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
     resume_cmd = " ".join([launcher, "train.py", *kept, "--init_from=resume"])
     try:
-        return train(cfg, torch.device(device_name), rank, world, resume_cmd)
+        result = train(cfg, device, rank, world, resume_cmd)
     finally:
         if ddp:
             dist.destroy_process_group()
+    if rank == 0 and not result["stopped"]:
+        print(summary(cfg, result, argv, (time.time() - started) / 60))
+    return result
+
+
+def exit_status(result):
+    """0 when the run ended; 128 + the signal's number when a signal stopped it (saved), as a shell
+    reports a process that a signal ended: `... && python train.py config/finetune_...` stops."""
+    if result["stopped"]:
+        return 128 + result["signal"]
+    return 0
 
 
 if __name__ == "__main__":
     try:
-        main()
-    except (ConfigError, NonFiniteLoss, data.DataError) as e:
-        sys.exit(f"error: {e}")
+        status = exit_status(main())
+    except (ConfigError, NonFiniteLoss, data.DataError, WriteError) as e:
+        sys.exit(f"error: {one_line(e)}")  # status 1
+    except KeyboardInterrupt:  # Ctrl-C outside the loop: building the run or the final evaluation
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    sys.exit(status)

@@ -1,4 +1,4 @@
-# Fine-tune CAV-MAE on AudioSet-20K (the balanced set), multimodal: paper.md "Official recipes" and the release's
+# Fine-tune CAV-MAE on AudioSet-20K (the balanced set), multimodal: docs/recipes.md and the release's
 # run_cavmae_ft_bal.sh. 42.0 mAP in the paper (42.2 from the scale++ checkpoint), with the 10-frame evaluation.
 #   python train.py config/finetune_as20k.py --init_from=out/pretrain_audioset/ckpt.pt
 # init_from: our pretraining checkpoint or the official one (cav-mae-scale++.pth); both load via model.load_pretrained.

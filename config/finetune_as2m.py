@@ -1,4 +1,4 @@
-# Fine-tune CAV-MAE on AudioSet-2M, multimodal (51.2 mAP in the paper): paper.md "Official recipes" and the
+# Fine-tune CAV-MAE on AudioSet-2M, multimodal (51.2 mAP in the paper): docs/recipes.md and the
 # release's run_cavmae_ft_full.sh.
 #   python train.py config/finetune_as2m.py --init_from=out/pretrain_audioset/ckpt.pt
 out_dir = "out/finetune_as2m"

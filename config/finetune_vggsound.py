@@ -1,5 +1,5 @@
 # Fine-tune CAV-MAE on VGGSound, multimodal, single-label (65.5% accuracy in the paper, 65.9% after the extra
-# VGGSound pretraining): paper.md "Official recipes" and the release's egs/vggsound/run_cavmae_ft.sh.
+# VGGSound pretraining): docs/recipes.md and the release's egs/vggsound/run_cavmae_ft.sh.
 #   python train.py config/finetune_vggsound.py --init_from=out/pretrain_audioset/ckpt.pt
 out_dir = "out/finetune_vggsound"
 task = "finetune"

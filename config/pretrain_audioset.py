@@ -1,4 +1,4 @@
-# CAV-MAE base pretraining on AudioSet-2M (paper.md, "Official recipes"; the release's run_cavmae_pretrain_base.sh).
+# CAV-MAE base pretraining on AudioSet-2M (docs/recipes.md; the release's run_cavmae_pretrain_base.sh).
 #   python train.py config/pretrain_audioset.py                                   # one GPU: 48 clips, 48 negatives
 #   torchrun --standalone --nproc_per_node=4 train.py config/pretrain_audioset.py --batch_size=12
 #       (the official setup: 4 GPUs x 12 clips, each GPU's contrastive loss over its own 12 clips)

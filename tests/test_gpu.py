@@ -1,5 +1,5 @@
-"""GPU specification (issue 10): the CUDA fbank and device-side preprocessing compute what the CPU computes, the
-regionally compiled model trains in bf16 and fp16 at two batch sizes with the eager masks and losses, a training
+"""GPU specification: the CUDA fbank and device-side preprocessing compute what the CPU computes, the
+model compiled block by block trains in bf16 and fp16 at two batch sizes with the eager masks and losses, a training
 step never makes the host wait for the GPU, and one-process NCCL DDP runs a step. Skipped without CUDA.
 
     python -m pytest tests/test_gpu.py -q          # on a GPU machine, a few minutes (compilation dominates)
@@ -218,7 +218,9 @@ def test_one_process_nccl_ddp_trains_a_compiled_model_with_gathered_negatives():
             ddp, *inputs(model.config, 8), torch.bfloat16, steps=1, gather=train.GatherWithGrad.apply
         )
         assert torch.isfinite(out["loss"]) and out["loss_c"] > 0
-        assert list(model.state_dict()) == list(before)  # DDP over regional compile keeps the checkpoint keys
+        assert list(model.state_dict()) == list(
+            before
+        )  # DDP over per-block compile keeps the checkpoint keys
         qkv = "encoder.joint_blocks.0.attn.qkv.weight"
         assert not torch.equal(model.state_dict()[qkv], before[qkv])  # the step updated the weights
     finally:

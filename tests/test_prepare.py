@@ -137,7 +137,7 @@ def frame_number(jpeg_path):
 
 
 def test_frame_indices_match_the_official_examples():
-    # docs/preprocessing.md 5.1: byte-matched against the official extractor's output
+    # docs/preprocessing.md, section 5: byte-matched against the official extractor's output
     assert prepare.frame_indices(125) == [0, 11, 24, 36, 49, 61, 74, 86, 99, 111]
     assert prepare.frame_indices(299) == [0, 28, 58, 88, 118, 148, 178, 208, 238, 268]
 

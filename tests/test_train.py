@@ -4,10 +4,12 @@ config, and keeps DDP ranks in sync. Tiny model on 16 synthetic clips made on th
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -68,12 +70,12 @@ def test_pretraining_runs_and_lowers_the_loss(synth, tmp_path):
     result = train.main(flags(synth, tmp_path, "--max_iters=24", "--noise=False"))
     losses = train_losses(tmp_path)
     assert len(losses) == 24 and sum(losses[-6:]) < sum(losses[:6])
-    assert {"a2v_R1", "v2a_R1", "loss_c", "c_acc"} <= result["final"].keys()
+    assert {"a2v_R1", "v2a_R1", "loss_c", "contrastive_accuracy"} <= result["final"].keys()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["iter_num"] == 24 and ckpt["task"] == "pretrain" and ckpt["num_classes"] is None
     assert ckpt["model_args"]["embed_dim"] == 32 and ckpt["config"]["max_iters"] == 24
     assert json.load(open(tmp_path / "config.json"))["model_preset"] == "tiny"
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "train.png").stat().st_size > 0
 
 
 def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(synth, tmp_path):
@@ -160,11 +162,21 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     before = open(path, "rb").read()
 
     def broken_save(obj, f):  # writes half a file, then fails (disk full, killed, ...)
-        open(f, "wb").write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left on device"):
+        train.atomic_save({"iter_num": 2}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == before
+
+
+def test_a_full_disk_during_a_checkpoint_write_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.atomic_save({"iter_num": 1}, path)
+    before = open(path, "rb").read()
+    os.symlink("/dev/full", path + ".tmp")  # every write there fails with ENOSPC, as on a full disk
+    with pytest.raises(train.WriteError, match="No space left on device; the previous ckpt.pt is intact"):
         train.atomic_save({"iter_num": 2}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == before
 
@@ -582,3 +594,216 @@ def test_an_error_in_evaluation_saves_the_step_and_resume_is_exact(synth, tmp_pa
     monkeypatch.setattr(train, "evaluate", real)
     train.main(flags(synth, tmp_path / "b", *common, "--init_from=resume"))
     assert same_weights(*(training_state(tmp_path / run / "ckpt.pt") for run in "ab"))
+
+
+# --- the command line: how a run ends -------------------------------------------------------------------------
+
+
+def command_line(synth, out_dir, *extra):
+    return [sys.executable, "train.py", *flags(synth, out_dir, *extra)]
+
+
+def test_a_data_error_with_loader_workers_ends_the_process_with_the_resume_command(synth, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(synth, broken)
+    os.remove(broken / "audio" / "train_00005.wav")
+    out_dir = tmp_path / "out"
+    run = subprocess.run(
+        command_line(broken, out_dir, "--max_iters=8", "--num_workers=1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,  # it used to wait forever for a worker that ignored SIGTERM
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    error = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "audio file not found" in error[0] and "train_00005.wav" in error[0]
+    assert "--init_from=resume" in run.stderr
+
+
+def wait_for_a_train_record(process, out_dir, seconds=300):
+    log = out_dir / "log.jsonl"
+    deadline = time.time() + seconds
+    while not (log.exists() and '"train"' in log.read_text()):
+        assert process.poll() is None and time.time() < deadline, "the run did not start training"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGINT, 1)])
+def test_a_signal_saves_and_exits_with_128_plus_its_number(synth, tmp_path, signum, workers):
+    process = subprocess.Popen(
+        command_line(synth, tmp_path, "--max_iters=100000", f"--num_workers={workers}"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for_a_train_record(process, tmp_path)
+        os.killpg(process.pid, signum)  # as a terminal's Ctrl-C or a scheduler: every process, workers too
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "--init_from=resume" in stderr
+    assert "Traceback" not in stderr
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] >= 1
+
+
+# --- one-line errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--device=gpu", "device='gpu' is not a device: use auto, cpu, cuda"),
+        ("--batch_size=0", "batch_size=0: must be 1 or more"),
+        ("--grad_accum=-1", "grad_accum=-1: must be 1 or more"),
+        ("--num_workers=-2", "num_workers=-2: must be 0 or more"),
+        ("--log_interval=0", "log_interval=0: must be 1 or more"),
+    ],
+)
+def test_bad_settings_are_refused_with_one_line(synth, tmp_path, arg, message):
+    with pytest.raises(train.ConfigError, match=message):
+        train.main(flags(synth, tmp_path, "--max_iters=1", arg))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_with_one_line(synth, tmp_path):
+    with pytest.raises(train.ConfigError, match="device=cuda but torch sees no CUDA GPU"):
+        train.main(flags(synth, tmp_path, "--max_iters=1", "--device=cuda"))
+
+
+def test_resuming_a_file_that_is_not_a_checkpoint_says_so(synth, tmp_path):
+    (tmp_path / "ckpt.pt").write_text("not a checkpoint")
+    with pytest.raises(train.ConfigError, match="ckpt.pt"):  # one line naming the file
+        train.main(flags(synth, tmp_path, "--max_iters=1", "--init_from=resume"))
+
+
+def test_resuming_weights_without_a_training_state_says_how_to_start_from_them(synth, tmp_path):
+    torch.save({"module.weight": torch.zeros(1)}, tmp_path / "ckpt.pt")  # an official state dict
+    with pytest.raises(train.ConfigError, match="holds no training state to resume.*--init_from="):
+        train.main(flags(synth, tmp_path, "--max_iters=1", "--init_from=resume"))
+
+
+def test_an_out_dir_that_cannot_be_written_is_named(synth, tmp_path):
+    (tmp_path / "file").write_text("")
+    out_dir = tmp_path / "file" / "run"  # a folder inside a file cannot be made, like one on a read-only disk
+    with pytest.raises(train.WriteError, match=f"out_dir={out_dir} cannot be written"):
+        train.main(flags(synth, out_dir, "--max_iters=1"))
+
+
+def test_missing_data_files_say_how_to_make_the_synthetic_set(tmp_path):
+    with pytest.raises(train.ConfigError, match="not found: data_train=.*python prepare.py synthetic"):
+        train.main([f"--out_dir={tmp_path}", "--data_train=nowhere/train.json", "--device=cpu"])
+
+
+# --- resume ---------------------------------------------------------------------------------------------------
+
+
+def test_resume_with_settings_that_change_the_clip_order_is_refused_with_the_differences(synth, tmp_path):
+    train.main(flags(synth, tmp_path, "--max_iters=2"))
+    with pytest.raises(train.ConfigError) as refused:
+        train.main(
+            flags(synth, tmp_path, "--max_iters=4", "--batch_size=2", "--seed=1", "--init_from=resume")
+        )
+    message = str(refused.value)
+    assert "batch_size: 4 -> 2" in message and "seed: 0 -> 1" in message
+    assert f"--init_from={tmp_path / 'ckpt.pt'}" in message
+    changeable = ["--num_workers=1", "--log_interval=2", "--save_interval=1", "--eval_interval=-1"]
+    result = train.main(flags(synth, tmp_path, "--max_iters=3", *changeable, "--init_from=resume"))
+    assert result["iter_num"] == 3
+
+
+def test_resume_drops_the_log_records_past_the_checkpoint(synth, tmp_path, monkeypatch):
+    common = ["--max_iters=7", "--save_minutes=0"]
+    real, steps = train.train_step, []
+
+    def killed_at_step_7(
+        run,
+    ):  # no save on the way out, as after kill -9: ckpt.pt holds the epoch end (iter 4)
+        steps.append(1)
+        if len(steps) == 7:
+            raise KeyboardInterrupt
+        return real(run)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train_step", killed_at_step_7)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(flags(synth, tmp_path, *common))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 4
+    train.main(flags(synth, tmp_path, *common, "--init_from=resume"))
+    records = list(map(json.loads, open(tmp_path / "log.jsonl")))
+    assert [r["iter"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6, 7]
+
+
+# --- what a run says ------------------------------------------------------------------------------------------
+
+
+def test_the_end_of_pretraining_prints_the_metrics_the_files_and_the_next_commands(synth, tmp_path, capsys):
+    train.main(flags(synth, tmp_path, "--max_iters=2"))
+    out = capsys.readouterr().out
+    assert "audio->visual" in out and "visual->audio" in out and "median rank" in out
+    assert str(tmp_path / "log.jsonl") in out and str(tmp_path / "train.png") in out
+    assert f"--init_from={tmp_path / 'ckpt.pt'}" in out and "--task=finetune" in out
+    assert f"python eval.py retrieval --checkpoint {tmp_path / 'ckpt.pt'}" in out
+    final = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if r["split"] == "final"]
+    assert len(final) == 1 and {"a2v_R10", "v2a_R10", "a2v_MR", "v2a_MR"} <= final[0].keys()
+
+
+def test_the_end_of_fine_tuning_prints_both_evaluations_and_the_classify_command(synth, tmp_path, capsys):
+    train.main(flags(synth, tmp_path, "--task=finetune", "--metric=acc", "--max_iters=2"))
+    out = capsys.readouterr().out
+    assert "(middle frame)" in out and "(averaged over 10 frames)" in out
+    assert f"python eval.py classify --checkpoint {tmp_path / 'ckpt.pt'}" in out
+
+
+def test_a_model_that_takes_larger_frames_than_the_data_says_they_are_resized(synth, tmp_path, capsys):
+    train.main(flags(synth, tmp_path, "--max_iters=1", "--model_img_size=64"))
+    assert "its 32x32 frames are resized to the model's 64 px" in capsys.readouterr().out
+
+
+def test_the_slowdown_watch_warns_once_when_throughput_falls_below_a_third():
+    watch = train.SlowdownWatch()
+    rates = [100.0] * 6 + [40.0, 20.0, 10.0]
+    warnings = [watch.check(rate, now=float(t)) for t, rate in enumerate(rates)]
+    assert warnings[:7] == [None] * 7  # too few windows yet, then 40 is above a third of 100
+    assert "top or nvidia-smi" in warnings[7] and warnings[8] is None  # at most once per WARN_SECONDS
+    assert watch.check(10.0, now=7.0 + train.SlowdownWatch.WARN_SECONDS) is not None
+
+
+def test_importing_train_leaves_out_evaluation_and_preparation_modules():
+    check = "import sys, train; print(sorted(m for m in ('eval', 'prepare', 'pictures') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[]", run.stderr
+
+
+def test_final_retrieval_equals_eval_py_retrieval_on_the_same_checkpoint(synth, tmp_path):
+    import eval
+
+    final = train.main(flags(synth, tmp_path, "--max_iters=2"))["final"]
+    ckpt = str(tmp_path / "ckpt.pt")
+    out = eval.main(["retrieval", "--checkpoint", ckpt, "--data", f"{synth}/test.json", "--device", "cpu"])
+    for name, key in (("audio_to_visual", "a2v"), ("visual_to_audio", "v2a")):
+        assert {k: final[f"{key}_{k}"] for k in ("R1", "R5", "R10", "MR")} == out[name]
+
+
+def test_an_error_in_the_final_evaluation_prints_the_command_that_finishes_the_run(
+    synth, tmp_path, monkeypatch, capsys
+):
+    real = train.evaluate
+
+    def failing_final_evaluation(run, final=False):
+        if final:
+            raise data.DataError("test_00003.wav: cannot read audio")
+        return real(run, final)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", failing_final_evaluation)
+        with pytest.raises(data.DataError):
+            train.main(flags(synth, tmp_path, "--max_iters=2"))
+    assert "--init_from=resume" in capsys.readouterr().err
+    result = train.main(flags(synth, tmp_path, "--max_iters=2", "--init_from=resume"))
+    assert result["iter_num"] == 2 and "a2v_R1" in result["final"]
