@@ -1,20 +1,30 @@
-"""Benchmark CAV-MAE pretraining on one device: a training step (forward + backward + Adam step) on random inputs,
-eager and compiled, at several batch sizes; or end to end: train.py's real loop on generated clips.
+"""Benchmark CAV-MAE pretraining on one device: a training step (forward + backward + Adam step) on
+random inputs, eager and compiled, at several batch sizes; or end to end: train.py's real loop on
+generated clips.
 
-    python bench.py                                      # the GPU table: eager and compiled, batch 48 and 256, bf16
-    python bench.py --dtype float16                      # fp16 autocast with a GradScaler, as train.py runs it
-    python bench.py --modes compiled --static --batch_sizes 256   # one technique at a time (--sdpa, --compile_mode)
-    python bench.py --e2e --workers 8 --batch_size 256   # train.py on 224 px / 10 s clips, next to the bench rate
-    python bench.py --preset tiny --device cpu --modes eager --batch_sizes 4 --steps 2   # a CPU smoke test
-    python bench.py --data                               # the input pipeline's CPU time, one thread
-    python bench.py --data_scale 2000000                 # AVDataset's build time and memory, 2M rows
+    # the GPU table: eager and compiled, batch 48 and 256, bf16
+    python bench.py
+    # fp16 autocast with a GradScaler, as train.py runs it
+    python bench.py --dtype float16
+    # one technique at a time (--sdpa, --compile_mode)
+    python bench.py --modes compiled --static --batch_sizes 256
+    # train.py on 224 px / 10 s clips, next to the bench rate
+    python bench.py --e2e --workers 8 --batch_size 256
+    # a CPU smoke test
+    python bench.py --preset tiny --device cpu --modes eager --batch_sizes 4 --steps 2
+    # the input pipeline's CPU time, one thread
+    python bench.py --data
+    # AVDataset's build time and memory, 2M rows
+    python bench.py --data_scale 2000000
 
-Per configuration: samples/s (--steps timed steps after --warmup ones, one synchronisation at each end), MFU
-(3 x analytic forward FLOPs per sample x samples/s / --peak_flops, CUDA only), peak memory (CUDA: max allocated;
-CPU: the process's max RSS) and compile time (the warm-up steps' time minus as many timed steps; inductor's on-disk
-cache shortens it on later runs: TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench.py measures a cold one). The model
-is the paper's pretraining setup: norm_pix_loss, mask ratio 0.75, contrastive weight 0.01, Adam as train.py (fused
-on CUDA). --e2e runs train.py's own compile and attention settings; the bench row next to it uses this file's.
+Per configuration: samples/s (--steps timed steps after --warmup ones, one synchronisation at each
+end), MFU (3 x analytic forward FLOPs per sample x samples/s / --peak_flops, CUDA only), peak memory
+(CUDA: max allocated; CPU: the process's max RSS) and compile time (the warm-up steps' time minus as
+many timed steps; inductor's on-disk cache shortens it on later runs:
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench.py measures a cold one). The model is the paper's
+pretraining setup: norm_pix_loss, mask ratio 0.75, contrastive weight 0.01, Adam as train.py (fused
+on CUDA). --e2e runs train.py's own compile and attention settings; the bench row next to it uses
+this file's.
 """
 
 import argparse
@@ -47,8 +57,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--static",
         action="store_true",
-        help="compile with dynamic=False: every block shape compiled on its own, static sizes (not measured "
-        "yet against apply_compile's default, torch's automatic dynamic shapes)",
+        help="compile with dynamic=False: every block shape compiled on its own, static sizes "
+        "(not measured yet against apply_compile's default, torch's automatic dynamic shapes)",
     )
     p.add_argument(
         "--compile_mode",
@@ -115,23 +125,29 @@ def parse_args(argv=None):
         else ["eager", "compiled"]
     )
     if args.dtype == "auto":
-        args.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+        if cuda:
+            args.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            args.dtype = "float32"
     return args
 
 
 def build(args, device, mode):
-    """A fresh model, compiled as `mode` asks, and its Adam optimizer (fused on CUDA, as train.py)."""
+    """A fresh model, compiled as `mode` asks, and its Adam optimizer
+    (fused on CUDA, as train.py)."""
     torch.manual_seed(args.seed)
     config = CAVMAEConfig.from_preset(args.preset, norm_pix_loss=bool(args.norm_pix_loss))
     model = CAVMAE(config).to(device).train()
     step_model = model
     if mode == "compiled":
-        torch._dynamo.reset()  # every configuration compiles from scratch: its compile time, its own shapes
+        # every configuration compiles from scratch: its compile time, its own shapes
+        torch._dynamo.reset()
         options = dict(
             **({"dynamic": False} if args.static else {}),
             **({"mode": args.compile_mode} if args.compile_mode != "default" else {}),
         )
-        apply_compile(model, **options)  # each transformer block on its own, as train.py's compile=True
+        # each transformer block on its own, as train.py's compile=True
+        apply_compile(model, **options)
     optimizer = torch.optim.Adam(
         model.parameters(),
         lr=5e-5,
@@ -148,7 +164,8 @@ SDPA_BACKENDS = dict(
 
 
 def train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa=None):
-    """forward + backward + optimizer step, as train.py's loop; returns the loss without synchronising.
+    """forward + backward + optimizer step, as train.py's loop; returns the loss
+    without synchronising.
     sdpa: the name of one torch.nn.attention.SDPBackend to force, or None for PyTorch's choice."""
     backend = (
         torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, sdpa))
@@ -234,7 +251,8 @@ def describe(row):
     compile_s = f", compile {row['compile_s']:.1f} s" if row["compile_s"] is not None else ""
     return (
         f"{row['mode']:8s} batch {row['batch']:4d}: {row['samples_per_s']:8.1f} samples/s, {mfu}, "
-        f"peak {row['peak_gib']:.1f} GiB, step {row['step_ms']:.1f} ms{compile_s}, loss {row['loss']:.4f}"
+        f"peak {row['peak_gib']:.1f} GiB, step {row['step_ms']:.1f} ms{compile_s}, "
+        f"loss {row['loss']:.4f}"
     )
 
 
@@ -244,26 +262,29 @@ def print_table(rows):
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
         print(
-            f"| {r['mode']} | {r['batch']} | {r['samples_per_s']:.1f} | {mfu} | {r['peak_gib']:.1f} | {compile_s} |"
+            f"| {r['mode']} | {r['batch']} | {r['samples_per_s']:.1f} | "
+            f"{mfu} | {r['peak_gib']:.1f} | {compile_s} |"
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# End to end: train.py's loop (loader workers, device-side preprocessing, logging) on generated clips
+# --------------------------------------------------------------------------------------------------
+# End to end: train.py's loop (loader workers, device-side preprocessing, logging)
+# on generated clips
 
 
 def e2e_dataset(args, config):
-    """Generate the synthetic clips once per (size, length, count) into args.e2e_data; return the folder."""
+    """Generate the synthetic clips once per (size, length, count) into args.e2e_data;
+    return the folder."""
     import synthetic
 
-    seconds = min(
-        10.0, config.audio_length / 100 + 0.05
-    )  # 10 s clips for the base model (padded to 1024 frames)
+    # 10 s clips for the base model (padded to 1024 frames)
+    seconds = min(10.0, config.audio_length / 100 + 0.05)
     n_test = min(64, args.e2e_clips)
     out = os.path.join(args.e2e_data, f"{config.img_size}px_{seconds:g}s_{args.e2e_clips}")
     if not os.path.isfile(os.path.join(out, "test.json")):  # written last
         print(
-            f"generating {args.e2e_clips} + {n_test} synthetic clips ({config.img_size} px, {seconds:g} s) in {out}"
+            f"generating {args.e2e_clips} + {n_test} synthetic clips "
+            f"({config.img_size} px, {seconds:g} s) in {out}"
         )
         synthetic.make_synthetic(
             out, n_train=args.e2e_clips, n_test=n_test, image_size=config.img_size, seconds=seconds
@@ -272,15 +293,16 @@ def e2e_dataset(args, config):
 
 
 def epoch_rate(log_path):
-    """Mean samples/s over whole epochs after the first (which compiles and starts the workers), from the "epoch"
-    records of train.py's log (evaluation and checkpoint time excluded)."""
+    """Mean samples/s over whole epochs after the first (which compiles and starts the workers),
+    from the "epoch" records of train.py's log (evaluation and checkpoint time excluded)."""
     records = [json.loads(line) for line in open(log_path)]
     rates = [r["samples_per_s"] for r in records if r["split"] == "epoch"]
     return statistics.mean(rates[1:] if len(rates) > 1 else rates), len(rates)
 
 
 def e2e_config(args, device, batch, mode):
-    """train.py on the generated clips at this batch size and mode, then the bench step at the same settings."""
+    """train.py on the generated clips at this batch size and mode,
+    then the bench step at the same settings."""
     import train
 
     data_dir = e2e_dataset(args, CAVMAEConfig.from_preset(args.preset))
@@ -325,13 +347,14 @@ def describe_e2e(row, workers):
     n = row["e2e_epochs"]
     epochs = "one epoch" if n == 1 else "epoch 2" if n == 2 else f"mean of epochs 2-{n}"
     return (
-        f"{row['mode']:8s} batch {row['batch']:4d}: end to end {row['e2e_samples_per_s']:8.1f} samples/s "
+        f"{row['mode']:8s} batch {row['batch']:4d}: "
+        f"end to end {row['e2e_samples_per_s']:8.1f} samples/s "
         f"({workers} workers, {epochs}) vs bench {row['samples_per_s']:.1f}: "
         f"{100 * row['ratio']:.0f}% (goal >= 90%)"
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The input pipeline (--data, --data_scale): CPU time of data.py's paths; memory at scale
 
 
@@ -413,7 +436,8 @@ def data_scale(n, num_classes=527):
         seconds = time.time() - start
         held = resident_mb() - before
     print(
-        f"{n} rows: {seconds:.1f} s to build AVDataset, {held:.0f} MB held (RSS growth after the json is freed)"
+        f"{n} rows: {seconds:.1f} s to build AVDataset, "
+        f"{held:.0f} MB held (RSS growth after the json is freed)"
     )
     del ds
     return seconds, held
@@ -451,10 +475,11 @@ def main(argv=None):
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"preset {args.preset} ({size / 1e6:.1f}M trainable), {args.dtype}, {name}, torch {torch.__version__}, "
-        f"compile per block {args.compile_mode}{' static' if args.static else ''}, attention "
-        f"{args.sdpa}, norm_pix_loss "
-        f"{bool(args.norm_pix_loss)}, mask {args.mask_ratio}, forward + backward + Adam step"
+        f"preset {args.preset} ({size / 1e6:.1f}M trainable), {args.dtype}, {name}, "
+        f"torch {torch.__version__}, "
+        f"compile per block {args.compile_mode}{' static' if args.static else ''}, "
+        f"attention {args.sdpa}, norm_pix_loss {bool(args.norm_pix_loss)}, mask {args.mask_ratio}, "
+        "forward + backward + Adam step"
     )
     rows = []
     for mode in args.modes:
@@ -467,7 +492,8 @@ def main(argv=None):
                 )
             except torch.cuda.OutOfMemoryError:
                 row = None
-            if row is None:  # outside the except block, whose traceback would keep the model's memory alive
+            # outside the except block, whose traceback would keep the model's memory alive
+            if row is None:
                 print(f"{mode:8s} batch {batch:4d}: out of memory")
                 gc.collect(), torch.cuda.empty_cache()
                 continue

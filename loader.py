@@ -1,16 +1,19 @@
-"""How train.py feeds a model: the order of the clips, the randomness of each item, and loader workers that
-live for the whole run.
+"""How train.py feeds a model: the order of the clips, the randomness of each item, and loader
+workers that live for the whole run.
 
-    RunBatches    micro-batches of (epoch, position, index) keys, epoch after epoch, resumable from (epoch, start)
-    SeededItems   seeds every item's random draws from its key: the same augmentation for any worker count,
-                  world size or resume, on the worker's CPU or on the device
-    EvalKeys      this rank's share of the validation set, with the frame to show; gather_in_order joins the shares
-    build_data    the datasets and loaders of a run (workers read and decode; fbank and augmentation on the device,
-                  or on the workers with gpu_preprocess=off)
-    Rows          a datafile's rows in a few numpy arrays, which forked workers share instead of copying
+    RunBatches    micro-batches of (epoch, position, index) keys, epoch after epoch,
+                  resumable from (epoch, start)
+    SeededItems   seeds every item's random draws from its key: the same augmentation for any worker
+                  count, world size or resume, on the worker's CPU or on the device
+    EvalKeys      this rank's share of the validation set, with the frame to show;
+                  gather_in_order joins the shares
+    build_data    the datasets and loaders of a run (workers read and decode; fbank and augmentation
+                  on the device, or on the workers with gpu_preprocess=off)
+    Rows          a datafile's rows in a few numpy arrays, which forked workers share
+                  instead of copying
 
-One DataLoader iterator serves the whole run and its workers persist: no stall at an epoch start (measured on an
-H100 with 12 workers: 4-5 s per epoch when workers restarted every epoch).
+One DataLoader iterator serves the whole run and its workers persist: no stall at an epoch start
+(measured on an H100 with 12 workers: 4-5 s per epoch when workers restarted every epoch).
 """
 
 import ctypes
@@ -34,10 +37,11 @@ PREFETCH_BATCHES = 4  # per loader worker: batches decoded ahead of the step tha
 
 
 class RunBatches(torch.utils.data.Sampler):
-    """Micro-batches of (epoch, position, index) keys for this rank, epoch after epoch from (epoch, start). Each
-    epoch is a permutation (or a class-balanced draw with replacement) seeded by (seed, epoch), split across ranks
-    like DistributedSampler and cut to whole optimizer steps. One DataLoader iterator serves the whole run, so the
-    workers never stop at an epoch end; (epoch, start) is all a resumed run needs to continue the same order."""
+    """Micro-batches of (epoch, position, index) keys for this rank, epoch after epoch from
+    (epoch, start). Each epoch is a permutation (or a class-balanced draw with replacement) seeded
+    by (seed, epoch), split across ranks like DistributedSampler and cut to whole optimizer steps.
+    One DataLoader iterator serves the whole run, so the workers never stop at an epoch end;
+    (epoch, start) is all a resumed run needs to continue the same order."""
 
     def __init__(
         self, n, batch_size, batches_per_epoch, seed, rank=0, world=1, weights=None, epoch=0, start=0
@@ -71,9 +75,10 @@ class RunBatches(torch.utils.data.Sampler):
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """ds[index] with Python, NumPy and the torch CPU RNGs seeded from (seed, epoch, position), and each restored
-    afterwards. The workers draw every random choice of an item (frame, mixup partner and lambda, SpecAugment
-    bands, noise), so an item is the same for any num_workers, world size or resume, and wherever it is finished."""
+    """ds[index] with Python, NumPy and the torch CPU RNGs seeded from (seed, epoch, position), and
+    each restored afterwards. The workers draw every random choice of an item (frame, mixup partner
+    and lambda, SpecAugment bands, noise), so an item is the same for any num_workers, world size or
+    resume, and wherever it is finished."""
 
     def __init__(self, ds, seed):
         self.ds = ds
@@ -100,8 +105,9 @@ class SeededItems(torch.utils.data.Dataset):
 
 
 class EvalKeys(torch.utils.data.Sampler):
-    """(index, frame) keys of this rank's share of the validation set: clips rank, rank + world, ... Set `frame`
-    before iterating (None: the middle frame); the keys carry it to workers that live across evaluations."""
+    """(index, frame) keys of this rank's share of the validation set: clips rank, rank + world, ...
+    Set `frame` before iterating (None: the middle frame); the keys carry it to workers that live
+    across evaluations."""
 
     def __init__(self, n, rank=0, world=1):
         self.n = n
@@ -117,7 +123,8 @@ class EvalKeys(torch.utils.data.Sampler):
 
 
 def gather_in_order(tensors, rank=0, world=1):
-    """This rank's rows (clips rank, rank + world, ...) -> every clip's rows in dataset order, on every rank."""
+    """This rank's rows (clips rank, rank + world, ...) -> every clip's rows in dataset order,
+    on every rank."""
     if world == 1:
         return tensors
     parts = [None] * world
@@ -132,8 +139,8 @@ def gather_in_order(tensors, rank=0, world=1):
 
 
 class FinishOnWorker:
-    """collate_fn for gpu_preprocess=off: the worker also computes fbank and applies the item's augmentation
-    draws on its CPU, with the same BatchPreprocessor the device would use."""
+    """collate_fn for gpu_preprocess=off: the worker also computes fbank and applies the item's
+    augmentation draws on its CPU, with the same BatchPreprocessor the device would use."""
 
     def __init__(self, prep):
         self.prep = prep
@@ -175,8 +182,10 @@ def make_loader(ds, cfg, device, prep, on_device, **kw):
 
 
 def build_data(cfg, mcfg, device, rank, world, epoch, start):
-    """Datasets (workers read, decode and draw), the train batches from (epoch, start) on, the validation loader.
-    With device-side preprocessing the training device finishes each batch; otherwise the workers do."""
+    """Datasets (workers read, decode and draw), the train batches from (epoch, start) on,
+    the validation loader.
+    With device-side preprocessing the training device finishes each batch; otherwise the
+    workers do."""
     on_device = cfg["gpu_preprocess"] == "on" or (cfg["gpu_preprocess"] == "auto" and device.type == "cuda")
     common = dict(
         label_csv=cfg["label_csv"],
@@ -202,8 +211,8 @@ def build_data(cfg, mcfg, device, rank, world, epoch, start):
     per_step = cfg["batch_size"] * cfg["grad_accum"]
     if len(train_ds) // world < per_step:
         raise ConfigError(
-            f"{cfg['data_train']}: {len(train_ds)} clips over {world} process(es) do not fill one step "
-            f"of batch_size={cfg['batch_size']} x grad_accum={cfg['grad_accum']}"
+            f"{cfg['data_train']}: {len(train_ds)} clips over {world} process(es) do not fill "
+            f"one step of batch_size={cfg['batch_size']} x grad_accum={cfg['grad_accum']}"
         )
     if len(val_ds) < world:
         raise ConfigError(
@@ -243,13 +252,14 @@ def build_data(cfg, mcfg, device, rank, world, epoch, start):
 
 
 def to_device(batch, prep, device):
-    """A loader batch -> (fbank (B, T, 128), image (B, 3, S, S), label (B, K)) on the device, without a host sync."""
+    """A loader batch -> (fbank (B, T, 128), image (B, 3, S, S), label (B, K)) on the device,
+    without a host sync."""
     if prep is not None:  # raw batch: fbank, augmentation, normalisation on the device
         return prep(batch, device)
     return tuple(batch[k].to(device, non_blocking=True) for k in ("audio", "image", "label"))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Datafile storage at scale. As a list of dicts, AudioSet-2M's rows take ~340 B each, 0.7 GB per
 # process, and every worker copies those pages as reference counts touch them. Held here instead:
 # `python bench.py --data_scale 2000000` builds AVDataset over 2 million generated rows in 8.3 s and
@@ -264,7 +274,8 @@ class PackedStrings(NamedTuple):
 
 
 class PackedPaths(NamedTuple):
-    """Paths as (folder, name): the few distinct folders once, the folder of each path, the names."""
+    """Paths as (folder, name): the few distinct folders once, the folder of each path,
+    the names."""
 
     folders: PackedStrings  # distinct folders, each ending in "/" (or "" for a bare name)
     folder_of: np.ndarray  # (n,) int32 folder of path i
