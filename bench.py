@@ -117,13 +117,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.batch_sizes = [args.batch_size] if args.batch_size else [int(b) for b in args.batch_sizes.split(",")]
     cuda = args.device.startswith("cuda")
-    args.modes = (
-        args.modes.split(",")
-        if args.modes
-        else ["compiled" if cuda else "eager"]
-        if args.e2e
-        else ["eager", "compiled"]
-    )
+    if args.modes:
+        args.modes = args.modes.split(",")
+    elif args.e2e:
+        args.modes = ["compiled" if cuda else "eager"]
+    else:
+        args.modes = ["eager", "compiled"]
     if args.dtype == "auto":
         if cuda:
             args.dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -216,7 +215,7 @@ def measure_config(args, device, batch, mode):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sdpa = SDPA_BACKENDS[args.sdpa]
-    step = lambda: train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa)  # noqa: E731
+    step = lambda: train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa)
     warmup_times = []
     for _ in range(args.warmup):
         t0 = time.perf_counter()
@@ -495,7 +494,8 @@ def main(argv=None):
             # outside the except block, whose traceback would keep the model's memory alive
             if row is None:
                 print(f"{mode:8s} batch {batch:4d}: out of memory")
-                gc.collect(), torch.cuda.empty_cache()
+                gc.collect()
+                torch.cuda.empty_cache()
                 continue
             rows.append(row)
             print(describe_e2e(row, args.workers) if args.e2e else describe(row), flush=True)
