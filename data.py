@@ -55,6 +55,9 @@ AUDIOSET_STD = 4.4849
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as the official loader's transforms.Normalize
 IMAGE_STD = (0.229, 0.224, 0.225)
 MIXUP_BETA = 10.0  # lambda ~ Beta(10, 10)
+# A clip padded by more than this share of the model's audio_length is worth a note (adaptation_notes);
+# a 10 s AudioSet clip fills 998 of the 1024 frames (2.5 % padding), as in the official setup.
+PADDING_NOTE_FRACTION = 0.05
 
 
 class DataError(ValueError):
@@ -71,6 +74,12 @@ def constant_on(t, device):
 def samples_for(frames):
     """The samples that `frames` fbank frames read: one window, then a hop per further frame."""
     return WIN + HOP * (frames - 1)
+
+
+def fbank_frame_count(num_samples):
+    """The fbank frames of `num_samples` samples (an int, or an int64 tensor): the windows that fit
+    whole, one every hop (Kaldi's snip_edges)."""
+    return (num_samples - WIN) // HOP + 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,7 +246,7 @@ def cpu_fbank(waveform):
         WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, 20.0, 0.0, waveform.device, waveform.dtype
     )[0]
     clips = waveform.unsqueeze(0) if waveform.dim() == 1 else waveform  # (B, N)
-    num_frames = 1 + (clips.shape[-1] - WIN) // HOP
+    num_frames = fbank_frame_count(clips.shape[-1])
     out = clips.new_empty(len(clips), num_frames, NUM_MEL_BINS)  # (B, T, M)
     for clip, mel in zip(clips, out):
         frames = windowed_frames(clip, WIN, HOP, window, 0.97)  # (T, win)
@@ -255,7 +264,7 @@ def fbank_features(wave, length, target_length):
     padded batch equals its own fbank."""
     wave = wave[:, : samples_for(target_length)]  # no unused frames
     feats = cpu_fbank(wave) if wave.device.type == "cpu" else fbank(wave)  # (B, <=T, M)
-    frames = torch.div(length - WIN, HOP, rounding_mode="floor") + 1  # (B,) a clip's own frames
+    frames = fbank_frame_count(length)  # (B,) a clip's own frames
     past_end = torch.arange(feats.shape[1], device=wave.device) >= frames[:, None]  # (B, <=T)
     feats = feats.masked_fill(past_end[..., None], 0.0)
     return F.pad(feats, (0, 0, 0, target_length - feats.shape[1]))  # zero rows, not padded audio
@@ -518,6 +527,48 @@ def all_row_problems(rows, labels, num_frames=10, image_size=224):
     """row_problems of every row, on 8 threads (decoding releases the GIL)."""
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(lambda row: row_problems(row, labels, num_frames, image_size), rows))
+
+
+def first_frame_size(row, num_frames):
+    """(width, height) of the first of the row's frames that exists, or None if none does."""
+    for k in range(num_frames):
+        path = frame_path(row, k)
+        if os.path.isfile(path):
+            with Image.open(path) as image:
+                return image.size
+    return None
+
+
+def adaptation_notes(datafile, rows, image_size, target_length, num_frames=10, source=None):
+    """One line per way the model's input sizes change this data, seen on its first row from the
+    file headers: frames resized, audio cut, or audio padded by more than PADDING_NOTE_FRACTION.
+    [] when the data fits as it is, when there are no rows, or when the files cannot be read (loading
+    the row then says what is wrong). source: what the lines call the data (default: the first clip
+    of `datafile`)."""
+    if len(rows) == 0:
+        return []
+    row = rows[0]
+    try:
+        frame_size = first_frame_size(row, num_frames)
+        fbank_length = fbank_frame_count(sf.info(row["wav"]).frames)
+    except (OSError, RuntimeError, ValueError):  # missing or unreadable: the loader's error says which
+        return []
+    changes = []
+    if (frame_size is not None) and (frame_size != (image_size, image_size)):
+        width, height = frame_size
+        changes.append(
+            f"its frames are {width}x{height} px and the model's img_size is {image_size}: "
+            f"frames resized and centre-cropped to {image_size}x{image_size}"
+        )
+    lengths = f"its audio has {fbank_length} fbank frames and the model's audio_length is {target_length}"
+    padding = target_length - fbank_length
+    if fbank_length > target_length:
+        changes.append(f"{lengths}: audio cut to its first {target_length} frames")
+    elif padding > PADDING_NOTE_FRACTION * target_length:
+        changes.append(f"{lengths}: audio padded with {padding} frames of zeros")
+    if source is None:
+        source = f"the first clip of {datafile}"
+    return [f"note: {source}: {change}" for change in changes]
 
 
 # ----------------------------------------------------------------------------------------------------------

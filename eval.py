@@ -22,10 +22,8 @@ import sys
 import tempfile
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 from checkpoint import (
@@ -45,10 +43,6 @@ from model import (
     CAVMAEConfig,
     pooled_representation,
 )
-
-# A clip padded by more than this share of the model's audio_length is worth a note; a 10 s AudioSet
-# clip fills 998 of the 1024 frames (2.5 % padding), as in the official setup.
-PADDING_NOTE_FRACTION = 0.05
 
 # -----------------------------------------------------------------------------
 # Metrics (Sec. 4 of the paper reports mAP, accuracy and retrieval R@K)
@@ -238,60 +232,15 @@ def data_settings(model, info, args):
     )
 
 
-def fbank_frames(samples):
-    """How many fbank frames (25 ms windows every 10 ms) a waveform of `samples` samples has."""
-    return (samples - data.WIN) // data.HOP + 1
-
-
-def first_clip_sizes(ds):
-    """(frame width, frame height, fbank frames) of the dataset's first clip, read from the file headers;
-    None for an empty dataset or unreadable files (loading the clip then reports them)."""
-    if len(ds.rows) == 0:
-        return None
-    row = ds.rows[0]
-    try:
-        with Image.open(data.frame_path(row, 0)) as frame:
-            width, height = frame.size
-        samples = sf.info(row["wav"]).frames
-    except (OSError, RuntimeError, ValueError):  # missing or unreadable: data.py's error says which
-        return None
-    return width, height, fbank_frames(samples)
-
-
-def adaptation_note(ds, cfg, source=None):
-    """One line saying how the model's input sizes change this data (frames resized, audio cut or
-    padded), as seen on the dataset's first clip; None when the data fits as it is (a 10 s clip in
-    1024 frames fits). source: what to call the data (default: the datafile's first clip)."""
-    sizes = first_clip_sizes(ds)
-    if sizes is None:
-        return None
-    width, height, fbank_length = sizes
-    changes = []
-    if (width, height) != (cfg.img_size, cfg.img_size):
-        changes.append(
-            f"the checkpoint's img_size is {cfg.img_size} and the frames are {width}x{height} px: "
-            f"frames resized and centre-cropped to {cfg.img_size}x{cfg.img_size}"
-        )
-    audio_length = cfg.audio_length
-    lengths = f"the checkpoint's audio_length is {audio_length} and the audio has {fbank_length} fbank frames"
-    if fbank_length > audio_length:
-        changes.append(f"{lengths}: audio cut to its first {audio_length} frames")
-    elif audio_length - fbank_length > PADDING_NOTE_FRACTION * audio_length:
-        changes.append(f"{lengths}: audio padded with {audio_length - fbank_length} frames of zeros")
-    if not changes:
-        return None
-    if source is None:
-        source = f"{ds.datafile} (first clip)"
-    return f"note: {source}: " + "; ".join(changes)
-
-
 def open_dataset(model, info, args, datafile, label_csv, source=None, **options):
     """data.AVDataset of `datafile` with the model's input sizes and fbank statistics (options:
     AVDataset's other keywords); says in one line when those sizes change the data (source: what to
     call it there)."""
     ds = data.AVDataset(datafile, label_csv, **data_settings(model, info, args), **options)
-    note = adaptation_note(ds, model.config, source)
-    if note:
+    cfg = model.config
+    for note in data.adaptation_notes(
+        datafile, ds.rows, cfg.img_size, cfg.audio_length, ds.num_frames, source
+    ):
         print(note)
     return ds
 

@@ -129,6 +129,8 @@ def test_batch_fbank_equals_per_clip_fbank_and_leaves_the_input_alone():
 @pytest.mark.parametrize("n,frames", [(400, 1), (559, 1), (560, 2), (160000, 998), (160125, 999)])
 def test_fbank_frame_count_follows_snip_edges(n, frames):
     assert data.fbank(torch.randn(n)).shape == (frames, 128)
+    assert data.fbank_frame_count(n) == frames
+    assert data.fbank_frame_count(torch.tensor([n])).tolist() == [frames]
 
 
 def test_fbank_of_silence_is_the_log_floor_and_mel_bin_3_is_always_empty():
@@ -167,6 +169,40 @@ def test_long_clip_is_cut_to_target_length(tmp_path):
     fb, _, _ = dataset(tmp_path, target_length=64, mean=0.0, std=1.0)[2]  # 1.3 s -> 128 frames
     w = data.load_audio(str(tmp_path / "clip2.wav"))
     assert torch.equal(fb, data.cpu_fbank(w - w.mean())[:64])
+
+
+def test_adaptation_notes_say_that_frames_are_resized_and_audio_cut_to_the_model(tmp_path):
+    datafile, _ = make_dataset(tmp_path, n=1)  # 40x32 px frames, 1 s: 98 fbank frames
+    os.remove(tmp_path / "frame_0" / "clip0.jpg")  # the first frame that exists is measured
+    notes = data.adaptation_notes(datafile, data.read_datafile(datafile), image_size=32, target_length=64)
+    source = f"note: the first clip of {datafile}: "
+    assert notes == [
+        source + "its frames are 40x32 px and the model's img_size is 32: "
+        "frames resized and centre-cropped to 32x32",
+        source + "its audio has 98 fbank frames and the model's audio_length is 64: "
+        "audio cut to its first 64 frames",
+    ]
+
+
+@pytest.mark.parametrize("target_length, note", [(100, None), (110, "audio padded with 12 frames of zeros")])
+def test_adaptation_notes_mention_padding_only_past_five_percent_of_the_length(tmp_path, target_length, note):
+    datafile, _ = make_dataset(tmp_path, n=1, frames=[])  # 98 fbank frames, no frames to measure
+    rows = data.read_datafile(datafile)
+    notes = data.adaptation_notes(datafile, rows, 32, target_length, source="clip0")
+    if note is None:
+        assert notes == []
+    else:
+        assert notes == [
+            f"note: clip0: its audio has 98 fbank frames and the model's audio_length is 110: {note}"
+        ]
+
+
+def test_adaptation_notes_are_empty_without_rows_or_with_unreadable_audio(tmp_path):
+    datafile, _ = make_dataset(tmp_path, n=1)
+    rows = data.read_datafile(datafile)
+    (tmp_path / "clip0.wav").write_bytes(b"not a wav")
+    assert data.adaptation_notes(datafile, rows, 32, 64) == []
+    assert data.adaptation_notes(datafile, rows[:0], 32, 64) == []
 
 
 def test_label_csv_keeps_quoted_commas_and_orders_by_index(tmp_path):
