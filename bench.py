@@ -40,7 +40,6 @@ import time
 import torch
 
 import data
-import loader
 from model import CAVMAE, CAVMAEConfig, apply_compile, num_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -428,7 +427,7 @@ def data_scale(n, num_classes=527):
         )
         with open(os.path.join(root, "data.json"), "w") as f:
             f.write('{"data": [' + ",".join(rows) + "]}")
-        loader.release_freed_heap()  # what writing the json freed
+        data.release_freed_heap()  # what writing the json freed
         before = resident_mb()
         start = time.time()
         ds = data.AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"))

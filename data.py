@@ -5,6 +5,9 @@
     images         read_frame, normalise_image, load_image
     augmentations  mixup, SpecAugment, noise, label smoothing: each drawn on the loader worker
                    (draw_*) and applied by the batch path (mix, spec_augment, add_noise, ...)
+    datafiles      read_datafile, load_label_csv; row_problems (prepare.py check); adaptation_notes
+                   (how the model's input sizes change the data); Rows, a datafile's rows in a few
+                   numpy arrays, which forked loader workers share instead of copying
     AVDataset      a datafile's rows -> items; collate_raw batches raw items; BatchPreprocessor
                    finishes a batch on any device
 
@@ -21,17 +24,19 @@ AVDataset(raw=False)[i] -> (fbank [T, 128], image [3, S, S], label [K]) is that 
 Project deviations: bad input raises a clear error instead of becoming a 0.01-filled sample; non-RGB
 frames are converted to RGB; augmentation only when train=True; a mixup partner's frame comes from
 its own video_path (the official code looks under the first sample's); the noise field is
-hash_uniform's. A datafile is held compactly by loader.Rows; `python prepare.py check` loads every
-row as training does.
+hash_uniform's. `python prepare.py check` loads every row as training does.
 """
 
 import csv
+import ctypes
 import functools
 import json
 import math
 import os
 import random
 import warnings
+from array import array
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,8 +47,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
-
-import loader  # a datafile's compact storage; loader imports data too (both use names at call time)
 
 SAMPLE_RATE = 16000
 WIN = 400  # fbank window in samples: 25 ms at 16 kHz
@@ -138,7 +141,7 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
         )
     wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))  # stereo -> first channel
     is_float = subtype in ("FLOAT", "DOUBLE")  # integer PCM cannot be NaN
-    if is_float and not torch.isfinite(wave).all():
+    if is_float and (not torch.isfinite(wave).all()):
         raise DataError(f"{path} contains NaN or infinite samples")
     return wave
 
@@ -411,9 +414,9 @@ def add_noise(feats, seed, scale, shift):
 
 
 def smooth_labels(y1, label_smooth, y2=None, lam=None):
-    """Multi-hot (B, K) -> targets (section 6): negatives ls/K, positives 1 - ls; with mixup
-    positives of the two samples add lam (1 - ls) and (1 - lam) (1 - ls) on top of ls/K. Float64
-    arithmetic, float32 result."""
+    """Multi-hot (B, K) -> targets (docs/preprocessing.md, section 4): negatives ls/K, positives
+    1 - ls; with mixup positives of the two samples add lam (1 - ls) and (1 - lam) (1 - ls) on top of
+    ls/K. Float64 arithmetic, float32 result."""
     y1 = y1.double()
     base = label_smooth / y1.shape[1]
     if y2 is None:
@@ -479,16 +482,16 @@ def load_label_csv(path):
 
 def read_datafile(path):
     """Rows {video_id, wav, video_path, labels} of an official json datafile, paths resolved against
-    its folder, held compactly (loader.Rows)."""
+    its folder, held compactly (Rows)."""
     require_file(path, "datafile")
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)["data"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read datafile {path} (want json {{'data': [...]}}): {e}") from None
-    rows = loader.Rows(records, os.path.dirname(os.path.abspath(path)), path)
+    rows = Rows(records, os.path.dirname(os.path.abspath(path)), path)
     del records
-    loader.release_freed_heap()
+    release_freed_heap()
     return rows
 
 
@@ -572,6 +575,118 @@ def adaptation_notes(datafile, rows, image_size, target_length, num_frames=10, s
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Datafile storage at scale. As a list of dicts, AudioSet-2M's rows take ~340 B each, 0.7 GB per
+# process, and every worker copies those pages as reference counts touch them. Held here instead:
+# `python bench.py --data_scale 2000000` builds AVDataset over 2 million generated rows in 8.3 s and
+# holds 218 MB (a list of dicts: 16 s and ~1.5 GB), on the 2-core CPU machine.
+
+
+class PackedStrings(NamedTuple):
+    """Strings in one UTF-8 buffer: string i is buffer[offsets[i] : offsets[i + 1]]."""
+
+    buffer: np.ndarray  # (bytes,) uint8
+    offsets: np.ndarray  # (n + 1,) int32, or int64 past 2 GB of text
+
+
+class PackedPaths(NamedTuple):
+    """Paths as (folder, name): the few distinct folders once, the folder of each path,
+    the names."""
+
+    folders: PackedStrings  # distinct folders, each ending in "/" (or "" for a bare name)
+    folder_of: np.ndarray  # (n,) int32 folder of path i
+    names: PackedStrings  # the name of each path
+
+
+def pack_strings(texts):
+    """Texts -> PackedStrings."""
+    encoded = [text.encode() for text in texts]
+    offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+    if offsets[-1] < 2**31:  # int32 offsets up to 2 GB of text
+        offsets = offsets.astype(np.int32)
+    return PackedStrings(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+
+def unpack_string(packed, i):
+    return packed.buffer[packed.offsets[i] : packed.offsets[i + 1]].tobytes().decode()
+
+
+def pack_paths(paths):
+    """Paths -> PackedPaths: split at the last "/", each distinct folder kept once."""
+    folders = {}  # folder -> its code, in first-seen order
+    folder_of = array("i")
+    names = []
+    for path in paths:
+        folder, slash, name = path.rpartition("/")
+        folder_of.append(folders.setdefault(folder + slash, len(folders)))
+        names.append(name)
+    return PackedPaths(pack_strings(list(folders)), np.array(folder_of, np.int32), pack_strings(names))
+
+
+def unpack_path(packed, i):
+    return unpack_string(packed.folders, packed.folder_of[i]) + unpack_string(packed.names, i)
+
+
+class Rows(Sequence):
+    """A datafile's rows in numpy arrays instead of a list of dicts. rows[i] -> dict(video_id, wav,
+    video_path, labels), paths resolved against `root` on demand; the labels as CSR codes into
+    `mids`: row i's labels are mids[label_codes[label_offsets[i] : label_offsets[i + 1]]]."""
+
+    FIELDS = ("video_id", "wav", "video_path", "labels")
+
+    def __init__(self, records, root, source):
+        try:
+            fields = {key: [str(record[key]) for record in records] for key in self.FIELDS}
+        except (KeyError, TypeError):
+            raise DataError(f"{source} {first_missing_field(records, self.FIELDS)}") from None
+        self.root = root
+        self.video_ids = pack_paths(fields["video_id"])
+        self.wavs = pack_paths(fields["wav"])
+        self.video_paths = pack_paths(fields["video_path"])
+        mids = {}  # mid -> its code, in first-seen order
+        codes = array("i")
+        offsets = array("q", [0])
+        for text in fields["labels"]:
+            codes.extend(mids.setdefault(mid, len(mids)) for mid in label_mids(text))
+            offsets.append(len(codes))
+        self.mids = list(mids)  # the distinct mids, in first-seen order
+        self.label_codes = np.array(codes, np.int32)  # (labels of all rows,)
+        self.label_offsets = np.array(offsets, np.int64)  # (n + 1,)
+
+    def __len__(self):
+        return len(self.label_offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):  # a list of row dicts, like a list's
+            return [self[j] for j in range(len(self))[i]]
+        i = range(len(self))[i]  # negative i; IndexError past the end
+        codes = self.label_codes[self.label_offsets[i] : self.label_offsets[i + 1]]
+        return dict(
+            video_id=unpack_path(self.video_ids, i),
+            wav=os.path.normpath(os.path.join(self.root, unpack_path(self.wavs, i))),
+            video_path=os.path.normpath(os.path.join(self.root, unpack_path(self.video_paths, i))),
+            labels=",".join(self.mids[code] for code in codes),
+        )
+
+
+def first_missing_field(records, fields):
+    """'row i: missing field(s) ...' for the first record that lacks one of `fields`."""
+    for i, record in enumerate(records):
+        missing = [key for key in fields if not (isinstance(record, dict) and (key in record))]
+        if missing:
+            return f"row {i}: missing field(s) {', '.join(missing)}"
+    return "rows must be json objects"
+
+
+def release_freed_heap():
+    """Give the heap pages that parsing freed back to the OS (glibc keeps ~100 MB after
+    AudioSet-2M's json)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The dataset
 
 
@@ -640,7 +755,7 @@ class AVDataset(torch.utils.data.Dataset):
         checks = [problems for problems, _ in results]
         self.dropped = [(i, self.rows[i]["video_id"], p) for i, p in enumerate(checks) if p]
         kept = [row for row, problems in zip(self.rows, checks) if not problems]
-        self.rows = loader.Rows(kept, "", self.datafile)  # paths already resolved
+        self.rows = Rows(kept, "", self.datafile)  # paths already resolved
         if self.dropped:
             first_row, _, first_problems = self.dropped[0]
             warnings.warn(
@@ -793,7 +908,7 @@ class BatchPreprocessor:
         y = get("label")  # (B, K)
         image = normalise_image(get("image"))  # (B, 3, S, S)
         label = smooth_labels(y, self.label_smooth)  # (B, K)
-        if self.train and "lam" in batch:  # mixup: the rows the worker mixed
+        if self.train and ("lam" in batch):  # mixup: the rows the worker mixed
             mixed = get("mixed")  # (B,) bool
             lam = get("lam")  # (B,) float64
             mixed_wave = mix(wave, get("partner_wave"), lam)  # (B, N)
