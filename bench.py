@@ -130,22 +130,26 @@ def parse_args(argv=None):
     return args
 
 
+def compile_options(args):
+    """torch.compile keywords of --static and --compile_mode (none: PyTorch's defaults)."""
+    options = {}
+    if args.static:
+        options["dynamic"] = False
+    if args.compile_mode != "default":
+        options["mode"] = args.compile_mode
+    return options
+
+
 def build(args, device, mode):
-    """A fresh model, compiled as `mode` asks, and its Adam optimizer
-    (fused on CUDA, as train.py)."""
+    """(a fresh model, compiled as `mode` asks, its Adam optimizer: fused on CUDA, as train.py)."""
     torch.manual_seed(args.seed)
     config = CAVMAEConfig.from_preset(args.preset, norm_pix_loss=bool(args.norm_pix_loss))
     model = CAVMAE(config).to(device).train()
-    step_model = model
     if mode == "compiled":
         # every configuration compiles from scratch: its compile time, its own shapes
         torch._dynamo.reset()
-        options = dict(
-            **({"dynamic": False} if args.static else {}),
-            **({"mode": args.compile_mode} if args.compile_mode != "default" else {}),
-        )
         # each transformer block on its own, as train.py's compile=True
-        apply_compile(model, **options)
+        apply_compile(model, **compile_options(args))
     optimizer = torch.optim.Adam(
         model.parameters(),
         lr=5e-5,
@@ -153,7 +157,7 @@ def build(args, device, mode):
         weight_decay=5e-7,
         **({"fused": True} if device.type == "cuda" else {}),
     )
-    return model, step_model, optimizer
+    return model, optimizer
 
 
 SDPA_BACKENDS = dict(
@@ -161,7 +165,7 @@ SDPA_BACKENDS = dict(
 )
 
 
-def train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa=None):
+def train_step(model, optimizer, scaler, autocast, audio, image, args, sdpa=None):
     """forward + backward + optimizer step, as train.py's loop; returns the loss
     without synchronising.
     sdpa: the name of one torch.nn.attention.SDPBackend to force, or None for PyTorch's choice."""
@@ -171,7 +175,7 @@ def train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa
         else contextlib.nullcontext()
     )
     with autocast, backend:
-        out = step_model(
+        out = model(
             audio,
             image,
             mask_ratio_a=args.mask_ratio,
@@ -207,14 +211,18 @@ def bench_config(args, device, batch, mode):
 
 
 def measure_config(args, device, batch, mode):
-    model, step_model, optimizer = build(args, device, mode)
-    c, dtype = model.config, getattr(torch, args.dtype)
-    audio = torch.randn(batch, c.audio_length, c.num_mel_bins, device=device)
-    image = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=device)
+    model, optimizer = build(args, device, mode)
+    config = model.config
+    dtype = getattr(torch, args.dtype)
+    audio = torch.randn(batch, config.audio_length, config.num_mel_bins, device=device)
+    image = torch.randn(batch, config.in_chans, config.img_size, config.img_size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sdpa = SDPA_BACKENDS[args.sdpa]
-    step = lambda: train_step(step_model, optimizer, scaler, autocast, audio, image, args, sdpa)
+
+    def step():
+        return train_step(model, optimizer, scaler, autocast, audio, image, args, sdpa)
+
     warmup_times = []
     for _ in range(args.warmup):
         t0 = time.perf_counter()
@@ -409,6 +417,15 @@ def resident_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def scale_row(i, mids):
+    """Row i of data_scale's datafile, as ~150 B of json: an AudioSet-like clip with 1-4 labels."""
+    labels = ",".join(mids[(i * 7919 + j) % len(mids)] for j in range(1 + i % 4))
+    return (
+        f'{{"video_id": "{i:011x}_30.000", "wav": "/data/audioset/audio/{i:011x}_30.000.flac", '
+        f'"video_path": "/data/audioset/frames", "labels": "{labels}"}}'
+    )
+
+
 def data_scale(n, num_classes=527):
     """Seconds to build AVDataset over n generated AudioSet-like rows (files need not exist), and
     the memory it holds once the json is freed (this process's resident memory grows by it).
@@ -417,14 +434,7 @@ def data_scale(n, num_classes=527):
     with tempfile.TemporaryDirectory() as root:
         with open(os.path.join(root, "labels.csv"), "w") as f:
             f.write("index,mid,display_name\n" + "".join(f"{k},{m},class {k}\n" for k, m in enumerate(mids)))
-        rows = (
-            f'{{"video_id": "{i:011x}_30.000", "wav": "/data/audioset/audio/{i:011x}_30.000.flac", '
-            f'"video_path": "/data/audioset/frames", "labels": "{labels}"}}'  # ~150 B of json
-            for i in range(n)
-            for labels in [
-                ",".join(mids[(i * 7919 + j) % num_classes] for j in range(1 + i % 4))
-            ]  # 1-4 labels
-        )
+        rows = (scale_row(i, mids) for i in range(n))
         with open(os.path.join(root, "data.json"), "w") as f:
             f.write('{"data": [' + ",".join(rows) + "]}")
         data.release_freed_heap()  # what writing the json freed
