@@ -18,6 +18,7 @@ import tokenize
 import traceback
 
 HELP_FLAGS = ("-h", "--help")
+SETTING_TYPES = (bool, int, float, str, tuple)  # the types a default may have
 DEFAULT_COLUMN = 34  # the width of "--key=default" in the --help listing, before the comment
 HELP_WIDTH = 110  # the --help lines are wrapped to this width
 
@@ -112,6 +113,21 @@ def config_file_items(path):
 
 # -----------------------------------------------------------------------------
 # Defaults <- config files <- flags
+
+
+def is_default(name, value):
+    """A program's defaults are its lowercase public globals of a plain type: not the constants it
+    imports (FT_MODES), nor its modules, classes and functions."""
+    if name.startswith("_"):
+        return False
+    if not name.islower():
+        return False
+    return type(value) in SETTING_TYPES
+
+
+def defaults_in(namespace):
+    """The defaults among a program's globals: `DEFAULTS = configurator.defaults_in(globals())`."""
+    return {name: value for name, value in namespace.items() if is_default(name, value)}
 
 
 def similar_keys(key, known):

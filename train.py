@@ -136,9 +136,7 @@ compile = False  # compile each transformer block on its own (model.apply_compil
 ddp_timeout_minutes = 30.0  # torchrun: how long a rank waits for the others in a collective
 seed = 0
 peak_flops = 989e12  # for MFU: H100 SXM dense bf16
-DEFAULTS = {
-    k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)
-}
+DEFAULTS = configurator.defaults_in(globals())  # the lowercase names above (not FT_MODES, MASK_MODES)
 CHOICES = dict(
     task=("pretrain", "finetune"),
     optimizer=("adam", "adamw"),

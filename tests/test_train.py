@@ -243,6 +243,15 @@ def test_config_rejects_unknown_keys_and_wrong_types(arg, message):
         train.configure([arg])
 
 
+def test_settings_are_the_lowercase_defaults_not_the_imported_constants():
+    import configurator
+
+    assert [key for key in train.DEFAULTS if not key.islower()] == []  # FT_MODES, MASK_MODES were
+    assert "--FT_MODES" not in configurator.usage(train.__file__, train.DEFAULTS, train.CHOICES)
+    with pytest.raises(train.ConfigError, match="unknown config key 'MASK_MODES'"):
+        train.configure(["--MASK_MODES=('time',)"])
+
+
 def test_config_file_errors_name_the_file(tmp_path):
     config = tmp_path / "bad.py"
     config.write_text("batch_sise = 8\n")
