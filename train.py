@@ -88,8 +88,10 @@ label_csv = "data/audioset/class_labels_indices.csv"
 target_length = 0  # fbank frames; 0 = the model's audio_length
 image_size = 0  # frame side; 0 = the model's img_size
 num_frames = 10
-dataset_mean, dataset_std = data.AUDIOSET_MEAN, data.AUDIOSET_STD  # fbank normalisation (also for VGGSound)
-freqm, timem = 0, 0  # SpecAugment frequency / time mask widths (fine-tuning: 48 / 192)
+dataset_mean = data.AUDIOSET_MEAN  # fbank normalisation: the mean (AudioSet's, also for VGGSound)
+dataset_std = data.AUDIOSET_STD  # fbank normalisation: the standard deviation (AudioSet's)
+freqm = 0  # SpecAugment frequency mask width in mel bins (fine-tuning: 48)
+timem = 0  # SpecAugment time mask width in fbank frames (fine-tuning: 192)
 mixup = 0.0
 noise = True  # the official noise augmentation (all recipes)
 label_smooth = 0.0
@@ -103,7 +105,8 @@ model_preset = "base"  # model.PRESETS name; single fields via --model_<field>=v
 mae_weight = 1.0
 contrastive_weight = 0.01  # lambda_c; 0 = AV-MAE
 mask_ratio = 0.75
-mask_ratio_a, mask_ratio_v = -1.0, -1.0  # per modality; < 0: use mask_ratio
+mask_ratio_a = -1.0  # the audio mask ratio; < 0: use mask_ratio
+mask_ratio_v = -1.0  # the visual mask ratio; < 0: use mask_ratio
 mask_mode = "unstructured"  # audio masking: 'unstructured' | 'time' | 'freq' | 'tf'
 bidirectional = False  # contrastive loss in both directions (official: one)
 gather_negatives = False  # DDP: negatives from all ranks (all_gather with gradient)
@@ -114,7 +117,8 @@ freeze_base = False  # linear probing: train the head only
 loss = "bce"  # 'bce' (multi-label) | 'ce' (single-label)
 metric = "mAP"  # 'mAP' | 'acc': main metric, and sigmoid vs softmax in the multi-frame evaluation
 wa = False  # average the weights of epochs wa_start..wa_end (1-based) before the final evaluation
-wa_start, wa_end = 1, 10
+wa_start = 1  # the first epoch (1-based) of the weight average
+wa_end = 10  # the last epoch (1-based) of the weight average
 select_best = True  # fine-tuning without wa: report the best validation weights (best.pt), as official
 # optimisation
 optimizer = "adam"  # 'adam' (official: L2 weight decay) | 'adamw'
@@ -127,8 +131,11 @@ batch_size = 48
 grad_accum = 1
 grad_clip = 0.0  # 0 = off
 lr_schedule = "step"  # 'step' (official: x decay every `step` epochs from epoch `start`) | 'cosine'
-lrscheduler_start, lrscheduler_step, lrscheduler_decay = 10, 5, 0.5
-warmup_iters, min_lr_ratio = 0, 0.0  # cosine schedule: linear warm-up steps, final lr / lr
+lrscheduler_start = 10  # step schedule: the lr first decays after this many epochs
+lrscheduler_step = 5  # step schedule: then again every this many epochs
+lrscheduler_decay = 0.5  # step schedule: the lr factor of each decay
+warmup_iters = 0  # cosine schedule: linear warm-up steps
+min_lr_ratio = 0.0  # cosine schedule: the final lr / lr
 # system
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = "auto"  # 'auto' (CUDA: bfloat16, or float16 + GradScaler where no bf16; CPU: float32)
