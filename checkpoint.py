@@ -671,18 +671,30 @@ def _differs_in_time_only(have, want, bands):  # (1, bands * T/p, D) tables of t
     return same_batch_and_width and (have.shape[1] % bands == 0)
 
 
-def load_pretrained(model, source):
+def load_pretrained(model, source, path=None):
     """Load `source` (a path, a state dict, or a checkpoint dict with the state dict under 'model')
     into a CAVMAE or CAVMAEClassifier. Formats: this project's, the official release's (with or
     without the prefixes of nn.DataParallel / torch.compile), and an ImageNet MAE ViT-B. A
     pretraining checkpoint loads into the classifier (decoder ignored, head left newly initialised).
     A model with a shorter audio_length than the checkpoint gets the first time columns of its audio
-    position tables (cut_audio_positions; the report says so). Raises ValueError on any other shape
-    mismatch. Returns a LoadReport."""
-    is_path = isinstance(source, (str, os.PathLike))
-    ckpt = read_checkpoint(source) if is_path else source
+    position tables (cut_audio_positions; the report says so). Raises ValueError on an unrecognised
+    format or any other shape mismatch: a CheckpointError naming the file when `source` is a path,
+    or `path` names the file a dict `source` was read from. Returns a LoadReport."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        source = read_checkpoint(path)
+    if path is None:
+        return load_state(model, source)
+    try:
+        return load_state(model, source)
+    except ValueError as error:  # the format or the shapes: say which file
+        raise CheckpointError(f"checkpoint {path}: {error}") from None
+
+
+def load_state(model, ckpt):
+    """load_pretrained of a checkpoint dict or a state dict already in memory."""
     if (not isinstance(ckpt, dict)) or (not ckpt):
-        raise ValueError(f"{source if is_path else 'the given object'}: no state dict found")
+        raise ValueError(f"no state dict found in the given {type(ckpt).__name__}")
     state = state_dict_of(ckpt)
     source_format = checkpoint_format(state)
     ignored = []

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -172,7 +173,15 @@ def configure(argv):
 def model_config(cfg, model_args=None, resume=False):
     """The architecture: a resumed checkpoint's; else a checkpoint of ours with the --model_<field> values that
     differ from the paper's model (e.g. --model_audio_length=512: load_pretrained cuts the audio positions); else
-    the preset with the model_<field> overrides."""
+    the preset with the model_<field> overrides. A model that cannot be built is a ConfigError naming the
+    --model_<field> flags."""
+    try:
+        return architecture(cfg, model_args, resume)
+    except ValueError as error:
+        raise ConfigError(f"model_preset={cfg['model_preset']}: {as_model_flags(error)}") from None
+
+
+def architecture(cfg, model_args, resume):
     overrides = architecture_from(cfg)  # the model_<field> keys that are set
     if model_args is None:
         return CAVMAEConfig.from_preset(cfg["model_preset"], **overrides)
@@ -181,6 +190,13 @@ def model_config(cfg, model_args=None, resume=False):
     paper = CAVMAEConfig()
     changed = {k: v for k, v in overrides.items() if v != getattr(paper, k)}
     return CAVMAEConfig(**{**model_args, **changed})
+
+
+def as_model_flags(error):
+    """CAVMAEConfig's message with each field as the flag that sets it: `CAVMAEConfig.embed_dim=33 is
+    not divisible by num_heads=12` -> `--model_embed_dim=33 is not divisible by --model_num_heads=12`."""
+    names = "|".join(f.name for f in dataclasses.fields(CAVMAEConfig))
+    return re.sub(rf"(?:CAVMAEConfig\.)?\b({names})=", r"--model_\1=", str(error))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,7 +350,9 @@ def build_model(cfg, mcfg, num_classes, ckpt, init):
     """The model with its initial weights (seeded: the same on every rank), pretrained or resumed."""
     torch.manual_seed(cfg["seed"])
     model = CAVMAE(mcfg) if num_classes is None else CAVMAEClassifier(mcfg, num_classes)
-    report = load_pretrained(model, init) if init is not None else None
+    report = None
+    if init is not None:
+        report = load_pretrained(model, init, path=cfg["init_from"])
     if ckpt is not None:
         model.load_state_dict(ckpt["model_last"] or ckpt["model"])
     if cfg["freeze_base"]:  # linear probing: the head alone trains

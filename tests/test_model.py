@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import checkpoint
 from checkpoint import CheckpointError, read_checkpoint, strip_key_prefixes
 from model import (
     CAVMAE,
@@ -593,6 +594,16 @@ def test_shape_mismatch_is_a_clear_error():
 def test_unrecognised_checkpoint_is_a_clear_error():
     with pytest.raises(ValueError, match="unrecognised checkpoint format"):
         load_pretrained(tiny(), {"weight": torch.zeros(1)})
+
+
+def test_an_unrecognised_checkpoint_file_is_a_checkpoint_error_naming_the_file(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(1)}, path)
+    expected = re.escape(f"checkpoint {path}: unrecognised checkpoint format")
+    with pytest.raises(CheckpointError, match=expected):
+        load_pretrained(tiny(), str(path))
+    with pytest.raises(CheckpointError, match=expected):  # a dict read from that file, as train.py does
+        checkpoint.load_pretrained(tiny(), read_checkpoint(path), path=str(path))
 
 
 def test_wrapper_prefixes_of_data_parallel_and_compile_are_stripped_by_one_rule():

@@ -4,6 +4,7 @@ config, and keeps DDP ranks in sync. Tiny model on 16 synthetic clips made on th
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -683,6 +684,30 @@ def test_bad_settings_are_refused_with_one_line(synth, tmp_path, arg, message):
 def test_cuda_without_a_gpu_is_refused_with_one_line(synth, tmp_path):
     with pytest.raises(train.ConfigError, match="device=cuda but torch sees no CUDA GPU"):
         train.main(flags(synth, tmp_path, "--max_iters=1", "--device=cuda"))
+
+
+def test_a_model_that_cannot_be_built_is_refused_with_its_flags(synth, tmp_path):
+    with pytest.raises(
+        train.ConfigError, match="--model_embed_dim=33 is not divisible by --model_num_heads=2"
+    ):
+        train.main(flags(synth, tmp_path, "--max_iters=1", "--model_embed_dim=33"))
+
+
+def test_init_from_a_dict_that_is_not_a_checkpoint_names_the_file(synth, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(1)}, path)
+    expected = re.escape(f"checkpoint {path}: unrecognised checkpoint format")
+    with pytest.raises(train.ConfigError, match=expected):
+        train.main(flags(synth, tmp_path / "run", "--max_iters=1", f"--init_from={path}"))
+
+
+def test_resume_accepts_a_checkpoint_whose_config_holds_names_that_are_not_settings(synth, tmp_path):
+    train.main(flags(synth, tmp_path, "--max_iters=1"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt["config"]["FT_MODES"] = ("multimodal",)  # what the checkpoints of earlier versions held
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    result = train.main(flags(synth, tmp_path, "--max_iters=2", "--init_from=resume"))
+    assert result["iter_num"] == 2
 
 
 def test_resuming_a_file_that_is_not_a_checkpoint_says_so(synth, tmp_path):
