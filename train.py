@@ -54,6 +54,7 @@ from checkpoint import (
     load_pretrained,
     load_start,
     one_line,
+    read_checkpoint,
     refuse_changed_settings,
     restore_rngs,
     save_checkpoint,
@@ -253,7 +254,7 @@ def resolve_device(name):
         return device
     if not torch.cuda.is_available():
         raise ConfigError(f"device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    if (device.index is not None) and (device.index >= torch.cuda.device_count()):
         count = torch.cuda.device_count()
         raise ConfigError(f"device={name} but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return device
@@ -971,7 +972,7 @@ def finish(run):
         if run.best_iter not in (None, run.iter_num):
             if run.world > 1:
                 dist.barrier()  # rank 0 has written best.pt
-            reported = torch.load(run.path("best.pt"), map_location=run.device, weights_only=False)["model"]
+            reported = read_checkpoint(run.path("best.pt"), map_location=run.device)["model"]
     last_state = None  # the training state, kept for a resume when the reported weights differ from it
     if reported is not None:
         last_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
