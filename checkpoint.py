@@ -17,9 +17,15 @@ out_dir/best.pt holds the best validation weights by the main metric (model, mod
 num_classes, config, iter_num, metric). model.load_pretrained and eval.py read both files.
 
 A resume continues the run exactly or not at all: refuse_changed_settings names the settings that
-would change its clip order or schedule. Below the save functions, Safeguard is the training loop's
-fault tolerance: signals, the NaN check, the ranks' agreement on stopping and saving, and a
-checkpoint after an error.
+would change its clip order or schedule.
+
+The file's sections, in order:
+    saving and resuming   WeightAverage, load_start, refuse_changed_settings, save_checkpoint
+    fault tolerance       Safeguard: signals, the NaN check, the ranks' agreement on stopping and
+                          saving, and a checkpoint after an error
+    random streams        restore_rngs: a resumed run's RNG states
+    reading checkpoints   read_checkpoint and load_pretrained: ours, the official release's and the
+                          ImageNet MAE ViT-B initialisation (train.py, eval.py and model.py use them)
 """
 
 import codecs
@@ -46,8 +52,13 @@ class WeightAverage:
     'sum'}."""
 
     def __init__(self, start, end, state=None):
-        self.start, self.end = start, end
-        self.count, self.sum = (state["count"], state["sum"]) if state else (0, None)
+        self.start = start
+        self.end = end
+        self.count = 0  # the epochs summed so far
+        self.sum = None  # {key: the sum of the weights} on the CPU
+        if state:
+            self.count = state["count"]
+            self.sum = state["sum"]
 
     def update(self, model, epochs_done):
         if self.start <= epochs_done <= self.end:
@@ -62,14 +73,8 @@ class WeightAverage:
         return dict(count=self.count, sum=self.sum) if self.count else None
 
 
-TRAINING_STATE = (
-    "model",
-    "optimizer",
-    "iter_num",
-    "task",
-    "sampler",
-    "config",
-)  # what a resume needs of ckpt.pt
+# what a resume needs of ckpt.pt
+TRAINING_STATE = ("model", "optimizer", "iter_num", "task", "sampler", "config")
 
 
 def load_start(cfg, ckpt_path):
@@ -80,7 +85,7 @@ def load_start(cfg, ckpt_path):
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"init_from=resume but {ckpt_path} does not exist")
         ckpt = read_checkpoint(ckpt_path)
-        missing = [k for k in TRAINING_STATE if not isinstance(ckpt, dict) or k not in ckpt]
+        missing = [k for k in TRAINING_STATE if k not in ckpt]  # read_checkpoint returns a dict
         if missing:
             raise ConfigError(
                 f"{ckpt_path} holds no training state to resume (no {', '.join(missing)}): start a "
@@ -89,7 +94,7 @@ def load_start(cfg, ckpt_path):
         if ckpt["task"] != cfg["task"]:
             raise ConfigError(f"{ckpt_path} is a {ckpt['task']} checkpoint but task={cfg['task']}")
         return ckpt, None
-    if os.path.exists(ckpt_path) and not cfg["overwrite"]:
+    if os.path.exists(ckpt_path) and (not cfg["overwrite"]):
         raise ConfigError(
             f"{ckpt_path} exists: continue that run with --init_from=resume, or start a new one with "
             f"--overwrite=True (which replaces it) or another --out_dir"
@@ -131,7 +136,7 @@ def changed_settings(ckpt, cfg, world):
     keys = [*ORDER_AND_SCHEDULE, "world_size"]
     if new["lr_schedule"] == "cosine":
         keys += COSINE_LENGTH
-    return {k: (old[k], new[k]) for k in keys if k in old and old[k] != new[k]}
+    return {k: (old[k], new[k]) for k in keys if (k in old) and (old[k] != new[k])}
 
 
 def refuse_changed_settings(ckpt, cfg, world, ckpt_path):
@@ -161,7 +166,7 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if device.type == "cuda" and state["cuda"] is not None:
+    if (device.type == "cuda") and (state["cuda"] is not None):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -284,7 +289,9 @@ class Safeguard:
         if not isinstance(error, Exception):
             return False
         self.save_after_error(error)
-        if not self.received or isinstance(error, NonFiniteLoss):
+        if not self.received:
+            return False
+        if isinstance(error, NonFiniteLoss):
             return False
         self.stopped = self.received
         self.say_stopped(f" ({type(error).__name__} after it: {one_line(error)})")
@@ -304,7 +311,7 @@ class Safeguard:
         to stop on or 0, save now)."""
         run = self.run
         minutes = run.cfg["save_minutes"]
-        clock_due = minutes > 0 and time.time() - run.last_save > 60 * minutes
+        clock_due = (minutes > 0) and (time.time() - run.last_save > 60 * minutes)
         host_flags = torch.tensor([float(self.received), float(clock_due)], device=run.device)
         flags = torch.cat([self.nonfinite.view(1), host_flags])  # (3,)
         if run.world > 1:
@@ -317,7 +324,8 @@ class Safeguard:
                 "--grad_clip=1.0"
             )
         self.stopped = int(stop)
-        return self.stopped, (self.stopped > 0 or clock_due > 0)
+        save_now = (self.stopped > 0) or (clock_due > 0)
+        return self.stopped, save_now
 
     def say_stopped(self, extra=""):
         if self.run.master:
@@ -364,7 +372,7 @@ class Safeguard:
             return
         if run.saved_iter != run.iter_num:
             return
-        if run.iter_num == 0 and run.cfg["init_from"] != "resume":  # ckpt.pt is not this run's
+        if (run.iter_num == 0) and (run.cfg["init_from"] != "resume"):  # ckpt.pt is not this run's
             return
         print(
             f"\n{type(error).__name__} after iter {run.iter_num}: {run.path('ckpt.pt')} holds that "
@@ -540,9 +548,8 @@ class LoadReport:
         return "; ".join(lines + self.adapted)
 
 
-def _is_unused_modality_norm(
-    key,
-):  # the official blocks all carry norm1_a/_v, norm2_a/_v; ours only joint ones
+# the official blocks all carry norm1_a/_v, norm2_a/_v; ours only the joint ones
+def _is_unused_modality_norm(key):
     return re.search(r"blocks\.\d+\.norm[12]_[av]\.", key) is not None
 
 
@@ -598,10 +605,10 @@ def imagenet_mae_to_ours(state, config):
     ignored = []
     for key, value in state.items():
         block = re.match(r"^blocks\.(\d+)\.(.*)$", key)
-        if block and int(block[1]) < specific:
+        if block and (int(block[1]) < specific):
             mapped[f"encoder.audio_blocks.{block[1]}.{block[2]}"] = value
             mapped[f"encoder.visual_blocks.{block[1]}.{block[2]}"] = value
-        elif block and int(block[1]) < specific + joint:
+        elif block and (int(block[1]) < specific + joint):
             prefix = f"encoder.joint_blocks.{int(block[1]) - specific}."
             mapped[prefix + block[2]] = value
             if re.match(r"norm[12]\.", block[2]):

@@ -38,13 +38,14 @@ def has_expected_type(value, default):
 def check_value(key, value, default, choices=None):
     """`value` as the type of `default`, or a ConfigError naming the key."""
     kind = type(default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    is_int = isinstance(value, int) and (not isinstance(value, bool))
+    if (kind is float) and is_int:
         value = float(value)
-    if kind is tuple and isinstance(value, list):
+    if (kind is tuple) and isinstance(value, list):
         value = tuple(value)
     if not has_expected_type(value, default):
         raise ConfigError(f"{key}={value!r}: expected {kind.__name__} like the default {default!r}")
-    if choices and value not in choices:
+    if choices and (value not in choices):
         raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
     return value
 
@@ -277,7 +278,7 @@ def settings_lines(comments, defaults, choices):
         if key_section != section:
             section = key_section
             lines += ["", f"{section}:" if section else "settings:"]
-        if not comment and key in choices:
+        if (not comment) and (key in choices):
             comment = " | ".join(choices[key])
         lines.append(setting_line(key, defaults[key], comment))
         listed.add(key)

@@ -370,7 +370,7 @@ def build_optimizer(cfg, model, device):
     head = set() if isinstance(model, CAVMAE) else {id(p) for p in model.head.parameters()}
     groups = [
         dict(
-            params=[p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head],
+            params=[p for p in model.parameters() if p.requires_grad and ((id(p) in head) == is_head)],
             lr_scale=cfg["head_lr"] if is_head else 1.0,
         )
         for is_head in (False, True)
@@ -394,7 +394,7 @@ def has_unused_parameters(cfg, mcfg, num_classes):
         return True
     if cfg["contrastive_weight"] == 0:
         return True
-    return mcfg.joint_depth > 1 and mcfg.official_contrastive_streams
+    return (mcfg.joint_depth > 1) and mcfg.official_contrastive_streams
 
 
 def build_run(cfg, device, rank, world):
@@ -402,15 +402,16 @@ def build_run(cfg, device, rank, world):
     check_data_files(cfg)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt, init = load_start(cfg, ckpt_path)
-    ours = (ckpt or init) if isinstance(ckpt or init, dict) else {}
-    mcfg = model_config(cfg, ours.get("model_args"), resume=ckpt is not None)
+    source = init if ckpt is None else ckpt  # what the architecture may come from; None: scratch
+    model_args = None if source is None else source.get("model_args")
+    mcfg = model_config(cfg, model_args, resume=ckpt is not None)
     for key, size in (("target_length", mcfg.audio_length), ("image_size", mcfg.img_size)):
         if cfg[key] not in (0, size):
             raise ConfigError(f"{key}={cfg[key]} but the model takes {size}: set {key}=0 or change the model")
     sampler = ckpt["sampler"] if ckpt else dict(epoch=0, start=0)
     loaders = build_data(cfg, mcfg, device, rank, world, sampler["epoch"], sampler["start"])
     total_iters = cfg["max_iters"] if cfg["max_iters"] > 0 else cfg["epochs"] * loaders["iters_per_epoch"]
-    if ckpt is not None and ckpt["iter_num"] < total_iters:  # steps left: the run's own ones
+    if (ckpt is not None) and (ckpt["iter_num"] < total_iters):  # steps left: the run's own ones
         refuse_changed_settings(ckpt, cfg, world, ckpt_path)
     num_classes = None if cfg["task"] == "pretrain" else loaders["train_ds"].num_classes
     model, report = build_model(cfg, mcfg, num_classes, ckpt, init)
@@ -515,7 +516,8 @@ def train_step(run):
         batch = next(run.batches)
         run.fallbacks += batch["fallbacks"]
         audio, image, label = to_device(batch, run.data["prep"], run.device)
-        sync = run.step_model is run.model or micro == accum - 1  # DDP: all-reduce gradients on the last one
+        # DDP: the gradients are all-reduced on the last micro-batch only
+        sync = (run.step_model is run.model) or (micro == accum - 1)
         with contextlib.nullcontext() if sync else run.step_model.no_sync(), run.autocast:
             loss, micro_stats = compute_loss(run.step_model, audio, image, label, cfg, run.gather)
         run.scaler.scale(loss / accum).backward()
@@ -682,7 +684,7 @@ def update_best(run, metrics):
     """Keep the best validation weights by the main metric in out_dir/best.pt (the official
     fine-tuning keeps its best_audio_model.pth and evaluates it at the end)."""
     value = main_metric(run.cfg, metrics)
-    if run.best_metric is not None and value <= run.best_metric:
+    if (run.best_metric is not None) and (value <= run.best_metric):
         return
     run.best_metric = value
     run.best_iter = run.iter_num
@@ -777,6 +779,11 @@ class SlowdownWatch:
         self.rates = []
         self.last_warning = None
 
+    def warned_recently(self, now):
+        if self.last_warning is None:
+            return False
+        return now - self.last_warning < self.WARN_SECONDS
+
     def check(self, rate, now):
         """-> the warning for a window of `rate` samples/s at time `now`, or None."""
         earlier = self.rates[-self.HISTORY :]
@@ -786,7 +793,7 @@ class SlowdownWatch:
         typical = statistics.median(earlier)
         if rate >= typical / self.FACTOR:
             return None
-        if self.last_warning is not None and now - self.last_warning < self.WARN_SECONDS:
+        if self.warned_recently(now):
             return None
         self.last_warning = now
         return (
@@ -829,7 +836,8 @@ def log_train(run, progress):
     window = progress.window
     record = {k: float(v) / window.steps for k, v in window.sums.items()}
     record["samples_per_s"] = window.samples_per_s(run.step_samples)
-    if run.pretrain and run.device.type == "cuda":  # model FLOPs utilisation; training = 3 forward passes
+    # model FLOPs utilisation (CUDA only); training costs 3 forward passes
+    if run.pretrain and (run.device.type == "cuda"):
         ratios = pretrain_kwargs(run.cfg)
         flops = 3 * run.model.flops_per_sample(ratios["mask_ratio_a"], ratios["mask_ratio_v"])
         record["mfu"] = flops * record["samples_per_s"] / run.world / run.cfg["peak_flops"]
@@ -897,7 +905,7 @@ class Due:
 
 def every(it, interval):
     """Iteration `it` closes a stretch of `interval` steps (never for an interval of 0 or less)."""
-    return interval > 0 and it % interval == 0
+    return (interval > 0) and (it % interval == 0)
 
 
 def due_at(run, signal_received):
@@ -910,7 +918,8 @@ def due_at(run, signal_received):
         evaluate = epoch_end
     else:
         evaluate = every(it, cfg["eval_interval"])  # -1: never
-    evaluate = evaluate and not last  # finish() evaluates the last step
+    if last:
+        evaluate = False  # finish() evaluates the last step
     reasons_to_save = [
         last,
         evaluate,
@@ -921,7 +930,7 @@ def due_at(run, signal_received):
         any(reasons_to_save),
         epoch_end,
         every(it, cfg["log_interval"]),
-        signal_received and run.world == 1,  # under torchrun the ranks agree at the next log line
+        signal_received and (run.world == 1),  # under torchrun the ranks agree at the next log line
     ]
     sync = any(reasons_to_sync)
     save = any(reasons_to_save)
@@ -946,7 +955,7 @@ def loop(run, guard):
             with progress.paused():  # evaluation and checkpoints are not training time
                 if due.epoch_end:
                     end_epoch(run, progress)
-                if due.evaluate and not due.stop:
+                if due.evaluate and (not due.stop):
                     update_best(run, evaluate(run))
                 if due.save:
                     save_checkpoint(run)
@@ -964,9 +973,9 @@ def finish(run):
     best validation weights, as the official code does; else the last ones), evaluated on all
     frames, saved, and the picture."""
     reported = None
-    if run.wa is not None and run.wa.count:
+    if (run.wa is not None) and run.wa.count:
         reported = run.wa.averaged(run.model.state_dict())
-    elif run.cfg["select_best"] and not run.pretrain:
+    elif run.cfg["select_best"] and (not run.pretrain):
         if run.last_eval_iter != run.iter_num:  # the last weights are candidates too
             update_best(run, evaluate(run))
         if run.best_iter not in (None, run.iter_num):
@@ -1035,7 +1044,7 @@ def start_log(run, report):
     said = set()
     for ds in (d["train_ds"], d["val_ds"]):
         note = input_adaptation(ds, mcfg)
-        if note and note not in said:
+        if note and (note not in said):
             print(f"note: the first clip of {ds.datafile} does not match the model: {note}")
             said.add(note)
 
@@ -1140,7 +1149,7 @@ def main(argv=None):
     finally:
         if ddp:
             dist.destroy_process_group()
-    if rank == 0 and not result["stopped"]:
+    if (rank == 0) and (not result["stopped"]):
         print(summary(cfg, result, argv, (time.time() - started) / 60))
     return result
 
