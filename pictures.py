@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 
-PAD, TEXT = 4, 14  # pixels between panels, height of a caption line
+PAD = 4  # pixels between panels
+TEXT = 14  # height of a caption line
 GREY = 128
 # a dark-to-bright colormap (black, purple, red, orange, pale yellow) for spectrograms
 COLORMAP = np.array(
@@ -77,15 +78,20 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
     masked_v, recon_v = reconstruct(model, model.patchify_image(image[None]), pred_v[None], mask_v[None])
     spectrograms = [audio, model.unpatchify_audio(masked_a)[0], model.unpatchify_audio(recon_a)[0]]
     images = [image, model.unpatchify_image(masked_v)[0], model.unpatchify_image(recon_v)[0]]
-    T, bins, S = audio.shape[0], audio.shape[1], image.shape[-1]
+    T = audio.shape[0]  # fbank frames
+    bins = audio.shape[1]  # mel bins
+    S = image.shape[-1]  # frame size
     zoom = zoom_for(S)
     panel = max(bins, S * zoom)
     canvas = Image.new("RGB", (PAD + T + PAD + S * zoom + PAD, TEXT + 3 * (TEXT + panel) + PAD), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 1), title, fill="black")
-    low, high = audio.min().item(), audio.max().item()
-    ratio = mask_a.mean().item(), mask_v.mean().item()
-    for row, caption in enumerate(("original", f"masked {ratio[0]:.0%} / {ratio[1]:.0%}", "reconstruction")):
+    low = audio.min().item()
+    high = audio.max().item()
+    audio_ratio = mask_a.mean().item()
+    visual_ratio = mask_v.mean().item()
+    captions = ("original", f"masked {audio_ratio:.0%} / {visual_ratio:.0%}", "reconstruction")
+    for row, caption in enumerate(captions):
         y = TEXT + row * (TEXT + panel)
         draw.text((PAD, y + 1), caption, fill="black")
         canvas.paste(Image.fromarray(spectrogram_picture(spectrograms[row], low, high)), (PAD, y + TEXT))
@@ -133,8 +139,10 @@ def localization_picture(image, similarity, peak, patch_size, title, inside=None
     canvas = Image.new("RGB", (PAD + 2 * (P + PAD), 2 * TEXT + P + PAD), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 1), title, fill="black")
-    low, high = float(similarity.min()), float(similarity.max())
-    for k, (panel, caption) in enumerate(zip(panels, ("frame", f"cosine {low:.2f} .. {high:.2f}"))):
+    low = float(similarity.min())
+    high = float(similarity.max())
+    captions = ("frame", f"cosine {low:.2f} .. {high:.2f}")
+    for k, (panel, caption) in enumerate(zip(panels, captions)):
         draw.text((PAD + k * (P + PAD), TEXT + 1), caption, fill="black")
         canvas.paste(Image.fromarray(panel), (PAD + k * (P + PAD), 2 * TEXT))
     x = PAD + P + PAD + (peak[1] + 0.5) * patch_size * zoom  # the peak patch's centre on the heat panel
@@ -149,9 +157,13 @@ def localization_picture(image, similarity, peak, patch_size, title, inside=None
 # -----------------------------------------------------------------------------
 # Training curves: train.py's train.png, from the run's log.jsonl
 
-CHART_WIDTH, CHART_HEIGHT = 560, 320  # one panel, in pixels
+CHART_WIDTH = 560  # one panel, in pixels
+CHART_HEIGHT = 320
 # the plot area's margins inside a panel
-CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 62, 18, 52, 44
+CHART_LEFT = 62
+CHART_RIGHT = 18
+CHART_TOP = 52
+CHART_BOTTOM = 44
 CHART_HEADER = 34  # the picture's title and marker key
 MAX_TICKS = 7  # round tick values per axis, at most
 FONT_SIZE = 13
