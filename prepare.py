@@ -3,6 +3,7 @@ Prepare data for CAV-MAE in the official on-disk format, from real videos or fro
 
     python prepare.py videos --input DIR_OR_LIST --out OUT [--labels CSV] [--workers N]
     python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --seed 0 --multilabel]
+    python prepare.py check --data X.json --label-csv labels.csv [--num-frames 10 --image-size 224]
 
 The format (what data.py reads):
     datafile   {"data": [{"video_id", "wav", "video_path", "labels": "mid1,mid2"}, ...]}
@@ -17,6 +18,9 @@ official OpenCV extractor reads, resized (shorter side 224, Pillow bilinear), ce
 and saved with Pillow's JPEG defaults. A video that cannot become a sample is listed with its reason
 in OUT/failed.csv (and the exit status is 1); a rerun redoes only what is missing or broken.
 `synthetic` draws a toy audio-visual dataset (synthetic.py: shapes that sound).
+`check` loads every row of a datafile as training does and lists the rows that would stop it (exit
+status 1 if any; 2 if the datafile or label csv is missing or unreadable, as for every subcommand's
+bad input).
 """
 
 import argparse
@@ -384,8 +388,8 @@ def extract_frames(video, frames_root, video_id, info=None, only=None):
 
 
 def extract_audio(video, wav_path, info=None):
-    """Write the first audio channel of `video`, resampled to 16 kHz, as PCM16 wav (Sec. 5.2);
-    return the path.
+    """Write the first audio channel of `video`, resampled to 16 kHz, as PCM16 wav
+    (docs/preprocessing.md, section 5); return the path.
 
     pan keeps channel 0 like the official `sox remix 1` (-ac 1 would average the channels instead).
     """
@@ -751,13 +755,11 @@ def check_datafile(datafile, label_csv, num_frames=10, image_size=224, show=20):
     return len(bad)
 
 
-def check_command(args):
-    """`python prepare.py check`: exit status 0 when every row loads, 1 when any does not."""
-    try:
-        return 1 if check_datafile(args.data, args.label_csv, args.num_frames, args.image_size) else 0
-    except data.DataError as error:  # a missing or unreadable datafile or label csv
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def cmd_check(args):
+    """Exit status 0 when every row loads, 1 when some rows have problems. A missing or unreadable
+    datafile or label csv raises data.DataError (a ValueError): main's exit status 2."""
+    bad_rows = check_datafile(args.data, args.label_csv, args.num_frames, args.image_size)
+    return 1 if bad_rows else 0
 
 
 def main(argv=None):
@@ -786,17 +788,28 @@ def main(argv=None):
     synth.add_argument("--workers", type=int, default=None)
     synth.set_defaults(run=cmd_synthetic)
 
-    check = commands.add_parser("check", help="load every row of a datafile as training does")
+    check_help = (
+        "load every row of a datafile as training does; exit status 1 when rows have problems, "
+        "2 when the datafile or label csv is missing or unreadable"
+    )
+    check = commands.add_parser("check", help=check_help, description=check_help)
     check.add_argument("--data", required=True, help="the datafile (json)")
-    check.add_argument("--label-csv", required=True, help="its label csv (index,mid,display_name)")
+    check.add_argument(
+        "--label-csv",
+        "--label_csv",  # the spelling of eval.py and bench.py
+        dest="label_csv",
+        required=True,
+        help="its label csv (index,mid,display_name)",
+    )
     check.add_argument("--num-frames", type=int, default=10, help="frames per video")
     check.add_argument("--image-size", type=int, default=224, help="the size frames are decoded at")
-    check.set_defaults(run=check_command)
+    check.set_defaults(run=cmd_check)
 
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (RuntimeError, ValueError) as error:  # ffmpeg missing, bad --input, --labels or settings
+    except (RuntimeError, ValueError) as error:
+        # ffmpeg missing; a bad --input, --labels or setting; a missing or unreadable datafile or label csv
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -509,10 +509,24 @@ def test_a_missing_label_csv_outside_a_synthetic_folder_points_at_prepare_videos
         data.AVDataset(datafile, str(tmp_path / "none.csv"))
 
 
-def test_check_command_on_a_missing_label_csv_exits_1_with_the_error(tmp_path, capsys):
+def test_check_command_on_a_missing_label_csv_exits_2_with_the_error(tmp_path, capsys):
     datafile, _ = make_dataset(tmp_path, n=1)
-    assert check(datafile, str(tmp_path / "none.csv")) == 1
+    assert check(datafile, str(tmp_path / "none.csv")) == 2
     assert "error: label csv not found" in capsys.readouterr().err
+
+
+def test_check_command_on_a_datafile_that_is_not_json_exits_2_with_the_error(tmp_path, capsys):
+    _, labels = make_dataset(tmp_path, n=1)
+    (tmp_path / "data.json").write_text("not json")
+    assert check(str(tmp_path / "data.json"), labels) == 2
+    assert "error: cannot read datafile" in capsys.readouterr().err
+
+
+def test_check_command_takes_the_label_csv_flag_as_eval_and_bench_spell_it(tmp_path, capsys):
+    datafile, labels = make_dataset(tmp_path, n=1)
+    argv = ["check", "--data", datafile, "--label_csv", labels, "--image-size", "32"]
+    assert prepare.main(argv) == 0
+    assert "1 ok, 0 with problems" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- loading at scale
