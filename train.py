@@ -34,11 +34,9 @@ import statistics
 import sys
 import time
 
-import soundfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -258,32 +256,6 @@ def resolve_device(name):
         count = torch.cuda.device_count()
         raise ConfigError(f"device={name} but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return device
-
-
-def input_adaptation(ds, mcfg):
-    """How the first clip of the data differs from what the model takes (its frames are resized, its
-    audio is cut to the model's length), or None. The loader reports unreadable files."""
-    row = ds.rows[0]
-    frames = [data.frame_path(row, k) for k in range(ds.num_frames)]
-    existing = [path for path in frames if os.path.isfile(path)]
-    notes = []
-    try:
-        if existing:
-            with Image.open(existing[0]) as image:
-                width, height = image.size
-            if (width, height) != (mcfg.img_size, mcfg.img_size):
-                size = mcfg.img_size
-                notes.append(f"its {width}x{height} frames are resized to the model's {size} px")
-        samples = soundfile.info(row["wav"]).frames
-    except (OSError, RuntimeError):  # the loader says what is wrong with the file
-        return None
-    fbank_frames = 1 + (samples - data.WIN) // data.HOP
-    if fbank_frames > mcfg.audio_length:
-        length = mcfg.audio_length
-        notes.append(f"its {fbank_frames} fbank frames are cut to the model's first {length}")
-    if not notes:
-        return None
-    return "; ".join(notes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1017,8 +989,8 @@ def prepare_out_dir(cfg):
 
 
 def start_log(run, report):
-    """out_dir and its config.json, the log (a resumed run's cut at the checkpoint), and one line
-    that says what is about to run."""
+    """out_dir and its config.json, the log (a resumed run's cut at the checkpoint), one line that
+    says what is about to run, and how the model's input sizes change the data (data.adaptation_notes)."""
     cfg = run.cfg
     mcfg = run.mcfg
     d = run.data
@@ -1041,12 +1013,13 @@ def start_log(run, report):
     print(" | ".join(parts))
     if report:
         print(f"init_from {cfg['init_from']}: {report}")
-    said = set()
+    said = set()  # data_val may be data_train
     for ds in (d["train_ds"], d["val_ds"]):
-        note = input_adaptation(ds, mcfg)
-        if note and (note not in said):
-            print(f"note: the first clip of {ds.datafile} does not match the model: {note}")
-            said.add(note)
+        notes = data.adaptation_notes(ds.datafile, ds.rows, mcfg.img_size, mcfg.audio_length, ds.num_frames)
+        for note in notes:
+            if note not in said:
+                print(note)
+                said.add(note)
 
 
 def train(cfg, device, rank=0, world=1, resume_cmd=""):

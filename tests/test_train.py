@@ -796,7 +796,7 @@ def test_the_end_of_fine_tuning_prints_both_evaluations_and_the_classify_command
 
 def test_a_model_that_takes_larger_frames_than_the_data_says_they_are_resized(synth, tmp_path, capsys):
     train.main(flags(synth, tmp_path, "--max_iters=1", "--model_img_size=64"))
-    assert "its 32x32 frames are resized to the model's 64 px" in capsys.readouterr().out
+    assert "its frames are 32x32 px and the model's img_size is 64: frames resized" in capsys.readouterr().out
 
 
 def test_the_slowdown_watch_warns_once_when_throughput_falls_below_a_third():
