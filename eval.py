@@ -1003,8 +1003,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (
-        ValueError,
-        OSError,
-    ) as e:  # bad input: one readable line (clip errors name the file, data.py's the row)
+    except (ValueError, OSError) as e:
+        # bad input: one readable line (clip errors name the file, data.py's the row)
         sys.exit(f"eval.py: error: {e}")

@@ -234,10 +234,11 @@ def test_train_item_with_mixup_mixes_labels_and_images(tmp_path):
     random.seed(3)
     for i, own in enumerate([0, 1, 2, 1]):
         fb, image, label = ds[i]
-        assert torch.isfinite(fb).all() and image.shape == (3, 32, 32)
-        assert (
-            label.sum().item() == pytest.approx(1.0, abs=1e-6) and label[own] > 0.2
-        )  # lam + (1 - lam), lam > 0.2
+        assert torch.isfinite(fb).all()
+        assert image.shape == (3, 32, 32)
+        # lam + (1 - lam), lam > 0.2
+        assert label.sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert label[own] > 0.2
 
 
 def test_train_frames_are_drawn_from_all_num_frames_and_eval_uses_the_middle(tmp_path):
@@ -322,9 +323,8 @@ def test_hash_uniform_is_the_hash_of_seed_and_position_with_24_bits():
 def test_hash_uniform_rows_depend_only_on_their_seed_and_look_uniform():
     seeds = torch.tensor([7, 8, 9])
     field = data.hash_uniform(seeds, (1024, 128), "cpu")
-    assert torch.equal(
-        field[1], data.hash_uniform(seeds[1:2], (1024, 128), "cpu")[0]
-    )  # any batch composition
+    alone = data.hash_uniform(seeds[1:2], (1024, 128), "cpu")[0]
+    assert torch.equal(field[1], alone)  # any batch composition
     assert field.min() >= 0 and field.max() < 1 and abs(field.mean().item() - 0.5) < 1e-3
     assert abs(field.std().item() - (1 / 12) ** 0.5) < 1e-3 and not torch.equal(field[0], field[1])
 
@@ -646,10 +646,11 @@ def test_raw_path_in_training_keeps_the_label_mass_of_mixed_rows(tmp_path):
     batch = data.collate_raw([raw[i] for i in range(4)])
     torch.manual_seed(0)
     audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
-    assert audio.shape == (4, 128, 128) and image.shape == (4, 3, 32, 32) and torch.isfinite(audio).all()
-    torch.testing.assert_close(
-        label.sum(1), torch.full((4,), 0.1 + 0.9)
-    )  # ls/K * K + lam (1-ls) + (1-lam) (1-ls)
+    assert audio.shape == (4, 128, 128)
+    assert image.shape == (4, 3, 32, 32)
+    assert torch.isfinite(audio).all()
+    # ls/K * K + lam (1-ls) + (1-lam) (1-ls)
+    torch.testing.assert_close(label.sum(1), torch.full((4,), 0.1 + 0.9))
 
 
 def test_raw_path_rows_left_unmixed_keep_plain_smoothed_labels(tmp_path):
@@ -691,9 +692,9 @@ def test_mixup_partner_is_drawn_from_the_whole_dataset_and_lambda_from_beta_10_1
     draws = [seeded(raw, 0, s) for s in range(200)]
     assert {d["partner"] for d in draws} == set(range(6))
     lams = np.array([d["lam"] for d in draws])
-    assert (
-        abs(lams.mean() - 0.5) < 0.03 and abs(lams.std() - (1 / 84) ** 0.5) < 0.03
-    )  # Beta(10, 10): sd 0.109
+    # Beta(10, 10): mean 0.5, sd 0.109
+    assert abs(lams.mean() - 0.5) < 0.03
+    assert abs(lams.std() - (1 / 84) ** 0.5) < 0.03
 
 
 def test_mixup_mixes_waveforms_cut_to_the_first_then_centres_before_fbank(tmp_path):

@@ -41,9 +41,8 @@ def test_metrics_match_golden_vectors(golden):
 def test_tied_scores_share_one_threshold():
     y = np.array([1.0, 0, 1, 0])
     s = np.array([0.5, 0.5, 0.5, 0.1])
-    assert ev.average_precision(y, s) == pytest.approx(
-        2 / 3, abs=1e-15
-    )  # one step: precision 2/3, recall 0 -> 1
+    # one step: precision 2/3, recall 0 -> 1
+    assert ev.average_precision(y, s) == pytest.approx(2 / 3, abs=1e-15)
     assert ev.roc_auc(y, s) == pytest.approx(0.75, abs=1e-15)  # a tie counts one half
 
 
@@ -118,9 +117,8 @@ def test_retrieval_ranks_are_positions_in_the_sorted_row():
 
 
 def test_retrieval_counts_a_tied_match_at_every_tied_position():
-    sim = np.eye(4)[
-        :, [0, 1, 3, 2]
-    ]  # queries 2 and 3 find the wrong clip; their match ties with 2 others at 0
+    # queries 2 and 3 find the wrong clip; their match ties with 2 others at 0
+    sim = np.eye(4)[:, [0, 1, 3, 2]]
     r = ev.retrieval_metrics(sim)  # ranks (0-based): 0, 0, 1 2 3, 1 2 3 -> 8 entries, as the official script
     assert r == dict(R1=0.25, R5=1.0, R10=1.0, MR=2.5)
     assert ev.retrieval_metrics(np.ones((4, 4)))["R1"] == 0.25  # a collapsed model scores chance, not 1.0
@@ -403,9 +401,8 @@ def test_predict_from_a_wav_and_an_image(tiny):
         "--out",
         tiny / "p.json",
     )
-    assert sum(r["score"] for r in top) == pytest.approx(
-        1.0, abs=1e-5
-    )  # softmax: the checkpoint says metric='acc'
+    # softmax: the checkpoint says metric='acc'
+    assert sum(r["score"] for r in top) == pytest.approx(1.0, abs=1e-5)
     assert json.load(open(tiny / "p.json"))["frames"] == [0]
 
 
@@ -417,6 +414,7 @@ def test_audio_length_flag_runs_a_shorter_model_on_a_longer_checkpoint(tiny):
     model, info = ev.load_model(str(tiny / "pretrain.pt"), audio_length=32)
     assert model.config.audio_length == 32
     assert "cut from 8x4 to 8x2 time steps" in info["report"]
+    # the fbank is cut to 32 frames to fit
     out = run(
         tiny,
         "embed",
@@ -427,7 +425,7 @@ def test_audio_length_flag_runs_a_shorter_model_on_a_longer_checkpoint(tiny):
         tiny / "emb32",
         "--audio_length",
         32,
-    )  # the fbank is cut to 32 frames to fit
+    )
     assert out["audio"].shape == (6, 32)
     with pytest.raises(ValueError, match="not longer"):
         ev.load_model(str(tiny / "pretrain.pt"), audio_length=128)
@@ -442,9 +440,8 @@ def rows_of(*labels):
 
 
 def test_per_class_subset_takes_k_clips_of_each_class_by_first_label():
-    rows = rows_of(
-        "a", "a", "b,a", "a", "c", "b", "", "a,c"
-    )  # b,a counts as b; the unlabelled clip is left out
+    # b,a counts as b; the unlabelled clip is left out
+    rows = rows_of("a", "a", "b,a", "a", "c", "b", "", "a,c")
     keep, taken = ev.per_class_subset(rows, 2, seed=0)
     assert taken == {"a": 2, "b": 2, "c": 1}  # c has only one clip: it is taken
     firsts = [rows[i]["labels"].split(",")[0] for i in keep]
@@ -479,9 +476,8 @@ def test_retrieval_per_class_reports_both_directions_on_the_subset(tiny, capsys)
     assert "visual_to_audio" in out
     assert len(open(tiny / "emb_pc" / "video_ids.txt").read().split()) == 3
     out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 5)
-    assert (
-        out["clips"] == 6 and sum(out["subset"]["short_classes"].values()) == 6
-    )  # every class has fewer than 5
+    assert out["clips"] == 6
+    assert sum(out["subset"]["short_classes"].values()) == 6  # every class has fewer than 5
     assert "fewer" in capsys.readouterr().out
 
 
@@ -509,13 +505,11 @@ def test_embed_saves_coordinated_and_joint_representations_in_datafile_order(tin
     audio, image, _ = map(torch.stack, zip(*[ds[i] for i in range(len(ds))]))
     with torch.no_grad():
         tokens_a, tokens_v = model.embed(audio, image)
-        np.testing.assert_allclose(
-            a, ev.pooled_representation(tokens_a), atol=1e-5
-        )  # unit length, as retrieval
+        # unit length, as retrieval
+        np.testing.assert_allclose(a, ev.pooled_representation(tokens_a), atol=1e-5)
         np.testing.assert_allclose(v, ev.pooled_representation(tokens_v), atol=1e-5)
-        np.testing.assert_allclose(
-            j, model.features(audio, image, "multimodal"), atol=1e-5
-        )  # what the head reads
+        # what the head reads
+        np.testing.assert_allclose(j, model.features(audio, image, "multimodal"), atol=1e-5)
 
 
 def test_joint_representation_of_a_pretraining_model_is_its_encoders_multimodal_features(tiny):
@@ -650,11 +644,8 @@ def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak
     with Image.open(clip["picture"]) as img:  # frame and heat map, 96 px each (48 enlarged x2)
         assert img.size == (4 + 2 * (96 + 4), 2 * 14 + 96 + 4)
         row, col = clip["peak"]
-        assert img.getpixel((4 + 96 + 4 + (col + 0.5) * 8, 28 + (row + 0.5) * 8)) == (
-            255,
-            255,
-            255,
-        )  # the cross
+        cross_centre = (4 + 96 + 4 + (col + 0.5) * 8, 28 + (row + 0.5) * 8)
+        assert img.getpixel(cross_centre) == (255, 255, 255)
 
 
 def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, monkeypatch):
@@ -694,9 +685,8 @@ def test_localize_without_object_positions_draws_pictures_only(tiny):
 
 
 def test_a_checkpoint_of_another_frame_size_and_clip_length_says_how_the_data_is_adapted(tmp_path, capsys):
-    argv = localize_argv(
-        tmp_path, clips=1
-    )  # 64 px frames and 0.7 s clips (68 fbank frames); the model: 48 px, 64
+    # 64 px frames and 0.7 s clips (68 fbank frames); the model: 48 px, 64
+    argv = localize_argv(tmp_path, clips=1)
     ev.main(argv)
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
     assert len(notes) == 2
