@@ -170,10 +170,10 @@ def configure(argv):
 
 
 def model_config(cfg, model_args=None, resume=False):
-    """The architecture: a resumed checkpoint's; else a checkpoint of ours with the --model_<field> values that
-    differ from the paper's model (e.g. --model_audio_length=512: load_pretrained cuts the audio positions); else
-    the preset with the model_<field> overrides. A model that cannot be built is a ConfigError naming the
-    --model_<field> flags."""
+    """The architecture: a resumed checkpoint's; else a checkpoint of ours with the --model_<field>
+    values that differ from the paper's model (e.g. --model_audio_length=512: load_pretrained cuts
+    the audio positions); else the preset with the model_<field> overrides. A model that cannot be
+    built is a ConfigError naming the --model_<field> flags."""
     try:
         return architecture(cfg, model_args, resume)
     except ValueError as error:
