@@ -105,7 +105,7 @@ def wav_header_frames(path):
                 f.seek(size - 16 + size % 2, os.SEEK_CUR)
             elif chunk[:4] == b"data":
                 placeholder = size in (0, 0xFFFFFFFF)
-                return None if (placeholder or not block_align) else size // block_align
+                return None if (placeholder or (not block_align)) else size // block_align
             else:
                 f.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to an even size
     return None

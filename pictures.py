@@ -265,7 +265,7 @@ def read_log(log_path):
 
 def is_number(value):
     """A finite int or float (the NaN loss that stopped a run has no place on an axis)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or (not isinstance(value, int | float)):
         return False
     return math.isfinite(value)
 

@@ -209,7 +209,8 @@ def test_label_csv_keeps_quoted_commas_and_orders_by_index(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text('index,mid,display_name\n1,/m/b,"Beta, with comma"\n0,/m/a,Alpha\n')
     labels = data.load_label_csv(str(path))
-    assert labels.mids == ["/m/a", "/m/b"] and labels.names == ["Alpha", "Beta, with comma"]
+    assert labels.mids == ["/m/a", "/m/b"]
+    assert labels.names == ["Alpha", "Beta, with comma"]
     assert labels.index == {"/m/a": 0, "/m/b": 1}
 
 
@@ -259,7 +260,8 @@ def test_a_key_with_a_frame_overrides_the_evaluation_frame_for_that_load(tmp_pat
     ds, raw = dataset(tmp_path), dataset(tmp_path, raw=True)
     assert torch.equal(ds[(1, 2)][1], data.load_image(str(tmp_path / "frame_2" / "clip1.jpg"), 32))
     assert torch.equal(ds[(1, None)][1], ds[1][1])  # None: ds.frame's rule (middle)
-    assert raw[(0, 7)]["frame"] == 7 and raw[0]["frame"] == 5
+    assert raw[(0, 7)]["frame"] == 7
+    assert raw[0]["frame"] == 5
     ds.frame = 3  # ds.frame still works
     assert torch.equal(ds[1][1], data.load_image(str(tmp_path / "frame_3" / "clip1.jpg"), 32))
 
@@ -272,7 +274,8 @@ def test_spec_augment_masks_whole_bands_within_bounds_with_torchaudio_draws(seed
     for (start, width), (width_max, length) in zip(bands, ((48, 128), (30, 100))):
         value = torch.rand(1) * width_max
         assert (start, width) == (int(torch.rand(1) * (length - value)), int(value))
-        assert width < width_max and start + width <= length
+        assert width < width_max
+        assert start + width <= length
     (f0, fw), (t0, tw) = bands
     out = data.spec_augment(torch.ones(1, 100, 128), torch.tensor([[f0, fw, t0, tw]]))[0]
     assert out.eq(0).all(0).nonzero().flatten().tolist() == list(range(f0, f0 + fw))  # whole mel bands
@@ -283,7 +286,8 @@ def test_spec_augment_masks_whole_bands_within_bounds_with_torchaudio_draws(seed
 def test_spec_augment_with_zero_widths_changes_nothing_and_draws_nothing():
     feats = torch.randn(2, 50, 128)
     torch.manual_seed(0)
-    assert data.draw_band(128, 0) == (0, 0) and data.draw_band(50, 0) == (0, 0)
+    assert data.draw_band(128, 0) == (0, 0)
+    assert data.draw_band(50, 0) == (0, 0)
     assert torch.equal(data.spec_augment(feats, torch.tensor([[5, 0, 7, 0], [0, 0, 0, 0]])), feats)
     after = torch.rand(1)
     torch.manual_seed(0)
@@ -300,7 +304,9 @@ def test_noise_adds_at_most_a_tenth_of_its_scale_then_rolls_in_time_by_the_drawn
         source = out[b].floor()[:, 0]
         assert torch.equal(source.long(), (torch.arange(T) - shift) % T)
         extra = out[b] - source[:, None]
-        assert extra.min() >= 0 and extra.max() <= 0.1 * scale + 1e-5 and extra.std() > 0.01 * scale
+        assert extra.min() >= 0
+        assert extra.max() <= 0.1 * scale + 1e-5
+        assert extra.std() > 0.01 * scale
 
 
 def hash32_reference(x):
@@ -313,7 +319,8 @@ def hash32_reference(x):
 def test_hash_uniform_is_the_hash_of_seed_and_position_with_24_bits():
     seeds = [0, 1, 2**32 - 1, 123456789]
     got = data.hash_uniform(torch.tensor(seeds), (3, 5), "cpu")
-    assert got.shape == (4, 3, 5) and got.dtype == torch.float32
+    assert got.shape == (4, 3, 5)
+    assert got.dtype == torch.float32
     for b, seed in enumerate(seeds):
         for k in (0, 1, 7, 14):
             bits = hash32_reference(hash32_reference(k) ^ hash32_reference(seed))
@@ -325,8 +332,11 @@ def test_hash_uniform_rows_depend_only_on_their_seed_and_look_uniform():
     field = data.hash_uniform(seeds, (1024, 128), "cpu")
     alone = data.hash_uniform(seeds[1:2], (1024, 128), "cpu")[0]
     assert torch.equal(field[1], alone)  # any batch composition
-    assert field.min() >= 0 and field.max() < 1 and abs(field.mean().item() - 0.5) < 1e-3
-    assert abs(field.std().item() - (1 / 12) ** 0.5) < 1e-3 and not torch.equal(field[0], field[1])
+    assert field.min() >= 0
+    assert field.max() < 1
+    assert abs(field.mean().item() - 0.5) < 1e-3
+    assert abs(field.std().item() - (1 / 12) ** 0.5) < 1e-3
+    assert not torch.equal(field[0], field[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -434,7 +444,9 @@ def test_check_command_reports_problems_with_nonzero_exit(tmp_path, capsys):
     os.remove(tmp_path / "frame_9" / "clip1.jpg")
     assert check(datafile, labels) == 1
     out = capsys.readouterr().out
-    assert "3 ok, 1 with problems" in out and "8000 Hz" in out and "1 rows miss some" in out
+    assert "3 ok, 1 with problems" in out
+    assert "8000 Hz" in out
+    assert "1 rows miss some" in out
 
 
 def write_nan_wav(path):
@@ -448,7 +460,9 @@ def test_check_command_finds_nan_audio(tmp_path, capsys):
     write_nan_wav(str(tmp_path / "clip1.wav"))
     assert check(datafile, labels) == 1
     out = capsys.readouterr().out
-    assert "3 ok, 1 with problems" in out and "row 1 (video_id clip1)" in out and "NaN" in out
+    assert "3 ok, 1 with problems" in out
+    assert "row 1 (video_id clip1)" in out
+    assert "NaN" in out
 
 
 def test_skip_policy_drops_rows_with_nan_audio(tmp_path):
@@ -466,7 +480,9 @@ def test_check_command_finds_a_truncated_frame(tmp_path, capsys):
     frame.write_bytes(frame.read_bytes()[:300])  # the header opens, the pixels do not decode
     assert check(datafile, labels) == 1
     out = capsys.readouterr().out
-    assert "row 2 (video_id clip2)" in out and "cannot read image" in out and "frame_3" in out
+    assert "row 2 (video_id clip2)" in out
+    assert "cannot read image" in out
+    assert "frame_3" in out
 
 
 def test_truncated_wav_is_an_error_naming_the_file_and_both_lengths(tmp_path):
@@ -567,7 +583,8 @@ def test_compact_rows_give_back_every_row_and_its_labels(tmp_path):
         classes = ds.class_of_code[codes[offsets[i] : offsets[i + 1]]].tolist()
         assert classes == [["/m/a", "/m/b", "/m/c"].index(m) for m in data.label_mids(want)]
     assert [r["video_id"] for r in ds.rows] == [r["video_id"] for r in rows]  # iteration
-    assert ds.rows[-1] == ds.rows[2999] and ds.rows[:3] == [ds.rows[0], ds.rows[1], ds.rows[2]]
+    assert ds.rows[-1] == ds.rows[2999]
+    assert ds.rows[:3] == [ds.rows[0], ds.rows[1], ds.rows[2]]
     with pytest.raises(IndexError):
         ds.rows[3000]
 
@@ -577,7 +594,8 @@ def test_rows_cut_to_a_list_of_dicts_still_load(tmp_path):
     ds = dataset(tmp_path)
     want = ds[1]
     ds.rows = ds.rows[:2]  # as eval.py --limit may do
-    assert len(ds) == 2 and all(torch.equal(a, b) for a, b in zip(ds[1], want))
+    assert len(ds) == 2
+    assert all(torch.equal(a, b) for a, b in zip(ds[1], want))
 
 
 def test_class_balance_weights_on_compact_rows_equal_the_formula_over_dicts(tmp_path):
@@ -590,9 +608,12 @@ def test_class_balance_weights_on_compact_rows_equal_the_formula_over_dicts(tmp_
 
 def test_data_scale_bench_reports_build_time_and_memory(capsys):
     seconds, held = bench.main(["--data_scale", "2000"])
-    assert seconds > 0 and held >= 0
+    assert seconds > 0
+    assert held >= 0
     out = capsys.readouterr().out
-    assert "2000 rows" in out and "s to build" in out and "MB held" in out
+    assert "2000 rows" in out
+    assert "s to build" in out
+    assert "MB held" in out
 
 
 def test_class_balance_weights_follow_the_official_formula(tmp_path):
@@ -610,15 +631,16 @@ def test_dataset_stats_are_mean_and_std_of_padded_fbank(tmp_path):
         [F.pad(data.fbank(w - w.mean()), (0, 0, 0, 128 - data.fbank(w).shape[0])) for w in waves]
     )
     mean, std = data.dataset_stats(ds)
-    assert mean == pytest.approx(feats.mean().item()) and std == pytest.approx(feats.std().item(), rel=1e-6)
+    assert mean == pytest.approx(feats.mean().item())
+    assert std == pytest.approx(feats.std().item(), rel=1e-6)
 
 
 def test_dataloader_with_two_workers_loads_items(tmp_path):
     make_dataset(tmp_path, n=6)
     batches = list(torch.utils.data.DataLoader(dataset(tmp_path), batch_size=2, num_workers=2))
-    assert (
-        len(batches) == 3 and batches[0][0].shape == (2, 128, 128) and batches[0][1].shape == (2, 3, 32, 32)
-    )
+    assert len(batches) == 3
+    assert batches[0][0].shape == (2, 128, 128)
+    assert batches[0][1].shape == (2, 3, 32, 32)
 
 
 def test_raw_batches_report_each_missing_frame_they_fell_back_from(tmp_path):
@@ -637,7 +659,9 @@ def test_raw_path_equals_item_path_in_eval_mode(tmp_path):
     audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
     for i in range(4):
         fb, im, lab = items[i]
-        assert torch.equal(audio[i], fb) and torch.equal(image[i], im) and torch.equal(label[i], lab)
+        assert torch.equal(audio[i], fb)
+        assert torch.equal(image[i], im)
+        assert torch.equal(label[i], lab)
 
 
 def test_raw_path_in_training_keeps_the_label_mass_of_mixed_rows(tmp_path):
@@ -657,7 +681,8 @@ def test_raw_path_rows_left_unmixed_keep_plain_smoothed_labels(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/b,/m/c", "/m/c", "/m/b"])
     raw = dataset(tmp_path, raw=True, train=True, mixup=1e-9, label_smooth=0.3)
     batch = data.collate_raw([raw[i] for i in range(4)])
-    assert "lam" not in batch and "partner_wave" not in batch
+    assert "lam" not in batch
+    assert "partner_wave" not in batch
     _, _, label = data.BatchPreprocessor.from_dataset(raw)(batch)
     torch.testing.assert_close(label, data.smooth_labels(batch["label"], 0.3))
     assert label[1].tolist() == pytest.approx([0.1, 0.7, 0.7])
@@ -731,7 +756,8 @@ def test_every_random_choice_is_in_the_raw_item_and_the_preprocessor_draws_nothi
     first = prep(batch)
     state = torch.get_rng_state()
     second = prep(batch)
-    assert torch.equal(state, torch.get_rng_state()) and all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_rows_without_labels_get_an_all_zero_target(tmp_path):

@@ -63,7 +63,8 @@ def test_train_help_lists_the_model_fields(train_help):
 
 def test_train_help_after_a_config_file_still_prints_the_usage():
     run = run_program("train.py", "config/pretrain_synthetic.py", "--help")
-    assert run.returncode == 0 and run.stdout.startswith("usage:")
+    assert run.returncode == 0
+    assert run.stdout.startswith("usage:")
 
 
 @pytest.mark.parametrize(
