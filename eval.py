@@ -793,7 +793,9 @@ def cmd_embed(args):
         for audio, image, _ in batches(ds, args):
             with autocast(args):
                 parts.append([x.float().cpu() for x in representations(model, audio, image)])
-    audio_emb, visual_emb, joint_emb = (torch.cat(x) for x in zip(*parts))  # (N, D) each
+    audio_emb = torch.cat([audio for audio, _, _ in parts])  # (N, D)
+    visual_emb = torch.cat([visual for _, visual, _ in parts])  # (N, D)
+    joint_emb = torch.cat([joint for _, _, joint in parts])  # (N, D)
     save_embeddings(args.out, ds, audio=audio_emb, visual=visual_emb, joint=joint_emb)
     video_ids = [r["video_id"] for r in ds.rows]
     return dict(audio=audio_emb, visual=visual_emb, joint=joint_emb, video_ids=video_ids)

@@ -222,7 +222,8 @@ def test_eval_item_labels_are_multi_hot_and_smoothed(tmp_path):
 
 
 def test_mixup_label_arithmetic_follows_the_official_loader():
-    y1, y2 = torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0.0, 1, 0, 1]])
+    y1 = torch.tensor([[1.0, 0, 0, 0]])
+    y2 = torch.tensor([[0.0, 1, 0, 1]])
     got = data.smooth_labels(y1, 0.1, y2, torch.tensor([0.6]))
     torch.testing.assert_close(got, torch.tensor([[0.025 + 0.54, 0.025 + 0.36, 0.025, 0.025 + 0.36]]))
     shared = data.smooth_labels(y1, 0.1, y1, torch.tensor([0.6]))  # a label of both samples adds up
@@ -257,7 +258,8 @@ def test_train_frames_are_drawn_from_all_num_frames_and_eval_uses_the_middle(tmp
 
 def test_a_key_with_a_frame_overrides_the_evaluation_frame_for_that_load(tmp_path):
     make_dataset(tmp_path, n=2)
-    ds, raw = dataset(tmp_path), dataset(tmp_path, raw=True)
+    ds = dataset(tmp_path)
+    raw = dataset(tmp_path, raw=True)
     assert torch.equal(ds[(1, 2)][1], data.load_image(str(tmp_path / "frame_2" / "clip1.jpg"), 32))
     assert torch.equal(ds[(1, None)][1], ds[1][1])  # None: ds.frame's rule (middle)
     assert raw[(0, 7)]["frame"] == 7
@@ -342,7 +344,8 @@ def test_hash_uniform_rows_depend_only_on_their_seed_and_look_uniform():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hash_uniform_gives_the_same_field_on_cuda_as_on_the_cpu():
     seeds = torch.tensor([0, 5, 2**32 - 1])
-    on_cuda, on_cpu = (data.hash_uniform(seeds, (1024, 128), device) for device in ("cuda", "cpu"))
+    on_cuda = data.hash_uniform(seeds, (1024, 128), "cuda")
+    on_cpu = data.hash_uniform(seeds, (1024, 128), "cpu")
     assert torch.equal(on_cuda.cpu(), on_cpu)
 
 
@@ -570,7 +573,8 @@ def write_rows(root, n, seed=0):
 def test_compact_rows_give_back_every_row_and_its_labels(tmp_path):
     rows = write_rows(tmp_path, 3000)
     ds = dataset(tmp_path)
-    codes, offsets = ds.rows.label_codes, ds.rows.label_offsets
+    codes = ds.rows.label_codes
+    offsets = ds.rows.label_offsets
     assert len(ds) == len(ds.rows) == 3000
     for i in range(0, 3000, 7):
         want = rows[i]
@@ -619,7 +623,8 @@ def test_data_scale_bench_reports_build_time_and_memory(capsys):
 def test_class_balance_weights_follow_the_official_formula(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/a,/m/b", "/m/b", "/m/a"])
     w = data.class_balance_weights(dataset(tmp_path))
-    a, b = 1000 / 3.01, 1000 / 2.01
+    a = 1000 / 3.01  # /m/a: 3 rows
+    b = 1000 / 2.01  # /m/b: 2 rows
     torch.testing.assert_close(w, torch.tensor([a, a + b, b, a], dtype=torch.float64))
 
 
@@ -654,7 +659,8 @@ def test_raw_batches_report_each_missing_frame_they_fell_back_from(tmp_path):
 def test_raw_path_equals_item_path_in_eval_mode(tmp_path):
     # shorter and longer than 128 frames; from about 16 frames up the BLAS kernel, and so every bit, is the same
     make_dataset(tmp_path, seconds=(1.0, 0.5, 1.6, 0.2))
-    items, raw = dataset(tmp_path), dataset(tmp_path, raw=True, label_smooth=0.0)
+    items = dataset(tmp_path)
+    raw = dataset(tmp_path, raw=True, label_smooth=0.0)
     batch = next(iter(torch.utils.data.DataLoader(raw, batch_size=4, collate_fn=data.collate_raw)))
     audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
     for i in range(4):
@@ -693,13 +699,16 @@ TRAIN = dict(train=True, mixup=0.5, freqm=20, timem=30, noise=True, label_smooth
 
 def seeded(ds, key, seed):
     """ds[key] with Python, NumPy and torch seeded as train.py's SeededItems does."""
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     return ds[key]
 
 
 def test_items_equal_rows_of_a_device_batch_built_from_the_same_draws(tmp_path):
     make_dataset(tmp_path, n=6, seconds=(1.0, 0.5, 1.6, 0.2, 0.03, 1.2))
-    items, raw = dataset(tmp_path, **TRAIN), dataset(tmp_path, raw=True, **TRAIN)
+    items = dataset(tmp_path, **TRAIN)
+    raw = dataset(tmp_path, raw=True, **TRAIN)
     keys = [(i % 6, 100 + i) for i in range(8)]
     batch = data.collate_raw([seeded(raw, i, s) for i, s in keys])
     assert 0 < int(batch["mixed"].sum()) < len(keys)  # both kinds of rows in the batch
@@ -726,8 +735,10 @@ def test_mixup_mixes_waveforms_cut_to_the_first_then_centres_before_fbank(tmp_pa
     make_dataset(tmp_path, n=4)
     raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, mean=0.0, std=1.0)
     item = next(it for it in (seeded(raw, 0, s) for s in range(50)) if it["partner"] == 2)  # 1.0 s with 1.3 s
-    w1, w2 = (data.load_audio(str(tmp_path / f"clip{k}.wav")) for k in (0, 2))
-    w1, w2 = w1 - w1.mean(), (w2 - w2.mean())[: len(w1)]
+    w1 = data.load_audio(str(tmp_path / "clip0.wav"))
+    w2 = data.load_audio(str(tmp_path / "clip2.wav"))
+    w1 = w1 - w1.mean()
+    w2 = (w2 - w2.mean())[: len(w1)]  # the partner is cut to the item's length
     lam = item["lam"]
     mixed = lam * w1 + (1 - lam) * w2
     want = data.fbank(mixed - mixed.mean())

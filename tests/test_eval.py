@@ -488,7 +488,9 @@ def test_retrieval_per_class_reports_both_directions_on_the_subset(tiny, capsys)
 def test_embed_saves_coordinated_and_joint_representations_in_datafile_order(tiny):
     data = tiny / "data"
     run(tiny, "embed", "finetune.pt", "--data", data / "test.json", "--out", tiny / "emb_ft", "--frame", 2)
-    a, v, j = (np.load(tiny / "emb_ft" / f"{name}.npy") for name in ("audio", "visual", "joint"))
+    a = np.load(tiny / "emb_ft" / "audio.npy")
+    v = np.load(tiny / "emb_ft" / "visual.npy")
+    j = np.load(tiny / "emb_ft" / "joint.npy")
     assert a.shape == v.shape == j.shape == (6, 32)
     assert a.dtype == v.dtype == j.dtype == np.float32
     assert open(tiny / "emb_ft" / "video_ids.txt").read().split() == [f"test_{k:05d}" for k in range(6)]
@@ -579,7 +581,8 @@ def test_heat_overlay_is_hottest_where_the_similarity_peaks():
 def object_tokens(self, audio, image):
     """A stand-in encoder whose answer is known: audio tokens along e0, each visual patch token along
     (f, 1 - f) where f is the fraction of its pixels that look like an object (saturated and bright)."""
-    p, D = self.config.patch_size, self.config.embed_dim
+    p = self.config.patch_size
+    D = self.config.embed_dim
     rgb = (
         image * torch.tensor(ev.data.IMAGE_STD)[:, None, None]
         + torch.tensor(ev.data.IMAGE_MEAN)[:, None, None]
@@ -589,7 +592,8 @@ def object_tokens(self, audio, image):
     looks = ((high - low > 0.5 * high) & (high > 0.7)).float()
     f = F.avg_pool2d(looks[:, None], p).flatten(1)  # (B, Lv)
     visual = torch.zeros(*f.shape, D)
-    visual[..., 0], visual[..., 1] = f, 1 - f
+    visual[..., 0] = f
+    visual[..., 1] = 1 - f
     audio_tokens = torch.zeros(audio.shape[0], 3, D)
     audio_tokens[..., 0] = 1
     return audio_tokens, visual
