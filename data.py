@@ -58,8 +58,9 @@ AUDIOSET_STD = 4.4849
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as the official loader's transforms.Normalize
 IMAGE_STD = (0.229, 0.224, 0.225)
 MIXUP_BETA = 10.0  # lambda ~ Beta(10, 10)
-# A clip padded by more than this share of the model's audio_length is worth a note (adaptation_notes);
-# a 10 s AudioSet clip fills 998 of the 1024 frames (2.5 % padding), as in the official setup.
+# A clip padded by more than this share of the model's audio_length is worth a note
+# (adaptation_notes); a 10 s AudioSet clip fills 998 of the 1024 frames (2.5 % padding), as in the
+# official setup.
 PADDING_NOTE_FRACTION = 0.05
 
 
@@ -415,8 +416,8 @@ def add_noise(feats, seed, scale, shift):
 
 def smooth_labels(y1, label_smooth, y2=None, lam=None):
     """Multi-hot (B, K) -> targets (docs/preprocessing.md, section 4): negatives ls/K, positives
-    1 - ls; with mixup positives of the two samples add lam (1 - ls) and (1 - lam) (1 - ls) on top of
-    ls/K. Float64 arithmetic, float32 result."""
+    1 - ls; with mixup positives of the two samples add lam (1 - ls) and (1 - lam) (1 - ls) on top
+    of ls/K. Float64 arithmetic, float32 result."""
     y1 = y1.double()
     base = label_smooth / y1.shape[1]
     if y2 is None:
@@ -545,17 +546,17 @@ def first_frame_size(row, num_frames):
 def adaptation_notes(datafile, rows, image_size, target_length, num_frames=10, source=None):
     """One line per way the model's input sizes change this data, seen on its first row from the
     file headers: frames resized, audio cut, or audio padded by more than PADDING_NOTE_FRACTION.
-    [] when the data fits as it is, when there are no rows, or when the files cannot be read (loading
-    the row then says what is wrong). source: what the lines call the data (default: the first clip
-    of `datafile`)."""
+    [] when the data fits as it is, when there are no rows, or when the files cannot be read
+    (loading the row then says what is wrong). source: what the lines call the data (default: the
+    first clip of `datafile`)."""
     if len(rows) == 0:
         return []
     row = rows[0]
     try:
         frame_size = first_frame_size(row, num_frames)
         fbank_length = fbank_frame_count(sf.info(row["wav"]).frames)
-    except (OSError, RuntimeError, ValueError):  # missing or unreadable: the loader's error says which
-        return []
+    except (OSError, RuntimeError, ValueError):
+        return []  # missing or unreadable: the loader's error says which
     changes = []
     if (frame_size is not None) and (frame_size != (image_size, image_size)):
         width, height = frame_size
