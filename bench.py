@@ -40,6 +40,7 @@ import time
 import torch
 
 import data
+import storage
 from model import CAVMAE, CAVMAEConfig, apply_compile, num_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -437,7 +438,7 @@ def data_scale(n, num_classes=527):
         rows = (scale_row(i, mids) for i in range(n))
         with open(os.path.join(root, "data.json"), "w") as f:
             f.write('{"data": [' + ",".join(rows) + "]}")
-        data.release_freed_heap()  # what writing the json freed
+        storage.release_freed_heap()  # what writing the json freed
         before = resident_mb()
         start = time.time()
         ds = data.AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"))

@@ -1,5 +1,5 @@
 """data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors;
-the datafile check (prepare.py check), the compact rows (data.Rows) and the data benchmarks (bench.py)."""
+the datafile check (prepare.py check), the compact rows (storage.Rows) and the data benchmarks (bench.py)."""
 
 import json
 import math
