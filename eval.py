@@ -200,7 +200,7 @@ def load_model(checkpoint, task=None, preset="base", config=None, device="cpu", 
         raise ValueError(f"{checkpoint} holds a {found_task} model; this command needs {need}")
     cfg = CAVMAEConfig(**model_args)
     model = CAVMAEClassifier(cfg, found_classes) if found_task == "finetune" else CAVMAE(cfg)
-    report = load_pretrained(model, state)
+    report = load_pretrained(model, state, path=checkpoint)  # errors name the file
     if report.missing:
         raise ValueError(f"{checkpoint} does not fill the model: {report}")
     info = dict(
