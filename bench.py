@@ -41,6 +41,7 @@ import torch
 
 import data
 import storage
+from configurator import ConfigError, resolve_device
 from model import CAVMAE, CAVMAEConfig, apply_compile, num_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -82,7 +83,7 @@ def parse_args(argv=None):
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--mask_ratio", type=float, default=0.75, help="audio and visual mask ratio")
     p.add_argument("--norm_pix_loss", type=int, default=1, choices=[0, 1], help="as the released checkpoints")
@@ -115,6 +116,10 @@ def parse_args(argv=None):
     d.add_argument("--image_size", type=int, default=224, help="frame size of an item")
     d.add_argument("--data_scale", type=int, default=0, metavar="N", help="AVDataset over N rows")
     args = p.parse_args(argv)
+    try:
+        args.device = str(resolve_device(args.device))
+    except ConfigError as error:
+        p.error(str(error))
     args.batch_sizes = [args.batch_size] if args.batch_size else [int(b) for b in args.batch_sizes.split(",")]
     cuda = args.device.startswith("cuda")
     if args.modes:

@@ -10,12 +10,15 @@ source.
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import io
 import os
 import textwrap
 import tokenize
 import traceback
+
+import torch
 
 HELP_FLAGS = ("-h", "--help")
 SETTING_TYPES = (bool, int, float, str, tuple)  # the types a default may have
@@ -132,9 +135,8 @@ def defaults_in(namespace):
 
 
 def similar_keys(key, known):
-    """Up to six known keys that start with the same word as `key`, for the unknown-key error."""
-    first_word = key.split("_")[0]
-    return [k for k in known if k.split("_")[0] == first_word][:6]
+    """Up to three known keys spelled like `key` (a typo's likely meaning), for the unknown-key error."""
+    return difflib.get_close_matches(key, list(known), n=3, cutoff=0.7)
 
 
 def flag_item(arg, known):
@@ -322,3 +324,22 @@ def usage(program_path, defaults, choices=None, model_class=None):
     if model_class is not None:
         lines += model_field_lines(model_class)
     return "\n".join(lines)
+
+
+def resolve_device(name):
+    """--device: 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda', 'cuda:N' or
+    another torch device type."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if (device.index is not None) and (device.index >= torch.cuda.device_count()):
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={name} but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device

@@ -33,7 +33,7 @@ from checkpoint import (
     read_checkpoint,
     state_dict_of,
 )
-from configurator import config_file_items
+from configurator import ConfigError, config_file_items, resolve_device
 from model import (
     CAVMAE,
     FT_MODES,
@@ -922,7 +922,7 @@ def add_command(commands, name, help, inputs="data"):
     p.add_argument("--std", type=float, help="fbank normalisation std")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:N")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype"
     )
@@ -991,6 +991,10 @@ def main(argv=None):
     p.set_defaults(run=cmd_predict)
 
     args = parser.parse_args(argv)
+    try:
+        args.device = str(resolve_device(args.device))
+    except ConfigError as error:
+        parser.error(str(error))
     writes_a_folder = args.command in ("inpaint", "localize", "embed")
     if writes_a_folder and (not args.out):
         parser.error(f"{args.command} needs --out DIR")

@@ -58,7 +58,7 @@ from checkpoint import (
     save_checkpoint,
     weights_entry,
 )
-from configurator import ConfigError
+from configurator import ConfigError, resolve_device
 from loader import build_data, gather_in_order, to_device
 from model import (
     CAVMAE,
@@ -227,6 +227,19 @@ def check_settings(cfg):
             f"eval_interval={cfg['eval_interval']}: "
             "N (every N iterations), 0 (every epoch) or -1 (only at the end)"
         )
+    if cfg["task"] == "pretrain":
+        check_objective(cfg)
+
+
+def check_objective(cfg):
+    """Pretraining settings that cannot train: no loss at all, or nothing left visible to encode."""
+    if (cfg["mae_weight"] == 0) and (cfg["contrastive_weight"] == 0):
+        raise ConfigError("mae_weight=0 and contrastive_weight=0: there is nothing to train; set one above 0")
+    for key in ("mask_ratio", "mask_ratio_a", "mask_ratio_v"):
+        if cfg[key] >= 1:
+            raise ConfigError(f"{key}={cfg[key]}: must be below 1 (1 masks every token: nothing to encode)")
+    if cfg["mask_ratio"] < 0:
+        raise ConfigError(f"mask_ratio={cfg['mask_ratio']}: must be 0 or more")
 
 
 def check_data_files(cfg):
@@ -237,25 +250,6 @@ def check_data_files(cfg):
             "synthetic` and run a synthetic config (python train.py config/pretrain_synthetic.py), "
             "or point --data_train, --data_val and --label_csv at your data"
         )
-
-
-def resolve_device(name):
-    """--device: 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda', 'cuda:N' or
-    another torch device type."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
-    if (device.index is not None) and (device.index >= torch.cuda.device_count()):
-        count = torch.cuda.device_count()
-        raise ConfigError(f"device={name} but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -308,3 +308,38 @@ def test_a_resumed_run_keeps_the_last_record_of_each_iteration():
     records = [dict(split="train", iter=it, loss=1.0) for it in (1, 2, 3)]
     records += [dict(split="train", iter=it, loss=0.5) for it in (2, 3, 4)]  # resumed from 1
     assert pictures.points(records, "train", ["loss"]) == [(1, 1.0), (2, 0.5), (3, 0.5), (4, 0.5)]
+
+
+def test_an_unknown_flag_names_the_setting_it_was_probably_meant_to_be():
+    defaults = {"batch_size": 48, "lr": 5e-5, "model_embed_dim": 768}
+    with pytest.raises(configurator.ConfigError, match=r"'bach_size' \(similar: batch_size\)"):
+        configurator.configure(["--bach_size=3"], defaults)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--mae_weight=0", "--contrastive_weight=0"], "nothing to train"),
+        (["--mask_ratio=1.0"], "mask_ratio=1.0: must be below 1"),
+        (["--mask_ratio_a=1.0"], "mask_ratio_a=1.0: must be below 1"),
+    ],
+)
+def test_a_pretraining_objective_that_cannot_train_is_refused_before_the_run(flags, message):
+    cfg = configurator.configure(flags, train.DEFAULTS, train.CHOICES)
+    with pytest.raises(configurator.ConfigError, match=message):
+        train.check_settings(cfg)
+
+
+@pytest.mark.parametrize("program", ["eval.py", "bench.py"])
+def test_a_device_that_does_not_exist_is_one_line_naming_it(program):
+    args = ["retrieval", "--checkpoint", "x.pt", "--data", "y.json"] if program == "eval.py" else []
+    result = subprocess.run(
+        [sys.executable, program, *args, "--device", "gpu"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "device='gpu' is not a device" in result.stderr
+    assert "Traceback" not in result.stderr
