@@ -731,8 +731,8 @@ def check_datafile(datafile, label_csv, num_frames=10, image_size=224, show=20):
     """Load every row of a datafile as training does (data.row_problems: the wav, each frame, the
     labels); print a summary and the first `show` rows with problems. Returns how many have some."""
     start = time.time()
-    labels = data.load_label_csv(label_csv)
     rows = data.read_datafile(datafile)
+    labels = data.load_label_csv(label_csv)
     results = data.all_row_problems(rows, labels, num_frames, image_size)
     bad = [(i, problems) for i, (problems, _) in enumerate(results) if problems]
     print(

@@ -67,6 +67,7 @@ from model import (
     CAVMAEClassifier,
     CAVMAEConfig,
     apply_compile,
+    num_params,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,13 +342,12 @@ def build_optimizer(cfg, model, device):
         )
         for is_head in (False, True)
     ]
-    return (torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW)(
-        [g for g in groups if g["params"]],
-        lr=cfg["lr"],
-        betas=cfg["betas"],
-        weight_decay=cfg["weight_decay"],
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
+    # official: Adam with L2 weight decay; adamw decouples it
+    optimizer_class = torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW
+    options = dict(lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"])
+    if device.type == "cuda":
+        options["fused"] = True  # one kernel for the whole update
+    return optimizer_class([g for g in groups if g["params"]], **options)
 
 
 def has_unused_parameters(cfg, mcfg, num_classes):
@@ -448,10 +448,20 @@ class GatherWithGrad(torch.autograd.Function):
         return grad[dist.get_rank() * B : (dist.get_rank() + 1) * B]
 
 
+def mask_ratio_of(cfg, key):
+    """mask_ratio_a / mask_ratio_v, or mask_ratio where the per-modality one is negative (unset)."""
+    return cfg[key] if cfg[key] >= 0 else cfg["mask_ratio"]
+
+
 def pretrain_kwargs(cfg):
-    ratios = {k: cfg[k] if cfg[k] >= 0 else cfg["mask_ratio"] for k in ("mask_ratio_a", "mask_ratio_v")}
+    """The CAVMAE.forward arguments of the pretraining objective."""
     return dict(
-        **ratios, **{k: cfg[k] for k in ("mae_weight", "contrastive_weight", "mask_mode", "bidirectional")}
+        mask_ratio_a=mask_ratio_of(cfg, "mask_ratio_a"),
+        mask_ratio_v=mask_ratio_of(cfg, "mask_ratio_v"),
+        mae_weight=cfg["mae_weight"],
+        contrastive_weight=cfg["contrastive_weight"],
+        mask_mode=cfg["mask_mode"],
+        bidirectional=cfg["bidirectional"],
     )
 
 
@@ -991,8 +1001,8 @@ def start_log(run, report):
     prepare_out_dir(cfg)
     if cfg["init_from"] == "resume":
         trim_log(run.path("log.jsonl"), run.iter_num)
-    params = sum(p.numel() for p in run.model.parameters())
-    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    params = num_params(run.model, trainable_only=False)
+    trained = num_params(run.model)
     classes = f", {run.num_classes} classes" if run.num_classes else ""
     compiled = ", compiled" if cfg["compile"] else ""
     preprocessing = "device" if d["prep"] else "worker"
