@@ -588,7 +588,7 @@ class CAVMAE(nn.Module):
 
 
 def pooled_representation(tokens):
-    """Sec. 3.2 coordinated representation: tokens (B, L, D) mean-pooled, L2-normalised -> (B, D)."""
+    """Sec. 3 coordinated representation: tokens (B, L, D) mean-pooled, L2-normalised -> (B, D)."""
     return F.normalize(tokens.float().mean(dim=1), dim=-1)
 
 

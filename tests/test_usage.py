@@ -343,3 +343,12 @@ def test_a_device_that_does_not_exist_is_one_line_naming_it(program):
     assert result.returncode == 2
     assert "device='gpu' is not a device" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_synthetic_datafile_names_the_command_that_writes_its_folder(tmp_path):
+    folder = tmp_path / "synthetic_gpu"
+    cfg = {
+        key: str(folder / name) for key, name in zip(train.DATA_FILES, ["train.json", "test.json", "x.csv"])
+    }
+    with pytest.raises(ValueError, match=f"python prepare.py synthetic --out {folder}"):
+        train.check_data_files(cfg)
