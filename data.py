@@ -52,6 +52,11 @@ WIN = 400  # fbank window in samples: 25 ms at 16 kHz
 HOP = 160  # fbank frame shift in samples: 10 ms
 N_FFT = 512  # the window zero-padded to a power of two
 NUM_MEL_BINS = 128
+FRAME_LENGTH_MS = 25.0  # WIN in milliseconds, as kaldi.fbank takes it
+FRAME_SHIFT_MS = 10.0  # HOP in milliseconds
+LOW_FREQ = 20.0  # Hz, the lowest mel filter's left edge
+HIGH_FREQ = 0.0  # Kaldi's 0: up to the Nyquist frequency
+PREEMPHASIS = 0.97
 AUDIOSET_MEAN = -5.081  # fbank normalisation of the paper (AudioSet's)
 AUDIOSET_STD = 4.4849
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as the official loader's transforms.Normalize
@@ -147,7 +152,7 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
 
 
 def mel_filterbank(
-    num_mel_bins=NUM_MEL_BINS, n_fft=N_FFT, sample_rate=SAMPLE_RATE, low_freq=20.0, high_freq=0.0
+    num_mel_bins=NUM_MEL_BINS, n_fft=N_FFT, sample_rate=SAMPLE_RATE, low_freq=LOW_FREQ, high_freq=HIGH_FREQ
 ):
     """Kaldi's triangular mel filters, linear in mel = 1127 ln(1 + f/700), float32
     [num_mel_bins, n_fft // 2 + 1], built with the same float32 torch ops as torchaudio
@@ -199,11 +204,11 @@ def fbank(
     waveform,
     sample_rate=SAMPLE_RATE,
     num_mel_bins=NUM_MEL_BINS,
-    frame_length=25.0,
-    frame_shift=10.0,
-    low_freq=20.0,
-    high_freq=0.0,
-    preemphasis=0.97,
+    frame_length=FRAME_LENGTH_MS,
+    frame_shift=FRAME_SHIFT_MS,
+    low_freq=LOW_FREQ,
+    high_freq=HIGH_FREQ,
+    preemphasis=PREEMPHASIS,
 ):
     """Log-mel filterbank of torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False,
     window_type='hanning', dither=0.0) as CAV-MAE calls it, with torchaudio's float32 ops one for
@@ -227,7 +232,7 @@ def mel_bands(dtype, group=16):
     """CAV-MAE's mel filters in groups of `group` bands, each cut to the bins it covers (the
     triangles are contiguous): [(first band, lo bin, hi bin, filters (hi - lo, group))]."""
     cpu = torch.device("cpu")
-    weights = fbank_constants(WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, 20.0, 0.0, cpu, dtype)[1]
+    weights = fbank_constants(WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, LOW_FREQ, HIGH_FREQ, cpu, dtype)[1]
     bands = []
     for first in range(0, NUM_MEL_BINS, group):
         filters = weights[first : first + group]  # (group, n_fft/2 + 1)
@@ -244,15 +249,15 @@ def cpu_fbank(waveform):
     multiplied with the bins it covers only. Measured on 32 clips of 10 s, one thread, 2-core CPU
     (python bench.py --data): 76 ms against 116 ms for fbank clip by clip and 288 ms for fbank over
     the whole batch. [N] -> [T, M] or [B, N] -> [B, T, M]."""
-    require_one_frame(waveform, WIN, 25.0)
+    require_one_frame(waveform, WIN, FRAME_LENGTH_MS)
     window = fbank_constants(
-        WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, 20.0, 0.0, waveform.device, waveform.dtype
+        WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, LOW_FREQ, HIGH_FREQ, waveform.device, waveform.dtype
     )[0]
     clips = waveform.unsqueeze(0) if waveform.dim() == 1 else waveform  # (B, N)
     num_frames = fbank_frame_count(clips.shape[-1])
     out = clips.new_empty(len(clips), num_frames, NUM_MEL_BINS)  # (B, T, M)
     for clip, mel in zip(clips, out):
-        frames = windowed_frames(clip, WIN, HOP, window, 0.97)  # (T, win)
+        frames = windowed_frames(clip, WIN, HOP, window, PREEMPHASIS)  # (T, win)
         re_im = torch.view_as_real(torch.fft.rfft(frames, n=N_FFT)).square_()  # (T, n_fft/2 + 1, 2)
         power = re_im[..., 0] + re_im[..., 1]  # (T, n_fft/2 + 1)
         for first, lo, hi, filters in mel_bands(waveform.dtype):
