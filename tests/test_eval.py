@@ -318,32 +318,20 @@ def test_architecture_from_reads_fields_by_name_and_as_train_py_model_keys():
     assert ev.architecture_from(settings) == {"num_heads": 4, "decoder_depth": 2}
 
 
+def make_test_video(video, size="64x48", rate=10, seconds=1.5, tone_hz=None):
+    """An MPEG-4 test-pattern video made by ffmpeg, with an AAC sine tone when tone_hz is given."""
+    inputs = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate={rate}:duration={seconds}"]
+    codecs = ["-c:v", "mpeg4"]
+    if tone_hz is not None:
+        inputs += ["-f", "lavfi", "-i", f"sine=frequency={tone_hz}:duration={seconds}", "-shortest"]
+        codecs += ["-c:a", "aac"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *codecs, str(video)], check=True)
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
     video = tiny / "clip.mp4"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=96x64:rate=25:duration=2",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:duration=2",
-            "-shortest",
-            "-c:v",
-            "mpeg4",
-            "-c:a",
-            "aac",
-            str(video),
-        ],
-        check=True,
-    )
+    make_test_video(video, size="96x64", rate=25, seconds=2, tone_hz=440)
     top = run(tiny, "predict", "finetune.pt", "--video", video, "--topk", 2)  # label csv from the checkpoint
     names = [r[2] for r in csv.reader(open(tiny / "data" / "labels.csv"))][1:]
     assert len(top) == 2
@@ -355,29 +343,7 @@ def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_embed_and_localize_a_video_name_the_clip_after_the_file(tiny):
     video = tiny / "street.mp4"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=64x48:rate=10:duration=1.5",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=300:duration=1.5",
-            "-shortest",
-            "-c:v",
-            "mpeg4",
-            "-c:a",
-            "aac",
-            str(video),
-        ],
-        check=True,
-    )
+    make_test_video(video, tone_hz=300)
     out = run(tiny, "embed", "pretrain.pt", "--video", video, "--out", tiny / "emb_video", "--frame", 9)
     assert out["video_ids"] == ["street"]
     assert out["audio"].shape == (1, 32)
@@ -723,22 +689,7 @@ def test_data_that_fits_the_checkpoint_gets_no_note_and_a_short_clip_a_padding_n
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_predict_on_a_video_without_sound_names_the_video_and_what_to_do(tiny):
     video = tiny / "silent.mp4"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=64x48:rate=10:duration=1.5",
-            "-c:v",
-            "mpeg4",
-            str(video),
-        ],
-        check=True,
-    )
+    make_test_video(video, tone_hz=None)  # pictures only
     with pytest.raises(
         ValueError, match=re.escape(f"--video {video}: no audio stream; CAV-MAE needs a clip with")
     ):
