@@ -49,6 +49,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_flags(p)
+    add_end_to_end_flags(p)
+    add_data_flags(p)
+    args = p.parse_args(argv)
+    return resolve_defaults(p, args)
+
+
+def add_step_flags(p):
+    """The training-step benchmark: model, batch sizes, compile and attention choices, precision."""
     p.add_argument("--preset", default="base", help="model preset: base | small | tiny")
     p.add_argument("--batch_sizes", default="48,256", help="comma-separated batch sizes")
     p.add_argument("--batch_size", type=int, default=0, help="one batch size (overrides --batch_sizes)")
@@ -93,6 +102,9 @@ def parse_args(argv=None):
         "--peak_flops", type=float, default=989e12, help="accelerator peak FLOP/s (H100 SXM dense bf16)"
     )
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_end_to_end_flags(p):
     e = p.add_argument_group("end to end (--e2e): train.py's loop, workers and device preprocessing")
     e.add_argument(
         "--e2e", action="store_true", help="run train.py on generated clips instead of random tensors"
@@ -104,6 +116,9 @@ def parse_args(argv=None):
     )
     e.add_argument("--e2e_data", default="data/bench_e2e", help="cache folder of the generated clips")
     e.add_argument("--e2e_out", default="out/bench_e2e", help="train.py's out_dir (one subfolder per run)")
+
+
+def add_data_flags(p):
     d = p.add_argument_group("the input pipeline (--data, --data_scale): CPU time and memory")
     d.add_argument("--data", action="store_true", help="time items, batches and fbank, one thread")
     d.add_argument("--datafile", default="", help="--data on it (default: generated 10 s clips)")
@@ -115,7 +130,10 @@ def parse_args(argv=None):
     d.add_argument("--target_length", type=int, default=1024, help="fbank frames of an item")
     d.add_argument("--image_size", type=int, default=224, help="frame size of an item")
     d.add_argument("--data_scale", type=int, default=0, metavar="N", help="AVDataset over N rows")
-    args = p.parse_args(argv)
+
+
+def resolve_defaults(p, args):
+    """--device, --batch_sizes, --modes and --dtype from what they say and what this machine has."""
     try:
         args.device = str(resolve_device(args.device))
     except ConfigError as error:
