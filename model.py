@@ -18,6 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CONTRASTIVE_TEMPERATURE = 0.05  # Sec. 3: tau in the InfoNCE loss
+MASK_RATIO = 0.75  # Sec. 4: the share of each modality's patches masked in pretraining, as MAE's
+CONTRASTIVE_WEIGHT = 0.01  # Sec. 3: lambda_c, the contrastive loss's weight beside the MAE loss
+TOKEN_INIT_STD = 0.02  # official init: mask and modality tokens ~ N(0, 0.02^2), as MAE's
+TF_MASK_SCALE = 0.7  # 'tf' masking: time columns and frequency rows each at 0.7x the mask ratio
 NORM_PIX_EPS = 1e-6  # norm_pix_loss: each target patch is normalised by sqrt(var + eps)
 FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")  # official names
 MASK_MODES = ("unstructured", "time", "freq", "tf")
@@ -252,8 +256,8 @@ class Encoder(nn.Module):
         for conv in (self.patch_embed_a, self.patch_embed_v):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
             nn.init.zeros_(conv.bias)
-        nn.init.normal_(self.modality_a, std=0.02)
-        nn.init.normal_(self.modality_v, std=0.02)
+        nn.init.normal_(self.modality_a, std=TOKEN_INIT_STD)
+        nn.init.normal_(self.modality_v, std=TOKEN_INIT_STD)
         for blocks in (self.audio_blocks, self.visual_blocks, self.joint_blocks):
             blocks.apply(init_weights)
         for norm in (self.norm, self.norm_a, self.norm_v):
@@ -361,7 +365,7 @@ class CAVMAE(nn.Module):
         self.decoder_pred_a = nn.Linear(Dd, c.patch_size**2)  # one spectrogram patch
         self.decoder_pred_v = nn.Linear(Dd, c.patch_size**2 * c.in_chans)  # one RGB patch
         for token in (self.mask_token, self.decoder_modality_a, self.decoder_modality_v):
-            nn.init.normal_(token, std=0.02)
+            nn.init.normal_(token, std=TOKEN_INIT_STD)
         decoder_layers = (
             self.decoder_embed,
             self.decoder_blocks,
@@ -403,11 +407,11 @@ class CAVMAE(nn.Module):
     # --- encoder ----------------------------------------------------------------------------------
     def audio_noise(self, batch, mask_ratio, mask_mode, device):
         """Masking noise (B, La) for the audio tokens. 'unstructured': uniform, as MAE. The paper's
-        ablation masks whole time columns ('time'), frequency rows ('freq') or both at 0.7x the
-        ratio each ('tf') by giving them noise above any uniform draw. Columns / rows are drawn with
-        Python's `random` after the torch noise, as in the official code, so seeding both reproduces
-        its masks. They are marked on the CPU and sent in one copy: per-sample indexing of a GPU
-        tensor would make the host wait for the GPU twice per sample."""
+        ablation masks whole time columns ('time'), frequency rows ('freq') or both at TF_MASK_SCALE
+        of the ratio each ('tf') by giving them noise above any uniform draw. Columns / rows are
+        drawn with Python's `random` after the torch noise, as in the official code, so seeding both
+        reproduces its masks. They are marked on the CPU and sent in one copy: per-sample indexing
+        of a GPU tensor would make the host wait for the GPU twice per sample."""
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         bands, steps = self.config.audio_grid
@@ -416,7 +420,7 @@ class CAVMAE(nn.Module):
             return noise.reshape(batch, bands * steps)
         pinned = torch.device(device).type == "cuda"
         chosen = torch.zeros(batch, bands, steps, dtype=torch.bool, pin_memory=pinned)
-        scale = 0.7 if mask_mode == "tf" else 1.0
+        scale = TF_MASK_SCALE if mask_mode == "tf" else 1.0
         if mask_mode in ("time", "tf"):
             for i in range(batch):
                 chosen[i, :, random.sample(range(steps), int(steps * mask_ratio * scale))] = True
@@ -513,10 +517,10 @@ class CAVMAE(nn.Module):
         self,
         audio,
         image,
-        mask_ratio_a=0.75,
-        mask_ratio_v=0.75,
+        mask_ratio_a=MASK_RATIO,
+        mask_ratio_v=MASK_RATIO,
         mae_weight=1.0,
-        contrastive_weight=0.01,
+        contrastive_weight=CONTRASTIVE_WEIGHT,
         mask_mode="unstructured",
         bidirectional=False,
         gather=None,
@@ -563,7 +567,7 @@ class CAVMAE(nn.Module):
         out["loss"] = out["loss_mae"] + out["loss_c"]
         return out
 
-    def flops_per_sample(self, mask_ratio_a=0.75, mask_ratio_v=0.75):
+    def flops_per_sample(self, mask_ratio_a=MASK_RATIO, mask_ratio_v=MASK_RATIO):
         """Analytic forward FLOPs (2 per multiply-add) of one pretraining sample, both losses on."""
         c = self.config
         D = c.embed_dim
