@@ -273,16 +273,9 @@ def frame_indices(total):
     return [max(int(i * (total / NUM_FRAMES)) - 1, 0) for i in range(NUM_FRAMES)]
 
 
-def resized_size(w, h, size):
-    """(width, height): the shorter side `size`, the other scaled by torchvision's int rule."""
-    if w <= h:
-        return size, int(size * h / w)
-    return int(size * w / h), size
-
-
 def resize_crop(image, size=FRAME_SIZE):
     """Shorter side to `size` with Pillow bilinear (torchvision's int rule), then a centre crop."""
-    new_size = resized_size(*image.size, size)
+    new_size = data.resized_size(*image.size, size)  # the loader's rule, with bilinear here
     if new_size != image.size:
         image = image.resize(new_size, Image.BILINEAR)
     left = int(round((new_size[0] - size) / 2))  # round half to even
