@@ -30,7 +30,6 @@ this file's.
 import argparse
 import contextlib
 import gc
-import json
 import os
 import resource
 import statistics
@@ -40,6 +39,7 @@ import time
 import torch
 
 import data
+import pictures
 import storage
 from configurator import ConfigError, resolve_device
 from model import CAVMAE, CAVMAEConfig, apply_compile, num_params
@@ -325,7 +325,7 @@ def e2e_dataset(args, config):
 def epoch_rate(log_path):
     """Mean samples/s over whole epochs after the first (which compiles and starts the workers),
     from the "epoch" records of train.py's log (evaluation and checkpoint time excluded)."""
-    records = [json.loads(line) for line in open(log_path)]
+    records = pictures.read_log(log_path)
     rates = [r["samples_per_s"] for r in records if r["split"] == "epoch"]
     return statistics.mean(rates[1:] if len(rates) > 1 else rates), len(rates)
 
