@@ -52,8 +52,8 @@ WIN = 400  # fbank window in samples: 25 ms at 16 kHz
 HOP = 160  # fbank frame shift in samples: 10 ms
 N_FFT = 512  # the window zero-padded to a power of two
 NUM_MEL_BINS = 128
-FRAME_LENGTH_MS = 25.0  # WIN in milliseconds, as kaldi.fbank takes it
-FRAME_SHIFT_MS = 10.0  # HOP in milliseconds
+FRAME_LENGTH_MS = 1000 * WIN / SAMPLE_RATE  # 25.0: WIN in milliseconds, as kaldi.fbank takes it
+FRAME_SHIFT_MS = 1000 * HOP / SAMPLE_RATE  # 10.0: HOP in milliseconds
 LOW_FREQ = 20.0  # Hz, the lowest mel filter's left edge
 HIGH_FREQ = 0.0  # Kaldi's 0: up to the Nyquist frequency
 PREEMPHASIS = 0.97
@@ -184,6 +184,11 @@ def fbank_constants(win, n_fft, num_mel_bins, sample_rate, low_freq, high_freq, 
     return constant_on(window, device), constant_on(weights, device)
 
 
+def cavmae_fbank_constants(device, dtype):
+    """fbank_constants at CAV-MAE's settings, the only ones cpu_fbank computes."""
+    return fbank_constants(WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, LOW_FREQ, HIGH_FREQ, device, dtype)
+
+
 def windowed_frames(waveform, win, hop, window, preemphasis):
     """(..., N) -> (..., T, win), T = 1 + (N - win) // hop (snip_edges): Kaldi's frames with the DC
     removed, pre-emphasis inside the frame (its first sample replicated) and the window applied."""
@@ -231,8 +236,7 @@ def fbank(
 def mel_bands(dtype, group=16):
     """CAV-MAE's mel filters in groups of `group` bands, each cut to the bins it covers (the
     triangles are contiguous): [(first band, lo bin, hi bin, filters (hi - lo, group))]."""
-    cpu = torch.device("cpu")
-    weights = fbank_constants(WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, LOW_FREQ, HIGH_FREQ, cpu, dtype)[1]
+    weights = cavmae_fbank_constants(torch.device("cpu"), dtype)[1]  # (M, n_fft/2 + 1)
     bands = []
     for first in range(0, NUM_MEL_BINS, group):
         filters = weights[first : first + group]  # (group, n_fft/2 + 1)
@@ -250,9 +254,7 @@ def cpu_fbank(waveform):
     (python bench.py --data): 76 ms against 116 ms for fbank clip by clip and 288 ms for fbank over
     the whole batch. [N] -> [T, M] or [B, N] -> [B, T, M]."""
     require_one_frame(waveform, WIN, FRAME_LENGTH_MS)
-    window = fbank_constants(
-        WIN, N_FFT, NUM_MEL_BINS, SAMPLE_RATE, LOW_FREQ, HIGH_FREQ, waveform.device, waveform.dtype
-    )[0]
+    window = cavmae_fbank_constants(waveform.device, waveform.dtype)[0]
     clips = waveform.unsqueeze(0) if waveform.dim() == 1 else waveform  # (B, N)
     num_frames = fbank_frame_count(clips.shape[-1])
     out = clips.new_empty(len(clips), num_frames, NUM_MEL_BINS)  # (B, T, M)
@@ -706,6 +708,7 @@ class AVDataset(torch.utils.data.Dataset):
             partner = random.randrange(len(self))
             lam = random.betavariate(MIXUP_BETA, MIXUP_BETA)
         wave, image, label, k, missing = self.decode(i, frame)
+        used_samples = samples_for(self.target_length)  # the samples the model's fbank frames read
         fallbacks = [missing] if missing else []
         item = dict(wave=wave, image=image, label=label, frame=k, fallbacks=fallbacks)
         if mixed:
@@ -720,8 +723,8 @@ class AVDataset(torch.utils.data.Dataset):
                 partner_label=partner_label,
             )
             item["fallbacks"] += [partner_missing] if partner_missing else []
-        elif len(wave) > samples_for(self.target_length):  # only samples that reach a used frame
-            item["wave"] = wave[: samples_for(self.target_length)].clone()
+        elif len(wave) > used_samples:  # only samples that reach a used frame
+            item["wave"] = wave[:used_samples].clone()
         if self.train:
             frequency_band = draw_band(NUM_MEL_BINS, self.freqm)
             time_band = draw_band(self.target_length, self.timem)
