@@ -638,14 +638,19 @@ class AVDataset(torch.utils.data.Dataset):
             self.skip_bad_rows()
         classes = [self.labels.index.get(mid, -1) for mid in self.rows.mids]
         self.class_of_code = np.array(classes, np.int64)  # label code -> class, -1: not in the csv
-        unknown = np.flatnonzero(self.class_of_code[self.rows.label_codes] < 0)  # in label_codes
-        if len(unknown):
-            i = int(np.searchsorted(self.rows.label_offsets, unknown[0], side="right")) - 1
-            mid = self.rows.mids[self.rows.label_codes[unknown[0]]]
-            raise DataError(
-                f"{datafile} row {i} (video_id {self.rows[i]['video_id']}): "
-                f"label {mid!r} is not in {label_csv}"
-            )
+        self.require_known_labels(label_csv)
+
+    def require_known_labels(self, label_csv):
+        """A DataError naming the first row with a label that the label csv lacks."""
+        unknown = np.flatnonzero(self.class_of_code[self.rows.label_codes] < 0)  # places in label_codes
+        if len(unknown) == 0:
+            return
+        i = int(np.searchsorted(self.rows.label_offsets, unknown[0], side="right")) - 1  # its row
+        mid = self.rows.mids[self.rows.label_codes[unknown[0]]]
+        raise DataError(
+            f"{self.datafile} row {i} (video_id {self.rows[i]['video_id']}): "
+            f"label {mid!r} is not in {label_csv}"
+        )
 
     def skip_bad_rows(self):
         """Drop every row that would stop training (row_problems); list them in self.dropped, warn."""
@@ -670,7 +675,11 @@ class AVDataset(torch.utils.data.Dataset):
         """Training: a random frame; evaluation: the key's frame, else ds.frame, else the middle."""
         if self.train:
             return random.randint(0, self.num_frames - 1)
-        return next(f for f in (frame, self.frame, self.num_frames // 2) if f is not None)
+        if frame is not None:
+            return frame
+        if self.frame is not None:
+            return self.frame
+        return self.num_frames // 2
 
     def choose_frame(self, row, frame=None):
         """(path, frame loaded, the wanted frame's path if it was missing, else None) for a load."""
