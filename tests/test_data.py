@@ -373,10 +373,14 @@ def test_corrupt_or_missing_audio_is_an_error_naming_the_file(tmp_path):
         data.load_audio(str(tmp_path / "none.wav"))
 
 
+def write_nan_wav(path):
+    wave = np.full(16000, 0.1, np.float32)
+    wave[100] = np.nan
+    sf.write(path, wave, 16000, subtype="FLOAT")
+
+
 def test_nan_audio_is_an_error(tmp_path):
-    wave = np.zeros(1000, np.float32)
-    wave[10] = np.nan
-    sf.write(str(tmp_path / "nan.wav"), wave, 16000, subtype="FLOAT")
+    write_nan_wav(str(tmp_path / "nan.wav"))
     with pytest.raises(data.DataError, match="NaN"):
         data.load_audio(str(tmp_path / "nan.wav"))
 
@@ -450,12 +454,6 @@ def test_check_command_reports_problems_with_nonzero_exit(tmp_path, capsys):
     assert "3 ok, 1 with problems" in out
     assert "8000 Hz" in out
     assert "1 rows miss some" in out
-
-
-def write_nan_wav(path):
-    wave = np.full(16000, 0.1, np.float32)
-    wave[100] = np.nan
-    sf.write(path, wave, 16000, subtype="FLOAT")
 
 
 def test_check_command_finds_nan_audio(tmp_path, capsys):
