@@ -35,7 +35,7 @@ import os
 import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -804,8 +804,8 @@ class BatchPreprocessor:
     label_smooth: float = 0.0
 
     @classmethod
-    def from_dataset(cls, ds):
-        return cls(ds.target_length, ds.mean, ds.std, ds.train, ds.freqm, ds.timem, ds.noise, ds.label_smooth)
+    def from_dataset(cls, ds):  # each field from the AVDataset attribute of the same name
+        return cls(**{field.name: getattr(ds, field.name) for field in fields(cls)})
 
     def __call__(self, batch, device="cpu"):
         def get(key):
