@@ -395,6 +395,9 @@ def one_line(error):
 # A resumed run's random streams
 
 
+RESUME_SEED_STRIDE = 7919  # a prime above any rank count: each (rank, iteration) gets its own seed
+
+
 def restore_rngs(cfg, rank, device, ckpt):
     """Per-rank RNG streams (masking, structured masks): from the checkpoint when resuming; an
     error's checkpoint under torchrun has none, and the streams start again from (seed, rank,
@@ -403,7 +406,7 @@ def restore_rngs(cfg, rank, device, ckpt):
     if states:
         set_rng_state(states[rank] if len(states) > rank else states[0], device)
     else:
-        s = cfg["seed"] + rank + (ckpt["iter_num"] * 7919 if ckpt else 0)
+        s = cfg["seed"] + rank + (ckpt["iter_num"] * RESUME_SEED_STRIDE if ckpt else 0)
         torch.manual_seed(s)
         np.random.seed(s)
         random.seed(s)

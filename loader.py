@@ -82,6 +82,7 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, position, index = key
+        # one seed per (seed, epoch, position): mixed with a prime, kept within the generators' range
         s = ((self.seed * 1_000_003 + epoch) * 1_000_003 + position) % 2**62
         python_state = random.getstate()
         numpy_state = np.random.get_state()
