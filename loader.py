@@ -49,13 +49,11 @@ class RunBatches(torch.utils.data.Sampler):
         self.epoch = epoch  # where the run continues: this epoch,
         self.start = start  # after this many of its clips on each rank
 
-    def order(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return (
-            torch.multinomial(self.weights, self.n, replacement=True, generator=g)
-            if self.weights is not None
-            else torch.randperm(self.n, generator=g)
-        ).numpy()
+    def order(self, epoch):  # -> (n,) dataset indices
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # a prime: (seed, epoch) apart
+        if self.weights is None:
+            return torch.randperm(self.n, generator=g).numpy()
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g).numpy()
 
     def __iter__(self):
         B = self.batch_size
@@ -225,14 +223,14 @@ def build_data(cfg, mcfg, device, rank, world, epoch, start):
     weights = data.class_balance_weights(train_ds) if cfg["balanced_sampling"] else None
     batches = RunBatches(
         len(train_ds),
-        cfg["batch_size"],
-        iters_per_epoch * cfg["grad_accum"],
-        cfg["seed"],
-        rank,
-        world,
-        weights,
-        epoch,
-        start,
+        batch_size=cfg["batch_size"],
+        batches_per_epoch=iters_per_epoch * cfg["grad_accum"],
+        seed=cfg["seed"],
+        rank=rank,
+        world=world,
+        weights=weights,
+        epoch=epoch,
+        start=start,
     )
     prep = data.BatchPreprocessor.from_dataset(train_ds)
     val_prep = data.BatchPreprocessor.from_dataset(val_ds)

@@ -503,7 +503,8 @@ def train_step(run):
         audio, image, label = to_device(batch, run.data["prep"], run.device)
         # DDP: the gradients are all-reduced on the last micro-batch only
         sync = (run.step_model is run.model) or (micro == accum - 1)
-        with contextlib.nullcontext() if sync else run.step_model.no_sync(), run.autocast:
+        gradient_sync = contextlib.nullcontext() if sync else run.step_model.no_sync()
+        with gradient_sync, run.autocast:
             loss, micro_stats = compute_loss(run.step_model, audio, image, label, cfg, run.gather)
         run.scaler.scale(loss / accum).backward()
         for k, v in micro_stats.items():
@@ -521,9 +522,8 @@ def train_step(run):
 
 def lr_factor(cfg, it, epoch, total_iters):
     if cfg["lr_schedule"] == "step":  # MultiStepLR(range(start, 1000, step)) stepped after every epoch
-        return cfg["lrscheduler_decay"] ** len(
-            range(cfg["lrscheduler_start"], epoch + 1, cfg["lrscheduler_step"])
-        )
+        milestones_passed = len(range(cfg["lrscheduler_start"], epoch + 1, cfg["lrscheduler_step"]))
+        return cfg["lrscheduler_decay"] ** milestones_passed
     if it < cfg["warmup_iters"]:
         return (it + 1) / cfg["warmup_iters"]
     progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, total_iters - cfg["warmup_iters"]))
