@@ -215,32 +215,31 @@ def save_checkpoint(run, rngs=None, model_last=None):
         if run.world > 1:
             rngs = [None] * run.world
             dist.all_gather_object(rngs, rng_state(run.device))
-    if not run.master:
-        run.last_save = time.time()
-        run.saved_iter = run.iter_num
-        return
-    cfg = run.cfg
-    epoch, done = divmod(run.iter_num, run.iters_per_epoch)
-    atomic_save(
-        dict(
-            weights_entry(run),
-            model_last=model_last,
-            optimizer=run.optimizer.state_dict(),
-            scaler=run.scaler.state_dict(),
-            scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
-            iter_num=run.iter_num,
-            epoch=epoch,
-            world_size=run.world,
-            rng=rngs,
-            best_metric=run.best_metric,
-            best_iter=run.best_iter,
-            wa=run.wa and run.wa.state_dict(),
-            sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"]),
-        ),
-        run.path("ckpt.pt"),
-    )
+    if run.master:
+        atomic_save(checkpoint_contents(run, rngs, model_last), run.path("ckpt.pt"))
     run.last_save = time.time()  # only once the file is there
     run.saved_iter = run.iter_num
+
+
+def checkpoint_contents(run, rngs, model_last):
+    """The ckpt.pt dict (the module docstring lists its entries)."""
+    cfg = run.cfg
+    epoch, done = divmod(run.iter_num, run.iters_per_epoch)
+    return dict(
+        weights_entry(run),
+        model_last=model_last,
+        optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict(),
+        scheduler=dict(kind=cfg["lr_schedule"], epoch=epoch),
+        iter_num=run.iter_num,
+        epoch=epoch,
+        world_size=run.world,
+        rng=rngs,
+        best_metric=run.best_metric,
+        best_iter=run.best_iter,
+        wa=run.wa and run.wa.state_dict(),
+        sampler=dict(epoch=epoch, start=done * cfg["batch_size"] * cfg["grad_accum"]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

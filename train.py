@@ -612,6 +612,9 @@ def predict(run, frame=None):
     return gather_in_order([torch.cat(logits), torch.cat(targets)], run.rank, run.world)
 
 
+CLASSIFICATION_METRICS = ("mAP", "mAUC", "d_prime", "acc")  # of eval.classification_metrics, logged
+
+
 def evaluate_finetune(run, all_frames=False):
     """Middle-frame metrics; with all_frames, also the official multi-frame evaluation:
     probabilities (sigmoid for mAP runs, softmax for acc runs) averaged over the num_frames frames
@@ -621,19 +624,14 @@ def evaluate_finetune(run, all_frames=False):
     cfg = run.cfg
     logits, targets = predict(run)
     m = classification_metrics(logits, targets)
-    out = dict(
-        loss=float(classification_loss(logits, targets, cfg["loss"])),
-        mAP=m["mAP"],
-        mAUC=m["mAUC"],
-        d_prime=m["d_prime"],
-        acc=m["acc"],
-    )
+    out = dict(loss=float(classification_loss(logits, targets, cfg["loss"])))
+    out.update({k: m[k] for k in CLASSIFICATION_METRICS})
     if all_frames:
         frames = range(cfg["num_frames"])
         per_frame = torch.stack([predict(run, frame)[0] for frame in frames])  # (F, N, K)
         probs = average_frames(per_frame, "sigmoid" if cfg["metric"] == "mAP" else "softmax")
         m = classification_metrics(probs, targets)
-        out.update({f"{k}_frames": m[k] for k in ("mAP", "mAUC", "d_prime", "acc")})
+        out.update({f"{k}_frames": m[k] for k in CLASSIFICATION_METRICS})
     return out
 
 
@@ -823,8 +821,9 @@ def log_train(run, progress):
     record["samples_per_s"] = window.samples_per_s(run.step_samples)
     # model FLOPs utilisation (CUDA only); training costs 3 forward passes
     if run.pretrain and (run.device.type == "cuda"):
-        ratios = pretrain_kwargs(run.cfg)
-        flops = 3 * run.model.flops_per_sample(ratios["mask_ratio_a"], ratios["mask_ratio_v"])
+        mask_ratio_a = mask_ratio_of(run.cfg, "mask_ratio_a")
+        mask_ratio_v = mask_ratio_of(run.cfg, "mask_ratio_v")
+        flops = 3 * run.model.flops_per_sample(mask_ratio_a, mask_ratio_v)
         record["mfu"] = flops * record["samples_per_s"] / run.world / run.cfg["peak_flops"]
     progress.window = Meter(progress.clock)
     if not run.master:
