@@ -126,6 +126,38 @@ def interrupt_at(monkeypatch, call_number):
     monkeypatch.setattr(train, "compute_loss", compute_loss)
 
 
+def nan_loss_from_step(monkeypatch, step):
+    """The loss of training step `step` (1-based) and of every later one is NaN."""
+    real = train.compute_loss
+    steps = []
+
+    def compute_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        if not torch.is_grad_enabled():  # evaluation
+            return loss, stats
+        steps.append(1)
+        if len(steps) < step:
+            return loss, stats
+        nan = float("nan")
+        return loss * nan, {**stats, "loss": stats["loss"] * nan}
+
+    monkeypatch.setattr(train, "compute_loss", compute_loss)
+
+
+def failing_step_at(monkeypatch, step, message):
+    """Training step `step` (1-based) raises a DataError, as data that cannot be read does."""
+    real = train.train_step
+    steps = []
+
+    def failing_step(run):
+        steps.append(1)
+        if len(steps) == step:
+            raise data.DataError(message)
+        return real(run)
+
+    monkeypatch.setattr(train, "train_step", failing_step)
+
+
 def test_sigint_saves_and_resume_continues_exactly(synth, tmp_path, monkeypatch):
     common = ["--max_iters=7", "--mixup=0.5"]  # 7 iters: across an epoch boundary (4 per epoch)
     straight = train.main(flags(synth, tmp_path / "a", *common))["model"].state_dict()
@@ -185,16 +217,7 @@ def test_a_full_disk_during_a_checkpoint_write_says_so_and_keeps_the_previous_ch
 def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     synth, tmp_path, monkeypatch
 ):
-    real, calls = train.compute_loss, []
-
-    def compute_loss(*args, **kwargs):  # NaN from the 6th training step on (the epoch-4 checkpoint is good)
-        calls.append(torch.is_grad_enabled())  # evaluation calls run without grad
-        loss, stats = real(*args, **kwargs)
-        if sum(calls) >= 6:
-            loss, stats = loss * float("nan"), {**stats, "loss": stats["loss"] * float("nan")}
-        return loss, stats
-
-    monkeypatch.setattr(train, "compute_loss", compute_loss)
+    nan_loss_from_step(monkeypatch, 6)  # the epoch-4 checkpoint is good
     with pytest.raises(train.NonFiniteLoss, match="non-finite loss at iter 6"):
         train.main(flags(synth, tmp_path, "--max_iters=8"))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -374,23 +397,15 @@ def test_an_error_inside_the_loop_saves_the_last_step_and_resume_is_exact(
 ):
     common = ["--max_iters=6", "--mixup=0.5", "--save_minutes=0"]
     train.main(flags(synth, tmp_path / "a", *common))
-    real, calls = train.train_step, []
-
-    def failing_step(run):  # the 6th step's data cannot be read
-        calls.append(1)
-        if len(calls) == 6:
-            raise data.DataError("clip7.wav: cannot read audio")
-        return real(run)
-
-    monkeypatch.setattr(train, "train_step", failing_step)
-    with pytest.raises(data.DataError, match="clip7.wav"):
-        train.main(flags(synth, tmp_path / "b", *common))
+    with monkeypatch.context() as patch:
+        failing_step_at(patch, 6, "clip7.wav: cannot read audio")
+        with pytest.raises(data.DataError, match="clip7.wav"):
+            train.main(flags(synth, tmp_path / "b", *common))
     assert (
         torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["iter_num"] == 5
     )  # not the epoch end (4)
     message = capsys.readouterr().err
     assert f"{tmp_path / 'b' / 'ckpt.pt'} holds that state" in message and "--init_from=resume" in message
-    monkeypatch.setattr(train, "train_step", real)
     train.main(flags(synth, tmp_path / "b", *common, "--init_from=resume"))
     assert same_weights(*(training_state(tmp_path / run / "ckpt.pt") for run in "ab"))
 
@@ -567,22 +582,8 @@ def test_fine_tuning_shorter_clips_from_a_longer_checkpoint_cuts_the_audio_posit
 
 
 def test_an_error_after_an_unchecked_nan_keeps_the_last_good_checkpoint(synth, tmp_path, monkeypatch):
-    real_loss, real_step, steps = train.compute_loss, train.train_step, []
-
-    def compute_loss(*args, **kwargs):  # NaN from the 6th training step on, between two log lines
-        loss, stats = real_loss(*args, **kwargs)
-        if torch.is_grad_enabled() and len(steps) >= 6:
-            loss, stats = loss * float("nan"), {**stats, "loss": stats["loss"] * float("nan")}
-        return loss, stats
-
-    def failing_step(run):  # then the 7th step's data cannot be read
-        steps.append(1)
-        if len(steps) == 7:
-            raise data.DataError("clip3.wav: cannot read audio")
-        return real_step(run)
-
-    monkeypatch.setattr(train, "compute_loss", compute_loss)
-    monkeypatch.setattr(train, "train_step", failing_step)
+    nan_loss_from_step(monkeypatch, 6)  # between two log lines
+    failing_step_at(monkeypatch, 7, "clip3.wav: cannot read audio")
     with pytest.raises(data.DataError):
         train.main(flags(synth, tmp_path, "--max_iters=8", "--log_interval=10", "--save_minutes=0"))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
