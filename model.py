@@ -26,6 +26,8 @@ NORM_PIX_EPS = 1e-6  # norm_pix_loss: each target patch is normalised by sqrt(va
 FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")  # official names
 MASK_MODES = ("unstructured", "time", "freq", "tf")
 STRUCTURED_NOISE = 1.1  # above any uniform draw: a token with this noise is masked first
+# the suffix of each stream's LayerNorms, in a joint block (norm1, norm1_a, ...) and after it (norm, ...)
+STREAM_NORM_SUFFIX = {"joint": "", "audio": "_a", "visual": "_v"}
 
 
 @dataclass
@@ -203,7 +205,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x, stream="joint"):  # (B, L, D) -> (B, L, D)
-        suffix = {"joint": "", "audio": "_a", "visual": "_v"}[stream]
+        suffix = STREAM_NORM_SUFFIX[stream]
         x = x + self.attn(getattr(self, "norm1" + suffix)(x))
         return x + self.mlp(getattr(self, "norm2" + suffix)(x))
 
@@ -273,7 +275,7 @@ class Encoder(nn.Module):
 
     def joint(self, x, stream, last_block_only=False):
         """Sec. 3 multi-stream pass: the shared joint blocks with the stream's norms, then its norm."""
-        final_norm = {"joint": self.norm, "audio": self.norm_a, "visual": self.norm_v}[stream]
+        final_norm = getattr(self, "norm" + STREAM_NORM_SUFFIX[stream])
         blocks = self.joint_blocks[-1:] if last_block_only else self.joint_blocks
         for block in blocks:
             x = block(x, stream)
