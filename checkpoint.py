@@ -205,16 +205,22 @@ def weights_entry(run):
     )
 
 
+def every_rank_rng_state(run):
+    """[rank 0's RNG states, rank 1's, ...] on every rank (a collective under torchrun)."""
+    if run.world == 1:
+        return [rng_state(run.device)]
+    states = [None] * run.world
+    dist.all_gather_object(states, rng_state(run.device))
+    return states
+
+
 def save_checkpoint(run, rngs=None, model_last=None):
     """Rank 0 writes out_dir/ckpt.pt atomically. Every rank calls it (their RNG states are gathered)
     unless `rngs` is given. `model` holds what the run reports (after the final evaluation: the
     weight average or the best weights), `model_last` the training state that a resumed run
     continues (None: the same as `model`)."""
     if rngs is None:
-        rngs = [rng_state(run.device)]
-        if run.world > 1:
-            rngs = [None] * run.world
-            dist.all_gather_object(rngs, rng_state(run.device))
+        rngs = every_rank_rng_state(run)
     if run.master:
         atomic_save(checkpoint_contents(run, rngs, model_last), run.path("ckpt.pt"))
     run.last_save = time.time()  # only once the file is there
