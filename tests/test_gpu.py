@@ -50,7 +50,9 @@ def raw_batch(synth, train, pin=False, **augment):
         raw=True,
         **augment,
     )
-    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     batch = data.collate_raw([ds[i] for i in range(len(ds))])
     return ds, ({k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()} if pin else batch)
 
@@ -106,7 +108,8 @@ def training_steps(model, audio, image, dtype, steps=2, **kwargs):
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     outs = []
     for _ in range(steps):
-        torch.manual_seed(3), random.seed(3)
+        torch.manual_seed(3)
+        random.seed(3)
         with torch.autocast("cuda", dtype=dtype):
             out = model(audio, image, **kwargs)
         scaler.scale(out["loss"]).backward()

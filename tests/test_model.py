@@ -308,10 +308,12 @@ def test_tf_masking_masks_whole_columns_and_rows_then_fills_the_ratio():
 def test_structured_masks_draw_columns_with_python_random_after_the_torch_noise():
     """The official draw order, so that seeding torch and `random` reproduces the official masks."""
     model = tiny(audio_length=256)
-    torch.manual_seed(0), random.seed(0)
+    torch.manual_seed(0)
+    random.seed(0)
     noise = model.audio_noise(B, 0.75, "time", "cpu")  # (B, 128)
     _, mask, _ = random_masking(torch.zeros(B, 128, 1), noise, 0.75)
-    torch.manual_seed(0), random.seed(0)
+    torch.manual_seed(0)
+    random.seed(0)
     torch.rand(B, 128)  # the uniform noise comes first
     for i in range(B):
         columns = sorted(random.sample(range(16), 12))
