@@ -446,12 +446,18 @@ class LabelCSV(NamedTuple):
     names: list  # the display name of each class
 
 
+def is_synthetic_folder(path):
+    """A path under a folder named synthetic*, as the synthetic recipes' datafiles are."""
+    folder = os.path.dirname(path) or "."
+    return os.path.basename(os.path.normpath(folder)).startswith("synthetic")
+
+
 def require_file(path, what):
     """A clear error for a missing datafile or label csv, naming the command that writes it."""
     if os.path.isfile(path):
         return
     folder = os.path.dirname(path) or "."
-    if os.path.basename(os.path.normpath(folder)).startswith("synthetic"):
+    if is_synthetic_folder(path):
         make = f"`python prepare.py synthetic --out {folder}` (its config's header has the options)"
     else:
         make = "`python prepare.py videos --input VIDEOS --out FOLDER --labels CSV`"

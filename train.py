@@ -243,15 +243,9 @@ def check_objective(cfg):
         raise ConfigError(f"mask_ratio={cfg['mask_ratio']}: must be 0 or more")
 
 
-def is_synthetic_folder(path):
-    """A path under a folder named synthetic*, as the synthetic recipes' datafiles are."""
-    folder = os.path.dirname(path) or "."
-    return os.path.basename(os.path.normpath(folder)).startswith("synthetic")
-
-
 def check_data_files(cfg):
     for key in DATA_FILES:
-        if is_synthetic_folder(cfg[key]):
+        if data.is_synthetic_folder(cfg[key]):
             data.require_file(cfg[key], key)  # names the prepare.py synthetic command that writes it
     missing = [f"{key}={cfg[key]}" for key in DATA_FILES if not os.path.isfile(cfg[key])]
     if missing:

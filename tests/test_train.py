@@ -354,7 +354,8 @@ def test_step_schedule_matches_the_official_multisteplr():
     official = torch.optim.lr_scheduler.MultiStepLR(opt, list(range(10, 1000, 5)), gamma=0.5)
     for epoch in range(25):  # the official loop steps the scheduler after every epoch
         assert train.lr_factor(cfg, 0, epoch, 0) == opt.param_groups[0]["lr"]
-        opt.step(), official.step()
+        opt.step()
+        official.step()
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
