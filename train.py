@@ -684,6 +684,16 @@ def log_line(cfg, record):
         ) from None
 
 
+def logged_at_or_before(line, iter_num):
+    """Whether a log.jsonl line is a whole record of an iteration <= iter_num (a line cut short by
+    a kill during its write is not)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return record.get("iter", 0) <= iter_num
+
+
 def trim_log(path, iter_num):
     """A resumed run's log keeps the records up to the checkpoint's iteration: the steps after it,
     done before the interruption, are done again (rewritten atomically)."""
@@ -691,7 +701,7 @@ def trim_log(path, iter_num):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("iter", 0) <= iter_num]
+    kept = [line for line in lines if logged_at_or_before(line, iter_num)]
     if len(kept) == len(lines):
         return
     with open(path + ".tmp", "w") as f:

@@ -843,3 +843,11 @@ def test_an_error_in_the_final_evaluation_prints_the_command_that_finishes_the_r
     assert "--init_from=resume" in capsys.readouterr().err
     result = train.main(flags(synth, tmp_path, "--max_iters=2", "--init_from=resume"))
     assert result["iter_num"] == 2 and "a2v_R1" in result["final"]
+
+
+def test_a_resumed_log_drops_a_line_cut_short_by_a_kill(tmp_path):
+    log = tmp_path / "log.jsonl"
+    whole = [json.dumps({"split": "train", "iter": it}) + "\n" for it in (10, 20, 30)]
+    log.write_text("".join(whole) + '{"split": "train", "it')  # killed while writing iteration 40
+    train.trim_log(str(log), 20)
+    assert log.read_text() == "".join(whole[:2])
