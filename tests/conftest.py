@@ -1,4 +1,5 @@
-"""Shared test setup: import the project from the repository root, one torch thread, the reference vectors."""
+"""Shared test setup: import the project from the repository root, one torch thread, the tiny model's
+configuration, the reference vectors."""
 
 import math
 import os
@@ -10,6 +11,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1)  # tiny models run fastest on one thread; the CI has two cores
+
+# A CAV-MAE small enough for unit tests on a CPU: CAVMAEConfig(**TINY) has 8 x 4 audio tokens (128 mel
+# bins, 64 frames) and 2 x 2 visual tokens (32 x 32 images) of width 32; the decoder is 16 wide.
+TINY = dict(
+    img_size=32,
+    audio_length=64,
+    embed_dim=32,
+    num_heads=2,
+    modality_specific_depth=1,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
 
 # Outputs of the official CAV-MAE code, torchaudio, torchvision and scikit-learn on small inputs
 # (tests/golden/README.md says what each file holds). GOLDEN=<folder> runs the same tests on another set
