@@ -1,5 +1,5 @@
-"""data.py: exact official preprocessing, augmentation semantics, the raw device path and clear errors;
-the datafile check (prepare.py check), the compact rows (storage.Rows) and the data benchmarks (bench.py)."""
+"""data.py: the official preprocessing exactly (golden vectors), the raw items the loader workers decode,
+the batch preprocessing (mixup, fbank, SpecAugment, noise, label smoothing) and clear errors on bad input."""
 
 import json
 import math
@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from conftest import assert_fbank_close
 from PIL import Image
 
-import bench
 import data
-import prepare
 
 FLOOR = math.log(torch.finfo(torch.float32).eps)  # log-mel of silence: -15.942384719848633
 LABELS_CSV = 'index,mid,display_name\n0,/m/a,Alpha\n1,/m/b,"Beta, with comma"\n2,/m/c,Gamma\n'
+PADDED_ROW = (0 - data.AUDIOSET_MEAN) / data.AUDIOSET_STD  # a zero fbank row after normalisation
 
 
 def write_wav(path, seconds=1.0, rate=16000, seed=0, channels=1, subtype="PCM_16", samples=None):
@@ -67,15 +66,27 @@ def dataset(root, **kw):
     return data.AVDataset(os.path.join(root, "data.json"), os.path.join(root, "labels.csv"), **kw)
 
 
+def own_label_dataset(root, n, **kw):
+    """n clips, clip i with the single label /m/i and the datafile's labels as the classes (no label csv),
+    so that a label says which clip it came from."""
+    make_dataset(root, n=n, labels=[f"/m/{i}" for i in range(n)])
+    kw = {"target_length": 128, "image_size": 32, **kw}
+    return data.AVDataset(os.path.join(root, "data.json"), None, **kw)
+
+
+def centred_audio(path):
+    wave = data.load_audio(str(path))
+    return wave - wave.mean()
+
+
 # ---------------------------------------------------------------------------------------------- golden vectors
 
 
-@pytest.mark.parametrize("fbank", [data.fbank, data.cpu_fbank], ids=["fbank", "cpu_fbank"])
-def test_fbank_matches_torchaudio_golden(golden, fbank):
+def test_fbank_matches_torchaudio_golden(golden):
     vec = torch.load(os.path.join(golden, "fbank", "fbank_vectors.pth"), weights_only=False)
     for name in (k for k in vec if k != "kwargs"):
         wave = torch.from_numpy(sf.read(os.path.join(golden, "fbank", name + ".wav"), dtype="float32")[0])
-        assert_fbank_close(fbank(wave - wave.mean()), vec[name], name=name)
+        assert_fbank_close(data.fbank(wave - wave.mean()), vec[name], name=name)
 
 
 def test_load_image_matches_torchvision_golden(golden):
@@ -129,8 +140,6 @@ def test_batch_fbank_equals_per_clip_fbank_and_leaves_the_input_alone():
 @pytest.mark.parametrize("n,frames", [(400, 1), (559, 1), (560, 2), (160000, 998), (160125, 999)])
 def test_fbank_frame_count_follows_snip_edges(n, frames):
     assert data.fbank(torch.randn(n)).shape == (frames, 128)
-    assert data.fbank_frame_count(n) == frames
-    assert data.fbank_frame_count(torch.tensor([n])).tolist() == [frames]
 
 
 def test_fbank_of_silence_is_the_log_floor_and_mel_bin_3_is_always_empty():
@@ -143,12 +152,28 @@ def test_fbank_rejects_fewer_samples_than_one_frame():
         data.fbank(torch.randn(399))
 
 
-def test_cpu_fbank_equals_the_recipe_on_a_batch_and_on_one_clip():
-    x = torch.randn(3, 20000) * 0.2
-    assert (data.cpu_fbank(x) - data.fbank(x)).abs().max() < 1e-5
-    assert_fbank_close(data.cpu_fbank(x[0]), data.fbank(x[0]))
-    with pytest.raises(data.DataError, match="400 samples"):
-        data.cpu_fbank(torch.randn(2, 399))
+def three_clips():
+    """Waveforms of 98, 48 and 1 fbank frames, and their fbank_features (3, 64, 128) as one padded batch."""
+    generator = torch.Generator().manual_seed(0)
+    waves = [torch.randn(n, generator=generator) * 0.1 for n in (16000, 8000, 480)]
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)  # (3, 16000)
+    return waves, data.fbank_features(padded, torch.tensor([len(w) for w in waves]), 64)
+
+
+def test_fbank_features_of_a_clip_in_a_padded_batch_equal_the_clip_alone():
+    waves, batch = three_clips()
+    for b, wave in enumerate(waves):
+        alone = data.fbank_features(wave[None], torch.tensor([len(wave)]), 64)[0]
+        torch.testing.assert_close(batch[b], alone, atol=1e-5, rtol=0)
+
+
+def test_fbank_features_are_cut_or_padded_to_target_length_with_zero_rows_past_each_clips_end():
+    waves, batch = three_clips()
+    assert batch.shape == (3, 64, 128)
+    for b, (wave, frames) in enumerate(zip(waves, (98, 48, 1))):
+        own = min(frames, 64)
+        assert_fbank_close(batch[b, :own], data.fbank(wave)[:own], name=f"clip {b}")
+        assert torch.all(batch[b, own:] == 0)
 
 
 # ---------------------------------------------------------------------------------------------- items
@@ -157,61 +182,41 @@ def test_cpu_fbank_equals_the_recipe_on_a_batch_and_on_one_clip():
 def test_short_clip_is_padded_with_zero_rows_before_normalisation(tmp_path):
     make_dataset(tmp_path)
     fb, _, _ = dataset(tmp_path, target_length=128)[1]  # 0.5 s -> 48 frames
-    wave = data.load_audio(str(tmp_path / "clip1.wav"))
-    want = data.cpu_fbank(wave - wave.mean())  # the fbank of the item path on the CPU
+    want = data.fbank(centred_audio(tmp_path / "clip1.wav"))
     assert fb.shape == (128, 128)
-    torch.testing.assert_close(fb[:48], (want - data.AUDIOSET_MEAN) / data.AUDIOSET_STD, atol=0, rtol=0)
-    assert torch.all(fb[48:] == (0 - data.AUDIOSET_MEAN) / data.AUDIOSET_STD)
+    torch.testing.assert_close(fb[:48], (want - data.AUDIOSET_MEAN) / data.AUDIOSET_STD, atol=1e-6, rtol=0)
+    assert torch.all(fb[48:] == PADDED_ROW)
 
 
 def test_long_clip_is_cut_to_target_length(tmp_path):
     make_dataset(tmp_path)
     fb, _, _ = dataset(tmp_path, target_length=64, mean=0.0, std=1.0)[2]  # 1.3 s -> 128 frames
-    w = data.load_audio(str(tmp_path / "clip2.wav"))
-    assert torch.equal(fb, data.cpu_fbank(w - w.mean())[:64])
-
-
-def test_adaptation_notes_say_that_frames_are_resized_and_audio_cut_to_the_model(tmp_path):
-    datafile, _ = make_dataset(tmp_path, n=1)  # 40x32 px frames, 1 s: 98 fbank frames
-    os.remove(tmp_path / "frame_0" / "clip0.jpg")  # the first frame that exists is measured
-    notes = data.adaptation_notes(datafile, data.read_datafile(datafile), image_size=32, target_length=64)
-    source = f"note: the first clip of {datafile}: "
-    assert notes == [
-        source + "its frames are 40x32 px and the model's img_size is 32: "
-        "frames resized and centre-cropped to 32x32",
-        source + "its audio has 98 fbank frames and the model's audio_length is 64: "
-        "audio cut to its first 64 frames",
-    ]
-
-
-@pytest.mark.parametrize("target_length, note", [(100, None), (110, "audio padded with 12 frames of zeros")])
-def test_adaptation_notes_mention_padding_only_past_five_percent_of_the_length(tmp_path, target_length, note):
-    datafile, _ = make_dataset(tmp_path, n=1, frames=[])  # 98 fbank frames, no frames to measure
-    rows = data.read_datafile(datafile)
-    notes = data.adaptation_notes(datafile, rows, 32, target_length, source="clip0")
-    if note is None:
-        assert notes == []
-    else:
-        assert notes == [
-            f"note: clip0: its audio has 98 fbank frames and the model's audio_length is 110: {note}"
-        ]
-
-
-def test_adaptation_notes_are_empty_without_rows_or_with_unreadable_audio(tmp_path):
-    datafile, _ = make_dataset(tmp_path, n=1)
-    rows = data.read_datafile(datafile)
-    (tmp_path / "clip0.wav").write_bytes(b"not a wav")
-    assert data.adaptation_notes(datafile, rows, 32, 64) == []
-    assert data.adaptation_notes(datafile, rows[:0], 32, 64) == []
+    want = data.fbank(centred_audio(tmp_path / "clip2.wav"))[:64]
+    assert fb.shape == (64, 128)
+    torch.testing.assert_close(fb, want, atol=1e-5, rtol=0)
 
 
 def test_label_csv_keeps_quoted_commas_and_orders_by_index(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text('index,mid,display_name\n1,/m/b,"Beta, with comma"\n0,/m/a,Alpha\n')
-    labels = data.load_label_csv(str(path))
-    assert labels.mids == ["/m/a", "/m/b"]
-    assert labels.names == ["Alpha", "Beta, with comma"]
-    assert labels.index == {"/m/a": 0, "/m/b": 1}
+    mids, names = data.load_label_csv(str(path))
+    assert mids == ["/m/a", "/m/b"]
+    assert names == ["Alpha", "Beta, with comma"]
+
+
+def test_label_csv_with_a_gap_in_its_indices_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "gap.csv"
+    path.write_text("index,mid,display_name\n0,/m/a,Alpha\n2,/m/c,Gamma\n")
+    with pytest.raises(data.DataError, match=r"gap\.csv: the class indices must be 0\.\.1"):
+        data.load_label_csv(str(path))
+
+
+def test_without_a_label_csv_the_classes_are_the_datafiles_labels_in_first_seen_order(tmp_path):
+    datafile, _ = make_dataset(tmp_path, labels=["/m/b", "/m/a,/m/b", "", "/m/c"])
+    ds = data.AVDataset(datafile, None, target_length=128, image_size=32, raw=True)
+    assert ds.mids == ["/m/b", "/m/a", "/m/c"]
+    assert ds.num_classes == 3
+    assert ds[1]["label"].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_eval_item_labels_are_multi_hot_and_smoothed(tmp_path):
@@ -219,6 +224,11 @@ def test_eval_item_labels_are_multi_hot_and_smoothed(tmp_path):
     assert dataset(tmp_path)[1][2].tolist() == [0.0, 1.0, 1.0]
     smooth = dataset(tmp_path, label_smooth=0.3)[1][2]
     torch.testing.assert_close(smooth, torch.tensor([0.1, 0.7, 0.7]))
+
+
+def test_rows_without_labels_get_an_all_zero_target(tmp_path):
+    make_dataset(tmp_path, labels=["", "/m/a", "/m/b", "/m/c"])
+    assert dataset(tmp_path)[0][2].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_mixup_label_arithmetic_follows_the_official_loader():
@@ -233,9 +243,8 @@ def test_mixup_label_arithmetic_follows_the_official_loader():
 def test_train_item_with_mixup_mixes_labels_and_images(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/b", "/m/c", "/m/b"])
     ds = dataset(tmp_path, train=True, mixup=1.0)
-    random.seed(3)
     for i, own in enumerate([0, 1, 2, 1]):
-        fb, image, label = ds[i]
+        fb, image, label = ds[(i, 3)]
         assert torch.isfinite(fb).all()
         assert image.shape == (3, 32, 32)
         # lam + (1 - lam), lam > 0.2
@@ -243,110 +252,116 @@ def test_train_item_with_mixup_mixes_labels_and_images(tmp_path):
         assert label[own] > 0.2
 
 
-def test_train_frames_are_drawn_from_all_num_frames_and_eval_uses_the_middle(tmp_path):
+def frame_index(root, image, clip=0):
+    """Which frame_k/clip{clip}.jpg a uint8 image is."""
+    found = [
+        k
+        for k in range(10)
+        if torch.equal(image, data.read_frame(str(root / f"frame_{k}" / f"clip{clip}.jpg"), 32))
+    ]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_eval_uses_the_middle_frame_and_ds_frame_overrides_it(tmp_path):
     make_dataset(tmp_path, n=1)
-    ds = dataset(tmp_path)
-    row = ds.rows[0]
-    assert ds.choose_frame(row)[0].endswith(os.path.join("frame_5", "clip0.jpg"))
+    ds = dataset(tmp_path, raw=True)
+    assert frame_index(tmp_path, ds[0]["image"]) == 5
     ds.frame = 2
-    assert ds.choose_frame(row)[0].endswith(os.path.join("frame_2", "clip0.jpg"))
-    ds.train = True
-    assert {ds.choose_frame(row)[0] for _ in range(300)} == {
-        str(tmp_path / f"frame_{k}" / "clip0.jpg") for k in range(10)
-    }
+    assert frame_index(tmp_path, ds[0]["image"]) == 2
 
 
-def test_a_key_with_a_frame_overrides_the_evaluation_frame_for_that_load(tmp_path):
-    make_dataset(tmp_path, n=2)
-    ds = dataset(tmp_path)
-    raw = dataset(tmp_path, raw=True)
-    assert torch.equal(ds[(1, 2)][1], data.load_image(str(tmp_path / "frame_2" / "clip1.jpg"), 32))
-    assert torch.equal(ds[(1, None)][1], ds[1][1])  # None: ds.frame's rule (middle)
-    assert raw[(0, 7)]["frame"] == 7
-    assert raw[0]["frame"] == 5
-    ds.frame = 3  # ds.frame still works
-    assert torch.equal(ds[1][1], data.load_image(str(tmp_path / "frame_3" / "clip1.jpg"), 32))
+def test_train_frames_are_drawn_from_all_num_frames(tmp_path):
+    make_dataset(tmp_path, n=1)
+    ds = dataset(tmp_path, raw=True, train=True)
+    assert {frame_index(tmp_path, ds[(0, seed)]["image"]) for seed in range(100)} == set(range(10))
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_spec_augment_masks_whole_bands_within_bounds_with_torchaudio_draws(seed):
+def test_an_item_is_the_same_for_the_same_index_and_seed_whatever_the_global_random_state(tmp_path):
+    make_dataset(tmp_path)
+    ds = dataset(tmp_path, raw=True, train=True, mixup=0.5)
+    random.seed(1)
+    first = ds[(2, 7)]
+    random.seed(2)
+    second = ds[(2, 7)]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert len({ds[(2, seed)]["lam"].item() for seed in range(20)}) > 1  # another seed, other draws
+
+
+def test_an_int_key_draws_from_pythons_global_random(tmp_path):
+    make_dataset(tmp_path, n=1)
+    ds = dataset(tmp_path, raw=True, train=True)
+    random.seed(5)
+    first = [frame_index(tmp_path, ds[0]["image"]) for _ in range(20)]
+    random.seed(5)
+    second = [frame_index(tmp_path, ds[0]["image"]) for _ in range(20)]
+    assert first == second
+    assert len(set(first)) > 1
+
+
+def test_evaluation_items_are_not_augmented(tmp_path):
+    make_dataset(tmp_path, n=1)
+    plain = dataset(tmp_path)[0]
+    asked = dataset(tmp_path, freqm=48, timem=64, noise=True, mixup=1.0)[0]
+    assert all(torch.equal(a, b) for a, b in zip(plain, asked))
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_spec_augment_masks_whole_bands_and_frames_within_bounds_with_torchaudio_draws(seed):
+    B = 4
+    T = 100
+    M = 128
     torch.manual_seed(seed)
-    bands = [data.draw_band(128, 48), data.draw_band(100, 30)]
+    out = data.spec_augment(torch.ones(B, T, M), 48, 30)
     torch.manual_seed(seed)
-    for (start, width), (width_max, length) in zip(bands, ((48, 128), (30, 100))):
-        value = torch.rand(1) * width_max
-        assert (start, width) == (int(torch.rand(1) * (length - value)), int(value))
-        assert width < width_max
-        assert start + width <= length
-    (f0, fw), (t0, tw) = bands
-    out = data.spec_augment(torch.ones(1, 100, 128), torch.tensor([[f0, fw, t0, tw]]))[0]
-    assert out.eq(0).all(0).nonzero().flatten().tolist() == list(range(f0, f0 + fw))  # whole mel bands
-    assert out.eq(0).all(1).nonzero().flatten().tolist() == list(range(t0, t0 + tw))  # whole frames
-    assert out.eq(0).sum() == fw * 100 + tw * 128 - fw * tw  # and nothing else
+    freq_value = torch.rand(B) * 48
+    freq_start = (torch.rand(B) * (M - freq_value)).long()
+    time_value = torch.rand(B) * 30
+    time_start = (torch.rand(B) * (T - time_value)).long()
+    for b in range(B):
+        f0 = freq_start[b].item()
+        fw = int(freq_value[b])
+        t0 = time_start[b].item()
+        tw = int(time_value[b])
+        assert fw < 48
+        assert tw < 30
+        assert f0 + fw <= M
+        assert t0 + tw <= T
+        zero = out[b].eq(0)
+        assert zero.all(0).nonzero().flatten().tolist() == list(range(f0, f0 + fw))  # whole mel bands
+        assert zero.all(1).nonzero().flatten().tolist() == list(range(t0, t0 + tw))  # whole frames
+        assert zero.sum() == fw * T + tw * M - fw * tw  # and nothing else
 
 
 def test_spec_augment_with_zero_widths_changes_nothing_and_draws_nothing():
     feats = torch.randn(2, 50, 128)
-    torch.manual_seed(0)
-    assert data.draw_band(128, 0) == (0, 0)
-    assert data.draw_band(50, 0) == (0, 0)
-    assert torch.equal(data.spec_augment(feats, torch.tensor([[5, 0, 7, 0], [0, 0, 0, 0]])), feats)
-    after = torch.rand(1)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(1))
+    state = torch.get_rng_state()
+    assert torch.equal(data.spec_augment(feats, 0, 0), feats)
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_noise_adds_at_most_a_tenth_of_its_scale_then_rolls_in_time_by_the_drawn_shift():
+    B = 3
     T = 64
-    feats = torch.arange(T, dtype=torch.float32).repeat(128, 1).T[None].repeat(2, 1, 1)  # row t holds t
-    out = data.add_noise(
-        feats, torch.tensor([3, 4]), torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([5, -70])
-    )
-    for b, (scale, shift) in enumerate([(1.0, 5), (0.5, -70)]):
-        source = out[b].floor()[:, 0]
-        assert torch.equal(source.long(), (torch.arange(T) - shift) % T)
+    M = 128
+    feats = torch.arange(T, dtype=torch.float32)[None, :, None].expand(B, T, M)  # row t holds t
+    torch.manual_seed(4)
+    out = data.add_noise(feats)
+    torch.manual_seed(4)
+    scale = torch.rand(B, 1, 1)  # the official noise: U(0, 1) * s / 10, s ~ U(0, 1) per clip
+    uniform = torch.rand(B, T, M)
+    shift = torch.randint(-T, T, (B, 1))
+    for b in range(B):
+        want = torch.roll(feats[b] + uniform[b] * scale[b] / 10, shift[b].item(), 0)
+        assert torch.equal(out[b], want)
+        source = (torch.arange(T) - shift[b]) % T  # out[t] = in[t - shift]
         extra = out[b] - source[:, None]
         assert extra.min() >= 0
-        assert extra.max() <= 0.1 * scale + 1e-5
-        assert extra.std() > 0.01 * scale
-
-
-def hash32_reference(x):
-    for shift, multiplier in ((16, 0x21F0AAAD), (15, 0x735A2D97)):
-        x ^= x >> shift
-        x = x * multiplier & 0xFFFFFFFF
-    return x ^ (x >> 15)
-
-
-def test_hash_uniform_is_the_hash_of_seed_and_position_with_24_bits():
-    seeds = [0, 1, 2**32 - 1, 123456789]
-    got = data.hash_uniform(torch.tensor(seeds), (3, 5), "cpu")
-    assert got.shape == (4, 3, 5)
-    assert got.dtype == torch.float32
-    for b, seed in enumerate(seeds):
-        for k in (0, 1, 7, 14):
-            bits = hash32_reference(hash32_reference(k) ^ hash32_reference(seed))
-            assert got[b].flatten()[k].item() == (bits >> 8) / 2**24
-
-
-def test_hash_uniform_rows_depend_only_on_their_seed_and_look_uniform():
-    seeds = torch.tensor([7, 8, 9])
-    field = data.hash_uniform(seeds, (1024, 128), "cpu")
-    alone = data.hash_uniform(seeds[1:2], (1024, 128), "cpu")[0]
-    assert torch.equal(field[1], alone)  # any batch composition
-    assert field.min() >= 0
-    assert field.max() < 1
-    assert abs(field.mean().item() - 0.5) < 1e-3
-    assert abs(field.std().item() - (1 / 12) ** 0.5) < 1e-3
-    assert not torch.equal(field[0], field[1])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_hash_uniform_gives_the_same_field_on_cuda_as_on_the_cpu():
-    seeds = torch.tensor([0, 5, 2**32 - 1])
-    on_cuda = data.hash_uniform(seeds, (1024, 128), "cuda")
-    on_cpu = data.hash_uniform(seeds, (1024, 128), "cpu")
-    assert torch.equal(on_cuda.cpu(), on_cpu)
+        assert extra.max() <= scale[b].item() / 10 + 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -354,7 +369,7 @@ def test_hash_uniform_gives_the_same_field_on_cuda_as_on_the_cpu():
 
 def test_wrong_sample_rate_names_file_rate_and_fix(tmp_path):
     path = write_wav(str(tmp_path / "a.wav"), rate=44100)
-    with pytest.raises(data.DataError, match=r"a\.wav.*44100 Hz.*prepare\.py videos"):
+    with pytest.raises(data.DataError, match=r"a\.wav is sampled at 44100 Hz.*prepare\.py videos"):
         data.load_audio(path)
 
 
@@ -373,15 +388,21 @@ def test_corrupt_or_missing_audio_is_an_error_naming_the_file(tmp_path):
         data.load_audio(str(tmp_path / "none.wav"))
 
 
-def write_nan_wav(path):
+def test_truncated_wav_is_an_error_naming_the_file_and_both_lengths(tmp_path):
+    path = tmp_path / "cut.wav"
+    write_wav(str(path), seconds=1.0)  # 16000 samples of PCM-16 after a 44-byte header
+    path.write_bytes(path.read_bytes()[: 44 + 2 * 6000])
+    with pytest.raises(
+        data.DataError, match=r"cut\.wav is truncated: its header promises 16000 samples, it has 6000"
+    ):
+        data.load_audio(str(path))
+
+
+def test_nan_audio_is_an_error_naming_the_file(tmp_path):
     wave = np.full(16000, 0.1, np.float32)
     wave[100] = np.nan
-    sf.write(path, wave, 16000, subtype="FLOAT")
-
-
-def test_nan_audio_is_an_error(tmp_path):
-    write_nan_wav(str(tmp_path / "nan.wav"))
-    with pytest.raises(data.DataError, match="NaN"):
+    sf.write(str(tmp_path / "nan.wav"), wave, 16000, subtype="FLOAT")
+    with pytest.raises(data.DataError, match=r"nan\.wav contains NaN"):
         data.load_audio(str(tmp_path / "nan.wav"))
 
 
@@ -401,152 +422,84 @@ def test_greyscale_frame_is_converted_to_rgb(tmp_path):
         torch.testing.assert_close(image[c], want[:, 4:36], atol=1e-6, rtol=0)
 
 
-def test_missing_frame_falls_back_to_an_earlier_one_and_is_counted(tmp_path):
+def test_missing_or_unreadable_image_is_an_error_naming_the_file(tmp_path):
+    with pytest.raises(data.DataError, match=r"image file not found: .*none\.jpg"):
+        data.read_frame(str(tmp_path / "none.jpg"), 32)
+    path = write_jpg(str(tmp_path / "cut.jpg"))
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:300])
+    with pytest.raises(data.DataError, match=r"cannot read image .*cut\.jpg"):
+        data.read_frame(path, 32)
+
+
+def test_missing_frame_falls_back_to_an_earlier_one(tmp_path):
     make_dataset(tmp_path, n=1, frames=range(4))
-    ds = dataset(tmp_path)
-    _, image, _ = ds[0]
-    assert torch.equal(image, data.load_image(str(tmp_path / "frame_3" / "clip0.jpg"), 32))
-    ds[0]
-    assert ds.frame_fallbacks == 2
+    image = dataset(tmp_path, raw=True)[0]["image"]  # the middle frame, 5, is missing
+    assert torch.equal(image, data.read_frame(str(tmp_path / "frame_3" / "clip0.jpg"), 32))
 
 
-def test_no_frame_at_or_before_the_chosen_one_is_an_error(tmp_path):
+def test_no_frame_at_or_before_the_chosen_one_is_an_error_naming_the_row_and_file(tmp_path):
     make_dataset(tmp_path, n=1, frames=[7])
-    with pytest.raises(data.DataError, match=r"row 0 \(video_id clip0\): no frame at or before frame_5"):
+    want = r"data\.json row 0 \(video_id clip0\): image file not found: .*frame_0.clip0\.jpg"
+    with pytest.raises(data.DataError, match=want):
         dataset(tmp_path)[0]
 
 
-def test_unknown_label_names_datafile_row_and_mid(tmp_path):
-    make_dataset(tmp_path, labels=["/m/a", "/m/a", "/m/zz", "/m/a"])
-    with pytest.raises(data.DataError, match=r"data\.json row 2 \(video_id clip2\): label '/m/zz'"):
-        dataset(tmp_path)
+def test_unreadable_frame_in_a_row_names_the_row_and_the_frame(tmp_path):
+    make_dataset(tmp_path)
+    frame = tmp_path / "frame_5" / "clip2.jpg"
+    frame.write_bytes(frame.read_bytes()[:300])  # the header opens, the pixels do not decode
+    with pytest.raises(
+        data.DataError, match=r"row 2 \(video_id clip2\): cannot read image .*frame_5.clip2\.jpg"
+    ):
+        dataset(tmp_path)[2]
 
 
 def test_unreadable_wav_in_a_row_names_the_row(tmp_path):
     make_dataset(tmp_path)
     (tmp_path / "clip1.wav").write_bytes(b"garbage")
-    ds = dataset(tmp_path)
-    with pytest.raises(data.DataError, match=r"row 1 \(video_id clip1\): cannot read audio"):
-        ds[1]
-
-
-def test_skip_policy_drops_bad_rows_at_start_and_lists_them(tmp_path):
-    make_dataset(tmp_path, n=4, labels=["/m/a", "/m/zz", "/m/c", "/m/a"])
-    os.remove(tmp_path / "clip2.wav")
-    with pytest.warns(UserWarning, match="skipped 2 of 4 rows"):
-        ds = dataset(tmp_path, on_error="skip")
-    assert [r["video_id"] for r in ds.rows] == ["clip0", "clip3"]
-    assert [(i, vid) for i, vid, _ in ds.dropped] == [(1, "clip1"), (2, "clip2")]
-    assert "not found" in ds.dropped[1][2][0]
-
-
-def check(datafile, labels):
-    return prepare.main(["check", "--data", datafile, "--label-csv", labels, "--image-size", "32"])
-
-
-def test_check_command_reports_problems_with_nonzero_exit(tmp_path, capsys):
-    datafile, labels = make_dataset(tmp_path)
-    assert check(datafile, labels) == 0
-    write_wav(str(tmp_path / "clip0.wav"), rate=8000)
-    os.remove(tmp_path / "frame_9" / "clip1.jpg")
-    assert check(datafile, labels) == 1
-    out = capsys.readouterr().out
-    assert "3 ok, 1 with problems" in out
-    assert "8000 Hz" in out
-    assert "1 rows miss some" in out
-
-
-def test_check_command_finds_nan_audio(tmp_path, capsys):
-    datafile, labels = make_dataset(tmp_path)
-    write_nan_wav(str(tmp_path / "clip1.wav"))
-    assert check(datafile, labels) == 1
-    out = capsys.readouterr().out
-    assert "3 ok, 1 with problems" in out
-    assert "row 1 (video_id clip1)" in out
-    assert "NaN" in out
-
-
-def test_skip_policy_drops_rows_with_nan_audio(tmp_path):
-    make_dataset(tmp_path)
-    write_nan_wav(str(tmp_path / "clip1.wav"))
-    with pytest.warns(UserWarning, match="skipped 1 of 4 rows"):
-        ds = dataset(tmp_path, on_error="skip")
-    assert [(i, vid) for i, vid, _ in ds.dropped] == [(1, "clip1")]
-    assert "NaN" in ds.dropped[0][2][0]
-
-
-def test_check_command_finds_a_truncated_frame(tmp_path, capsys):
-    datafile, labels = make_dataset(tmp_path)
-    frame = tmp_path / "frame_3" / "clip2.jpg"
-    frame.write_bytes(frame.read_bytes()[:300])  # the header opens, the pixels do not decode
-    assert check(datafile, labels) == 1
-    out = capsys.readouterr().out
-    assert "row 2 (video_id clip2)" in out
-    assert "cannot read image" in out
-    assert "frame_3" in out
-
-
-def test_truncated_wav_is_an_error_naming_the_file_and_both_lengths(tmp_path):
-    path = tmp_path / "cut.wav"
-    write_wav(str(path), seconds=1.0)  # 16000 samples of PCM-16 after a 44-byte header
-    path.write_bytes(path.read_bytes()[: 44 + 2 * 6000])
     with pytest.raises(
-        data.DataError, match=r"cut\.wav is truncated: its header promises 16000 samples, the file holds 6000"
+        data.DataError, match=r"data\.json row 1 \(video_id clip1\): cannot read audio .*clip1\.wav"
     ):
-        data.load_audio(str(path))
+        dataset(tmp_path)[1]
 
 
-def test_check_command_finds_a_truncated_wav(tmp_path, capsys):
-    datafile, labels = make_dataset(tmp_path)
-    path = tmp_path / "clip2.wav"
-    path.write_bytes(path.read_bytes()[:5000])
-    assert check(datafile, labels) == 1
-    assert "clip2.wav is truncated" in capsys.readouterr().out
+def test_unknown_label_names_datafile_row_video_id_and_mid(tmp_path):
+    make_dataset(tmp_path, labels=["/m/a", "/m/a", "/m/zz", "/m/a"])
+    with pytest.raises(
+        data.DataError, match=r"data\.json row 2 \(video_id clip2\): label '/m/zz' is not in .*labels\.csv"
+    ):
+        dataset(tmp_path)
 
 
 @pytest.mark.parametrize("missing", ["data.json", "labels.csv"])
-def test_a_missing_datafile_or_label_csv_is_an_error_naming_it_and_the_command_that_writes_it(
-    tmp_path, missing
-):
+def test_a_missing_datafile_or_label_csv_names_it_and_the_command_that_writes_it(tmp_path, missing):
     folder = tmp_path / "synthetic"
     folder.mkdir()
     make_dataset(folder, n=1)
     os.remove(folder / missing)
     what = "datafile" if missing == "data.json" else "label csv"
-    want = rf"{what} not found: .*synthetic/{missing}; write it with `python prepare.py synthetic --out .*synthetic`"
+    want = rf"{what} not found: .*synthetic/{missing} \(`python prepare\.py synthetic` writes one\)"
     with pytest.raises(data.DataError, match=want):
         dataset(folder)
 
 
-def test_a_missing_label_csv_outside_a_synthetic_folder_points_at_prepare_videos(tmp_path):
+def test_a_missing_label_csv_of_videos_points_at_prepare_videos(tmp_path):
     datafile, _ = make_dataset(tmp_path, n=1)
     with pytest.raises(
-        data.DataError, match=r"label csv not found: .*none\.csv; write it with `python prepare\.py videos"
+        data.DataError, match=r"label csv not found: .*none\.csv \(`python prepare\.py videos` writes one\)"
     ):
         data.AVDataset(datafile, str(tmp_path / "none.csv"))
 
 
-def test_check_command_on_a_missing_label_csv_exits_2_with_the_error(tmp_path, capsys):
-    datafile, _ = make_dataset(tmp_path, n=1)
-    assert check(datafile, str(tmp_path / "none.csv")) == 2
-    assert "error: label csv not found" in capsys.readouterr().err
-
-
-def test_check_command_on_a_datafile_that_is_not_json_exits_2_with_the_error(tmp_path, capsys):
+@pytest.mark.parametrize("text", ["not json", '{"rows": []}', '{"data": [{"wav": "a.wav"}]}'])
+def test_a_datafile_that_is_not_the_official_json_is_an_error_naming_it(tmp_path, text):
     _, labels = make_dataset(tmp_path, n=1)
-    (tmp_path / "data.json").write_text("not json")
-    assert check(str(tmp_path / "data.json"), labels) == 2
-    assert "error: cannot read datafile" in capsys.readouterr().err
+    (tmp_path / "data.json").write_text(text)
+    with pytest.raises(data.DataError, match=r"cannot read datafile .*data\.json .*want json"):
+        data.AVDataset(str(tmp_path / "data.json"), labels)
 
 
-def test_check_command_takes_the_label_csv_flag_as_eval_and_bench_spell_it(tmp_path, capsys):
-    datafile, labels = make_dataset(tmp_path, n=1)
-    argv = ["check", "--data", datafile, "--label_csv", labels, "--image-size", "32"]
-    assert prepare.main(argv) == 0
-    assert "1 ok, 0 with problems" in capsys.readouterr().out
-
-
-# ---------------------------------------------------------------------------------------------- loading at scale
+# ---------------------------------------------------------------------------------------------- the rows
 
 
 def write_rows(root, n, seed=0):
@@ -554,7 +507,7 @@ def write_rows(root, n, seed=0):
     rng = random.Random(seed)
     rows = [
         dict(
-            video_id=f"vid{i}_{rng.random():.3f}",
+            video_id=f"vid{i}_{rng.random():.3f}_é",
             wav=f"audio/part{i % 3}/v{i}.flac",
             video_path=rng.choice(["frames", "/abs/frames", "x/../frames2"]),
             labels=",".join(rng.sample(["/m/a", "/m/b", "/m/c"], rng.randint(0, 3))),
@@ -568,54 +521,17 @@ def write_rows(root, n, seed=0):
     return rows
 
 
-def test_compact_rows_give_back_every_row_and_its_labels(tmp_path):
-    rows = write_rows(tmp_path, 3000)
+def test_row_gives_back_the_datafile_row_with_paths_from_its_folder_and_class_indices(tmp_path):
+    rows = write_rows(tmp_path, 200)
     ds = dataset(tmp_path)
-    codes = ds.rows.label_codes
-    offsets = ds.rows.label_offsets
-    assert len(ds) == len(ds.rows) == 3000
-    for i in range(0, 3000, 7):
-        want = rows[i]
-        assert ds.rows[i] == dict(
+    assert len(ds) == 200
+    for i, want in enumerate(rows):
+        assert ds.row(i) == dict(
             video_id=want["video_id"],
-            wav=os.path.normpath(str(tmp_path / want["wav"])),
-            video_path=os.path.normpath(str(tmp_path / want["video_path"])),
-            labels=want["labels"],
+            wav=os.path.join(str(tmp_path), want["wav"]),
+            video_path=os.path.join(str(tmp_path), want["video_path"]),
+            classes=[["/m/a", "/m/b", "/m/c"].index(m) for m in data.split_labels(want["labels"])],
         )
-        classes = ds.class_of_code[codes[offsets[i] : offsets[i + 1]]].tolist()
-        assert classes == [["/m/a", "/m/b", "/m/c"].index(m) for m in data.label_mids(want)]
-    assert [r["video_id"] for r in ds.rows] == [r["video_id"] for r in rows]  # iteration
-    assert ds.rows[-1] == ds.rows[2999]
-    assert ds.rows[:3] == [ds.rows[0], ds.rows[1], ds.rows[2]]
-    with pytest.raises(IndexError):
-        ds.rows[3000]
-
-
-def test_rows_cut_to_a_list_of_dicts_still_load(tmp_path):
-    make_dataset(tmp_path)
-    ds = dataset(tmp_path)
-    want = ds[1]
-    ds.rows = ds.rows[:2]  # as eval.py --limit may do
-    assert len(ds) == 2
-    assert all(torch.equal(a, b) for a, b in zip(ds[1], want))
-
-
-def test_class_balance_weights_on_compact_rows_equal_the_formula_over_dicts(tmp_path):
-    rows = write_rows(tmp_path, 2000, seed=1)
-    got = data.class_balance_weights(dataset(tmp_path))
-    counts = {m: sum(m in data.label_mids(r["labels"]) for r in rows) for m in ("/m/a", "/m/b", "/m/c")}
-    want = [sum(1000 / (counts[m] + 0.01) for m in data.label_mids(r["labels"])) for r in rows]
-    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
-
-
-def test_data_scale_bench_reports_build_time_and_memory(capsys):
-    seconds, held = bench.main(["--data_scale", "2000"])
-    assert seconds > 0
-    assert held >= 0
-    out = capsys.readouterr().out
-    assert "2000 rows" in out
-    assert "s to build" in out
-    assert "MB held" in out
 
 
 def test_class_balance_weights_follow_the_official_formula(tmp_path):
@@ -626,54 +542,132 @@ def test_class_balance_weights_follow_the_official_formula(tmp_path):
     torch.testing.assert_close(w, torch.tensor([a, a + b, b, a], dtype=torch.float64))
 
 
+def test_class_balance_weights_of_rows_with_any_number_of_labels_equal_the_formula(tmp_path):
+    rows = write_rows(tmp_path, 300, seed=1)
+    got = data.class_balance_weights(dataset(tmp_path))
+    mids = [data.split_labels(r["labels"]) for r in rows]
+    counts = {m: sum(m in row for row in mids) for m in ("/m/a", "/m/b", "/m/c")}
+    want = [sum(1000 / (counts[m] + 0.01) for m in row) for row in mids]  # an unlabelled row weighs 0
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
 def test_dataset_stats_are_mean_and_std_of_padded_fbank(tmp_path):
     make_dataset(tmp_path, n=3)
     ds = dataset(tmp_path)
-    waves = [data.load_audio(str(tmp_path / f"clip{i}.wav")) for i in range(3)]
-    feats = torch.stack(
-        [F.pad(data.fbank(w - w.mean()), (0, 0, 0, 128 - data.fbank(w).shape[0])) for w in waves]
-    )
+    waves = [centred_audio(tmp_path / f"clip{i}.wav") for i in range(3)]
+    feats = torch.stack([F.pad(data.fbank(w), (0, 0, 0, 128 - data.fbank(w).shape[0])) for w in waves])
     mean, std = data.dataset_stats(ds)
-    assert mean == pytest.approx(feats.mean().item())
-    assert std == pytest.approx(feats.std().item(), rel=1e-6)
+    assert mean == pytest.approx(feats.double().mean().item(), rel=1e-5)
+    assert std == pytest.approx(feats.double().std(correction=0).item(), rel=1e-5)
 
 
-def test_dataloader_with_two_workers_loads_items(tmp_path):
-    make_dataset(tmp_path, n=6)
-    batches = list(torch.utils.data.DataLoader(dataset(tmp_path), batch_size=2, num_workers=2))
-    assert len(batches) == 3
-    assert batches[0][0].shape == (2, 128, 128)
-    assert batches[0][1].shape == (2, 3, 32, 32)
+# ---------------------------------------------------------------------------------------------- raw items and batches
 
 
-def test_raw_batches_report_each_missing_frame_they_fell_back_from(tmp_path):
-    make_dataset(tmp_path, n=6, frames=range(3))
+def test_collate_zero_pads_the_waveforms_and_records_their_lengths(tmp_path):
+    make_dataset(tmp_path)
     raw = dataset(tmp_path, raw=True)
-    loader = torch.utils.data.DataLoader(raw, batch_size=2, num_workers=2, collate_fn=data.collate_raw)
-    fallbacks = [p for batch in loader for p in batch["fallbacks"]]
-    assert fallbacks == [str(tmp_path / "frame_5" / f"clip{i}.jpg") for i in range(6)]
+    items = [raw[1], raw[0], raw[3]]  # 8000, 16000 and 480 samples
+    batch = data.collate(items)
+    assert batch["length"].tolist() == [8000, 16000, 480]
+    assert batch["wave"].shape == (3, 16000)
+    for b, item in enumerate(items):
+        n = len(item["wave"])
+        assert torch.equal(batch["wave"][b, :n], item["wave"])
+        assert torch.all(batch["wave"][b, n:] == 0)
+        assert torch.equal(batch["image"][b], item["image"])
+        assert torch.equal(batch["label"][b], item["label"])
+
+
+def test_raw_item_is_the_centred_wave_the_uint8_frame_and_the_label(tmp_path):
+    make_dataset(tmp_path)
+    item = dataset(tmp_path, raw=True)[1]
+    assert set(item) == {"wave", "image", "label"}
+    assert torch.equal(item["wave"], centred_audio(tmp_path / "clip1.wav"))
+    assert torch.equal(item["image"], data.read_frame(str(tmp_path / "frame_5" / "clip1.jpg"), 32))
+    assert item["label"].tolist() == [0.0, 1.0, 1.0]
 
 
 def test_raw_path_equals_item_path_in_eval_mode(tmp_path):
-    # shorter and longer than 128 frames; from about 16 frames up the BLAS kernel, and so every bit, is the same
-    make_dataset(tmp_path, seconds=(1.0, 0.5, 1.6, 0.2))
-    items = dataset(tmp_path)
-    raw = dataset(tmp_path, raw=True, label_smooth=0.0)
-    batch = next(iter(torch.utils.data.DataLoader(raw, batch_size=4, collate_fn=data.collate_raw)))
-    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
+    # shorter and longer than 128 frames, in one padded batch
+    make_dataset(tmp_path, seconds=(1.0, 0.5, 1.6, 0.03))
+    items = dataset(tmp_path, label_smooth=0.1)
+    raw = dataset(tmp_path, raw=True, label_smooth=0.1)
+    audio, image, label = raw.preprocess(data.collate([raw[i] for i in range(4)]), "cpu")
     for i in range(4):
         fb, im, lab = items[i]
-        assert torch.equal(audio[i], fb)
+        torch.testing.assert_close(audio[i], fb, atol=1e-5, rtol=0)
         assert torch.equal(image[i], im)
         assert torch.equal(label[i], lab)
 
 
-def test_raw_path_in_training_keeps_the_label_mass_of_mixed_rows(tmp_path):
+def test_batches_yield_the_finished_items_of_the_rows_asked_for_in_order(tmp_path):
+    make_dataset(tmp_path)
+    items = dataset(tmp_path)
+    raw = dataset(tmp_path, raw=True)
+    got = list(data.batches(raw, 2, "cpu", indices=[3, 1, 0]))
+    assert [len(audio) for audio, _, _ in got] == [2, 1]
+    for b, i in enumerate([3, 1, 0]):
+        audio, image, label = got[b // 2]
+        torch.testing.assert_close(audio[b % 2], items[i][0], atol=1e-5, rtol=0)
+        assert torch.equal(image[b % 2], items[i][1])
+        assert torch.equal(label[b % 2], items[i][2])
+
+
+def test_dataloader_with_two_workers_loads_items(tmp_path):
+    make_dataset(tmp_path, n=6)
+    ds = dataset(tmp_path)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2))
+    assert len(batches) == 3
+    assert batches[0][0].shape == (2, 128, 128)
+    assert batches[0][1].shape == (2, 3, 32, 32)
+    assert torch.equal(batches[2][2][1], ds[5][2])
+
+
+def test_items_are_the_same_for_the_same_index_and_seed_whatever_the_worker_count(tmp_path):
+    make_dataset(tmp_path, n=6)
+    raw = dataset(tmp_path, raw=True, train=True, mixup=0.5)
+    keys = [(i % 6, 100 + i) for i in range(8)]
+
+    def load(workers):
+        loader = torch.utils.data.DataLoader(
+            raw, batch_size=4, sampler=keys, collate_fn=data.collate, num_workers=workers
+        )
+        return list(loader)
+
+    alone = load(0)
+    for workers in (1, 2):
+        for want, got in zip(alone, load(workers), strict=True):
+            assert want.keys() == got.keys()
+            assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+TRAIN = dict(train=True, mixup=0.5, label_smooth=0.1)  # every random choice made by the item's seed
+
+
+def test_a_batchs_rows_equal_the_items_built_alone_from_the_same_seeds(tmp_path):
+    make_dataset(tmp_path, n=6, seconds=(1.0, 0.5, 1.6, 0.2, 0.03, 1.2))
+    items = dataset(tmp_path, **TRAIN)
+    raw = dataset(tmp_path, raw=True, **TRAIN)
+    keys = [(i % 6, 100 + i) for i in range(8)]
+    batch = data.collate([raw[key] for key in keys])
+    mixed = batch["lam"] < 1
+    assert 0 < int(mixed.sum()) < len(keys)  # both kinds of rows in the batch
+    assert (batch["length"][mixed] < batch["length"].max()).any()  # a mixed clip shorter than the batch
+    audio, image, label = raw.preprocess(batch, "cpu")
+    for b, key in enumerate(keys):
+        fb, im, lab = items[key]
+        torch.testing.assert_close(audio[b], fb, atol=1e-5, rtol=0)
+        torch.testing.assert_close(image[b], im, atol=1e-6, rtol=0)
+        torch.testing.assert_close(label[b], lab, atol=1e-7, rtol=0)
+
+
+def test_a_training_batch_with_every_augmentation_keeps_the_label_mass_of_mixed_rows(tmp_path):
     make_dataset(tmp_path, labels=["/m/a", "/m/b", "/m/c", "/m/b"])
     raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, freqm=20, timem=30, noise=True, label_smooth=0.1)
-    batch = data.collate_raw([raw[i] for i in range(4)])
+    batch = data.collate([raw[(i, i)] for i in range(4)])
     torch.manual_seed(0)
-    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch)
+    audio, image, label = raw.preprocess(batch, "cpu")
     assert audio.shape == (4, 128, 128)
     assert image.shape == (4, 3, 32, 32)
     assert torch.isfinite(audio).all()
@@ -681,104 +675,59 @@ def test_raw_path_in_training_keeps_the_label_mass_of_mixed_rows(tmp_path):
     torch.testing.assert_close(label.sum(1), torch.full((4,), 0.1 + 0.9))
 
 
-def test_raw_path_rows_left_unmixed_keep_plain_smoothed_labels(tmp_path):
-    make_dataset(tmp_path, labels=["/m/a", "/m/b,/m/c", "/m/c", "/m/b"])
-    raw = dataset(tmp_path, raw=True, train=True, mixup=1e-9, label_smooth=0.3)
-    batch = data.collate_raw([raw[i] for i in range(4)])
-    assert "lam" not in batch
-    assert "partner_wave" not in batch
-    _, _, label = data.BatchPreprocessor.from_dataset(raw)(batch)
-    torch.testing.assert_close(label, data.smooth_labels(batch["label"], 0.3))
-    assert label[1].tolist() == pytest.approx([0.1, 0.7, 0.7])
-
-
-TRAIN = dict(train=True, mixup=0.5, freqm=20, timem=30, noise=True, label_smooth=0.1)
-
-
-def seeded(ds, key, seed):
-    """ds[key] with Python, NumPy and torch seeded as train.py's SeededItems does."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return ds[key]
-
-
-def test_items_equal_rows_of_a_device_batch_built_from_the_same_draws(tmp_path):
-    make_dataset(tmp_path, n=6, seconds=(1.0, 0.5, 1.6, 0.2, 0.03, 1.2))
-    items = dataset(tmp_path, **TRAIN)
-    raw = dataset(tmp_path, raw=True, **TRAIN)
-    keys = [(i % 6, 100 + i) for i in range(8)]
-    batch = data.collate_raw([seeded(raw, i, s) for i, s in keys])
-    assert 0 < int(batch["mixed"].sum()) < len(keys)  # both kinds of rows in the batch
-    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(batch, "cpu")
-    for b, (i, s) in enumerate(keys):
-        fb, im, lab = seeded(items, i, s)
-        torch.testing.assert_close(audio[b], fb, atol=1e-5, rtol=0)
-        torch.testing.assert_close(image[b], im, atol=1e-5, rtol=0)
-        torch.testing.assert_close(label[b], lab, atol=1e-6, rtol=0)
+def test_a_row_left_unmixed_is_the_row_without_mixup(tmp_path):
+    make_dataset(tmp_path, labels=["/m/a", "/m/b,/m/c", "/m/c", "/m/b"], frames=[0])
+    kw = dict(raw=True, train=True, num_frames=1, label_smooth=0.3)
+    raw = dataset(tmp_path, mixup=1e-9, **kw)
+    batch = data.collate([raw[(i, i)] for i in range(4)])
+    assert batch["lam"].tolist() == [1.0] * 4  # every item of a mixup run carries a partner
+    assert "partner_wave" in batch
+    plain = dataset(tmp_path, mixup=0.0, **kw)
+    want = plain.preprocess(data.collate([plain[(i, i)] for i in range(4)]), "cpu")
+    got = raw.preprocess(batch, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[2][1].tolist() == pytest.approx([0.1, 0.7, 0.7])
 
 
 def test_mixup_partner_is_drawn_from_the_whole_dataset_and_lambda_from_beta_10_10(tmp_path):
-    make_dataset(tmp_path, n=6)
-    raw = dataset(tmp_path, raw=True, train=True, mixup=1.0)
-    draws = [seeded(raw, 0, s) for s in range(200)]
-    assert {d["partner"] for d in draws} == set(range(6))
-    lams = np.array([d["lam"] for d in draws])
+    raw = own_label_dataset(tmp_path, 6, raw=True, train=True, mixup=1.0)
+    draws = [raw[(0, seed)] for seed in range(200)]
+    assert {int(d["partner_label"].argmax()) for d in draws} == set(range(6))
+    lams = np.array([d["lam"].item() for d in draws])
     # Beta(10, 10): mean 0.5, sd 0.109
     assert abs(lams.mean() - 0.5) < 0.03
     assert abs(lams.std() - (1 / 84) ** 0.5) < 0.03
+    assert lams.max() < 1
 
 
-def test_mixup_mixes_waveforms_cut_to_the_first_then_centres_before_fbank(tmp_path):
-    make_dataset(tmp_path, n=4)
-    raw = dataset(tmp_path, raw=True, train=True, mixup=1.0, mean=0.0, std=1.0)
-    item = next(it for it in (seeded(raw, 0, s) for s in range(50)) if it["partner"] == 2)  # 1.0 s with 1.3 s
-    w1 = data.load_audio(str(tmp_path / "clip0.wav"))
-    w2 = data.load_audio(str(tmp_path / "clip2.wav"))
-    w1 = w1 - w1.mean()
-    w2 = (w2 - w2.mean())[: len(w1)]  # the partner is cut to the item's length
-    lam = item["lam"]
-    mixed = lam * w1 + (1 - lam) * w2
-    want = data.fbank(mixed - mixed.mean())
-    audio, image, label = data.BatchPreprocessor.from_dataset(raw)(data.collate_raw([item]))
-    torch.testing.assert_close(audio[0, : len(want)], want, atol=1e-4, rtol=0)
-    want_image = lam * data.normalise_image(item["image"]) + (1 - lam) * data.normalise_image(
-        item["partner_image"]
-    )
-    torch.testing.assert_close(image[0], want_image, atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        label[0],
-        data.smooth_labels(
-            item["label"][None], 0.0, item["partner_label"][None], torch.tensor([lam], dtype=torch.float64)
-        )[0],
-    )
+def mixed_item(raw, partner):
+    """The first raw item 0 whose mixup partner is clip `partner`."""
+    items = (raw[(0, seed)] for seed in range(200))
+    return next(it for it in items if it["lam"] < 1 and int(it["partner_label"].argmax()) == partner)
 
 
-def test_every_random_choice_is_in_the_raw_item_and_the_preprocessor_draws_nothing(tmp_path):
-    make_dataset(tmp_path)
-    raw = dataset(tmp_path, raw=True, **TRAIN)
-    batch = data.collate_raw([seeded(raw, i, i) for i in range(4)])
-    assert {"bands", "noise_seed", "noise_scale", "noise_shift", "mixed", "lam", "partner"} <= set(batch)
-    assert all(torch.is_tensor(v) for k, v in batch.items() if k != "fallbacks")
-    prep = data.BatchPreprocessor.from_dataset(raw)
-    torch.manual_seed(0)
-    first = prep(batch)
-    state = torch.get_rng_state()
-    second = prep(batch)
-    assert torch.equal(state, torch.get_rng_state())
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+@pytest.mark.parametrize("partner", [1, 2], ids=["shorter partner", "longer partner"])
+def test_mixup_mixes_waveforms_cut_to_the_first_then_centres_before_fbank(tmp_path, partner):
+    raw = own_label_dataset(tmp_path, 4, raw=True, train=True, mixup=1.0, mean=0.0, std=1.0)
+    item = mixed_item(raw, partner)  # clip 0 lasts 1.0 s, clip 1 0.5 s, clip 2 1.3 s
+    w1 = centred_audio(tmp_path / "clip0.wav")
+    w2 = centred_audio(tmp_path / f"clip{partner}.wav")
+    w2 = F.pad(w2, (0, max(0, len(w1) - len(w2))))[: len(w1)]  # zero-padded or cut to the item's length
+    assert torch.equal(item["partner_wave"], w2)
+    lam = item["lam"]  # float64, used in float32 as the official loader
+    mixed = lam.float() * w1 + (1 - lam).float() * w2
+    want = data.fbank(mixed - mixed.mean())  # 98 frames
+    audio, _, _ = raw.preprocess(data.collate([item]), "cpu")
+    assert_fbank_close(audio[0, :98], want)
+    assert torch.all(audio[0, 98:] == 0)
 
 
-def test_rows_without_labels_get_an_all_zero_target(tmp_path):
-    make_dataset(tmp_path, labels=["", "/m/a", "/m/b", "/m/c"])
-    assert dataset(tmp_path)[0][2].tolist() == [0.0, 0.0, 0.0]
-
-
-def test_data_bench_times_every_path(tmp_path, capsys):
-    datafile, labels = make_dataset(tmp_path)
-    flags = ["--datafile", datafile, "--label_csv", labels, "--data_items", "4", "--data_repeats", "1"]
-    ms = bench.main(["--data", *flags, "--target_length", "128", "--image_size", "32"])
-    assert set(ms) == {"eval", "train", "raw", "cpu_fbank", "fbank", "loop", "prep"}
-    out = capsys.readouterr().out
-    for line in ("eval item", "train item", "raw item", "cpu_fbank, batch of 32", "one clip at a time"):
-        assert line in out
+def test_mixup_mixes_images_after_normalisation_and_labels_by_lambda(tmp_path):
+    raw = own_label_dataset(tmp_path, 4, raw=True, train=True, mixup=1.0, label_smooth=0.2)
+    item = mixed_item(raw, 2)
+    lam = item["lam"].item()
+    _, image, label = raw.preprocess(data.collate([item]), "cpu")
+    want = lam * data.normalise_image(item["image"]) + (1 - lam) * data.normalise_image(item["partner_image"])
+    torch.testing.assert_close(image[0], want, atol=1e-6, rtol=0)
+    want_label = [0.05 + lam * 0.8, 0.05, 0.05 + (1 - lam) * 0.8, 0.05]  # ls / K + lam (1 - ls) ...
+    torch.testing.assert_close(label[0], torch.tensor(want_label), atol=1e-7, rtol=0)
