@@ -37,17 +37,12 @@ import data
 
 SAMPLE_RATE = 16000
 NUM_FRAMES = 10  # frames per video, spread over its first 10 seconds
-FRAME_SIZE = 224  # side of the frames extracted from real videos
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".wmv", ".3gp", ".ts"}
 AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac"}  # listed, to fail: no video
 FFMPEG_HELP = (
     "install them with `sudo apt-get install -y ffmpeg` (Debian, Ubuntu), `brew install ffmpeg` "
     "(macOS) or `conda install -c conda-forge ffmpeg`"
 )
-
-
-class PrepareError(ValueError):
-    """A video that cannot become a sample; the message is its reason in failed.csv."""
 
 
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
@@ -58,10 +53,6 @@ def parallel_map(fn, jobs, workers, desc, chunksize=1):
         return list(tqdm(map(fn, jobs), total=len(jobs), desc=desc))
     with ProcessPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(fn, jobs, chunksize=chunksize), total=len(jobs), desc=desc))
-
-
-def frame_path(frames_root, i, video_id):
-    return os.path.join(frames_root, f"frame_{i}", f"{video_id}.jpg")
 
 
 def write_datafile(path, labels):
@@ -75,8 +66,7 @@ def write_label_csv(path, mids, names):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "mid", "display_name"])
-        for i, (mid, name) in enumerate(zip(mids, names)):
-            writer.writerow([i, mid, name])
+        writer.writerows([i, mid, name] for i, (mid, name) in enumerate(zip(mids, names)))
 
 
 # ----------------------------------------------------------------------------
@@ -103,15 +93,15 @@ def probe(video):
     cmd = "ffprobe -v error -count_packets -of json -show_entries".split() + [entries, video]
     result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        raise PrepareError(f"not a readable video ({ffmpeg_error(result, video)})")
+        raise ValueError(f"not a readable video ({ffmpeg_error(result, video)})")
     facts = json.loads(result.stdout)
     streams = facts.get("streams", [])
     # the cover art of an audio file is a video stream of one picture
     videos = [s for s in streams if s["codec_type"] == "video" and not s["disposition"]["attached_pic"]]
     if not videos:
-        raise PrepareError("no video stream")
+        raise ValueError("no video stream")
     if not any(s["codec_type"] == "audio" for s in streams):
-        raise PrepareError("no audio stream")
+        raise ValueError("no audio stream")
     stream = videos[0]
     fps = 0.0
     if stream["avg_frame_rate"] != "0/0":  # "0/0": unknown
@@ -124,7 +114,7 @@ def probe(video):
         count = int(stream["nb_read_packets"])  # a packet holds one frame
     total = min(count, int(fps * 10))
     if total < NUM_FRAMES:
-        raise PrepareError(f"too short: {total} frames in the first 10 s, need {NUM_FRAMES}")
+        raise ValueError(f"too short: {total} frames in the first 10 s, need {NUM_FRAMES}")
     return stream["index"], total
 
 
@@ -133,7 +123,7 @@ def frame_indices(total):
     return [max(int(i * (total / NUM_FRAMES)) - 1, 0) for i in range(NUM_FRAMES)]
 
 
-def resize_crop(image, size=FRAME_SIZE):
+def resize_crop(image, size=224):
     """Shorter side to `size` by Pillow bilinear (torchvision's int size rule), a centre crop."""
     new_size = data.resized_size(*image.size, size)
     image = image.resize(new_size, Image.BILINEAR)  # a copy when the size is already right
@@ -142,41 +132,37 @@ def resize_crop(image, size=FRAME_SIZE):
     return image.crop((left, top, left + size, top + size))
 
 
-def extract_frames(video, stream_index, total, frames_root, video_id):
-    """Write the 10 official frames of `video` to frames_root/frame_{i}/{video_id}.jpg: decoded by
-    ffmpeg in one pass (selected by decode index n, as RGB), resized and cropped by Pillow."""
+def extract_frames(video, stream_index, total, paths):
+    """Write the 10 official frames of `video` to `paths`: decoded by ffmpeg, resized by Pillow."""
     indices = frame_indices(total)
     wanted = sorted(set(indices))  # each decode index comes out once, in order
     select = "+".join(f"eq(n\\,{k})" for k in wanted)
     # setpts and -r 1 put the k-th selected frame at second k of the output: none repeated or lost
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", video, "-map", f"0:{stream_index}"]
     cmd += ["-vf", f"select='{select}',setpts=N/TB", "-r", "1", "-frames:v", str(len(wanted))]
-    decoded = {}  # decode index: RGB image
     with tempfile.TemporaryDirectory() as tmp:
-        cmd += ["-pix_fmt", "rgb24", os.path.join(tmp, "%d.png")]  # numbered from 1
+        cmd += ["-pix_fmt", "rgb24", os.path.join(tmp, "%d.png")]
         result = subprocess.run(cmd, capture_output=True)
-        for n, k in enumerate(wanted):
-            png = os.path.join(tmp, f"{n + 1}.png")
-            if not os.path.isfile(png):  # the official extractor stops at the first unreadable frame
-                error = ffmpeg_error(result, video)
-                raise PrepareError(f"truncated or corrupt: decoding stopped before frame {k} ({error})")
-            decoded[k] = Image.open(png).convert("RGB")
-    for i, k in enumerate(indices):
-        path = frame_path(frames_root, i, video_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        resize_crop(decoded[k]).save(path, "JPEG")  # Pillow's defaults: quality 75, 4:2:0
+        pngs = [os.path.join(tmp, f"{n + 1}.png") for n in range(len(wanted))]  # numbered from 1
+        decoded = sum(os.path.isfile(png) for png in pngs)
+        if decoded < len(wanted):  # the official extractor stops at the first unreadable frame
+            reason = f"decoding stopped before frame {wanted[decoded]} ({ffmpeg_error(result, video)})"
+            raise ValueError(f"truncated or corrupt: {reason}")
+        for path, k in zip(paths, indices):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            frame = resize_crop(Image.open(pngs[wanted.index(k)]))
+            frame.save(path, "JPEG")  # Pillow's defaults: quality 75, 4:2:0
 
 
 def extract_audio(video, wav_path):
     """Write the first audio channel of `video`, resampled to 16 kHz, as a PCM16 wav. pan keeps
     channel 0 as the official `sox ... remix 1` does (-ac 1 would average the channels)."""
-    os.makedirs(os.path.dirname(wav_path), exist_ok=True)
     part = wav_path + ".part"  # renamed when whole: a killed run leaves no wav that looks finished
     options = "-vn -af pan=mono|c0=c0 -ar 16000 -c:a pcm_s16le -bitexact -map_metadata -1 -f wav"
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", video, *options.split(), part]
     result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        raise PrepareError(f"audio extraction failed ({ffmpeg_error(result, video)})")
+        raise ValueError(f"audio extraction failed ({ffmpeg_error(result, video)})")
     os.replace(part, wav_path)
 
 
@@ -188,28 +174,24 @@ def jpeg_is_whole(path):
 
 
 def prepare_video(job):
-    """Extract one video (job: its path, video_id, the output folder) unless its files are whole.
-    Returns why it failed, "" when it did not."""
+    """Extract one video (job: path, video_id, output folder) unless done; why it failed, or ""."""
     video, video_id, out = job
     wav = os.path.join(out, "audio", f"{video_id}.wav")
-    frames = [frame_path(os.path.join(out, "frames"), i, video_id) for i in range(NUM_FRAMES)]
+    frames = [os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg") for i in range(NUM_FRAMES)]
     all_there = all(os.path.isfile(path) for path in [wav, *frames])
     if all_there and all(jpeg_is_whole(path) for path in frames):
         return ""
     try:
         stream_index, total = probe(video)
-        extract_frames(video, stream_index, total, os.path.join(out, "frames"), video_id)
+        extract_frames(video, stream_index, total, frames)
         extract_audio(video, wav)
-    except PrepareError as error:
+    except Exception as error:  # the reasons above, or the unforeseen (a disk full): the others go on
         return str(error)
-    except Exception as error:  # the unforeseen (a disk full, odd ffprobe output): the others go on
-        return f"{type(error).__name__}: {error}"
     return ""
 
 
 def list_videos(source):
-    """The paths in a text file, one a line, relative to its folder; or the files of a folder and
-    below with a video extension (and those with an audio one, to be listed as failures)."""
+    """The videos a text file names, one a line; or those (and the audio files) of a folder."""
     if os.path.isfile(source):
         base = os.path.dirname(os.path.abspath(source))
         with open(source) as f:
@@ -236,16 +218,13 @@ def read_labels(path):
 
 
 def prepare_videos(source, out, labels_csv=None, workers=None):
-    """Extract every video of `source` into `out`; write data.json, labels.csv and failed.csv.
-    Returns the failures, (video, reason) each."""
+    """Extract the videos of `source` into `out`, with data.json, labels.csv and failed.csv."""
     missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
     if missing:
         raise RuntimeError(f"prepare.py needs {' and '.join(missing)}: {FFMPEG_HELP}")
     videos = list_videos(source)
-    labels = None
-    if labels_csv:
-        labels = read_labels(labels_csv)  # a bad csv stops the run before any work
-    os.makedirs(out, exist_ok=True)
+    labels = read_labels(labels_csv) if labels_csv else None  # read before any work
+    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     jobs = [(video, os.path.splitext(os.path.basename(video))[0], out) for video in videos]
     reasons = parallel_map(prepare_video, jobs, workers, "videos")
 
@@ -456,8 +435,7 @@ def inside_objects(frame_objects, x, y):
 
 
 def make_clip(job):
-    """Draw and write one clip; its own Generator makes the bytes independent of scheduling.
-    Returns (its labels, its objects per frame rounded to 1e-4 px)."""
+    """Draw and write one clip with its own Generator; its labels and objects (to 1e-4 px)."""
     out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel = job
     rng = np.random.default_rng([seed, split, index])
     if multilabel:  # 1-3 different events, one object each
@@ -467,7 +445,7 @@ def make_clip(job):
     frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds)
     sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, SAMPLE_RATE, subtype="PCM_16")
     for i, frame in enumerate(frames):
-        Image.fromarray(frame).save(frame_path(os.path.join(out, "frames"), i, video_id), "JPEG")
+        Image.fromarray(frame).save(os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg"), "JPEG")
     labels = ",".join(f"/synth/{c:02d}" for c in sorted(set(int(c) for c in classes)))
     rounded = [[{key: round(value, 4) for key, value in o.items()} for o in frame] for frame in objects]
     return labels, rounded
@@ -484,8 +462,7 @@ def make_synthetic(
     multilabel=False,
     workers=None,
 ):
-    """Write the synthetic dataset to `out`: train.json, test.json, labels.csv, audio/, frames/
-    and objects.json."""
+    """Write train.json, test.json, labels.csv, objects.json, audio/ and frames/ to `out`."""
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must be between 2 and {len(CLASSES)}, got {num_classes}")
     for i in range(NUM_FRAMES):
@@ -514,10 +491,6 @@ def make_synthetic(
     objects = dict(frame_size=image_size, shapes=shapes, geometry=OBJECTS_HELP, clips=clips)
     with open(os.path.join(out, "objects.json"), "w") as f:
         json.dump(objects, f)
-
-
-# ----------------------------------------------------------------------------
-# Command line
 
 
 def main(argv=None):

@@ -84,8 +84,12 @@ def frame_number(jpeg_path):
     return int(round((rgb[0] - 8) / 16)) + 16 * int(round((rgb[1] - 8) / 16))
 
 
+def frame_paths(out, video_id):
+    return [os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg") for i in range(10)]
+
+
 def frame_numbers(out, video_id):
-    return [frame_number(prepare.frame_path(os.path.join(out, "frames"), i, video_id)) for i in range(10)]
+    return [frame_number(path) for path in frame_paths(out, video_id)]
 
 
 def test_frame_indices_match_the_official_examples():
@@ -209,8 +213,7 @@ def test_rerun_skips_finished_videos_and_redoes_those_with_a_missing_or_broken_f
     listing.write_text(f"{videos}/counter.mov\n{videos}/long.mp4\n{videos}/vfr.mp4\n")
     files = {}  # video_id: its wav and frames
     for video_id in ("counter", "long", "vfr"):
-        frames = [prepare.frame_path(os.path.join(out, "frames"), i, video_id) for i in range(10)]
-        files[video_id] = [os.path.join(out, "audio", f"{video_id}.wav"), *frames]
+        files[video_id] = [os.path.join(out, "audio", f"{video_id}.wav"), *frame_paths(out, video_id)]
     original = {path: open(path, "rb").read() for paths in files.values() for path in paths}
     before = {path: os.stat(path).st_mtime_ns for path in original}
     os.remove(files["counter"][3])
