@@ -157,7 +157,7 @@ def extract_frames(video, stream_index, total, paths):
 def extract_audio(video, wav_path):
     """Write the first audio channel of `video`, resampled to 16 kHz, as a PCM16 wav. pan keeps
     channel 0 as the official `sox ... remix 1` does (-ac 1 would average the channels)."""
-    part = wav_path + ".part"  # renamed when whole: a killed run leaves no wav that looks finished
+    part = wav_path + ".part"
     options = "-vn -af pan=mono|c0=c0 -ar 16000 -c:a pcm_s16le -bitexact -map_metadata -1 -f wav"
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", video, *options.split(), part]
     result = subprocess.run(cmd, capture_output=True)
@@ -166,25 +166,17 @@ def extract_audio(video, wav_path):
     os.replace(part, wav_path)
 
 
-def jpeg_is_whole(path):
-    """A JPEG written to its end ends with the EOI marker."""
-    with open(path, "rb") as f:
-        f.seek(max(os.path.getsize(path) - 2, 0))
-        return f.read(2) == b"\xff\xd9"
-
-
 def prepare_video(job):
     """Extract one video (job: path, video_id, output folder) unless done; why it failed, or ""."""
     video, video_id, out = job
     wav = os.path.join(out, "audio", f"{video_id}.wav")
     frames = [os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg") for i in range(NUM_FRAMES)]
-    all_there = all(os.path.isfile(path) for path in [wav, *frames])
-    if all_there and all(jpeg_is_whole(path) for path in frames):
+    if all(os.path.isfile(path) for path in [wav, *frames]):
         return ""
     try:
         stream_index, total = probe(video)
         extract_frames(video, stream_index, total, frames)
-        extract_audio(video, wav)
+        extract_audio(video, wav)  # last, renamed into place: a run cut short leaves no wav
     except Exception as error:  # the reasons above, or the unforeseen (a disk full): the others go on
         return str(error)
     return ""
@@ -222,24 +214,23 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
     missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
     if missing:
         raise RuntimeError(f"prepare.py needs {' and '.join(missing)}: {FFMPEG_HELP}")
-    videos = list_videos(source)
-    labels = read_labels(labels_csv) if labels_csv else None  # read before any work
+    jobs = [(video, os.path.splitext(os.path.basename(video))[0], out) for video in list_videos(source)]
+    if labels_csv:
+        labels = read_labels(labels_csv)  # before any work
+    else:  # one class, enough for pretraining
+        labels = {video_id: "/m/unlabeled" for _, video_id, _ in jobs}
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
-    jobs = [(video, os.path.splitext(os.path.basename(video))[0], out) for video in videos]
     reasons = parallel_map(prepare_video, jobs, workers, "videos")
 
     ready = {}  # video_id: its labels
     failed = []  # (video, reason)
     for (video, video_id, _), reason in zip(jobs, reasons):
-        video_labels = "/m/unlabeled"  # one class, enough for pretraining
-        if labels is not None:
-            video_labels = labels.get(video_id, "")
+        if not reason and not labels.get(video_id):
+            reason = f"no labels for {video_id!r} in {labels_csv}"
         if reason:
             failed.append((video, reason))
-        elif not video_labels:
-            failed.append((video, f"no labels for {video_id!r} in {labels_csv}"))
         else:
-            ready[video_id] = video_labels
+            ready[video_id] = labels[video_id]
     mids = sorted({mid for video_labels in ready.values() for mid in video_labels.split(",")})
     write_label_csv(os.path.join(out, "labels.csv"), mids, mids)  # each label its own mid and name
     write_datafile(os.path.join(out, "data.json"), ready)
@@ -435,7 +426,7 @@ def inside_objects(frame_objects, x, y):
 
 
 def make_clip(job):
-    """Draw and write one clip with its own Generator; its labels and objects (to 1e-4 px)."""
+    """Draw and write one clip with its own Generator; (video_id, labels, objects to 1e-4 px)."""
     out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel = job
     rng = np.random.default_rng([seed, split, index])
     if multilabel:  # 1-3 different events, one object each
@@ -448,7 +439,7 @@ def make_clip(job):
         Image.fromarray(frame).save(os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg"), "JPEG")
     labels = ",".join(f"/synth/{c:02d}" for c in sorted(set(int(c) for c in classes)))
     rounded = [[{key: round(value, 4) for key, value in o.items()} for o in frame] for frame in objects]
-    return labels, rounded
+    return video_id, labels, rounded
 
 
 def make_synthetic(
@@ -468,25 +459,22 @@ def make_synthetic(
     for i in range(NUM_FRAMES):
         os.makedirs(os.path.join(out, "frames", f"frame_{i}"), exist_ok=True)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    settings = (image_size, seconds, num_classes, multilabel)
     jobs = []
     for split, (name, count) in enumerate([("train", n_train), ("test", n_test)]):
         for k in range(count):
-            jobs.append(
-                (out, f"{name}_{k:05d}", seed, split, k, image_size, seconds, num_classes, multilabel)
-            )
+            jobs.append((out, f"{name}_{k:05d}", seed, split, k, *settings))
     if len(jobs) < POOL_MIN_CLIPS:
         workers = 1
     results = parallel_map(make_clip, jobs, workers, "synthetic", chunksize=16)
 
-    labels = {job[1]: clip_labels for job, (clip_labels, _) in zip(jobs, results)}
     for name in ("train", "test"):
-        write_datafile(
-            os.path.join(out, f"{name}.json"), {v: labels[v] for v in labels if v.startswith(name)}
-        )
+        split_labels = {video_id: labels for video_id, labels, _ in results if video_id.startswith(name)}
+        write_datafile(os.path.join(out, f"{name}.json"), split_labels)
     mids = [f"/synth/{c:02d}" for c in range(num_classes)]
     names = [f"{shape} + {sound}" for shape, sound in CLASSES[:num_classes]]
     write_label_csv(os.path.join(out, "labels.csv"), mids, names)
-    clips = {job[1]: geometry for job, (_, geometry) in zip(jobs, results)}
+    clips = {video_id: geometry for video_id, _, geometry in results}
     shapes = [shape for shape, _ in CLASSES]
     objects = dict(frame_size=image_size, shapes=shapes, geometry=OBJECTS_HELP, clips=clips)
     with open(os.path.join(out, "objects.json"), "w") as f:

@@ -205,7 +205,9 @@ def test_frame_bytes_equal_a_direct_decode_resized_with_pillow(extracted, tmp_pa
     assert open(os.path.join(out, "frames", "frame_5", "counter.jpg"), "rb").read() == expected.getvalue()
 
 
-def test_rerun_skips_finished_videos_and_redoes_those_with_a_missing_or_broken_file(extracted, tmp_path):
+def test_rerun_skips_finished_videos_and_redoes_those_a_run_cut_short_or_a_user_left_incomplete(
+    extracted, tmp_path
+):
     videos, first_out, _ = extracted
     out = str(tmp_path / "out")
     shutil.copytree(first_out, out)
@@ -216,10 +218,13 @@ def test_rerun_skips_finished_videos_and_redoes_those_with_a_missing_or_broken_f
         files[video_id] = [os.path.join(out, "audio", f"{video_id}.wav"), *frame_paths(out, video_id)]
     original = {path: open(path, "rb").read() for paths in files.values() for path in paths}
     before = {path: os.stat(path).st_mtime_ns for path in original}
-    os.remove(files["counter"][3])
-    open(files["long"][7], "r+b").truncate(500)  # a JPEG cut short
+    os.remove(files["counter"][3])  # a frame deleted
+    open(files["long"][7], "r+b").truncate(500)  # a run killed while writing a frame: no wav yet
+    os.remove(files["long"][0])
+    open(files["long"][0] + ".part", "wb").close()
     assert prepare.prepare_videos(str(listing), out, workers=1) == []
     assert {path: open(path, "rb").read() for path in original} == original
+    assert not os.path.exists(files["long"][0] + ".part")
     assert all(os.stat(path).st_mtime_ns == before[path] for path in files["vfr"])  # untouched
     assert os.stat(files["long"][1]).st_mtime_ns != before[files["long"][1]]  # redone
     before = {path: os.stat(path).st_mtime_ns for path in original}
