@@ -10,8 +10,9 @@ The format (what data.py reads), paths relative to the datafile's folder:
     wav         16 kHz mono PCM16:          audio/{video_id}.wav
     frames      10 RGB JPEGs per video:     {video_path}/frame_{i}/{video_id}.jpg, i = 0..9
 
-`videos` extracts real videos as the official scripts do (docs/preprocessing.md, section 5), lists
-the videos that failed, and why, in OUT/failed.csv, and redoes only what is missing when rerun.
+`videos` extracts real videos as the official scripts do (docs/preprocessing.md, section 5);
+--labels is a csv of `video_id,labels` rows, each label its own mid (default: /m/unlabeled). It
+lists the videos that failed, and why, in OUT/failed.csv and redoes only what is missing on a rerun.
 `synthetic` draws shapes that sound, with objects.json: where each object is on each frame.
 """
 
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 
@@ -56,7 +58,7 @@ def parallel_map(fn, jobs, workers, desc, chunksize=1):
 
 
 def write_datafile(path, labels):
-    """labels: {video_id: "mid1,mid2"}; each clip's wav and frames lie under the datafile's folder."""
+    """labels: {video_id: "mid1,mid2"}; the clips' wavs and frames lie beside the datafile."""
     rows = [dict(video_id=v, wav=f"audio/{v}.wav", video_path="frames", labels=labels[v]) for v in labels]
     with open(path, "w") as f:
         json.dump({"data": rows}, f, indent=1)
@@ -86,9 +88,8 @@ def probe(video):
     fps is OpenCV's CAP_PROP_FPS: the stream's average frame rate. The frame count is
     CAP_PROP_FRAME_COUNT: the container's, else floor(duration * fps + 0.5); a container with
     neither (a webm as browsers write it) has its packets counted. total = min(count, int(10 fps))
-    is the number of frames the 10 samples are spread over.
-    """
-    entries = "stream=index,codec_type,avg_frame_rate,time_base,nb_frames,duration,nb_read_packets"
+    is the number of frames the 10 samples are spread over."""
+    entries = "stream=index,codec_type,avg_frame_rate,nb_frames,duration,nb_read_packets"
     entries += ":stream_disposition=attached_pic:format=duration"
     cmd = "ffprobe -v error -count_packets -of json -show_entries".split() + [entries, video]
     result = subprocess.run(cmd, capture_output=True)
@@ -167,7 +168,7 @@ def extract_audio(video, wav_path):
 
 
 def prepare_video(job):
-    """Extract one video (job: path, video_id, output folder) unless done; why it failed, or ""."""
+    """One video (job: path, video_id, output folder) -> its wav and frames, unless there."""
     video, video_id, out = job
     wav = os.path.join(out, "audio", f"{video_id}.wav")
     frames = [os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg") for i in range(NUM_FRAMES)]
@@ -177,7 +178,7 @@ def prepare_video(job):
         stream_index, total = probe(video)
         extract_frames(video, stream_index, total, frames)
         extract_audio(video, wav)  # last, renamed into place: a run cut short leaves no wav
-    except Exception as error:  # the reasons above, or the unforeseen (a disk full): the others go on
+    except Exception as error:  # a reason above, or the unforeseen (a disk full): the rest go on
         return str(error)
     return ""
 
@@ -188,18 +189,15 @@ def list_videos(source):
         base = os.path.dirname(os.path.abspath(source))
         with open(source) as f:
             return [os.path.join(base, line.strip()) for line in f if line.strip()]
-    found = []
-    for root, _, names in os.walk(source):
-        for name in names:
-            if os.path.splitext(name)[1].lower() in VIDEO_EXTS | AUDIO_EXTS:
-                found.append(os.path.join(root, name))
+    paths = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
+    found = [path for path in paths if os.path.splitext(path)[1].lower() in VIDEO_EXTS | AUDIO_EXTS]
     if not found:
-        raise ValueError(f"--input {source}: no such list file, and no folder with video files")
+        raise ValueError(f"--input {source}: not a list file, nor a folder with video files")
     return sorted(found)
 
 
 def read_labels(path):
-    """{video_id: "label1,label2"} from a csv of `video_id,labels` rows (a header row does no harm)."""
+    """{video_id: "label1,label2"} from a csv of `video_id,labels` rows (a header does no harm)."""
     with open(path, newline="") as f:
         rows = [row for row in csv.reader(f) if row]
     labels = {}
@@ -215,6 +213,9 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
     if missing:
         raise RuntimeError(f"prepare.py needs {' and '.join(missing)}: {FFMPEG_HELP}")
     jobs = [(video, os.path.splitext(os.path.basename(video))[0], out) for video in list_videos(source)]
+    twice = [video_id for video_id, n in Counter(job[1] for job in jobs).items() if n > 1]
+    if twice:  # their files would overwrite each other
+        raise ValueError(f"--input {source}: {len(twice)} video_ids name two videos, e.g. {twice[0]!r}")
     if labels_csv:
         labels = read_labels(labels_csv)  # before any work
     else:  # one class, enough for pretraining
@@ -243,7 +244,9 @@ def prepare_videos(source, out, labels_csv=None, workers=None):
 
 
 # ----------------------------------------------------------------------------
-# The synthetic dataset: shapes that sound
+# The synthetic dataset: shapes that sound. A class is a shape and a timbre, each recognisable
+# alone; the two modalities share cues, so that retrieval must learn more than the class: hue <->
+# pitch, number of objects <-> number of onsets, left to right <-> order in time, size <-> loudness.
 
 CLASSES = [  # (shape, sound)
     ("disk", "pure tone"),
@@ -257,7 +260,6 @@ CLASSES = [  # (shape, sound)
     ("checkered disk", "pluck"),
     ("bar", "bell"),
 ]
-POOL_MIN_CLIPS = 64  # a process pool costs more than it saves below this many clips
 OBJECTS_HELP = (
     "clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
     "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
@@ -347,9 +349,8 @@ def background(rng, S):
 
 
 def draw_clip(rng, classes, image_size, seconds):
-    """Draw one clip: 10 frames (10, S, S, 3) uint8, the waveform (N,) int16 and where the objects are
-    (per frame, a list of dict(class, x, y, radius) in pixels, pixel k spanning [k, k + 1)).
-    classes: one per object."""
+    """One clip, an object per entry of `classes`: frames (10, S, S, 3) uint8, waveform (N,) int16,
+    where the objects are: per frame, [dict(class, x, y, radius)] in pixels (k spans [k, k + 1))."""
     S = image_size
     n = len(classes)
     n_samples = int(round(seconds * SAMPLE_RATE))
@@ -464,8 +465,6 @@ def make_synthetic(
     for split, (name, count) in enumerate([("train", n_train), ("test", n_test)]):
         for k in range(count):
             jobs.append((out, f"{name}_{k:05d}", seed, split, k, *settings))
-    if len(jobs) < POOL_MIN_CLIPS:
-        workers = 1
     results = parallel_map(make_clip, jobs, workers, "synthetic", chunksize=16)
 
     for name in ("train", "test"):
@@ -485,10 +484,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data for CAV-MAE in its on-disk format.")
     commands = parser.add_subparsers(dest="command", required=True)
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
-    videos.add_argument("--input", required=True, help="folder of videos, or a file naming one a line")
+    videos.add_argument("--input", required=True, help="folder of videos, or a list: one a line")
     videos.add_argument("--out", required=True, help="output folder")
     videos.add_argument("--labels", help="csv of video_id,labels rows (the labels quoted)")
-    videos.add_argument("--workers", type=int, default=None, help="videos in parallel (default: CPUs)")
+    videos.add_argument("--workers", type=int, help="videos in parallel (default: all CPUs)")
     synth = commands.add_parser("synthetic", help="draw the synthetic dataset: shapes that sound")
     synth.add_argument("--out", default="data/synthetic")
     synth.add_argument("--n-train", type=int, default=2000)
@@ -498,15 +497,16 @@ def main(argv=None):
     synth.add_argument("--seconds", type=float, default=2.56)
     synth.add_argument("--num-classes", type=int, default=10)
     synth.add_argument("--multilabel", action="store_true", help="1-3 events of different classes")
-    synth.add_argument("--workers", type=int, default=None)
+    synth.add_argument("--workers", type=int)
     args = parser.parse_args(argv)
     options = {name: value for name, value in vars(args).items() if name != "command"}
     try:
         if args.command == "synthetic":
             make_synthetic(**options)  # the options are named as its arguments
+            print(f"synthetic dataset written to {args.out}")
             return 0
         failed = prepare_videos(args.input, args.out, args.labels, args.workers)
-    except (OSError, RuntimeError, ValueError) as error:  # no ffmpeg; a bad --input, --labels, setting
+    except (OSError, RuntimeError, ValueError) as error:  # no ffmpeg, a bad --input or setting
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 1 if failed else 0

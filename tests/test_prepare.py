@@ -324,6 +324,16 @@ def test_an_input_folder_without_videos_is_an_error_naming_the_folder(tmp_path, 
 
 
 @needs_ffmpeg
+def test_two_videos_with_one_video_id_are_an_error_before_any_work(tmp_path):
+    for folder in ("dog", "cat"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "001.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="1 video_ids name two videos, e.g. '001'"):
+        prepare.prepare_videos(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@needs_ffmpeg
 def test_audio_only_files_are_listed_among_the_failures_with_no_video_stream(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
