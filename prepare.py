@@ -1,7 +1,7 @@
 """
 Prepare data for CAV-MAE in the official on-disk format, from real videos or drawn from nothing.
 
-    python prepare.py videos --input DIR_OR_LIST --out OUT [--labels CSV] [--workers N]
+    python prepare.py videos --input DIR_LIST_OR_VIDEO --out OUT [--labels CSV] [--workers N]
     python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --multilabel ...]
 
 The format (what data.py reads), paths relative to the datafile's folder:
@@ -11,8 +11,8 @@ The format (what data.py reads), paths relative to the datafile's folder:
     frames      10 RGB JPEGs per video:     {video_path}/frame_{i}/{video_id}.jpg, i = 0..9
 
 `videos` extracts real videos as the official scripts do (docs/preprocessing.md, section 5);
---labels is a csv of `video_id,labels` rows, each label its own mid (default: /m/unlabeled). It
-lists the videos that failed, and why, in OUT/failed.csv and redoes only what is missing on a rerun.
+--labels is a csv of `video_id,labels` rows, each label its own mid (default: /m/unlabeled). Videos
+that fail are listed, with why, in OUT/failed.csv (exit status 1); a rerun does only what is missing.
 `synthetic` draws shapes that sound, with objects.json: where each object is on each frame.
 """
 
@@ -184,7 +184,9 @@ def prepare_video(job):
 
 
 def list_videos(source):
-    """The videos a text file names, one a line; or those (and the audio files) of a folder."""
+    """One video; the videos a text file names, one a line; or those (and audio files) of a folder."""
+    if os.path.splitext(source)[1].lower() in VIDEO_EXTS | AUDIO_EXTS:
+        return [source]
     if os.path.isfile(source):
         base = os.path.dirname(os.path.abspath(source))
         with open(source) as f:
@@ -484,7 +486,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data for CAV-MAE in its on-disk format.")
     commands = parser.add_subparsers(dest="command", required=True)
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
-    videos.add_argument("--input", required=True, help="folder of videos, or a list: one a line")
+    videos.add_argument("--input", required=True, help="a folder, a list (one a line) or a video")
     videos.add_argument("--out", required=True, help="output folder")
     videos.add_argument("--labels", help="csv of video_id,labels rows (the labels quoted)")
     videos.add_argument("--workers", type=int, help="videos in parallel (default: all CPUs)")

@@ -153,11 +153,11 @@ def test_bad_videos_are_printed_and_the_exit_status_is_1(extracted, tmp_path, ca
     assert "noaudio.mp4: no audio stream" in capsys.readouterr().out
 
 
-def test_exit_status_is_0_when_every_video_became_a_sample(extracted, tmp_path):
+def test_one_video_as_input_becomes_a_one_row_datafile_with_exit_status_0(extracted, tmp_path):
     videos, _, _ = extracted
-    listing = tmp_path / "list.txt"
-    listing.write_text(os.path.join(videos, "counter.mov") + "\n")
-    assert prepare.main(["videos", "--input", str(listing), "--out", str(tmp_path / "out")]) == 0
+    out = str(tmp_path / "out")
+    assert prepare.main(["videos", "--input", os.path.join(videos, "counter.mov"), "--out", out]) == 0
+    assert [row["video_id"] for row in json.load(open(os.path.join(out, "data.json")))["data"]] == ["counter"]
 
 
 def test_wav_is_16k_mono_pcm16_of_the_video_length(extracted):
