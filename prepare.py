@@ -65,10 +65,9 @@ def write_datafile(path, labels):
 
 
 def write_label_csv(path, mids, names):
+    rows = [[i, mid, name] for i, (mid, name) in enumerate(zip(mids, names))]
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "mid", "display_name"])
-        writer.writerows([i, mid, name] for i, (mid, name) in enumerate(zip(mids, names)))
+        csv.writer(f).writerows([["index", "mid", "display_name"], *rows])
 
 
 # ----------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def probe(video):
     CAP_PROP_FRAME_COUNT: the container's, else floor(duration * fps + 0.5); a container with
     neither (a webm as browsers write it) has its packets counted. total = min(count, int(10 fps))
     is the number of frames the 10 samples are spread over."""
-    entries = "stream=index,codec_type,avg_frame_rate,nb_frames,duration,nb_read_packets"
+    entries = "stream=index,codec_type,avg_frame_rate,time_base,nb_frames,duration,nb_read_packets"
     entries += ":stream_disposition=attached_pic:format=duration"
     cmd = "ffprobe -v error -count_packets -of json -show_entries".split() + [entries, video]
     result = subprocess.run(cmd, capture_output=True)
@@ -104,9 +103,10 @@ def probe(video):
     if not any(s["codec_type"] == "audio" for s in streams):
         raise ValueError("no audio stream")
     stream = videos[0]
-    fps = 0.0
-    if stream["avg_frame_rate"] != "0/0":  # "0/0": unknown
-        fps = float(Fraction(stream["avg_frame_rate"]))
+    rate = stream["avg_frame_rate"]
+    if rate == "0/0":  # unknown: OpenCV takes 1 / the time base
+        rate = "/".join(reversed(stream["time_base"].split("/")))
+    fps = float(Fraction(rate))
     count = int(stream.get("nb_frames", 0))
     if count == 0:
         duration = float(facts["format"].get("duration", stream.get("duration", 0)))

@@ -38,7 +38,7 @@ def lavfi(*sources):
 def make_videos(folder):
     """Three good videos and one of each kind of bad one."""
     os.makedirs(folder)
-    path = lambda name: os.path.join(folder, name)  # noqa: E731
+    path = lambda name: os.path.join(folder, name)
     # portrait 120x160, 10 fps, 3 s = 30 frames; 48 kHz stereo PCM: 440 Hz left, 1000 Hz right
     counter = COUNTER.format(size="120x160", rate=10, seconds=3)
     left = "sine=frequency=440:duration=3:sample_rate=48000"
@@ -51,16 +51,18 @@ def make_videos(folder):
     ffmpeg(*lavfi(counter, "sine=frequency=300:duration=11"), *H264, *faststart, path("long.mp4"))
     # variable frame rate: 20 frames at 10 fps, then 20 at 5 fps (5.7 s, 40 / 5.7 fps on average)
     counter = COUNTER.format(size="160x120", rate=10, seconds=4)
-    vfr = "-vf setpts='if(lt(N,20),N/10,2+(N-20)/5)/TB' -fps_mode vfr -c:a aac".split()
-    ffmpeg(*lavfi(counter, "sine=duration=6"), *vfr, *H264, path("vfr.mp4"))
+    vfr = "-vf setpts='if(lt(N,20),N/10,2+(N-20)/5)/TB' -c:a aac".split()
+    ffmpeg(*lavfi(counter, "sine=duration=6"), *vfr, *H264, path("vfr.mkv"))  # Matroska keeps the times
+    ffmpeg("-i", path("vfr.mkv"), "-c", "copy", path("vfr.mp4"))
+    os.remove(path("vfr.mkv"))
     ffmpeg(*lavfi("testsrc=size=160x120:rate=10:duration=2"), *H264, path("noaudio.mp4"))
     short = lavfi("testsrc=size=160x120:rate=25:duration=0.2", "sine=duration=0.2")
     ffmpeg(*short, *H264, "-c:a", "aac", path("short.mp4"))
-    data = open(path("long.mp4"), "rb").read()
-    open(path("truncated.mp4"), "wb").write(data[: len(data) // 2])  # index intact, frames cut off
+    content = open(path("long.mp4"), "rb").read()
+    open(path("truncated.mp4"), "wb").write(content[: len(content) // 2])  # index intact, frames cut off
     ffmpeg("-i", path("long.mp4"), "-c", "copy", path("moov_last.mp4"))
-    data = open(path("moov_last.mp4"), "rb").read()
-    open(path("cut.mp4"), "wb").write(data[: len(data) // 2])  # index lost with the tail
+    content = open(path("moov_last.mp4"), "rb").read()
+    open(path("cut.mp4"), "wb").write(content[: len(content) // 2])  # index lost with the tail
     os.remove(path("moov_last.mp4"))
     open(path("notvideo.mp4"), "w").write("this is not a video\n")
     open(path("empty.mp4"), "w").close()
