@@ -1,31 +1,23 @@
 """
-Prepare data for CAV-MAE in the official on-disk format, from real videos or from nothing.
+Prepare data for CAV-MAE in the official on-disk format, from real videos or drawn from nothing.
 
-    python prepare.py videos --input DIR_OR_LIST --out OUT [--labels CSV] [--workers N]
-    python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --seed 0 --multilabel]
-    python prepare.py check --data X.json --label-csv labels.csv [--num-frames 10 --image-size 224]
+    python prepare.py videos --input DIR_LIST_OR_VIDEO --out OUT [--labels CSV] [--workers N]
+    python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --multilabel ...]
 
-The format (what data.py reads):
-    datafile   {"data": [{"video_id", "wav", "video_path", "labels": "mid1,mid2"}, ...]}
-    labels.csv index,mid,display_name
-    wav        16 kHz mono PCM16:            OUT/audio/{video_id}.wav
-    frames     10 RGB JPEGs per video:       {video_path}/frame_{i}/{video_id}.jpg, i = 0..9
-Paths inside our datafiles are relative to the datafile's folder, so a dataset folder can be moved.
+The format (what data.py reads), paths relative to the datafile's folder:
+    datafile    {"data": [{"video_id", "wav", "video_path", "labels": "mid1,mid2"}, ...]}
+    labels.csv  index,mid,display_name
+    wav         16 kHz mono PCM16:          audio/{video_id}.wav
+    frames      10 RGB JPEGs per video:     {video_path}/frame_{i}/{video_id}.jpg, i = 0..9
 
-`videos` reproduces the official extraction (docs/preprocessing.md, section 5) with the ffmpeg and
-ffprobe programs: audio resampled to 16 kHz keeping the first channel, and the 10 frames the
-official OpenCV extractor reads, resized (shorter side 224, Pillow bilinear), centre-cropped to 224
-and saved with Pillow's JPEG defaults. A video that cannot become a sample is listed with its reason
-in OUT/failed.csv (and the exit status is 1); a rerun redoes only what is missing or broken.
-`synthetic` draws a toy audio-visual dataset (synthetic.py: shapes that sound).
-`check` loads every row of a datafile as training does and lists the rows that would stop it (exit
-status 1 if any; 2 if the datafile or label csv is missing or unreadable, as for every subcommand's
-bad input).
+`videos` extracts real videos as the official scripts do (docs/preprocessing.md, section 5);
+--labels is a csv of `video_id,labels` rows, each label its own mid (default: /m/unlabeled). Videos
+that fail are listed, with why, in OUT/failed.csv (exit status 1); a rerun does only what is missing.
+`synthetic` draws shapes that sound, with objects.json: where each object is on each frame.
 """
 
 import argparse
 import csv
-import functools
 import json
 import math
 import os
@@ -33,7 +25,8 @@ import re
 import shutil
 import subprocess
 import sys
-import time
+import tempfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 
@@ -45,227 +38,85 @@ from tqdm import tqdm
 import data
 
 SAMPLE_RATE = 16000
-NUM_FRAMES = 10  # frames per video, evenly spaced over the first 10 seconds
-FRAME_SIZE = 224  # side of the stored frames
-MIN_SAMPLES = 400  # one 25 ms fbank window: a shorter wav cannot be featurised
-VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts"}
-# audio-only files in an --input folder are listed too, and fail with "no video stream"
-AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac", ".wma"}
-LIST_HEADERS = {"path", "video", "video_path", "file", "filename"}  # --input's header line, skipped
-LABEL_HEADERS = {"video_id", "video", "id", "ytid", "youtube_id"}  # --labels' header line, skipped
-NEEDS_BOTH = "CAV-MAE needs a clip with pictures and sound (eval.py also takes --wav with --image)"
+NUM_FRAMES = 10  # frames per video, spread over its first 10 seconds
+VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".wmv", ".3gp", ".ts"}
+AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac"}  # listed, to fail: no video
 FFMPEG_HELP = (
-    "prepare.py needs the `ffmpeg` and `ffprobe` programs on the PATH. Install them with one of\n"
-    "  sudo apt-get install -y ffmpeg          (Debian, Ubuntu)\n"
-    "  brew install ffmpeg                     (macOS)\n"
-    "  conda install -c conda-forge ffmpeg     (any conda environment)"
+    "install them with `sudo apt-get install -y ffmpeg` (Debian, Ubuntu), `brew install ffmpeg` "
+    "(macOS) or `conda install -c conda-forge ffmpeg`"
 )
 
 
-class PrepareError(ValueError):
-    """A video that cannot become a sample: str(error) is the reason (failed.csv's), .advice what to do."""
-
-    def __init__(self, reason, advice):
-        super().__init__(reason)
-        self.advice = advice
-
-
-class FFmpegMissing(RuntimeError):
-    """ffmpeg or ffprobe is not installed; the message says how to install it."""
-
-
-def progress(results, total, desc):
-    return list(tqdm(results, total=total, desc=desc, unit="clip"))
-
-
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
-    """list(map(fn, jobs)) over `workers` processes (here when 1), with a progress bar."""
+    """list(map(fn, jobs)) over `workers` processes (in this one when 1), with a progress bar."""
+    if workers is None:
+        workers = os.cpu_count()
     if workers <= 1:
-        return progress(map(fn, jobs), len(jobs), desc)
+        return list(tqdm(map(fn, jobs), total=len(jobs), desc=desc))
     with ProcessPoolExecutor(workers) as pool:
-        return progress(pool.map(fn, jobs, chunksize=chunksize), len(jobs), desc)
+        return list(tqdm(pool.map(fn, jobs, chunksize=chunksize), total=len(jobs), desc=desc))
 
 
-def _atomic_path(path):
-    return path + ".part"  # written first, renamed to `path` when complete
-
-
-def write_json_atomic(path, obj, indent=1):
-    tmp = _atomic_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(tmp, path)
+def write_datafile(path, labels):
+    """labels: {video_id: "mid1,mid2"}; the clips' wavs and frames lie beside the datafile."""
+    rows = [dict(video_id=v, wav=f"audio/{v}.wav", video_path="frames", labels=labels[v]) for v in labels]
+    with open(path, "w") as f:
+        json.dump({"data": rows}, f, indent=1)
 
 
 def write_label_csv(path, mids, names):
-    tmp = _atomic_path(path)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "mid", "display_name"])
-        writer.writerows([i, mid, name] for i, (mid, name) in enumerate(zip(mids, names)))
-    os.replace(tmp, path)
+    rows = [[i, mid, name] for i, (mid, name) in enumerate(zip(mids, names))]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["index", "mid", "display_name"], *rows])
 
 
 # ----------------------------------------------------------------------------
-# Real videos: ffprobe / ffmpeg wrappers (importable: eval.py's `predict` runs them on one video)
+# Real videos, with ffprobe and ffmpeg
 
 
-@functools.cache
-def check_ffmpeg():
-    """ffmpeg's (major, minor) version; FFmpegMissing, with install help, when it is missing."""
-    missing = [p for p in ("ffmpeg", "ffprobe") if shutil.which(p) is None]
-    if missing:
-        raise FFmpegMissing(f"{' and '.join(missing)} not found.\n{FFMPEG_HELP}")
-    version = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout
-    line = version.split("\n")[0]
-    match = re.search(r"version n?(\d+)\.(\d+)", line)
-    if match is None:  # git builds say `version N-...`: assume a new one
-        return (99, 0)
-    return (int(match.group(1)), int(match.group(2)))
-
-
-def _run(cmd, video, timeout=600):
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise PrepareError(
-            f"ffmpeg did not finish within {timeout} s",
-            f"check that the file plays (`ffprobe {video}`); cut a long video first (ffmpeg -t 10)",
-        ) from None
-
-
-def _ffmpeg_error(stderr, video):
-    """ffmpeg's error lines, without the `[demuxer @ 0x..]` and file name prefixes, on one line."""
-    lines = []
-    for line in stderr.decode(errors="replace").splitlines():
-        line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\] ", "", line.strip())
-        line = line.replace(f"{video}: ", "")
-        if line and (line not in lines):
-            lines.append(line)
-    if not lines:
-        return "no message from ffmpeg"
-    if len(lines) > 2:
-        return "; ".join(lines[:2]) + "; ..."
-    return "; ".join(lines)
-
-
-def _fraction(text):
-    try:
-        value = Fraction(text)
-    except (ValueError, ZeroDivisionError, TypeError):
-        return 0.0
-    return float(value)
-
-
-def stream_fps(stream):
-    """OpenCV's CAP_PROP_FPS: the stream's avg_frame_rate, else 1 / time_base."""
-    fps = _fraction(stream.get("avg_frame_rate"))
-    if fps > 0:
-        return fps
-    time_base = _fraction(stream.get("time_base"))
-    return 1.0 / time_base if time_base > 0 else 1.0
-
-
-def count_packets(video, stream_index):
-    """The packets (one frame each) of one stream, counted by reading the file without decoding."""
-    result = _run(
-        [
-            "ffprobe",
-            "-v",
-            "error",
-            "-select_streams",
-            str(stream_index),
-            "-count_packets",
-            "-show_entries",
-            "stream=nb_read_packets",
-            "-of",
-            "csv=p=0",
-            video,
-        ],
-        video,
-    )
-    text = result.stdout.decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 0
-
-
-def frame_count(video, facts, stream, fps):
-    """OpenCV's CAP_PROP_FRAME_COUNT: the container's nb_frames, else floor(duration * fps + 0.5). A
-    container with neither (a webm as browsers and downloaders write it) has its frames counted: the
-    number the official extractor would get from a container that announced it."""
-    count = int(stream.get("nb_frames") or 0)
-    if count > 0:
-        return count
-    duration = _fraction(facts.get("format", {}).get("duration"))
-    if duration <= 0:
-        duration = _fraction(stream.get("duration"))
-    if duration > 0:
-        return math.floor(duration * fps + 0.5)
-    return count_packets(video, stream["index"])
-
-
-def is_video_stream(stream):
-    is_cover_art = stream.get("disposition", {}).get("attached_pic")
-    return (stream.get("codec_type") == "video") and (not is_cover_art)
+def ffmpeg_error(result, video):
+    """ffmpeg's first line on stderr, without its `[demuxer @ 0x...]` and file name prefixes."""
+    lines = result.stderr.decode(errors="replace").strip().splitlines() + ["no message from ffmpeg"]
+    line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\] ", "", lines[0])
+    return line.replace(f"{video}: ", "")
 
 
 def probe(video):
-    """Stream facts of `video` as OpenCV reports them to the official extractor.
+    """(the index of the video stream, total): what the official OpenCV extractor sees of `video`.
 
-    Returns dict(has_video, has_audio, video_stream, fps, count, total): fps and count as stream_fps
-    and frame_count say; total = min(count, int(fps * 10)), the number of frames the 10 samples are
-    spread over. Raises PrepareError when the file is missing, empty or unreadable.
-    """
-    check_ffmpeg()
-    if not os.path.isfile(video):
-        raise PrepareError("file not found", "check the path")
-    if os.path.getsize(video) == 0:
-        raise PrepareError("empty file", "the file has 0 bytes: copy or download it again")
-    result = _run(
-        [
-            "ffprobe",
-            "-v",
-            "error",
-            "-of",
-            "json",
-            "-show_entries",
-            "stream=index,codec_type,avg_frame_rate,time_base,nb_frames,duration:"
-            "stream_disposition=attached_pic:format=duration",
-            video,
-        ],
-        video,
-    )
+    fps is OpenCV's CAP_PROP_FPS: the stream's average frame rate. The frame count is
+    CAP_PROP_FRAME_COUNT: the container's, else floor(duration * fps + 0.5); a container with
+    neither (a webm as browsers write it) has its packets counted. total = min(count, int(10 fps))
+    is the number of frames the 10 samples are spread over."""
+    entries = "stream=index,codec_type,avg_frame_rate,time_base,nb_frames,duration,nb_read_packets"
+    entries += ":stream_disposition=attached_pic:format=duration"
+    cmd = "ffprobe -v error -count_packets -of json -show_entries".split() + [entries, video]
+    result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        raise PrepareError(
-            f"not a readable video ({_ffmpeg_error(result.stderr, video)})",
-            f"check that ffmpeg can read it (`ffprobe {video}`), or copy or download it again",
-        )
-    facts = json.loads(result.stdout or b"{}")
+        raise ValueError(f"not a readable video ({ffmpeg_error(result, video)})")
+    facts = json.loads(result.stdout)
     streams = facts.get("streams", [])
-    videos = [s for s in streams if is_video_stream(s)]
-    info = dict(
-        has_video=bool(videos),
-        has_audio=any(s.get("codec_type") == "audio" for s in streams),
-        video_stream=None,
-        fps=0.0,
-        count=0,
-        total=0,
-    )
+    # the cover art of an audio file is a video stream of one picture
+    videos = [s for s in streams if s["codec_type"] == "video" and not s["disposition"]["attached_pic"]]
     if not videos:
-        return info
+        raise ValueError("no video stream")
+    if not any(s["codec_type"] == "audio" for s in streams):
+        raise ValueError("no audio stream")
     stream = videos[0]
-    fps = stream_fps(stream)
-    count = frame_count(video, facts, stream, fps)
+    rate = stream["avg_frame_rate"]
+    if rate == "0/0":  # unknown: OpenCV takes 1 / the time base
+        rate = "/".join(reversed(stream["time_base"].split("/")))
+    fps = float(Fraction(rate))
+    count = int(stream.get("nb_frames", 0))
+    if count == 0:
+        duration = float(facts["format"].get("duration", stream.get("duration", 0)))
+        count = math.floor(duration * fps + 0.5)
+    if count == 0:
+        count = int(stream["nb_read_packets"])  # a packet holds one frame
     total = min(count, int(fps * 10))
-    info.update(video_stream=int(stream["index"]), fps=fps, count=count, total=total)
-    return info
-
-
-def check_streams(info):
-    """Raise PrepareError unless the video has both a picture and a sound stream."""
-    if not info["has_video"]:
-        raise PrepareError("no video stream", NEEDS_BOTH)
-    if not info["has_audio"]:
-        raise PrepareError("no audio stream", NEEDS_BOTH)
+    if total < NUM_FRAMES:
+        raise ValueError(f"too short: {total} frames in the first 10 s, need {NUM_FRAMES}")
+    return stream["index"], total
 
 
 def frame_indices(total):
@@ -273,503 +124,373 @@ def frame_indices(total):
     return [max(int(i * (total / NUM_FRAMES)) - 1, 0) for i in range(NUM_FRAMES)]
 
 
-def resize_crop(image, size=FRAME_SIZE):
-    """Shorter side to `size` with Pillow bilinear (torchvision's int rule), then a centre crop."""
-    new_size = data.resized_size(*image.size, size)  # the loader's rule, with bilinear here
-    if new_size != image.size:
-        image = image.resize(new_size, Image.BILINEAR)
-    left = int(round((new_size[0] - size) / 2))  # round half to even
+def resize_crop(image, size=224):
+    """Shorter side to `size` by Pillow bilinear (torchvision's int size rule), a centre crop."""
+    new_size = data.resized_size(*image.size, size)
+    image = image.resize(new_size, Image.BILINEAR)  # a copy when the size is already right
+    left = int(round((new_size[0] - size) / 2))  # round half to even, as torchvision
     top = int(round((new_size[1] - size) / 2))
     return image.crop((left, top, left + size, top + size))
 
 
-def _read_ppm_stream(data):
-    """ffmpeg's image2pipe PPM output as (H, W, 3) uint8 arrays; a cut-off last image is dropped."""
-    frames = []
-    pos = 0
-    header = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+255\s")
-    while pos < len(data):
-        match = header.match(data, pos)
-        if match is None:
-            break
-        w = int(match.group(1))
-        h = int(match.group(2))
-        end = match.end() + w * h * 3
-        if end > len(data):
-            break
-        frames.append(np.frombuffer(data, np.uint8, w * h * 3, match.end()).reshape(h, w, 3))
-        pos = end
-    return frames
-
-
-def frame_path(frames_root, i, video_id):
-    return os.path.join(frames_root, f"frame_{i}", f"{video_id}.jpg")
-
-
-def decode_frames(video, info, wanted):
-    """The frames of `video` at the sorted decode indices `wanted`, in one ffmpeg pass (select by
-    decode index, RGB24): {index: (H, W, 3) uint8}. A frame that could not be decoded is absent."""
+def extract_frames(video, stream_index, total, paths):
+    """Write the 10 official frames of `video` to `paths`: decoded by ffmpeg, resized by Pillow."""
+    indices = frame_indices(total)
+    wanted = sorted(set(indices))  # each decode index comes out once, in order
     select = "+".join(f"eq(n\\,{k})" for k in wanted)
-    passthrough = ["-fps_mode", "passthrough"] if check_ffmpeg() >= (5, 1) else ["-vsync", "0"]
-    result = _run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-v",
-            "error",
-            "-i",
-            video,
-            "-map",
-            f"0:{info['video_stream']}",
-            "-vf",
-            f"select='{select}'",
-            *passthrough,
-            "-frames:v",
-            str(len(wanted)),
-            "-pix_fmt",
-            "rgb24",
-            "-c:v",
-            "ppm",
-            "-f",
-            "image2pipe",
-            "pipe:1",
-        ],
-        video,
-    )
-    decoded = dict(zip(wanted, _read_ppm_stream(result.stdout)))
-    if len(decoded) < len(wanted):  # the official extractor stops at the first unreadable frame
-        missing = min(set(wanted) - set(decoded))
-        raise PrepareError(
-            f"truncated or corrupt: decoding stopped before frame {missing} of the {info['total']}"
-            f" the container announces ({_ffmpeg_error(result.stderr, video)})",
-            "the file is cut off or damaged: copy or download it again",
-        )
-    return decoded
+    # setpts and -r 1 put the k-th selected frame at second k of the output: none repeated or lost
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", video, "-map", f"0:{stream_index}"]
+    cmd += ["-vf", f"select='{select}',setpts=N/TB", "-r", "1", "-frames:v", str(len(wanted))]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd += ["-pix_fmt", "rgb24", os.path.join(tmp, "%d.png")]
+        result = subprocess.run(cmd, capture_output=True)
+        pngs = [os.path.join(tmp, f"{n + 1}.png") for n in range(len(wanted))]  # numbered from 1
+        decoded = sum(os.path.isfile(png) for png in pngs)
+        if decoded < len(wanted):  # the official extractor stops at the first unreadable frame
+            reason = f"decoding stopped before frame {wanted[decoded]} ({ffmpeg_error(result, video)})"
+            raise ValueError(f"truncated or corrupt: {reason}")
+        for path, k in zip(paths, indices):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            frame = resize_crop(Image.open(pngs[wanted.index(k)]))
+            frame.save(path, "JPEG")  # Pillow's defaults: quality 75, 4:2:0
 
 
-def extract_frames(video, frames_root, video_id, info=None, only=None):
-    """Write the 10 official frames of `video` to frames_root/frame_{i}/{video_id}.jpg; return their
-    paths.
-
-    Decodes the wanted frames, then resizes, crops and saves each with Pillow. `only`: the frame
-    numbers i to (re)write, default all. Each JPEG is written to a temporary name and renamed.
-    Raises PrepareError for a video with too few decodable frames.
-    """
-    if info is None:
-        info = probe(video)
-    if not info["has_video"]:
-        raise PrepareError("no video stream", NEEDS_BOTH)
-    too_few = (info["fps"] <= 0) or (info["total"] < NUM_FRAMES)
-    if too_few:
-        raise PrepareError(
-            f"too short: {info['total']} frames in the first 10 s, need {NUM_FRAMES}",
-            f"give a clip of at least {NUM_FRAMES} frames",
-        )
-    todo = list(range(NUM_FRAMES)) if only is None else sorted(only)
-    indices = frame_indices(info["total"])
-    wanted = sorted({indices[i] for i in todo})  # each decode index comes out once, in order
-    decoded = decode_frames(video, info, wanted)
-    paths = []
-    for i in todo:
-        path = frame_path(frames_root, i, video_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        frame = resize_crop(Image.fromarray(decoded[indices[i]]))
-        frame.save(_atomic_path(path), "JPEG")  # Pillow's defaults: quality 75, 4:2:0
-        os.replace(_atomic_path(path), path)
-        paths.append(path)
-    return paths
-
-
-def extract_audio(video, wav_path, info=None):
-    """Write the first audio channel of `video`, resampled to 16 kHz, as PCM16 wav
-    (docs/preprocessing.md, section 5); return the path.
-
-    pan keeps channel 0 like the official `sox remix 1` (-ac 1 would average the channels instead).
-    """
-    if info is None:
-        info = probe(video)
-    if not info["has_audio"]:
-        raise PrepareError("no audio stream", NEEDS_BOTH)
-    os.makedirs(os.path.dirname(os.path.abspath(wav_path)), exist_ok=True)
-    tmp = _atomic_path(wav_path)
-    result = _run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-v",
-            "error",
-            "-y",
-            "-i",
-            video,
-            "-vn",
-            "-sn",
-            "-dn",
-            "-af",
-            "pan=mono|c0=c0",
-            "-ar",
-            str(SAMPLE_RATE),
-            "-c:a",
-            "pcm_s16le",
-            "-bitexact",
-            "-map_metadata",
-            "-1",
-            "-f",
-            "wav",
-            tmp,
-        ],
-        video,
-    )
+def extract_audio(video, wav_path):
+    """Write the first audio channel of `video`, resampled to 16 kHz, as a PCM16 wav. pan keeps
+    channel 0 as the official `sox ... remix 1` does (-ac 1 would average the channels)."""
+    part = wav_path + ".part"
+    options = "-vn -af pan=mono|c0=c0 -ar 16000 -c:a pcm_s16le -bitexact -map_metadata -1 -f wav"
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", video, *options.split(), part]
+    result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        _remove(tmp)
-        raise PrepareError(
-            f"audio extraction failed ({_ffmpeg_error(result.stderr, video)})",
-            f"check that ffmpeg can decode its sound (`ffmpeg -i {video} -f null -`)",
-        )
-    samples = sf.info(tmp).frames
-    if samples < MIN_SAMPLES:
-        _remove(tmp)
-        raise PrepareError(
-            f"audio too short: {samples} samples at 16 kHz, need {MIN_SAMPLES} (25 ms)",
-            "give a clip with at least 25 ms of sound",
-        )
-    os.replace(tmp, wav_path)
-    return wav_path
-
-
-def one_clip_datafile(folder, video=None, wav=None, image=None):
-    """One clip as a dataset in `folder`: a video's audio and 10 frames, or a wav and one image
-    (frame_0). The clip is named after the file. Returns (the datafile's path, the frame numbers the
-    clip has)."""
-    video_id = os.path.splitext(os.path.basename(video if video else wav))[0]
-    frames_root = os.path.join(folder, "frames")
-    if video:
-        facts = probe(video)
-        check_streams(facts)
-        wav = extract_audio(video, os.path.join(folder, video_id + ".wav"), facts)
-        extract_frames(video, frames_root, video_id, facts)
-        available = list(range(NUM_FRAMES))
-    else:
-        os.makedirs(os.path.join(frames_root, "frame_0"), exist_ok=True)
-        shutil.copyfile(image, frame_path(frames_root, 0, video_id))  # read by content: any format
-        available = [0]
-    path = os.path.join(folder, "clip.json")
-    row = dict(video_id=video_id, wav=os.path.abspath(wav), video_path="frames", labels="")
-    write_json_atomic(path, {"data": [row]})
-    return path, available
-
-
-def _remove(*paths):
-    for path in paths:
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def _wav_ok(path):
-    try:
-        info = sf.info(path)
-    except Exception:  # missing or unreadable: redo it
-        return False
-    right_format = (info.samplerate == SAMPLE_RATE) and (info.channels == 1)
-    return right_format and (info.frames >= MIN_SAMPLES)
-
-
-def _jpeg_ok(path):
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) != b"\xff\xd8":
-                return False
-            f.seek(-2, os.SEEK_END)
-            return f.read(2) == b"\xff\xd9"  # a complete JPEG ends with the EOI marker
-    except OSError:
-        return False
-
-
-def failure_reason(error):
-    """failed.csv's reason: a PrepareError's own words, else the exception's type and message."""
-    if isinstance(error, PrepareError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+        raise ValueError(f"audio extraction failed ({ffmpeg_error(result, video)})")
+    os.replace(part, wav_path)
 
 
 def prepare_video(job):
-    """One video -> OUT/audio/{id}.wav and OUT/frames/frame_{i}/{id}.jpg. Returns (status, reason).
-
-    status: 'skipped' (all outputs already complete), 'done', or 'failed' (outputs removed).
-    """
+    """One video (job: path, video_id, output folder) -> its wav and frames, unless there."""
     video, video_id, out = job
     wav = os.path.join(out, "audio", f"{video_id}.wav")
-    frames_root = os.path.join(out, "frames")
-    frames = [frame_path(frames_root, i, video_id) for i in range(NUM_FRAMES)]
-    need_frames = [i for i, path in enumerate(frames) if not _jpeg_ok(path)]
-    need_audio = not _wav_ok(wav)
-    if (not need_frames) and (not need_audio):
-        return "skipped", ""
+    frames = [os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg") for i in range(NUM_FRAMES)]
+    if all(os.path.isfile(path) for path in [wav, *frames]):
+        return ""
     try:
-        info = probe(video)
-        check_streams(info)
-        if need_frames:
-            extract_frames(video, frames_root, video_id, info=info, only=need_frames)
-        if need_audio:
-            extract_audio(video, wav, info=info)
-    except Exception as error:  # PrepareError, or the unforeseen (disk full, odd ffprobe output):
-        _remove(wav, *frames)  # one bad video does not stop the run, and leaves nothing behind
-        return "failed", failure_reason(error)
-    return "done", ""
-
-
-def list_folder(folder):
-    """The videos in `folder` and below, by extension, and the audio-only files (to fail: no video)."""
-    wanted = VIDEO_EXTS | AUDIO_EXTS
-    found = [
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if os.path.splitext(name)[1].lower() in wanted
-    ]
-    if not found:
-        extensions = " ".join(sorted(VIDEO_EXTS))
-        raise ValueError(f"--input {folder}: no video files in it or below (looked for {extensions})")
-    return sorted(found)
-
-
-def is_listed_path(row):
-    """A csv/text row that names a file: not empty, not a # comment."""
-    if not row:
-        return False
-    return bool(row[0].strip()) and (not row[0].startswith("#"))
+        stream_index, total = probe(video)
+        extract_frames(video, stream_index, total, frames)
+        extract_audio(video, wav)  # last, renamed into place: a run cut short leaves no wav
+    except Exception as error:  # a reason above, or the unforeseen (a disk full): the rest go on
+        return str(error)
+    return ""
 
 
 def list_videos(source):
-    """Video paths from a folder (recursive, by extension) or a csv/text list (first column)."""
-    if os.path.isdir(source):
-        return list_folder(source)
-    if not os.path.isfile(source):
-        raise ValueError(f"--input {source}: no such folder or list file")
-    base = os.path.dirname(os.path.abspath(source))
-    with open(source, newline="") as f:
-        rows = [row for row in csv.reader(f) if is_listed_path(row)]
-    has_header = bool(rows) and (rows[0][0].strip().lower() in LIST_HEADERS)
-    if has_header:
-        rows = rows[1:]
-    if not rows:
-        raise ValueError(f"--input {source}: the list names no videos (one path a line)")
-    return [os.path.join(base, row[0].strip()) for row in rows]
+    """One video; the videos a text file names, one a line; or those (and audio files) of a folder."""
+    if os.path.splitext(source)[1].lower() in VIDEO_EXTS | AUDIO_EXTS:
+        return [source]
+    if os.path.isfile(source):
+        base = os.path.dirname(os.path.abspath(source))
+        with open(source) as f:
+            return [os.path.join(base, line.strip()) for line in f if line.strip()]
+    paths = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
+    found = [path for path in paths if os.path.splitext(path)[1].lower() in VIDEO_EXTS | AUDIO_EXTS]
+    if not found:
+        raise ValueError(f"--input {source}: not a list file, nor a folder with video files")
+    return sorted(found)
 
 
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def is_segment_row(row):
-    """A VGGSound (label in column 2) or AudioSet (labels in column 3) row: id, start, ..."""
-    return (len(row) >= 4) and _is_number(row[1])
-
-
-def segment_keys(video_id, start_text):
-    """The usual names of a segment's file: {id}_{start} as written, %.3f, 6 digits, int."""
-    start = float(start_text)
-    return [
-        f"{video_id}_{start_text}",
-        f"{video_id}_{start:.3f}",
-        f"{video_id}_{int(start):06d}",
-        f"{video_id}_{int(start)}",
-    ]
-
-
-def read_video_labels(path):
-    """Labels per video_id from a csv in one of three layouts; returns dict video_id -> [label,
-    ...].
-
-    `video_id,labels` (labels: mids or names separated by commas, quoted), the VGGSound csv
-    `youtube_id,start_seconds,label,split` and the AudioSet segment csv `YTID, start_seconds,
-    end_seconds, positive_labels`. Segment rows are keyed as {id}_{start} in the usual spellings
-    (`abc_30`, `abc_30.000`, `abc_000030`) and by the bare id.
-    """
+def read_labels(path):
+    """{video_id: "label1,label2"} from a csv of `video_id,labels` rows (a header does no harm)."""
     with open(path, newline="") as f:
-        rows = [
-            [c.strip() for c in row]
-            for row in csv.reader(f, skipinitialspace=True)
-            if row and (not row[0].lstrip().startswith("#"))
-        ]
-    has_header = bool(rows) and (rows[0][0].lower() in LABEL_HEADERS)
-    if has_header:
-        rows = rows[1:]
+        rows = [row for row in csv.reader(f) if row]
     labels = {}
-    for n, row in enumerate(rows, 1):
-        if is_segment_row(row):
-            audioset = _is_number(row[2])  # its column 2 is the end time
-            names = row[3].split(",") if audioset else [row[2]]
-            for key in segment_keys(row[0], row[1]):
-                labels[key] = names
-            labels.setdefault(row[0], names)
-        elif len(row) >= 2:
-            labels[row[0]] = [l.strip() for l in ",".join(row[1:]).split(",")]
-        else:
-            raise ValueError(
-                f"{path} row {n}: expected `video_id,labels`, a VGGSound or an AudioSet row, got {row}"
-            )
-    for key in labels:
-        labels[key] = [l for l in labels[key] if l]
+    for row in rows:
+        names = [name.strip() for name in ",".join(row[1:]).split(",")]  # quoted or not
+        labels[row[0].strip()] = ",".join(name for name in names if name)
     return labels
 
 
-def number_label_names(entries, names):
-    """Labels given by name get mids /label/0000, ... in name order; returns (mids, names)."""
-    mids = {name: f"/label/{i:04d}" for i, name in enumerate(names)}
-    for e in entries:
-        e["labels"] = [mids[l] for l in e["labels"]]
-    return list(mids.values()), names
-
-
-def report(out, entries, counts, failed):
-    done = f"{counts['done']} extracted, {counts['skipped']} already done"
-    print(f"{len(entries)} videos ready in {os.path.join(out, 'data.json')} ({done}), {len(failed)} failed")
-    for video, reason in failed:
-        print(f"  FAILED {video}: {reason}")
-    if failed:
-        print(f"failures listed in {os.path.join(out, 'failed.csv')}")
-
-
 def prepare_videos(source, out, labels_csv=None, workers=None):
-    """Extract every video of `source` into `out`; write data.json, failed.csv (and labels.csv).
-    Returns the failures, (video, reason) each."""
-    check_ffmpeg()
-    videos = list_videos(source)
-    table = read_video_labels(labels_csv) if labels_csv else {}  # a bad csv fails before any work
-    os.makedirs(out, exist_ok=True)
-    jobs = []
+    """Extract the videos of `source` into `out`, with data.json, labels.csv and failed.csv."""
+    missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
+    if missing:
+        raise RuntimeError(f"prepare.py needs {' and '.join(missing)}: {FFMPEG_HELP}")
+    jobs = [(video, os.path.splitext(os.path.basename(video))[0], out) for video in list_videos(source)]
+    twice = [video_id for video_id, n in Counter(job[1] for job in jobs).items() if n > 1]
+    if twice:  # their files would overwrite each other
+        raise ValueError(f"--input {source}: {len(twice)} video_ids name two videos, e.g. {twice[0]!r}")
+    if labels_csv:
+        labels = read_labels(labels_csv)  # before any work
+    else:  # one class, enough for pretraining
+        labels = {video_id: "/m/unlabeled" for _, video_id, _ in jobs}
+    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    reasons = parallel_map(prepare_video, jobs, workers, "videos")
+
+    ready = {}  # video_id: its labels
     failed = []  # (video, reason)
-    seen = {}  # video_id: the video it came from
-    for video in videos:
-        video_id = os.path.splitext(os.path.basename(video))[0]
-        if video_id in seen:
-            failed.append((video, f"duplicate video_id {video_id!r} (also {seen[video_id]})"))
-        else:
-            seen[video_id] = video
-            jobs.append((video, video_id, out))
-    if workers is None:
-        workers = os.cpu_count() or 1
-    results = parallel_map(prepare_video, jobs, workers, "videos")
-
-    entries = []
-    counts = {"done": 0, "skipped": 0}
-    for (video, video_id, _), (status, reason) in zip(jobs, results):
-        if status == "failed":
+    for (video, video_id, _), reason in zip(jobs, reasons):
+        if not reason and not labels.get(video_id):
+            reason = f"no labels for {video_id!r} in {labels_csv}"
+        if reason:
             failed.append((video, reason))
-        elif labels_csv and (not table.get(video_id)):
-            failed.append((video, f"no labels for {video_id!r} in {labels_csv}"))
         else:
-            counts[status] += 1
-            entries.append(
-                dict(
-                    video_id=video_id,
-                    wav=f"audio/{video_id}.wav",
-                    video_path="frames",
-                    labels=table.get(video_id, ["/m/unlabeled"]),
-                )
-            )
-
-    names = sorted({l for e in entries for l in e["labels"]})
-    label_csv = os.path.join(out, "labels.csv")
-    if not labels_csv:  # a one-class dummy label file keeps the folder loadable for pretraining
-        write_label_csv(label_csv, ["/m/unlabeled"], ["unlabeled"])
-    elif any(not l.startswith("/") for l in names):  # names, not mids: number them
-        write_label_csv(label_csv, *number_label_names(entries, names))
-    for e in entries:
-        e["labels"] = ",".join(e["labels"])
-    write_json_atomic(os.path.join(out, "data.json"), {"data": entries})
+            ready[video_id] = labels[video_id]
+    mids = sorted({mid for video_labels in ready.values() for mid in video_labels.split(",")})
+    write_label_csv(os.path.join(out, "labels.csv"), mids, mids)  # each label its own mid and name
+    write_datafile(os.path.join(out, "data.json"), ready)
     with open(os.path.join(out, "failed.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("video", "reason"), *failed])
-    report(out, entries, counts, failed)
+    print(f"{len(ready)} videos ready in {os.path.join(out, 'data.json')}, {len(failed)} failed")
+    for video, reason in failed:
+        print(f"  FAILED {video}: {reason}")
     return failed
 
 
 # ----------------------------------------------------------------------------
-# Command line: one function per subcommand, each returning the exit status
+# The synthetic dataset: shapes that sound. A class is a shape and a timbre, each recognisable
+# alone; the two modalities share cues, so that retrieval must learn more than the class: hue <->
+# pitch, number of objects <-> number of onsets, left to right <-> order in time, size <-> loudness.
+
+CLASSES = [  # (shape, sound)
+    ("disk", "pure tone"),
+    ("square", "square wave"),
+    ("triangle", "sawtooth"),
+    ("diamond", "noise band"),
+    ("plus", "rising chirp"),
+    ("ring", "falling chirp"),
+    ("x-cross", "tremolo"),
+    ("striped square", "vibrato"),
+    ("checkered disk", "pluck"),
+    ("bar", "bell"),
+]
+OBJECTS_HELP = (
+    "clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
+    "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
+    "prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true"
+)
 
 
-def cmd_videos(args):
-    """Exit status 0 when every video became a sample, 1 when some failed (OUT/failed.csv)."""
-    failed = prepare_videos(args.input, args.out, args.labels, args.workers)
-    return 1 if failed else 0
+def shape_mask(cls, x, y):
+    """(inside, dark texture) boolean masks of class `cls`'s shape; x, y: coordinates / radius."""
+    ax = np.abs(x)
+    ay = np.abs(y)
+    r2 = x * x + y * y
+    box = np.maximum(ax, ay)
+    none = np.zeros_like(x, dtype=bool)
+    if cls == 0:
+        return r2 <= 1, none
+    if cls == 1:
+        return box <= 0.85, none
+    if cls == 2:  # apex up
+        return (y >= -1) & (y <= 0.75) & (ax <= (y + 1) * 0.55), none
+    if cls == 3:
+        return ax + ay <= 1.1, none
+    if cls == 4:
+        return (box <= 1) & (np.minimum(ax, ay) <= 0.3), none
+    if cls == 5:
+        return (r2 <= 1) & (r2 >= 0.3), none
+    if cls == 6:
+        return (box <= 0.85) & ((np.abs(x - y) <= 0.4) | (np.abs(x + y) <= 0.4)), none
+    if cls == 7:  # 5 vertical stripes
+        return box <= 0.85, np.floor((x + 0.85) / 0.34) % 2 == 1
+    if cls == 8:  # 4 x 4 checkerboard
+        return r2 <= 1, (np.floor((x + 1) * 2) + np.floor((y + 1) * 2)) % 2 == 1
+    return (x / 1.1) ** 2 + (y / 0.45) ** 2 <= 1, none
 
 
-def cmd_synthetic(args):
-    import synthetic  # the generator reads this file's format helpers
-
-    start = time.time()
-    synthetic.make_synthetic(
-        args.out,
-        args.n_train,
-        args.n_test,
-        args.seed,
-        args.image_size,
-        args.seconds,
-        args.num_classes,
-        args.multilabel,
-        args.workers,
-    )
-    kind = " (multi-label)" if args.multilabel else ""
-    clips = f"{args.n_train} train + {args.n_test} test clips, {args.num_classes} classes{kind}"
-    sizes = f"{args.image_size}px frames, {args.seconds} s audio"
-    print(f"synthetic: {clips}, {sizes} -> {args.out} in {time.time() - start:.1f} s")
-    return 0
+def hsv_to_rgb(h, s, v):
+    """One colour, components in [0, 1] -> RGB in [0, 255]."""
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
+    return 255 * (v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
-def check_datafile(datafile, label_csv, num_frames=10, image_size=224, show=20):
-    """Load every row of a datafile as training does (data.row_problems: the wav, each frame, the
-    labels); print a summary and the first `show` rows with problems. Returns how many have some."""
-    start = time.time()
-    rows = data.read_datafile(datafile)
-    labels = data.load_label_csv(label_csv)
-    results = data.all_row_problems(rows, labels, num_frames, image_size)
-    bad = [(i, problems) for i, (problems, _) in enumerate(results) if problems]
-    print(
-        f"checked {len(rows)} rows of {datafile} in {time.time() - start:.1f} s: "
-        f"{len(rows) - len(bad)} ok, {len(bad)} with problems"
-    )
-    for i, problems in bad[:show]:
-        print(f"  row {i} (video_id {rows[i]['video_id']}): {'; '.join(problems)}")
-    if len(bad) > show:
-        print(f"  ... and {len(bad) - show} more rows")
-    partial = sum(0 < missing < num_frames for _, missing in results)
-    if partial:
-        print(
-            f"  {partial} rows miss some of their {num_frames} frames (loading falls back to an earlier frame)"
-        )
-    classes_seen = sum(mid in labels.index for mid in rows.mids)
-    unlabelled = int((np.diff(rows.label_offsets) == 0).sum())
-    summary = f"  labels: {classes_seen} of {len(labels.mids)} classes have examples"
-    print(summary + (f", {unlabelled} rows have no label" if unlabelled else ""))
-    return len(bad)
+def note(cls, f0, n, rng):
+    """One note of class `cls`'s timbre at pitch f0 Hz, n samples, peak 1."""
+    t = np.arange(n) / SAMPLE_RATE
+    dur = n / SAMPLE_RATE
+    nyquist_margin = 0.45 * SAMPLE_RATE
+
+    def partials(ratios, amps):
+        """Sines at f0 times each ratio (those below the Nyquist margin), each with a random phase."""
+        keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < nyquist_margin]
+        return sum(a * np.sin(2 * np.pi * r * f0 * t + rng.uniform(0, 2 * np.pi)) for r, a in keep)
+
+    if cls == 0:
+        wave = partials([1], [1])
+    elif cls == 1:
+        wave = partials(range(1, 40, 2), [1 / k for k in range(1, 40, 2)])
+    elif cls == 2:
+        wave = partials(range(1, 40), [1 / k for k in range(1, 40)])
+    elif cls == 3:  # noise low-passed to ~400 Hz, shifted up to f0: a noise band around the pitch
+        noise = np.convolve(rng.standard_normal(n + 39), np.ones(40) / 40, mode="valid")
+        wave = noise * np.sin(2 * np.pi * f0 * t)
+    elif cls in (4, 5):  # one octave glide up or down over the note
+        sign = 1 if cls == 4 else -1
+        wave = np.sin(2 * np.pi * f0 * dur / (sign * np.log(2)) * (2 ** (sign * t / dur) - 1))
+    elif cls == 6:  # 100 % amplitude modulation at 15 Hz
+        wave = partials([1], [1]) * (0.5 + 0.5 * np.sin(2 * np.pi * 15 * t))
+    elif cls == 7:  # 8 % frequency modulation at 6 Hz
+        wave = np.sin(2 * np.pi * f0 * t + 0.08 * f0 / 6 * np.sin(2 * np.pi * 6 * t))
+    elif cls == 8:  # plucked string: harmonics with a fast decay
+        wave = partials(range(1, 7), [1 / k for k in range(1, 7)]) * np.exp(-t / 0.08)
+    else:  # bell: inharmonic partials, slower decay
+        wave = partials([1, 2.76, 5.4], [1, 0.5, 0.25]) * np.exp(-t / 0.3)
+    ramp = np.minimum(1, np.minimum(t / 0.01, (dur - t) / 0.06))  # 10 ms attack, 60 ms release
+    wave = wave * ramp
+    return wave / (np.abs(wave).max() + 1e-9)
 
 
-def cmd_check(args):
-    """Exit status 0 when every row loads, 1 when some rows have problems. A missing or unreadable
-    datafile or label csv raises data.DataError (a ValueError): main's exit status 2."""
-    bad_rows = check_datafile(args.data, args.label_csv, args.num_frames, args.image_size)
-    return 1 if bad_rows else 0
+def background(rng, S):
+    """(S, S, 3) float: a dull colour with a linear gradient in a random direction."""
+    colour = hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.45))
+    gradient_dir = rng.uniform(0, 2 * np.pi)
+    gradient = rng.uniform(0, 40)
+    from_centre = np.arange(S) - S / 2  # (S,) pixels
+    # (S, S) signed distance along the gradient, in pixels
+    along = from_centre[None, :] * np.cos(gradient_dir) + from_centre[:, None] * np.sin(gradient_dir)
+    return colour + gradient * along[..., None] / S
+
+
+def draw_clip(rng, classes, image_size, seconds):
+    """One clip, an object per entry of `classes`: frames (10, S, S, 3) uint8, waveform (N,) int16,
+    where the objects are: per frame, [dict(class, x, y, radius)] in pixels (k spans [k, k + 1))."""
+    S = image_size
+    n = len(classes)
+    n_samples = int(round(seconds * SAMPLE_RATE))
+    hues = rng.uniform(0, 0.8, n)  # 0.8: stop before red wraps round
+    pitches = 200 * 2 ** (3 * hues / 0.8)  # hue <-> pitch: 200 .. 1600 Hz
+    loud = rng.uniform(0.8, 1.25)  # near = big and loud
+    depth = rng.uniform(0.15, 0.3)
+    cycles = rng.uniform(0.4, 1.2)
+    phase = rng.uniform(0, 2 * np.pi)
+
+    def envelope(t):  # the loudness, and the objects' size, over the clip
+        return 1 + depth * np.sin(2 * np.pi * cycles * t / seconds + phase)
+
+    # audio: object j (left to right) sounds its note in time slot j
+    slot = seconds / n
+    wave = np.zeros(n_samples)
+    for j, (cls, f0) in enumerate(zip(classes, pitches)):
+        start = int((j + rng.uniform(0, 0.2)) * slot * SAMPLE_RATE)
+        length = int(min(1.2, 0.7 * slot) * SAMPLE_RATE)
+        wave[start : start + length] += note(cls, f0, length, rng)[: n_samples - start]
+    t = np.arange(n_samples) / SAMPLE_RATE
+    wave *= 0.3 * loud * envelope(t)
+    white = rng.standard_normal(n_samples)
+    noise = white * rng.uniform(0.003, 0.03) * 0.3  # 10 .. 30 dB below the notes
+    pcm = np.round(np.clip(wave + noise, -1, 1) * 32767).astype(np.int16)
+
+    # frames: background + objects, 2 x 2 supersampled edges
+    base = background(rng, S)  # (S, S, 3)
+    pixel_noise = rng.uniform(2, 10)
+    slot_width = S / n  # one horizontal slot per object
+    xs = rng.uniform(0.3, 0.7, n) * slot_width + np.arange(n) * slot_width
+    ys = rng.uniform(0.3, 0.7, n) * S
+    drift = rng.uniform(-0.08, 0.08, 2) * S
+    radii = 0.1 * S * loud * rng.uniform(0.9, 1.1, n)
+    colours = [hsv_to_rgb(h, rng.uniform(0.75, 1), rng.uniform(0.85, 1)) for h in hues]
+    sub_pixel = 0.5 * np.array([0, 1])[:, None]  # (2, 1): 2 samples per pixel and axis
+    grid = (np.arange(S) + 0.5)[None, :] - 0.25 + sub_pixel  # (2, S)
+    gy = grid[:, None, :, None]  # (2, 1, S, 1)
+    gx = grid[None, :, None, :]  # (1, 2, 1, S)
+    frames = np.empty((NUM_FRAMES, S, S, 3), np.uint8)
+    objects = []
+    for i in range(NUM_FRAMES):
+        t_i = i * seconds / NUM_FRAMES
+        image = base.copy()  # (S, S, 3)
+        objects.append([])
+        for cls, x0, y0, r0, colour in zip(classes, xs, ys, radii, colours):
+            r = r0 * envelope(t_i)
+            x = x0 + drift[0] * t_i / seconds
+            y = y0 + drift[1] * t_i / seconds
+            drawn = {"class": int(cls), "x": float(x), "y": float(y), "radius": float(r)}
+            objects[-1].append(drawn)
+            # the pixels the shape can touch
+            rows = slice(max(int(y - 1.2 * r), 0), max(int(y + 1.2 * r) + 2, 0))
+            columns = slice(max(int(x - 1.2 * r), 0), max(int(x + 1.2 * r) + 2, 0))
+            inside, dark = shape_mask(cls, (gx[..., columns] - x) / r, (gy[..., rows, :] - y) / r)
+            cover = inside.mean(axis=(0, 1))[..., None]  # (h, w, 1) in [0, 1]
+            shade = (inside & dark).mean(axis=(0, 1))[..., None]
+            paint = colour * (cover - 0.65 * shade)  # the textures' dark parts at 35 % brightness
+            image[rows, columns] = image[rows, columns] * (1 - cover) + paint
+        image += rng.normal(0, pixel_noise, image.shape)
+        frames[i] = np.clip(np.round(image), 0, 255)
+    return frames, pcm, objects
+
+
+def inside_objects(frame_objects, x, y):
+    """Which points lie inside one of a frame's objects (objects.json's {class, x, y, radius}):
+    a boolean array shaped like x and y, which are in pixels of the frame."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
+    for o in frame_objects:
+        inside |= shape_mask(o["class"], (x - o["x"]) / o["radius"], (y - o["y"]) / o["radius"])[0]
+    return inside
+
+
+def make_clip(job):
+    """Draw and write one clip with its own Generator; (video_id, labels, objects to 1e-4 px)."""
+    out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel = job
+    rng = np.random.default_rng([seed, split, index])
+    if multilabel:  # 1-3 different events, one object each
+        classes = rng.choice(num_classes, size=rng.integers(1, min(3, num_classes) + 1), replace=False)
+    else:  # one event class, 1-3 objects
+        classes = np.full(rng.integers(1, 4), rng.integers(num_classes))
+    frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds)
+    sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, SAMPLE_RATE, subtype="PCM_16")
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg"), "JPEG")
+    labels = ",".join(f"/synth/{c:02d}" for c in sorted(set(int(c) for c in classes)))
+    rounded = [[{key: round(value, 4) for key, value in o.items()} for o in frame] for frame in objects]
+    return video_id, labels, rounded
+
+
+def make_synthetic(
+    out,
+    n_train=2000,
+    n_test=500,
+    seed=0,
+    image_size=64,
+    seconds=2.56,
+    num_classes=10,
+    multilabel=False,
+    workers=None,
+):
+    """Write train.json, test.json, labels.csv, objects.json, audio/ and frames/ to `out`."""
+    if not 2 <= num_classes <= len(CLASSES):
+        raise ValueError(f"num_classes must be between 2 and {len(CLASSES)}, got {num_classes}")
+    for i in range(NUM_FRAMES):
+        os.makedirs(os.path.join(out, "frames", f"frame_{i}"), exist_ok=True)
+    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    settings = (image_size, seconds, num_classes, multilabel)
+    jobs = []
+    for split, (name, count) in enumerate([("train", n_train), ("test", n_test)]):
+        for k in range(count):
+            jobs.append((out, f"{name}_{k:05d}", seed, split, k, *settings))
+    results = parallel_map(make_clip, jobs, workers, "synthetic", chunksize=16)
+
+    for name in ("train", "test"):
+        split_labels = {video_id: labels for video_id, labels, _ in results if video_id.startswith(name)}
+        write_datafile(os.path.join(out, f"{name}.json"), split_labels)
+    mids = [f"/synth/{c:02d}" for c in range(num_classes)]
+    names = [f"{shape} + {sound}" for shape, sound in CLASSES[:num_classes]]
+    write_label_csv(os.path.join(out, "labels.csv"), mids, names)
+    clips = {video_id: geometry for video_id, _, geometry in results}
+    shapes = [shape for shape, _ in CLASSES]
+    objects = dict(frame_size=image_size, shapes=shapes, geometry=OBJECTS_HELP, clips=clips)
+    with open(os.path.join(out, "objects.json"), "w") as f:
+        json.dump(objects, f)
 
 
 def main(argv=None):
-    description = __doc__.split("\n\n")[0].strip()
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description="Prepare data for CAV-MAE in its on-disk format.")
     commands = parser.add_subparsers(dest="command", required=True)
-
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
-    videos.add_argument("--input", required=True, help="folder of videos, or a csv/text list")
+    videos.add_argument("--input", required=True, help="a folder, a list (one a line) or a video")
     videos.add_argument("--out", required=True, help="output folder")
-    videos.add_argument("--labels", help="csv: video_id,labels | VGGSound | AudioSet segments")
-    videos.add_argument("--workers", type=int, default=None, help="parallel videos (default: CPUs)")
-    videos.set_defaults(run=cmd_videos)
-
-    synth = commands.add_parser(
-        "synthetic", help="generate the synthetic audio-visual dataset (synthetic.py)"
-    )
+    videos.add_argument("--labels", help="csv of video_id,labels rows (the labels quoted)")
+    videos.add_argument("--workers", type=int, help="videos in parallel (default: all CPUs)")
+    synth = commands.add_parser("synthetic", help="draw the synthetic dataset: shapes that sound")
     synth.add_argument("--out", default="data/synthetic")
     synth.add_argument("--n-train", type=int, default=2000)
     synth.add_argument("--n-test", type=int, default=500)
@@ -778,33 +499,19 @@ def main(argv=None):
     synth.add_argument("--seconds", type=float, default=2.56)
     synth.add_argument("--num-classes", type=int, default=10)
     synth.add_argument("--multilabel", action="store_true", help="1-3 events of different classes")
-    synth.add_argument("--workers", type=int, default=None)
-    synth.set_defaults(run=cmd_synthetic)
-
-    check_help = (
-        "load every row of a datafile as training does; exit status 1 when rows have problems, "
-        "2 when the datafile or label csv is missing or unreadable"
-    )
-    check = commands.add_parser("check", help=check_help, description=check_help)
-    check.add_argument("--data", required=True, help="the datafile (json)")
-    check.add_argument(
-        "--label-csv",
-        "--label_csv",  # the spelling of eval.py and bench.py
-        dest="label_csv",
-        required=True,
-        help="its label csv (index,mid,display_name)",
-    )
-    check.add_argument("--num-frames", type=int, default=10, help="frames per video")
-    check.add_argument("--image-size", type=int, default=224, help="the size frames are decoded at")
-    check.set_defaults(run=cmd_check)
-
+    synth.add_argument("--workers", type=int)
     args = parser.parse_args(argv)
+    options = {name: value for name, value in vars(args).items() if name != "command"}
     try:
-        return args.run(args)
-    except (RuntimeError, ValueError) as error:
-        # ffmpeg missing; a bad --input, --labels or setting; a missing or unreadable datafile or label csv
+        if args.command == "synthetic":
+            make_synthetic(**options)  # the options are named as its arguments
+            print(f"synthetic dataset written to {args.out}")
+            return 0
+        failed = prepare_videos(args.input, args.out, args.labels, args.workers)
+    except (OSError, RuntimeError, ValueError) as error:  # no ffmpeg, a bad --input or setting
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

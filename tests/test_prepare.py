@@ -1,118 +1,68 @@
-"""prepare.py: real videos -> the official on-disk format, byte for byte as the official extraction."""
+"""prepare.py: real videos -> the official on-disk format, byte for byte as the official extraction; the
+synthetic dataset is deterministic, in the official format, and its cues are what it says."""
 
+import colorsys
 import csv
 import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
 
+import data
 import prepare
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_FFMPEG = (shutil.which("ffmpeg") is not None) and (shutil.which("ffprobe") is not None)
 needs_ffmpeg = pytest.mark.skipif(not HAS_FFMPEG, reason="ffmpeg/ffprobe not installed")
 # Each frame's colour encodes its decode index n: red = (n % 16) * 16 + 8, green = (n // 16) * 16 + 8.
 COUNTER = (
     "nullsrc=size={size}:rate={rate}:duration={seconds},geq=r='mod(N\\,16)*16+8':g='trunc(N/16)*16+8':b=128"
 )
+H264 = "-c:v libx264 -pix_fmt yuv420p".split()
 
 
 def ffmpeg(*args):
     subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
 
 
+def lavfi(*sources):
+    """ffmpeg's input options for generated sources (a test picture, a tone)."""
+    return [option for source in sources for option in ("-f", "lavfi", "-i", source)]
+
+
 def make_videos(folder):
-    """Two good videos and one of each kind of bad one."""
+    """Three good videos and one of each kind of bad one."""
     os.makedirs(folder)
-    path = lambda name: os.path.join(folder, name)  # noqa: E731
-    # portrait 120x160, 10 fps, 3 s = 30 frames; stereo PCM: 440 Hz left, 1000 Hz right
-    ffmpeg(
-        "-f",
-        "lavfi",
-        "-i",
-        COUNTER.format(size="120x160", rate=10, seconds=3),
-        "-f",
-        "lavfi",
-        "-i",
-        "sine=frequency=440:duration=3:sample_rate=44100",
-        "-f",
-        "lavfi",
-        "-i",
-        "sine=frequency=1000:duration=3:sample_rate=44100",
-        "-filter_complex",
-        "[1:a][2:a]amerge=inputs=2[a]",
-        "-map",
-        "0:v",
-        "-map",
-        "[a]",
-        "-c:v",
-        "libx264",
-        "-pix_fmt",
-        "yuv420p",
-        "-c:a",
-        "pcm_s16le",
-        path("counter.mov"),
-    )
+    path = lambda name: os.path.join(folder, name)
+    # portrait 120x160, 10 fps, 3 s = 30 frames; 48 kHz stereo PCM: 440 Hz left, 1000 Hz right
+    counter = COUNTER.format(size="120x160", rate=10, seconds=3)
+    left = "sine=frequency=440:duration=3:sample_rate=48000"
+    right = "sine=frequency=1000:duration=3:sample_rate=48000"
+    stereo = "-filter_complex [1:a][2:a]amerge=inputs=2[a] -map 0:v -map [a] -c:a pcm_s16le".split()
+    ffmpeg(*lavfi(counter, left, right), *stereo, *H264, path("counter.mov"))
     # landscape 160x120, 25 fps, 11 s = 275 frames (only the first 250 count), AAC mono
-    ffmpeg(
-        "-f",
-        "lavfi",
-        "-i",
-        COUNTER.format(size="160x120", rate=25, seconds=11),
-        "-f",
-        "lavfi",
-        "-i",
-        "sine=frequency=300:duration=11",
-        "-c:v",
-        "libx264",
-        "-pix_fmt",
-        "yuv420p",
-        "-c:a",
-        "aac",
-        "-movflags",
-        "+faststart",
-        path("long.mp4"),
-    )
-    ffmpeg(
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc=size=160x120:rate=10:duration=2",
-        "-c:v",
-        "libx264",
-        "-pix_fmt",
-        "yuv420p",
-        path("noaudio.mp4"),
-    )
-    ffmpeg(
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc=size=160x120:rate=25:duration=0.2",
-        "-f",
-        "lavfi",
-        "-i",
-        "sine=duration=0.2",
-        "-c:v",
-        "libx264",
-        "-pix_fmt",
-        "yuv420p",
-        "-c:a",
-        "aac",
-        path("short.mp4"),
-    )
-    data = open(path("long.mp4"), "rb").read()
-    open(path("truncated.mp4"), "wb").write(data[: len(data) // 2])  # index intact, frames cut off
+    counter = COUNTER.format(size="160x120", rate=25, seconds=11)
+    faststart = "-c:a aac -movflags +faststart".split()  # the index first, then the frames
+    ffmpeg(*lavfi(counter, "sine=frequency=300:duration=11"), *H264, *faststart, path("long.mp4"))
+    # variable frame rate: 20 frames at 10 fps, then 20 at 5 fps (5.7 s, 40 / 5.7 fps on average)
+    counter = COUNTER.format(size="160x120", rate=10, seconds=4)
+    vfr = "-vf setpts='if(lt(N,20),N/10,2+(N-20)/5)/TB' -c:a aac".split()
+    ffmpeg(*lavfi(counter, "sine=duration=6"), *vfr, *H264, path("vfr.mkv"))  # Matroska keeps the times
+    ffmpeg("-i", path("vfr.mkv"), "-c", "copy", path("vfr.mp4"))
+    os.remove(path("vfr.mkv"))
+    ffmpeg(*lavfi("testsrc=size=160x120:rate=10:duration=2"), *H264, path("noaudio.mp4"))
+    short = lavfi("testsrc=size=160x120:rate=25:duration=0.2", "sine=duration=0.2")
+    ffmpeg(*short, *H264, "-c:a", "aac", path("short.mp4"))
+    content = open(path("long.mp4"), "rb").read()
+    open(path("truncated.mp4"), "wb").write(content[: len(content) // 2])  # index intact, frames cut off
     ffmpeg("-i", path("long.mp4"), "-c", "copy", path("moov_last.mp4"))
-    data = open(path("moov_last.mp4"), "rb").read()
-    open(path("cut.mp4"), "wb").write(data[: len(data) // 2])  # index lost with the tail
+    content = open(path("moov_last.mp4"), "rb").read()
+    open(path("cut.mp4"), "wb").write(content[: len(content) // 2])  # index lost with the tail
     os.remove(path("moov_last.mp4"))
     open(path("notvideo.mp4"), "w").write("this is not a video\n")
     open(path("empty.mp4"), "w").close()
@@ -136,6 +86,14 @@ def frame_number(jpeg_path):
     return int(round((rgb[0] - 8) / 16)) + 16 * int(round((rgb[1] - 8) / 16))
 
 
+def frame_paths(out, video_id):
+    return [os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg") for i in range(10)]
+
+
+def frame_numbers(out, video_id):
+    return [frame_number(path) for path in frame_paths(out, video_id)]
+
+
 def test_frame_indices_match_the_official_examples():
     # docs/preprocessing.md, section 5: byte-matched against the official extractor's output
     assert prepare.frame_indices(125) == [0, 11, 24, 36, 49, 61, 74, 86, 99, 111]
@@ -149,9 +107,9 @@ def test_frame_indices_match_the_official_examples():
         ((333, 500), (224, 336), (0, 56)),
         ((300, 225), (298, 224), (37, 0)),
         ((227, 224), (227, 224), (2, 0)),  # round(1.5) = 2
-        ((225, 224), (225, 224), (0, 0)),
+        ((225, 224), (225, 224), (0, 0)),  # round(0.5) = 0
     ],
-)  # round(0.5) = 0
+)
 def test_resize_crop_uses_the_torchvision_size_rule_and_half_even_offsets(size, resized, offset):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8))
     expected = image if resized == size else image.resize(resized, Image.BILINEAR)
@@ -161,18 +119,18 @@ def test_resize_crop_uses_the_torchvision_size_rule_and_half_even_offsets(size, 
 
 def test_only_complete_videos_are_listed(extracted):
     _, out, _ = extracted
-    data = json.load(open(os.path.join(out, "data.json")))["data"]
-    assert sorted(e["video_id"] for e in data) == ["counter", "long"]
-    for e in data:
-        assert os.path.isfile(os.path.join(out, e["wav"]))
-        assert all(
-            os.path.isfile(os.path.join(out, e["video_path"], f"frame_{i}", f"{e['video_id']}.jpg"))
-            for i in range(10)
-        )
+    rows = json.load(open(os.path.join(out, "data.json")))["data"]
+    assert sorted(row["video_id"] for row in rows) == ["counter", "long", "vfr"]
+    for row in rows:
+        assert os.path.isfile(os.path.join(out, row["wav"]))
+        for i in range(10):
+            assert os.path.isfile(
+                os.path.join(out, row["video_path"], f"frame_{i}", f"{row['video_id']}.jpg")
+            )
 
 
 def test_bad_videos_are_reported_with_their_reason(extracted):
-    videos, out, failures = extracted
+    _, out, failures = extracted
     with open(os.path.join(out, "failed.csv")) as f:
         rows = {os.path.basename(r["video"]): r["reason"] for r in csv.DictReader(f)}
     assert {os.path.basename(v): r for v, r in failures} == rows
@@ -180,16 +138,33 @@ def test_bad_videos_are_reported_with_their_reason(extracted):
     assert rows["noaudio.mp4"] == "no audio stream"
     assert rows["short.mp4"].startswith("too short")
     assert rows["truncated.mp4"].startswith("truncated or corrupt")
-    assert rows["cut.mp4"].startswith("not a readable video")
-    assert rows["notvideo.mp4"].startswith("not a readable video")
-    assert rows["empty.mp4"] == "empty file"
+    for name in ("cut.mp4", "notvideo.mp4", "empty.mp4"):
+        assert rows[name].startswith("not a readable video (")
+        assert "\n" not in rows[name]
     names = {name.split(".")[0] for _, _, files in os.walk(out) for name in files}
-    assert names == {"counter", "long", "data", "failed", "labels"}  # failed videos leave nothing behind
+    assert names == {"counter", "long", "vfr", "data", "failed", "labels"}  # the failed wrote nothing
+
+
+def test_bad_videos_are_printed_and_the_exit_status_is_1(extracted, tmp_path, capsys):
+    videos, _, _ = extracted
+    listing = tmp_path / "list.txt"
+    listing.write_text("counter.mov\nnoaudio.mp4\n")  # relative to the list's folder
+    for name in ("counter.mov", "noaudio.mp4"):
+        shutil.copy(os.path.join(videos, name), tmp_path)
+    assert prepare.main(["videos", "--input", str(listing), "--out", str(tmp_path / "out")]) == 1
+    assert "noaudio.mp4: no audio stream" in capsys.readouterr().out
+
+
+def test_one_video_as_input_becomes_a_one_row_datafile_with_exit_status_0(extracted, tmp_path):
+    videos, _, _ = extracted
+    out = str(tmp_path / "out")
+    assert prepare.main(["videos", "--input", os.path.join(videos, "counter.mov"), "--out", out]) == 0
+    assert [row["video_id"] for row in json.load(open(os.path.join(out, "data.json")))["data"]] == ["counter"]
 
 
 def test_wav_is_16k_mono_pcm16_of_the_video_length(extracted):
     _, out, _ = extracted
-    info = sf.info(os.path.join(out, "audio", "counter.wav"))
+    info = sf.info(os.path.join(out, "audio", "counter.wav"))  # from 48 kHz stereo
     assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", 48000)
     info = sf.info(os.path.join(out, "audio", "long.wav"))
     assert abs(info.frames - 11 * 16000) < 0.01 * 16000  # AAC adds a few ms of padding
@@ -213,13 +188,13 @@ def test_frames_are_ten_224_rgb_jpegs(extracted):
     "video_id, indices",
     [
         ("counter", [0, 2, 5, 8, 11, 14, 17, 20, 23, 26]),  # total = 30 frames
-        ("long", [0, 24, 49, 74, 99, 124, 149, 174, 199, 224]),
+        ("long", [0, 24, 49, 74, 99, 124, 149, 174, 199, 224]),  # total = min(275, int(25 * 10)) = 250
+        ("vfr", [0, 3, 7, 11, 15, 19, 23, 27, 31, 35]),  # total = min(40, int(40 / 5.7 * 10)) = 40
     ],
-)  # total = min(275, int(25 * 10)) = 250
+)
 def test_frames_are_the_decode_indices_the_official_extractor_reads(extracted, video_id, indices):
     _, out, _ = extracted
-    frames = [frame_number(os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg")) for i in range(10)]
-    assert frames == indices
+    assert frame_numbers(out, video_id) == indices
 
 
 def test_frame_bytes_equal_a_direct_decode_resized_with_pillow(extracted, tmp_path):
@@ -232,93 +207,60 @@ def test_frame_bytes_equal_a_direct_decode_resized_with_pillow(extracted, tmp_pa
     assert open(os.path.join(out, "frames", "frame_5", "counter.jpg"), "rb").read() == expected.getvalue()
 
 
-@needs_ffmpeg
-def test_rerun_skips_finished_videos_and_redoes_missing_or_broken_outputs(extracted, tmp_path):
+def test_rerun_skips_finished_videos_and_redoes_those_a_run_cut_short_or_a_user_left_incomplete(
+    extracted, tmp_path
+):
     videos, first_out, _ = extracted
     out = str(tmp_path / "out")
     shutil.copytree(first_out, out)
     listing = tmp_path / "list.txt"
-    listing.write_text(os.path.join(videos, "counter.mov") + "\n")
-    frames = [os.path.join(out, "frames", f"frame_{i}", "counter.jpg") for i in range(10)]
-    wav = os.path.join(out, "audio", "counter.wav")
-    before = {p: os.stat(p).st_mtime_ns for p in frames + [wav]}
-    original = [open(p, "rb").read() for p in frames]
-    os.remove(frames[3])
-    open(frames[7], "r+b").truncate(500)  # a broken JPEG
+    listing.write_text(f"{videos}/counter.mov\n{videos}/long.mp4\n{videos}/vfr.mp4\n")
+    files = {}  # video_id: its wav and frames
+    for video_id in ("counter", "long", "vfr"):
+        files[video_id] = [os.path.join(out, "audio", f"{video_id}.wav"), *frame_paths(out, video_id)]
+    original = {path: open(path, "rb").read() for paths in files.values() for path in paths}
+    before = {path: os.stat(path).st_mtime_ns for path in original}
+    os.remove(files["counter"][3])  # a frame deleted
+    open(files["long"][7], "r+b").truncate(500)  # a run killed while writing a frame: no wav yet
+    os.remove(files["long"][0])
+    open(files["long"][0] + ".part", "wb").close()
     assert prepare.prepare_videos(str(listing), out, workers=1) == []
-    assert [open(p, "rb").read() for p in frames] == original
-    assert all(os.stat(p).st_mtime_ns == before[p] for p in frames + [wav] if p not in (frames[3], frames[7]))
-    before = {p: os.stat(p).st_mtime_ns for p in frames + [wav]}
+    assert {path: open(path, "rb").read() for path in original} == original
+    assert not os.path.exists(files["long"][0] + ".part")
+    assert all(os.stat(path).st_mtime_ns == before[path] for path in files["vfr"])  # untouched
+    assert os.stat(files["long"][1]).st_mtime_ns != before[files["long"][1]]  # redone
+    before = {path: os.stat(path).st_mtime_ns for path in original}
     prepare.prepare_videos(str(listing), out, workers=1)
-    assert {p: os.stat(p).st_mtime_ns for p in frames + [wav]} == before  # nothing left to do
+    assert {path: os.stat(path).st_mtime_ns for path in original} == before  # nothing left to do
 
 
-@needs_ffmpeg
-def test_exit_status_is_nonzero_iff_a_video_failed(extracted, tmp_path):
-    videos, _, _ = extracted
-    good = tmp_path / "good.txt"
-    bad = tmp_path / "bad.txt"
-    good.write_text(os.path.join(videos, "counter.mov") + "\n")
-    bad.write_text(os.path.join(videos, "counter.mov") + "\n" + os.path.join(videos, "noaudio.mp4") + "\n")
-    run = lambda listing: subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "prepare.py"),
-            "videos",  # noqa
-            "--input",
-            str(listing),
-            "--out",
-            str(tmp_path / "out"),
-            "--workers",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert run(good).returncode == 0
-    result = run(bad)
-    assert result.returncode == 1
-    assert "noaudio.mp4: no audio stream" in result.stdout
-
-
-def test_label_csv_layouts_are_read(tmp_path):
-    ours = tmp_path / "ours.csv"
-    ours.write_text('video_id,labels\nclip1,"/m/a,/m/b"\nclip2,/m/c\n')
-    assert prepare.read_video_labels(str(ours)) == {"clip1": ["/m/a", "/m/b"], "clip2": ["/m/c"]}
-    vggsound = tmp_path / "vggsound.csv"
-    vggsound.write_text("---g-f_I2yQ,1,people marching,test\n")
-    labels = prepare.read_video_labels(str(vggsound))
-    assert labels["---g-f_I2yQ_000001"] == labels["---g-f_I2yQ_1"] == ["people marching"]
-    audioset = tmp_path / "segments.csv"
-    audioset.write_text(
-        "# Segments csv\n# YTID, start_seconds, end_seconds, positive_labels\n"
-        '00W1lcxW-WU, 40.000, 50.000, "/m/09x0r,/t/dd00001"\n'
-    )
-    assert prepare.read_video_labels(str(audioset))["00W1lcxW-WU_40.000"] == ["/m/09x0r", "/t/dd00001"]
-
-
-def test_labels_given_by_name_get_a_label_csv(extracted, tmp_path):
-    _, first_out, _ = extracted
+def test_labels_csv_gives_each_video_its_labels_and_each_label_its_own_mid(extracted, tmp_path):
+    videos, first_out, _ = extracted
     out = str(tmp_path / "out")
     shutil.copytree(first_out, out)  # already extracted: this run only writes the lists
     labels = tmp_path / "labels.csv"
-    labels.write_text('video_id,labels\ncounter,dog\nlong,"cat,dog"\n')
-    prepare.prepare_videos(os.path.join(first_out, "..", "in"), out, str(labels), workers=1)
+    labels.write_text('video_id,labels\ncounter,dog\nlong,"cat, dog"\n')
+    failures = prepare.prepare_videos(videos, out, str(labels), workers=1)
     with open(os.path.join(out, "labels.csv")) as f:
-        mids = {row["display_name"]: row["mid"] for row in csv.DictReader(f)}
-    data = {e["video_id"]: e["labels"] for e in json.load(open(os.path.join(out, "data.json")))["data"]}
-    assert sorted(mids) == ["cat", "dog"]
-    assert data == {"counter": mids["dog"], "long": f"{mids['cat']},{mids['dog']}"}
+        assert [(row["mid"], row["display_name"]) for row in csv.DictReader(f)] == [
+            ("cat", "cat"),
+            ("dog", "dog"),
+        ]
+    rows = {row["video_id"]: row["labels"] for row in json.load(open(os.path.join(out, "data.json")))["data"]}
+    assert rows == {"counter": "dog", "long": "cat,dog"}
+    assert (os.path.join(videos, "vfr.mp4"), f"no labels for 'vfr' in {labels}") in failures
 
 
-def test_missing_ffmpeg_names_the_install_command(monkeypatch):
-    prepare.check_ffmpeg.cache_clear()
+def test_missing_ffmpeg_names_the_install_commands(monkeypatch, tmp_path):
     monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
-    try:
-        with pytest.raises(RuntimeError, match="apt-get install -y ffmpeg"):
-            prepare.check_ffmpeg()
-    finally:
-        prepare.check_ffmpeg.cache_clear()
+    with pytest.raises(RuntimeError, match="ffmpeg and ffprobe") as error:
+        prepare.prepare_videos(str(tmp_path), str(tmp_path / "out"))
+    for install in (
+        "apt-get install -y ffmpeg",
+        "brew install ffmpeg",
+        "conda install -c conda-forge ffmpeg",
+    ):
+        assert install in str(error.value)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -360,54 +302,37 @@ def test_a_webm_without_duration_has_its_frames_counted_and_extracted_as_the_off
     folder = tmp_path / "in"
     folder.mkdir()
     video = folder / "browser.webm"
+    counter = COUNTER.format(size="160x120", rate=14.985, seconds=4.9)
+    cmd = ["ffmpeg", "-v", "error", *lavfi(counter, "sine=duration=4.9"), "-pix_fmt", "yuv420p"]
     with open(video, "wb") as pipe:  # 4.9 s at 14.985 fps: 74 frames, with sound
-        subprocess.run(
-            [
-                "ffmpeg",
-                "-v",
-                "error",
-                "-f",
-                "lavfi",
-                "-i",
-                COUNTER.format(size="160x120", rate=14.985, seconds=4.9),
-                "-f",
-                "lavfi",
-                "-i",
-                "sine=frequency=440:duration=4.9",
-                "-pix_fmt",
-                "yuv420p",
-                *streamed_container_args(),
-                "pipe:1",
-            ],
-            stdout=pipe,
-            check=True,
-        )
-    facts = prepare.probe(str(video))
-    assert (facts["count"], facts["total"]) == (74, 74)
+        subprocess.run(cmd + streamed_container_args() + ["pipe:1"], stdout=pipe, check=True)
+    assert prepare.probe(str(video)) == (0, 74)
     out = str(tmp_path / "out")
     assert prepare.prepare_videos(str(folder), out, workers=1) == []
-    frames = [frame_number(os.path.join(out, "frames", f"frame_{i}", "browser.jpg")) for i in range(10)]
-    assert frames == prepare.frame_indices(74) == [0, 6, 13, 21, 28, 36, 43, 50, 58, 65]
-
-
-def run_prepare(*argv):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "prepare.py"), *argv], capture_output=True, text=True, timeout=120
+    assert (
+        frame_numbers(out, "browser") == prepare.frame_indices(74) == [0, 6, 13, 21, 28, 36, 43, 50, 58, 65]
     )
 
 
 @needs_ffmpeg
-def test_an_input_folder_without_videos_is_an_error_naming_the_folder_and_the_extensions(tmp_path):
+def test_an_input_folder_without_videos_is_an_error_naming_the_folder(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no videos here\n")
-    result = run_prepare("videos", "--input", str(empty), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2
-    message = result.stderr.strip()
+    assert prepare.main(["videos", "--input", str(empty), "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1
     assert str(empty) in message
-    assert ".mp4" in message
-    assert ".webm" in message
+
+
+@needs_ffmpeg
+def test_two_videos_with_one_video_id_are_an_error_before_any_work(tmp_path):
+    for folder in ("dog", "cat"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "001.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="1 video_ids name two videos, e.g. '001'"):
+        prepare.prepare_videos(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 @needs_ffmpeg
@@ -432,3 +357,140 @@ def test_help_prints_the_usage(argv, capsys):
         prepare.main(argv)
     assert exit.value.code == 0
     assert capsys.readouterr().out.startswith("usage: ")
+
+
+# -----------------------------------------------------------------------------------------------------
+# The synthetic dataset
+
+
+def read_tree(folder):
+    """{path relative to folder: bytes} of every file below it."""
+    tree = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            tree[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return tree
+
+
+def read_rows(folder, split):
+    """The rows of folder/{split}.json."""
+    with open(os.path.join(folder, f"{split}.json")) as f:
+        return json.load(f)["data"]
+
+
+TINY = dict(n_train=40, n_test=30, image_size=32, seconds=0.5)  # 70 clips: enough to use the pool
+
+
+def test_synthetic_is_the_same_bytes_for_a_seed_with_or_without_workers(tmp_path):
+    prepare.make_synthetic(str(tmp_path / "a"), seed=3, workers=2, **TINY)
+    prepare.make_synthetic(str(tmp_path / "b"), seed=3, workers=1, **TINY)
+    prepare.make_synthetic(str(tmp_path / "c"), seed=4, workers=1, **TINY)
+    pooled = read_tree(str(tmp_path / "a"))
+    in_process = read_tree(str(tmp_path / "b"))
+    other_seed = read_tree(str(tmp_path / "c"))
+    assert len(pooled) == 4 + 70 * 11  # 2 datafiles, labels.csv, objects.json; a wav + 10 frames a clip
+    assert pooled == in_process
+    assert pooled["audio/train_00000.wav"] != other_seed["audio/train_00000.wav"]
+
+
+def test_synthetic_is_in_the_official_format(tmp_path):
+    out = str(tmp_path / "syn")
+    prepare.make_synthetic(out, n_train=12, n_test=5, image_size=48, seconds=1.0, num_classes=4, workers=1)
+    with open(os.path.join(out, "labels.csv")) as f:
+        mids = [row["mid"] for row in csv.DictReader(f)]
+    assert len(mids) == 4
+    for split, n in (("train", 12), ("test", 5)):
+        rows = read_rows(out, split)
+        assert len(rows) == n
+        assert all(row["video_id"].startswith(split) for row in rows)
+        for row in rows:
+            assert row["labels"] in mids  # single-label
+            info = sf.info(os.path.join(out, row["wav"]))
+            assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", 16000)
+            for i in range(10):
+                image = Image.open(
+                    os.path.join(out, row["video_path"], f"frame_{i}", f"{row['video_id']}.jpg")
+                )
+                assert (image.mode, image.size) == ("RGB", (48, 48))
+
+
+def test_synthetic_multilabel_has_one_to_three_distinct_events(tmp_path):
+    out = str(tmp_path / "syn")
+    prepare.make_synthetic(out, n_train=60, n_test=0, image_size=32, seconds=0.5, multilabel=True, workers=1)
+    counts = [len(set(row["labels"].split(","))) for row in read_rows(out, "train")]
+    assert set(counts) == {1, 2, 3}
+
+
+def test_synthetic_object_hue_sets_the_pitch_of_its_sound():
+    disk_with_pure_tone = [0]
+    frames, pcm, _ = prepare.draw_clip(np.random.default_rng(5), disk_with_pure_tone, 64, 1.0)
+    pixels = frames[5].reshape(-1, 3) / 255.0
+    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
+    vivid = (hsv[:, 1] > 0.6) & (hsv[:, 2] > 0.6)  # the object, not the dull background
+    hue = np.median(hsv[vivid, 0])
+    pitch = np.argmax(np.abs(np.fft.rfft(pcm / 32768.0)))  # 1 s: bin k = k Hz
+    assert pitch == pytest.approx(200 * 2 ** (3 * hue / 0.8), rel=0.03)
+
+
+def test_synthetic_number_of_objects_is_the_number_of_onsets():
+    _, pcm, _ = prepare.draw_clip(np.random.default_rng(1), [8, 8, 8], 64, 2.56)  # three plucks
+    power = (pcm / 32768.0) ** 2
+    energy = np.convolve(power, np.ones(160) / 160, mode="same")[::160]  # 10 ms frames
+    loud = energy > 0.1 * energy.max()
+    assert np.count_nonzero(loud[1:] & ~loud[:-1]) + int(loud[0]) == 3
+
+
+def test_inside_objects_tests_points_against_each_shape():
+    disk = {"class": 0, "x": 10.0, "y": 20.0, "radius": 4.0}
+    bar = {"class": 9, "x": 40.0, "y": 20.0, "radius": 4.0}  # an ellipse 1.1 r wide, 0.45 r high
+    x = np.array([10, 13.9, 10, 40, 44.3, 40])
+    y = np.array([20, 20, 24.5, 20, 20, 22])
+    inside = prepare.inside_objects([disk, bar], x, y)
+    assert inside.tolist() == [True, True, False, True, True, False]
+    assert not prepare.inside_objects([], x, y).any()
+
+
+def test_synthetic_object_geometry_covers_the_drawn_objects():
+    disk_and_square = [0, 1]
+    frames, _, objects = prepare.draw_clip(np.random.default_rng(2), disk_and_square, 64, 2.56)
+    assert len(objects) == 10
+    assert all(len(o) == 2 for o in objects)
+    centres = np.arange(64) + 0.5
+    for frame, frame_objects in zip(frames, objects):
+        pixels = frame.reshape(-1, 3) / 255.0
+        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels]).reshape(64, 64, 3)
+        drawn = (hsv[..., 1] > 0.5) & (hsv[..., 2] > 0.7)  # saturated and bright: the objects
+        inside = prepare.inside_objects(frame_objects, centres[None, :], centres[:, None])
+        both = (drawn & inside).sum()
+        assert both >= 0.99 * drawn.sum()  # every object-coloured pixel lies inside an object
+        assert both >= 0.8 * inside.sum()  # and most inside pixels are object-coloured (not edges)
+
+
+def test_synthetic_writes_the_objects_of_every_clip_and_frame(tmp_path):
+    out = str(tmp_path / "syn")
+    prepare.make_synthetic(out, n_train=3, n_test=2, image_size=32, seconds=0.5, num_classes=4, workers=1)
+    objects = json.load(open(os.path.join(out, "objects.json")))
+    rows = read_rows(out, "train") + read_rows(out, "test")
+    assert objects["frame_size"] == 32
+    assert objects["shapes"][:4] == ["disk", "square", "triangle", "diamond"]
+    assert "shape_mask" in objects["geometry"]
+    assert sorted(objects["clips"]) == sorted(row["video_id"] for row in rows)
+    for row in rows:
+        frames = objects["clips"][row["video_id"]]
+        assert len(frames) == 10
+        assert 1 <= len(frames[0]) <= 3
+        assert {f"/synth/{o['class']:02d}" for frame in frames for o in frame} == {row["labels"]}
+
+
+def test_avdataset_reads_the_synthetic_dataset(tmp_path):
+    out = str(tmp_path / "syn")
+    prepare.make_synthetic(out, n_train=4, n_test=2, image_size=64, seconds=2.56, workers=1)
+    ds = data.AVDataset(
+        os.path.join(out, "train.json"), os.path.join(out, "labels.csv"), target_length=256, image_size=64
+    )
+    fbank, image, label = ds[0]
+    assert tuple(fbank.shape) == (256, 128)
+    assert tuple(image.shape) == (3, 64, 64)
+    assert tuple(label.shape) == (10,)
+    assert float(label.sum()) == 1.0
