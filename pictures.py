@@ -1,5 +1,4 @@
-"""Pictures drawn with Pillow and numpy: inpainting (Fig. 3 of the paper), sound-source localisation (a
-heat map of audio-visual similarity over the frame) and a run's training curves from its log.jsonl."""
+"""Pictures drawn with Pillow and numpy: inpainting (Fig. 3), localisation and training curves."""
 
 import json
 import math
@@ -15,17 +14,15 @@ GREY = 128  # masked patches
 FONT = ImageFont.load_default(size=13)
 DARK_TO_BRIGHT = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]])
 BLUE_TO_RED = np.array([[0, 0, 110], [0, 40, 255], [0, 230, 255], [255, 240, 0], [255, 40, 0], [130, 0, 0]])
-# Okabe-Ito colours, which colour-blind readers tell apart: blue, vermilion, green, purple
-SERIES_COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167)]
+SERIES_COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167)]  # Okabe-Ito
 
 
 def colorize(values, reference, colours):
-    """(H, W) values -> (H, W, 3) uint8: colours[0] at the reference's minimum .. colours[-1] at its maximum,
-    NaN grey."""
+    """(H, W) values -> (H, W, 3) uint8, from colours[0] at min(reference) to colours[-1] at its max."""
     t = np.clip((values - reference.min()) / max(np.ptp(reference), 1e-12), 0, 1)
     anchors = np.linspace(0, 1, len(colours))
     rgb = np.stack([np.interp(t, anchors, colours[:, c]) for c in range(3)], axis=-1)
-    rgb[np.isnan(values)] = GREY
+    rgb[np.isnan(values)] = GREY  # masked patches
     return rgb.round().astype(np.uint8)
 
 
@@ -38,15 +35,14 @@ def frame_picture(image):
 
 
 def three_rows(model, patches, mask, pred):
-    """Patches (1, L, P) of the input; with the masked ones NaN; with the masked ones predicted."""
+    """Input patches (1, L, P); with the masked ones NaN; with them predicted (MAE's picture)."""
     pred = model.prediction_to_input_space(pred[None].float(), patches)
     masked = mask.bool()[None, :, None]  # (1, L, 1)
     return [patches, patches.masked_fill(masked, float("nan")), pred.where(masked, patches)]
 
 
 def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
-    """One clip: rows original / masked / reconstruction (MAE's: the visible patches and the predicted
-    masked ones), columns spectrogram (T, F) / frame (3, S, S)."""
+    """One clip: rows original / masked / reconstruction, columns spectrogram (T, F) / frame."""
     rows_a = three_rows(model, model.patchify_audio(audio[None]), mask_a, pred_a)
     rows_v = three_rows(model, model.patchify_image(image[None]), mask_v, pred_v)
     spectrograms = [
@@ -70,8 +66,8 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
 
 
 def localization_picture(image, similarity, title, outlines=()):
-    """The frame (3, S, S), and the frame under a heat map of `similarity` (h, w) over its patches, with a
-    cross on the peak. outlines: (mask, colour) pairs, mask an (S, S) bool array, drawn on both panels."""
+    """The frame (3, S, S), and the frame under a heat map of `similarity` (h, w) over its patches
+    with a cross on the peak. outlines: (mask, colour) pairs, mask an (S, S) bool array."""
     frame = frame_picture(image)  # (P, P, 3)
     P = frame.shape[0]
     grid = similarity.float().cpu().numpy()
@@ -118,35 +114,27 @@ FINETUNE_PANELS = {
 
 
 def read_log(path):
-    """The records of a log.jsonl; a line that does not parse (cut short by a kill) is skipped."""
-    records = []
+    """The records of a log.jsonl without non-finite numbers; of a (split, iter) logged twice (by
+    a resumed run), the last. A line that does not parse (cut short by a kill) is skipped."""
+    records = {}
     with open(path) as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-    return records
-
-
-def curves(records, key):
-    """{split: [(iter, value)]} of the records with a finite `key`; of an iteration logged twice (by a
-    resumed run), the last record's."""
-    found = {"train": {}, "val": {}, "final": {}}
-    for record in records:
-        if record.get("split") in found and math.isfinite(record.get(key, math.nan)):
-            found[record["split"]][record["iter"]] = record[key]
-    return {split: sorted(by_iter.items()) for split, by_iter in found.items()}
+            finite = {k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)}
+            records[record.get("split"), record.get("iter")] = finite
+    return list(records.values())
 
 
 def train_picture(log_path):
     """A run's curves, a panel for each quantity in its log.jsonl; None when it has none."""
     records = read_log(log_path)
     pretraining = any("loss_mae_a" in record for record in records)
-    panels = []  # (title, {label: {split: [(iter, value)]}})
+    panels = []  # (title, {label: key}) of the quantities the log has
     for title, keys in (PRETRAIN_PANELS if pretraining else FINETUNE_PANELS).items():
-        found = {label: curves(records, key) for label, key in keys.items()}
-        found = {label: series for label, series in found.items() if any(series.values())}
+        found = {label: key for label, key in keys.items() if any(key in r for r in records)}
         if found:
             panels.append((title, found))
     if not panels:
@@ -154,15 +142,15 @@ def train_picture(log_path):
     last_iter = max(max(record.get("iter", 0) for record in records), 1)
     canvas = Image.new("RGB", (PANEL_WIDTH, TEXT + len(panels) * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    key = f"iterations 0 .. {last_iter} from left to right; lines: training, dots: validation, large: final"
-    draw.text((PAD, 4), key, fill="black", font=FONT)
+    key = "lines: training, dots: validation, large dots: the final evaluation"
+    draw.text((PAD, 4), f"iterations 0 .. {last_iter}; {key}", fill="black", font=FONT)
     for k, (title, found) in enumerate(panels):
         top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under the title
         bottom = top + PANEL_HEIGHT - 40
-        values = [value for series in found.values() for curve in series.values() for _, value in curve]
+        values = [r[key] for key in found.values() for r in records if key in r]
         low = min(values)
         high = max(values)
-        # (iter, value) -> origin + scale * (iter, value): low 8 pixels above the frame's bottom, high below its top
+        # (iter, value) -> origin + scale * (iter, value): low 8 pixels above the bottom, high below the top
         scale = np.array([(RIGHT - LEFT) / last_iter, (top - bottom + 16) / max(high - low, 1e-12)])
         origin = np.array([LEFT, bottom - 8]) - scale * [0, low]
         draw.rectangle([LEFT, top, RIGHT, bottom], outline="black")
@@ -172,12 +160,14 @@ def train_picture(log_path):
         for text, colour in [(title, "black"), *zip(found, SERIES_COLOURS)]:
             draw.text((legend_x, top - 22), text, fill=colour, font=FONT)
             legend_x += draw.textlength(text, font=FONT) + 16
-        for colour, series in zip(SERIES_COLOURS, found.values()):
-            pixels = {
-                split: [tuple(origin + scale * point) for point in curve] for split, curve in series.items()
-            }
+        for colour, key in zip(SERIES_COLOURS, found.values()):
+            pixels = {}  # (x, y) of the records of each split
+            for split in ("train", "val", "final"):
+                points = [(r["iter"], r[key]) for r in records if r["split"] == split and key in r]
+                pixels[split] = [tuple(origin + scale * point) for point in points]
             draw.line(pixels["train"], fill=colour, width=2)
-            for split, r in [("val", 4), ("final", 7)]:
+            for split, radius in [("val", 4), ("final", 7)]:
                 for x, y in pixels[split]:
-                    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline="black")
+                    box = [x - radius, y - radius, x + radius, y + radius]
+                    draw.ellipse(box, fill=colour, outline="black")
     return canvas
