@@ -45,9 +45,8 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
     """One clip: rows original / masked / reconstruction, columns spectrogram (T, F) / frame."""
     rows_a = three_rows(model, model.patchify_audio(audio[None]), mask_a, pred_a)
     rows_v = three_rows(model, model.patchify_image(image[None]), mask_v, pred_v)
-    spectrograms = [
-        model.unpatchify_audio(x)[0].T.flip(0).numpy() for x in rows_a
-    ]  # (F, T), low F at the bottom
+    # (F, T): time to the right, low frequencies at the bottom
+    spectrograms = [model.unpatchify_audio(x)[0].T.flip(0).numpy() for x in rows_a]
     spectrograms = [colorize(x, audio.cpu().numpy(), DARK_TO_BRIGHT) for x in spectrograms]
     frames = [frame_picture(model.unpatchify_image(x)[0]) for x in rows_v]
     T, bins = audio.shape
@@ -142,8 +141,8 @@ def train_picture(log_path):
     last_iter = max(max(record.get("iter", 0) for record in records), 1)
     canvas = Image.new("RGB", (PANEL_WIDTH, TEXT + len(panels) * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    key = "lines: training, dots: validation, large dots: the final evaluation"
-    draw.text((PAD, 4), f"iterations 0 .. {last_iter}; {key}", fill="black", font=FONT)
+    markers = "lines: training, dots: validation, large dots: the final evaluation"
+    draw.text((PAD, 4), f"iterations 0 .. {last_iter}; {markers}", fill="black", font=FONT)
     for k, (title, found) in enumerate(panels):
         top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under the title
         bottom = top + PANEL_HEIGHT - 40
@@ -163,7 +162,7 @@ def train_picture(log_path):
         for colour, key in zip(SERIES_COLOURS, found.values()):
             pixels = {}  # (x, y) of the records of each split
             for split in ("train", "val", "final"):
-                points = [(r["iter"], r[key]) for r in records if r["split"] == split and key in r]
+                points = [(r["iter"], r[key]) for r in records if r.get("split") == split and key in r]
                 pixels[split] = [tuple(origin + scale * point) for point in points]
             draw.line(pixels["train"], fill=colour, width=2)
             for split, radius in [("val", 4), ("final", 7)]:
