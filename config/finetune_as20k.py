@@ -1,6 +1,6 @@
 # Fine-tune CAV-MAE on AudioSet-20K (the balanced set), multimodal: docs/recipes.md and the release's
 # run_cavmae_ft_bal.sh. 42.0 mAP in the paper (42.2 from the scale++ checkpoint), with the 10-frame evaluation.
-#   python train.py config/finetune_as20k.py --init_from=out/pretrain_audioset/ckpt.pt
+#   python train.py config/finetune_as20k.py --init_from=out/pretrain_audioset/final.pt
 # init_from: our pretraining checkpoint or the official one (cav-mae-scale++.pth); both load via model.load_pretrained.
 out_dir = "out/finetune_as20k"
 task = "finetune"
@@ -8,7 +8,6 @@ init_from = "pretrained/cav-mae-scale++.pth"
 data_train = "data/audioset/audioset_20k.json"
 data_val = "data/audioset/audioset_eval.json"
 label_csv = "data/audioset/class_labels_indices.csv"
-model_preset = "base"
 ftmode = "multimodal"
 
 batch_size = 36

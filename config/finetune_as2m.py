@@ -1,13 +1,12 @@
 # Fine-tune CAV-MAE on AudioSet-2M, multimodal (51.2 mAP in the paper): docs/recipes.md and the
 # release's run_cavmae_ft_full.sh.
-#   python train.py config/finetune_as2m.py --init_from=out/pretrain_audioset/ckpt.pt
+#   python train.py config/finetune_as2m.py --init_from=out/pretrain_audioset/final.pt
 out_dir = "out/finetune_as2m"
 task = "finetune"
 init_from = "pretrained/cav-mae-scale++.pth"
 data_train = "data/audioset/audioset_2m.json"
 data_val = "data/audioset/audioset_eval.json"
 label_csv = "data/audioset/class_labels_indices.csv"
-model_preset = "base"
 ftmode = "multimodal"
 
 batch_size = 48

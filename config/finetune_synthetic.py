@@ -1,16 +1,25 @@
 # CPU demo: fine-tune the synthetic pretraining checkpoint as a 10-class classifier (single-label: CE, accuracy).
-#   python train.py config/pretrain_synthetic.py          # first: out/pretrain_synthetic/ckpt.pt
+#   python train.py config/pretrain_synthetic.py          # first: out/pretrain_synthetic/final.pt
 #   python train.py config/finetune_synthetic.py
 # The model architecture comes from the checkpoint. The final evaluation averages the softmax over the 10 frames.
 out_dir = "out/finetune_synthetic"
 task = "finetune"
-init_from = "out/pretrain_synthetic/ckpt.pt"
+init_from = "out/pretrain_synthetic/final.pt"
 data_train = "data/synthetic/train.json"
 data_val = "data/synthetic/test.json"
 label_csv = "data/synthetic/labels.csv"
 dataset_mean = -6.2357  # as config/pretrain_synthetic.py
 dataset_std = 3.8164
-model_preset = "small"  # only used without a checkpoint of ours (which fixes the architecture)
+# the model of config/pretrain_synthetic.py (a checkpoint of ours holds it; --init_from=scratch needs it)
+model_img_size = 64
+model_audio_length = 256
+model_norm_pix_loss = True
+model_embed_dim = 128
+model_num_heads = 2
+model_modality_specific_depth = 2
+model_decoder_embed_dim = 64
+model_decoder_depth = 1
+model_decoder_num_heads = 2
 
 ftmode = "multimodal"
 loss = "ce"

@@ -1,13 +1,12 @@
 # Fine-tune CAV-MAE on VGGSound, multimodal, single-label (65.5% accuracy in the paper, 65.9% after the extra
 # VGGSound pretraining): docs/recipes.md and the release's egs/vggsound/run_cavmae_ft.sh.
-#   python train.py config/finetune_vggsound.py --init_from=out/pretrain_audioset/ckpt.pt
+#   python train.py config/finetune_vggsound.py --init_from=out/pretrain_audioset/final.pt
 out_dir = "out/finetune_vggsound"
 task = "finetune"
 init_from = "pretrained/cav-mae-scale++.pth"
 data_train = "data/vggsound/vgg_train.json"
 data_val = "data/vggsound/vgg_test.json"
 label_csv = "data/vggsound/class_labels_indices_vgg.csv"
-model_preset = "base"
 ftmode = "multimodal"
 
 batch_size = 48

@@ -13,7 +13,6 @@ label_csv = "data/audioset/class_labels_indices.csv"
 # "scratch" trains from a random initialisation
 init_from = "pretrained/IN-initial.pth"
 
-model_preset = "base"
 model_norm_pix_loss = True  # the released checkpoints use normalised pixel targets
 model_tr_pos = False  # fixed sin-cos positions
 mae_weight = 1.0

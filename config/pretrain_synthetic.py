@@ -13,9 +13,11 @@ label_csv = "data/synthetic/labels.csv"
 dataset_mean = -6.2357
 dataset_std = 3.8164
 
-# the "small" preset (64 px frames, 256 fbank frames, normalised pixel targets) made narrower and shallower so
-# that ~1500 steps fit in a few CPU minutes
-model_preset = "small"
+# a small model (64 px frames, 2.56 s clips, normalised pixel targets) so that ~1500 steps fit in a few CPU
+# minutes
+model_img_size = 64
+model_audio_length = 256
+model_norm_pix_loss = True
 model_embed_dim = 128
 model_num_heads = 2
 model_modality_specific_depth = 2
