@@ -383,16 +383,16 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
     # frames: background + objects, 2 x 2 supersampled edges
     base = background(rng, S)  # (S, S, 3)
     pixel_noise = rng.uniform(2, 10)
-    # a slot per object, left to right, slot k in row k % n_rows
     count = n + distractors
-    n_rows = math.ceil((count + 2) / 5)  # the fewest that keep centres 0.2 S apart, as 3 in one row are
-    slot_width = S / count
-    slot_height = S / n_rows
+    n_rows = math.ceil(count / 3)  # slot k in row k // 3: 3 to a row, as without distractors
 
-    def centres(rng, slots):  # x, y of an object in each slot, in the middle 40 % of it both ways
-        xs = rng.uniform(0.3, 0.7, len(slots)) * slot_width + slots * slot_width
-        ys = (slots % n_rows + rng.uniform(0.3, 0.7, len(slots))) * slot_height
-        return xs, ys
+    def centres(rng, slots):  # slots, x, y, left to right; x, y in a slot's middle 40 %
+        rows = slots // 3
+        slot_width = S / np.minimum(count - 3 * rows, 3)  # (len(slots),) the last row holds 1-3
+        xs = rng.uniform(0.3, 0.7, len(slots)) * slot_width + slots % 3 * slot_width
+        ys = (rows + rng.uniform(0.3, 0.7, len(slots))) * (S / n_rows)
+        left_to_right = np.argsort(xs)
+        return slots[left_to_right], xs[left_to_right], ys[left_to_right]
 
     def looks(rng, hues):  # radius and colour of an object of each hue
         radii = 0.1 * S * loud * rng.uniform(0.9, 1.1, len(hues))
@@ -400,12 +400,12 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
         return radii, colours
 
     sounding_slots = np.sort(silent_rng.choice(count, n, replace=False))  # any n of the slots
-    xs, ys = centres(rng, sounding_slots)
+    sounding_slots, xs, ys = centres(rng, sounding_slots)  # object j is j-th from the left
     drift = rng.uniform(-0.08, 0.08, 2) * S
     radii, colours = looks(rng, hues)
     silent_slots = np.setdiff1d(np.arange(count), sounding_slots)
     silent_classes = silent_rng.choice([c for c in range(num_classes) if c not in classes], distractors)
-    silent_xs, silent_ys = centres(silent_rng, silent_slots)
+    silent_slots, silent_xs, silent_ys = centres(silent_rng, silent_slots)
     silent_radii, silent_colours = looks(silent_rng, silent_rng.uniform(0, 0.8, distractors))
     sounding = zip(sounding_slots, classes, xs, ys, radii, colours)
     silent = zip(silent_slots, silent_classes, silent_xs, silent_ys, silent_radii, silent_colours)
@@ -481,8 +481,8 @@ def make_synthetic(
     """Write train.json, test.json, labels.csv, objects.json, audio/ and frames/ to `out`."""
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must be between 2 and {len(CLASSES)}, got {num_classes}")
-    if not 0 <= distractors <= 10:  # with 3 sounding objects, 13 fill the 3 rows of slots
-        raise ValueError(f"distractors must be between 0 and 10, got {distractors}")
+    if not 0 <= distractors <= 6:  # with 3 sounding objects, 9 fill the 3 rows of 3 slots
+        raise ValueError(f"distractors must be between 0 and 6, got {distractors}")
     if distractors > 0 and multilabel and num_classes <= 3:  # 3 events may take every class
         raise ValueError(f"distractors need a silent class: num_classes above 3, got {num_classes}")
     for i in range(NUM_FRAMES):
