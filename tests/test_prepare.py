@@ -503,7 +503,7 @@ def test_avdataset_reads_the_synthetic_dataset(tmp_path):
 # The synthetic dataset with distractors: silent objects of other classes
 
 # make_synthetic(out, **BEFORE_DISTRACTORS) as written before --distractors existed: the SHA-256 of its
-# datafiles and labels.csv, of its wavs, of its JPEGs (Pillow's encoder) and of objects.json's clips
+# datafiles and labels.csv, of its wavs, of its JPEGs (as Pillow encodes them) and of objects.json's clips
 BEFORE_DISTRACTORS = dict(n_train=4, n_test=2, seed=7, image_size=32, seconds=0.5, multilabel=True, workers=1)
 DIGESTS_BEFORE = {
     "lists": "c4df499033e254b25e86d7e260803dfe9ce2e67b6df407193d41cf964981da02",
@@ -553,8 +553,9 @@ def test_distractors_leave_the_clips_own_draws_as_they_were():
         frames, pcm, objects = prepare.draw_clip(np.random.default_rng(seed), classes, 48, 1.0)
         frames_4, pcm_4, objects_4 = prepare.draw_clip(np.random.default_rng(seed), classes, 48, 1.0, 4)
         assert np.array_equal(pcm, pcm_4)
-        for frame, frame_4 in zip(objects, objects_4):
-            sounding = [(o["class"], o["radius"]) for o in frame_4 if o["sounding"]]
+        for frame, frame_4 in zip(objects, objects_4):  # object j still j-th from the left, as big
+            left_to_right = sorted(frame_4, key=lambda o: o["x"])
+            sounding = [(o["class"], o["radius"]) for o in left_to_right if o["sounding"]]
             assert sounding == [(o["class"], o["radius"]) for o in frame]
         # away from every object of both clips, the background and its pixel noise are the same
         centres = np.arange(48) + 0.5
@@ -639,6 +640,12 @@ def test_sounding_objects_are_placed_as_the_silent_ones_are():
     for quantile in (0.1, 0.5, 0.9):
         sounding = np.quantile(places[True], quantile, axis=0)
         assert np.abs(np.quantile(places[False], quantile, axis=0) - sounding).max() < 0.08 * 32
+
+
+def test_sounding_objects_are_not_painted_or_listed_first():
+    first_sounds = [objects[0][0]["sounding"] for _, _, objects in random_clips(50, 2)]
+    assert any(first_sounds)
+    assert not all(first_sounds)  # a silent object is painted first, under any it overlaps
 
 
 def test_too_many_distractors_or_no_class_left_to_be_silent_is_an_error(tmp_path):
