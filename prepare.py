@@ -263,9 +263,9 @@ CLASSES = [  # (shape, sound)
     ("bar", "bell"),
 ]
 OBJECTS_HELP = (
-    "clips[video_id][frame] lists the objects on that frame as {class, x, y, radius} in pixels (x to "
-    "the right, y down, (0, 0) the top-left corner); a point (px, py) is inside an object where "
-    "prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true"
+    "clips[video_id][frame] lists that frame's objects as {class, x, y, radius, sounding}, in pixels (x to "
+    "the right, y down, (0, 0) the top-left corner; sounding is false for a silent object); a point (px, "
+    "py) is inside an object where prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true"
 )
 
 
@@ -307,11 +307,10 @@ def note(cls, f0, n, rng):
     """One note of class `cls`'s timbre at pitch f0 Hz, n samples, peak 1."""
     t = np.arange(n) / SAMPLE_RATE
     dur = n / SAMPLE_RATE
-    nyquist_margin = 0.45 * SAMPLE_RATE
 
     def partials(ratios, amps):
         """Sines at f0 times each ratio (those below the Nyquist margin), each with a random phase."""
-        keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < nyquist_margin]
+        keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < 0.45 * SAMPLE_RATE]
         return sum(a * np.sin(2 * np.pi * r * f0 * t + rng.uniform(0, 2 * np.pi)) for r, a in keep)
 
     if cls == 0:
@@ -350,11 +349,13 @@ def background(rng, S):
     return colour + gradient * along[..., None] / S
 
 
-def draw_clip(rng, classes, image_size, seconds):
+def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
     """One clip, an object per entry of `classes`: frames (10, S, S, 3) uint8, waveform (N,) int16,
-    where the objects are: per frame, [dict(class, x, y, radius)] in pixels (k spans [k, k + 1))."""
+    where the objects are: per frame, [dict(class, x, y, radius, sounding)] in pixels (k spans [k, k + 1)),
+    with `distractors` silent ones of other classes, drawn alike from a generator of their own."""
     S = image_size
     n = len(classes)
+    silent_rng = rng.spawn(1)[0]  # spawning takes no draws from rng
     n_samples = int(round(seconds * SAMPLE_RATE))
     hues = rng.uniform(0, 0.8, n)  # 0.8: stop before red wraps round
     pitches = 200 * 2 ** (3 * hues / 0.8)  # hue <-> pitch: 200 .. 1600 Hz
@@ -366,7 +367,7 @@ def draw_clip(rng, classes, image_size, seconds):
     def envelope(t):  # the loudness, and the objects' size, over the clip
         return 1 + depth * np.sin(2 * np.pi * cycles * t / seconds + phase)
 
-    # audio: object j (left to right) sounds its note in time slot j
+    # audio: sounding object j (left to right) sounds its note in time slot j
     slot = seconds / n
     wave = np.zeros(n_samples)
     for j, (cls, f0) in enumerate(zip(classes, pitches)):
@@ -382,12 +383,33 @@ def draw_clip(rng, classes, image_size, seconds):
     # frames: background + objects, 2 x 2 supersampled edges
     base = background(rng, S)  # (S, S, 3)
     pixel_noise = rng.uniform(2, 10)
-    slot_width = S / n  # one horizontal slot per object
-    xs = rng.uniform(0.3, 0.7, n) * slot_width + np.arange(n) * slot_width
-    ys = rng.uniform(0.3, 0.7, n) * S
+    count = n + distractors
+    n_rows = math.ceil(count / 3)  # slot k in row k // 3: 3 to a row, as without distractors
+
+    def centres(rng, slots):  # slots, x, y, left to right; x, y in a slot's middle 40 %
+        rows = slots // 3
+        slot_width = S / np.minimum(count - 3 * rows, 3)  # (len(slots),) the last row holds 1-3
+        xs = rng.uniform(0.3, 0.7, len(slots)) * slot_width + slots % 3 * slot_width
+        ys = (rows + rng.uniform(0.3, 0.7, len(slots))) * (S / n_rows)
+        left_to_right = np.argsort(xs)
+        return slots[left_to_right], xs[left_to_right], ys[left_to_right]
+
+    def looks(rng, hues):  # radius and colour of an object of each hue
+        radii = 0.1 * S * loud * rng.uniform(0.9, 1.1, len(hues))
+        colours = [hsv_to_rgb(h, rng.uniform(0.75, 1), rng.uniform(0.85, 1)) for h in hues]
+        return radii, colours
+
+    sounding_slots = np.sort(silent_rng.choice(count, n, replace=False))  # any n of the slots
+    sounding_slots, xs, ys = centres(rng, sounding_slots)  # object j is j-th from the left
     drift = rng.uniform(-0.08, 0.08, 2) * S
-    radii = 0.1 * S * loud * rng.uniform(0.9, 1.1, n)
-    colours = [hsv_to_rgb(h, rng.uniform(0.75, 1), rng.uniform(0.85, 1)) for h in hues]
+    radii, colours = looks(rng, hues)
+    silent_slots = np.setdiff1d(np.arange(count), sounding_slots)
+    silent_classes = silent_rng.choice([c for c in range(num_classes) if c not in classes], distractors)
+    silent_slots, silent_xs, silent_ys = centres(silent_rng, silent_slots)
+    silent_radii, silent_colours = looks(silent_rng, silent_rng.uniform(0, 0.8, distractors))
+    sounding = zip(sounding_slots, classes, xs, ys, radii, colours)
+    silent = zip(silent_slots, silent_classes, silent_xs, silent_ys, silent_radii, silent_colours)
+    shapes = sorted([*sounding, *silent], key=lambda shape: shape[0])  # painted in slot order
     sub_pixel = 0.5 * np.array([0, 1])[:, None]  # (2, 1): 2 samples per pixel and axis
     grid = (np.arange(S) + 0.5)[None, :] - 0.25 + sub_pixel  # (2, S)
     gy = grid[:, None, :, None]  # (2, 1, S, 1)
@@ -398,12 +420,12 @@ def draw_clip(rng, classes, image_size, seconds):
         t_i = i * seconds / NUM_FRAMES
         image = base.copy()  # (S, S, 3)
         objects.append([])
-        for cls, x0, y0, r0, colour in zip(classes, xs, ys, radii, colours):
+        for slot, cls, x0, y0, r0, colour in shapes:
             r = r0 * envelope(t_i)
             x = x0 + drift[0] * t_i / seconds
             y = y0 + drift[1] * t_i / seconds
-            drawn = {"class": int(cls), "x": float(x), "y": float(y), "radius": float(r)}
-            objects[-1].append(drawn)
+            position = {"x": round(float(x), 4), "y": round(float(y), 4), "radius": round(float(r), 4)}
+            objects[-1].append({"class": int(cls), **position, "sounding": bool(slot in sounding_slots)})
             # the pixels the shape can touch
             rows = slice(max(int(y - 1.2 * r), 0), max(int(y + 1.2 * r) + 2, 0))
             columns = slice(max(int(x - 1.2 * r), 0), max(int(x + 1.2 * r) + 2, 0))
@@ -429,20 +451,19 @@ def inside_objects(frame_objects, x, y):
 
 
 def make_clip(job):
-    """Draw and write one clip with its own Generator; (video_id, labels, objects to 1e-4 px)."""
-    out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel = job
+    """Draw and write one clip with its own Generator; (video_id, labels, objects)."""
+    out, video_id, seed, split, index, image_size, seconds, num_classes, multilabel, distractors = job
     rng = np.random.default_rng([seed, split, index])
     if multilabel:  # 1-3 different events, one object each
         classes = rng.choice(num_classes, size=rng.integers(1, min(3, num_classes) + 1), replace=False)
     else:  # one event class, 1-3 objects
         classes = np.full(rng.integers(1, 4), rng.integers(num_classes))
-    frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds)
+    frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds, distractors, num_classes)
     sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, SAMPLE_RATE, subtype="PCM_16")
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg"), "JPEG")
     labels = ",".join(f"/synth/{c:02d}" for c in sorted(set(int(c) for c in classes)))
-    rounded = [[{key: round(value, 4) for key, value in o.items()} for o in frame] for frame in objects]
-    return video_id, labels, rounded
+    return video_id, labels, objects
 
 
 def make_synthetic(
@@ -454,15 +475,20 @@ def make_synthetic(
     seconds=2.56,
     num_classes=10,
     multilabel=False,
+    distractors=0,
     workers=None,
 ):
     """Write train.json, test.json, labels.csv, objects.json, audio/ and frames/ to `out`."""
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must be between 2 and {len(CLASSES)}, got {num_classes}")
+    if not 0 <= distractors <= 6:  # with 3 sounding objects, 9 fill the 3 rows of 3 slots
+        raise ValueError(f"distractors must be between 0 and 6, got {distractors}")
+    if distractors > 0 and multilabel and num_classes <= 3:  # 3 events may take every class
+        raise ValueError(f"distractors need a silent class: num_classes above 3, got {num_classes}")
     for i in range(NUM_FRAMES):
         os.makedirs(os.path.join(out, "frames", f"frame_{i}"), exist_ok=True)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
-    settings = (image_size, seconds, num_classes, multilabel)
+    settings = (image_size, seconds, num_classes, multilabel, distractors)
     jobs = []
     for split, (name, count) in enumerate([("train", n_train), ("test", n_test)]):
         for k in range(count):
@@ -499,6 +525,7 @@ def main(argv=None):
     synth.add_argument("--seconds", type=float, default=2.56)
     synth.add_argument("--num-classes", type=int, default=10)
     synth.add_argument("--multilabel", action="store_true", help="1-3 events of different classes")
+    synth.add_argument("--distractors", type=int, default=0, help="silent objects per clip")
     synth.add_argument("--workers", type=int)
     args = parser.parse_args(argv)
     options = {name: value for name, value in vars(args).items() if name != "command"}

@@ -3,6 +3,7 @@ synthetic dataset is deterministic, in the official format, and its cues are wha
 
 import colorsys
 import csv
+import hashlib
 import io
 import json
 import os
@@ -475,12 +476,14 @@ def test_synthetic_writes_the_objects_of_every_clip_and_frame(tmp_path):
     assert objects["frame_size"] == 32
     assert objects["shapes"][:4] == ["disk", "square", "triangle", "diamond"]
     assert "shape_mask" in objects["geometry"]
+    assert "sounding" in objects["geometry"]
     assert sorted(objects["clips"]) == sorted(row["video_id"] for row in rows)
     for row in rows:
         frames = objects["clips"][row["video_id"]]
         assert len(frames) == 10
         assert 1 <= len(frames[0]) <= 3
         assert {f"/synth/{o['class']:02d}" for frame in frames for o in frame} == {row["labels"]}
+        assert all(o["sounding"] is True for frame in frames for o in frame)  # no distractors asked for
 
 
 def test_avdataset_reads_the_synthetic_dataset(tmp_path):
@@ -494,3 +497,161 @@ def test_avdataset_reads_the_synthetic_dataset(tmp_path):
     assert tuple(image.shape) == (3, 64, 64)
     assert tuple(label.shape) == (10,)
     assert float(label.sum()) == 1.0
+
+
+# -----------------------------------------------------------------------------------------------------
+# The synthetic dataset with distractors: silent objects of other classes
+
+# make_synthetic(out, **BEFORE_DISTRACTORS) as written before --distractors existed: the SHA-256 of its
+# datafiles and labels.csv, of its wavs, of its JPEGs (as Pillow encodes them) and of objects.json's clips
+BEFORE_DISTRACTORS = dict(n_train=4, n_test=2, seed=7, image_size=32, seconds=0.5, multilabel=True, workers=1)
+DIGESTS_BEFORE = {
+    "lists": "c4df499033e254b25e86d7e260803dfe9ce2e67b6df407193d41cf964981da02",
+    "audio": "a976e4ee39ed8933f4a5a003f426689f9f0c7f00d8a5ac04932c3e9257ad513f",
+    "frames": "0dc396bb88b09151346257b51fd45b44d43f86423c9421041550958f6545a11b",
+    "clips": "5cc0895fd9ee4dc5f3c174d4574327ea31f023fe8a650489bdc7eb1acb33f115",
+}
+
+
+def sha256(*contents):
+    return hashlib.sha256(b"".join(contents)).hexdigest()
+
+
+def test_synthetic_without_distractors_writes_the_files_written_before_distractors_existed(tmp_path):
+    out = str(tmp_path / "syn")
+    prepare.make_synthetic(out, distractors=0, **BEFORE_DISTRACTORS)
+    tree = read_tree(out)
+    clips = json.load(open(os.path.join(out, "objects.json")))["clips"]
+    for frames in clips.values():
+        for frame in frames:
+            for o in frame:
+                assert o.pop("sounding") is True
+    digests = {
+        "lists": sha256(*(tree[name] for name in ("labels.csv", "test.json", "train.json"))),
+        "audio": sha256(*(tree[name] for name in sorted(tree) if name.endswith(".wav"))),
+        "frames": sha256(*(tree[name] for name in sorted(tree) if name.endswith(".jpg"))),
+        "clips": sha256(json.dumps(clips).encode()),
+    }
+    assert digests == DIGESTS_BEFORE
+
+
+def test_distractors_change_neither_the_audio_nor_the_labels(tmp_path):
+    settings = dict(n_train=6, n_test=3, image_size=32, seconds=0.5, workers=1)
+    prepare.make_synthetic(str(tmp_path / "none"), **settings)
+    prepare.make_synthetic(str(tmp_path / "three"), distractors=3, **settings)
+    without = read_tree(str(tmp_path / "none"))
+    with_three = read_tree(str(tmp_path / "three"))
+    heard = [name for name in without if not name.startswith("frames") and name != "objects.json"]
+    assert len(heard) == 3 + 9  # labels.csv, 2 datafiles, 9 wavs
+    assert all(without[name] == with_three[name] for name in heard)
+    assert without["frames/frame_0/train_00000.jpg"] != with_three["frames/frame_0/train_00000.jpg"]
+
+
+def test_distractors_leave_the_clips_own_draws_as_they_were():
+    clips = [([3], 1), ([2, 2], 2), ([0, 5, 7], 3)]  # (classes, seed)
+    for classes, seed in clips:
+        frames, pcm, objects = prepare.draw_clip(np.random.default_rng(seed), classes, 48, 1.0)
+        frames_4, pcm_4, objects_4 = prepare.draw_clip(np.random.default_rng(seed), classes, 48, 1.0, 4)
+        assert np.array_equal(pcm, pcm_4)
+        for frame, frame_4 in zip(objects, objects_4):  # object j still j-th from the left, as big
+            left_to_right = sorted(frame_4, key=lambda o: o["x"])
+            sounding = [(o["class"], o["radius"]) for o in left_to_right if o["sounding"]]
+            assert sounding == [(o["class"], o["radius"]) for o in frame]
+        # away from every object of both clips, the background and its pixel noise are the same
+        centres = np.arange(48) + 0.5
+        away = np.ones((10, 48, 48), dtype=bool)
+        for i in range(10):
+            for o in objects[i] + objects_4[i]:
+                distance = np.hypot(centres[None, :] - o["x"], centres[:, None] - o["y"])
+                away[i] &= distance > 1.2 * o["radius"] + 1
+        assert away.mean() > 0.2
+        assert np.array_equal(frames[away], frames_4[away])
+
+
+def test_distractors_are_silent_objects_of_other_classes_inside_the_frame(tmp_path):
+    out = str(tmp_path / "syn")
+    size = ["--image-size", "32", "--seconds", "0.5", "--workers", "1", "--multilabel"]
+    argv = ["synthetic", "--out", out, "--n-train", "6", "--n-test", "2", "--distractors", "6", *size]
+    assert prepare.main(argv) == 0
+    clips = json.load(open(os.path.join(out, "objects.json")))["clips"]
+    for row in read_rows(out, "train") + read_rows(out, "test"):
+        labels = set(row["labels"].split(","))
+        for frame in clips[row["video_id"]]:
+            silent = [o for o in frame if not o["sounding"]]
+            sounding = [o for o in frame if o["sounding"]]
+            assert len(silent) == 6
+            assert len(sounding) == len(labels)  # multilabel: one object per event
+            assert {f"/synth/{o['class']:02d}" for o in sounding} == labels
+            assert not {f"/synth/{o['class']:02d}" for o in silent} & labels
+            assert all(0 <= o[key] <= 32 for o in frame for key in ("x", "y"))
+
+
+def random_clips(count, distractors, size=32):
+    """`count` clips drawn with 1-3 sounding objects of random classes and `distractors` silent ones."""
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+        classes = list(rng.choice(10, size=rng.integers(1, 4), replace=False))
+        yield prepare.draw_clip(rng, classes, size, 0.3, distractors)
+
+
+def test_objects_with_distractors_stay_as_far_apart_as_three_sounding_objects_can_be():
+    closest = []
+    for distractors in range(7):
+        for _, _, objects in random_clips(20, distractors):
+            centres = np.array([(o["x"], o["y"]) for o in objects[0]])
+            distances = np.hypot(*(centres[:, None] - centres[None, :]).T)
+            closest.append(distances[~np.eye(len(centres), dtype=bool)].min(initial=np.inf))
+    # 3 sounding objects alone lie in 3 slots S / 3 wide, at 0.3-0.7 of theirs: >= 0.6 S / 3 apart
+    assert min(closest) >= 0.2 * 32 - 1e-3
+
+
+def test_silent_objects_pulse_and_drift_with_the_sounding_ones():
+    for _, _, objects in random_clips(20, 4):
+        first = objects[0]
+        for frame in objects[1:]:
+            sizes = [o["radius"] / o0["radius"] for o, o0 in zip(frame, first)]
+            shifts = [(o["x"] - o0["x"], o["y"] - o0["y"]) for o, o0 in zip(frame, first)]
+            assert np.ptp(sizes) < 1e-3
+            assert np.ptp(shifts, axis=0).max() < 1e-3
+
+
+def test_silent_objects_have_the_sizes_and_colours_of_the_sounding_ones():
+    radii = {True: [], False: []}  # by sounding
+    hsv = {True: [], False: []}  # of each object's centre pixel on frame 0
+    for frames, _, objects in random_clips(150, 2):
+        for o in objects[0]:
+            radii[o["sounding"]].append(o["radius"])
+            if o["class"] != 5:  # a ring's centre is its hole
+                rgb = frames[0, int(o["y"]), int(o["x"])] / 255.0
+                hsv[o["sounding"]].append(colorsys.rgb_to_hsv(*rgb))
+    for quantile in (0.05, 0.5, 0.95):
+        sounding = np.quantile(radii[True], quantile)
+        assert np.quantile(radii[False], quantile) == pytest.approx(sounding, rel=0.08)
+        for channel in range(3):  # hue, saturation, value
+            sounding = np.quantile(np.array(hsv[True])[:, channel], quantile)
+            assert abs(np.quantile(np.array(hsv[False])[:, channel], quantile) - sounding) < 0.08
+
+
+def test_sounding_objects_are_placed_as_the_silent_ones_are():
+    places = {True: [], False: []}  # (x, y) of each object on frame 0, by sounding
+    for _, _, objects in random_clips(300, 2):
+        for o in objects[0]:
+            places[o["sounding"]].append((o["x"], o["y"]))
+    for quantile in (0.1, 0.5, 0.9):
+        sounding = np.quantile(places[True], quantile, axis=0)
+        assert np.abs(np.quantile(places[False], quantile, axis=0) - sounding).max() < 0.08 * 32
+
+
+def test_sounding_objects_are_not_painted_or_listed_first():
+    first_sounds = [objects[0][0]["sounding"] for _, _, objects in random_clips(50, 2)]
+    assert any(first_sounds)
+    assert not all(first_sounds)  # a silent object is painted first, under any it overlaps
+
+
+def test_too_many_distractors_or_no_class_left_to_be_silent_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="distractors must be between 0 and 6, got 7"):
+        prepare.make_synthetic(str(tmp_path / "a"), distractors=7)
+    with pytest.raises(ValueError, match="num_classes above 3, got 3"):
+        prepare.make_synthetic(str(tmp_path / "b"), num_classes=3, multilabel=True, distractors=1)
+    assert not os.path.exists(tmp_path / "a")
+    assert not os.path.exists(tmp_path / "b")
