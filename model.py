@@ -554,20 +554,27 @@ def imagenet_mae_to_ours(state, config):
     return mapped
 
 
-def cut_audio_positions(state, model):
+def cut_audio_positions(state, model, checkpoint_mel_bins, where=""):
     """A model for shorter clips than its checkpoint's (e.g. ESC-50's 5 s): each audio position
     table (1, bands * T/p, D), frequency-major, keeps its first T'/p time columns, so every token
-    keeps the position it was trained with. A longer model is an error: its positions were never
-    trained."""
+    keeps the position it was trained with. Only the time axis is cut: other mel bins, or a longer
+    model (its positions were never trained), are errors; `where` names the file in them."""
     own = model.state_dict()
     bands = model.config.audio_grid[0]
     for key in ("encoder.pos_embed_a", "decoder_pos_embed_a"):
         if (key not in state) or (key not in own) or (state[key].shape == own[key].shape):
             continue
+        if checkpoint_mel_bins != model.config.num_mel_bins:  # the bands would be read as time steps
+            raise ValueError(
+                f"{where}{key}: the checkpoint has audio positions for {checkpoint_mel_bins} mel bins, "
+                f"the model for {model.config.num_mel_bins}: only the time axis can be cut"
+            )
         steps = state[key].shape[1] // bands
         keep = own[key].shape[1] // bands
         if keep > steps:
-            raise ValueError(f"{key}: the model has {keep} audio time steps, its checkpoint only {steps}")
+            raise ValueError(
+                f"{where}{key}: the model has {keep} audio time steps, its checkpoint only {steps}"
+            )
         state[key] = state[key].reshape(1, bands, steps, -1)[:, :, :keep].reshape(1, bands * keep, -1)
     return state
 
@@ -578,14 +585,22 @@ def load_pretrained(model, source):
     (nn.DataParallel's `module.` prefix stripped; the per-modality norms its blocks carry outside
     the joint blocks, which it never uses, left out) or an ImageNet MAE ViT-B. A pretraining
     checkpoint loads into the classifier (its decoder is unexpected, the head stays new). Returns
-    torch's (missing_keys, unexpected_keys); a shape that does not fit raises. Reads with
-    weights_only=False (our checkpoints hold settings): load only files you trust."""
+    torch's (missing_keys, unexpected_keys); a shape that does not fit raises. The checkpoint's mel
+    bins, which the audio-position cut needs, are its model_args' (ours), else the paper's 128 (the
+    official release's). Reads with weights_only=False (our checkpoints hold settings): load only
+    files you trust."""
+    where = ""  # the file, in the errors about its content
     if isinstance(source, (str, os.PathLike)):
+        where = f"checkpoint {source}: "
         try:
             source = torch.load(source, map_location="cpu", weights_only=False)
         except Exception as error:  # a missing, empty, truncated or foreign file
             raise ValueError(f"cannot read checkpoint {source}: {error}") from None
+    if not isinstance(source, dict):
+        raise ValueError(f"{where}a {type(source).__name__} is not a state dict or a checkpoint dict")
     state = source["model"] if isinstance(source.get("model"), dict) else source
+    model_args = source.get("model_args") or {}
+    mel_bins = model_args.get("num_mel_bins", CAVMAEConfig.num_mel_bins)
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}
     if any(key.startswith("blocks_u.") for key in state):  # the official release
         for pattern, replacement in OFFICIAL_RENAMES:
@@ -595,5 +610,5 @@ def load_pretrained(model, source):
     elif "patch_embed.proj.weight" in state:
         state = imagenet_mae_to_ours(state, model.config)
     elif not any(key.startswith("encoder.") for key in state):
-        raise ValueError(f"not a CAV-MAE or ImageNet MAE state dict (keys {list(state)[:3]} ...)")
-    return model.load_state_dict(cut_audio_positions(state, model), strict=False)
+        raise ValueError(f"{where}not a CAV-MAE or ImageNet MAE state dict (keys {list(state)[:3]} ...)")
+    return model.load_state_dict(cut_audio_positions(state, model, mel_bins, where), strict=False)

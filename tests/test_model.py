@@ -634,12 +634,6 @@ def test_unrecognised_state_dict_is_a_clear_error():
         load_pretrained(tiny(), {"weight": torch.zeros(1)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="model.load_pretrained: the error of a readable file with an unrecognised state dict does "
-    "not name the file (house rule: errors on bad input name the file)",
-)
 def test_a_file_with_an_unrecognised_state_dict_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(1)}, path)
@@ -665,16 +659,10 @@ def test_reading_a_file_that_is_not_a_checkpoint_names_the_file(tmp_path, conten
         load_pretrained(tiny(), str(path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="model.load_pretrained calls source.get('model') on whatever torch.load returned: a file "
-    "holding a list raises AttributeError ('list' object has no attribute 'get'), not a ValueError",
-)
-def test_reading_a_pickled_object_that_is_not_a_dict_is_a_clear_error(tmp_path):
+def test_reading_a_pickled_object_that_is_not_a_dict_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2], path)
-    with pytest.raises(ValueError, match="list"):
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path}: a list is not a state dict")):
         load_pretrained(tiny(), str(path))
 
 
@@ -807,15 +795,24 @@ def test_a_cut_checkpoint_runs_on_shorter_clips_in_the_classifier():
     assert clf(audio, image).shape == (B, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.cut_audio_positions takes the band count from the model: a checkpoint of 8 bands x 4 "
-    "steps (128 mel bins) read into a 64-bin model is reshaped as 4 bands x 8 steps and cut to 4 x 4, "
-    "loaded without an error, its positions scrambled",
-)
-def test_a_checkpoint_with_other_mel_bands_is_a_size_mismatch_not_a_cut():
-    with pytest.raises(RuntimeError, match="size mismatch for encoder.pos_embed_a"):
-        load_pretrained(tiny(num_mel_bins=64), tiny().state_dict())
+def test_a_checkpoint_with_other_mel_bands_is_a_clear_error_not_a_cut(tmp_path):
+    # 8 bands x 4 steps (128 mel bins) must not be read as 4 bands x 8 steps and cut to 4 x 4
+    state = tiny().state_dict()
+    with pytest.raises(ValueError, match="for 128 mel bins, the model for 64: only the time axis can be cut"):
+        load_pretrained(tiny(num_mel_bins=64), state)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model=state, model_args=asdict(tiny_config())), path)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path}: encoder.pos_embed_a: ")):
+        load_pretrained(tiny(num_mel_bins=64), path)
+
+
+def test_the_checkpoints_own_mel_bins_let_a_shorter_model_of_other_bins_be_cut():
+    long = tiny(num_mel_bins=64)  # 4 bands x 4 time steps
+    checkpoint = dict(model=long.state_dict(), model_args=asdict(long.config))
+    short = tiny(num_mel_bins=64, audio_length=32)
+    load_pretrained(short, checkpoint)
+    cut = long.encoder.pos_embed_a.reshape(1, 4, 4, -1)[:, :, :2].reshape(1, 8, -1)
+    assert torch.equal(short.encoder.pos_embed_a, cut)
 
 
 def test_a_model_longer_than_its_checkpoint_is_a_clear_error():
