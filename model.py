@@ -50,6 +50,9 @@ class CAVMAEConfig:
     # Official quirk, kept for exactness: with joint_depth > 1 the audio-only and visual-only streams
     # of the contrastive loss pass through the last joint block only (no effect at joint_depth=1).
     official_contrastive_streams: bool = True
+    # Learned tokens appended to each modality's tokens for its own blocks only, as Darcet et al.,
+    # "Vision Transformers Need Registers" (ICLR 2024) and CAV-MAE Sync; 0: the paper's model.
+    num_register_tokens: int = 0
 
     def __post_init__(self):
         for name in ("img_size", "audio_length", "num_mel_bins"):
@@ -186,6 +189,10 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(D)  # after the joint stream
         self.norm_a = nn.LayerNorm(D)  # after the audio-only stream
         self.norm_v = nn.LayerNorm(D)  # after the visual-only stream
+        if c.num_register_tokens:  # none by default: the paper's parameters and state-dict keys
+            registers_shape = (1, c.num_register_tokens, D)  # drawn as the other tokens
+            self.registers_a = nn.Parameter(torch.randn(registers_shape) * TOKEN_INIT_STD)
+            self.registers_v = nn.Parameter(torch.randn(registers_shape) * TOKEN_INIT_STD)
         self.apply(init_weights)
         for conv in (self.patch_embed_a, self.patch_embed_v):  # initialised as linear layers
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
@@ -208,17 +215,24 @@ class Encoder(nn.Module):
             x = block(x, stream)
         return getattr(self, "norm" + STREAM_NORM_SUFFIX[stream])(x)
 
-    def audio_tokens(self, audio):  # (B, T, F) -> (B, La, D) after the audio blocks
-        x = self.embed_audio(audio)
-        for block in self.audio_blocks:
+    def modality_blocks(self, x, modality):
+        """A modality's tokens (B, L, D) through its own blocks ('a' or 'v'). Its register tokens,
+        if any, are appended before the blocks and dropped after them: the joint blocks never see
+        them."""
+        blocks = self.audio_blocks if modality == "a" else self.visual_blocks
+        registers = getattr(self, "registers_" + modality, None)  # (1, R, D)
+        num_tokens = x.shape[1]
+        if registers is not None:
+            x = torch.cat([x, registers.expand(len(x), -1, -1)], dim=1)  # (B, L + R, D)
+        for block in blocks:
             x = block(x)
-        return x
+        return x[:, :num_tokens]  # (B, L, D)
+
+    def audio_tokens(self, audio):  # (B, T, F) -> (B, La, D) after the audio blocks
+        return self.modality_blocks(self.embed_audio(audio), "a")
 
     def visual_tokens(self, image):  # (B, C, H, W) -> (B, Lv, D) after the visual blocks
-        x = self.embed_visual(image)
-        for block in self.visual_blocks:
-            x = block(x)
-        return x
+        return self.modality_blocks(self.embed_visual(image), "v")
 
     def embed(self, audio, image):
         """Coordinated per-modality tokens without masking, for retrieval (the official
@@ -341,10 +355,8 @@ class CAVMAE(nn.Module):
         noise_v = torch.rand(B, math.prod(self.config.visual_grid), device=audio.device)  # (B, Lv)
         a, mask_a, ids_restore_a = random_masking(enc.embed_audio(audio), noise_a, mask_ratio_a)
         v, mask_v, ids_restore_v = random_masking(enc.embed_visual(image), noise_v, mask_ratio_v)
-        for block in enc.audio_blocks:
-            a = block(a)
-        for block in enc.visual_blocks:
-            v = block(v)
+        a = enc.modality_blocks(a, "a")
+        v = enc.modality_blocks(v, "v")
         return a, v, mask_a, mask_v, ids_restore_a, ids_restore_v
 
     def embed(self, audio, image):  # coordinated tokens without masking, see Encoder.embed
