@@ -414,17 +414,21 @@ class CAVMAE(nn.Module):
         contrastive_weight=CONTRASTIVE_WEIGHT,
         mask_mode="unstructured",
         bidirectional=False,
+        mil_weight=0.0,
     ):
         """One pretraining forward (Sec. 3). A weight of 0 skips its branch (AV-MAE:
-        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss."""
-        if (mae_weight == 0) and (contrastive_weight == 0):
-            raise ValueError("mae_weight and contrastive_weight are both 0: there is nothing to train")
+        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss. mil_weight > 0 adds
+        the max-over-patches contrastive term (max_patch_contrastive_loss), not in the paper."""
+        if (mae_weight == 0) and (contrastive_weight == 0) and (mil_weight == 0):
+            raise ValueError(
+                "mae_weight, contrastive_weight and mil_weight are all 0: there is nothing to train"
+            )
         a, v, mask_a, mask_v, ids_restore_a, ids_restore_v = self.forward_encoder(
             audio, image, mask_ratio_a, mask_ratio_v, mask_mode
         )
         zero = torch.zeros((), device=audio.device)
         out = dict(mask_a=mask_a, mask_v=mask_v, loss_mae=zero, loss_mae_a=zero, loss_mae_v=zero)
-        out.update(loss_c=zero, contrastive_accuracy=zero)
+        out.update(loss_c=zero, contrastive_accuracy=zero, loss_mil=zero)
         if mae_weight != 0:  # stream 1: audio and visual tokens together through the joint blocks
             joint = self.encoder.joint(torch.cat([a, v], dim=1), "joint")
             pred_a, pred_v = self.forward_decoder(joint, ids_restore_a, ids_restore_v, a.shape[1])
@@ -433,14 +437,18 @@ class CAVMAE(nn.Module):
             out["loss_mae_a"] = self.forward_loss(self.patchify_audio(audio), pred_a, mask_a)
             out["loss_mae_v"] = self.forward_loss(self.patchify_image(image), pred_v, mask_v)
             out["loss_mae"] = mae_weight * (out["loss_mae_a"] + out["loss_mae_v"])
-        if contrastive_weight != 0:  # streams 2 and 3: each modality alone, with its own norms
+        if (contrastive_weight != 0) or (mil_weight != 0):  # streams 2 and 3: each modality alone
             last_only = self.config.official_contrastive_streams
-            audio_rep = self.encoder.joint(a, "audio", last_only).mean(dim=1)  # (B, D)
-            visual_rep = self.encoder.joint(v, "visual", last_only).mean(dim=1)  # (B, D)
-            loss_c, accuracy = contrastive_loss(audio_rep, visual_rep, bidirectional)
+            audio_out = self.encoder.joint(a, "audio", last_only)  # (B, La_keep, D)
+            visual_out = self.encoder.joint(v, "visual", last_only)  # (B, Lv_keep, D)
+        if contrastive_weight != 0:
+            loss_c, accuracy = contrastive_loss(audio_out.mean(dim=1), visual_out.mean(dim=1), bidirectional)
             out["loss_c"] = contrastive_weight * loss_c
             out["contrastive_accuracy"] = accuracy
-        out["loss"] = out["loss_mae"] + out["loss_c"]
+        if mil_weight != 0:
+            loss_mil = max_patch_contrastive_loss(audio_out.mean(dim=1), visual_out, bidirectional)
+            out["loss_mil"] = mil_weight * loss_mil
+        out["loss"] = out["loss_mae"] + out["loss_c"] + out["loss_mil"]
         return out
 
 
@@ -449,21 +457,37 @@ def pooled_representation(tokens):
     return F.normalize(tokens.float().mean(dim=1), dim=-1)
 
 
+def info_nce(cosine, bidirectional):
+    """Sec. 3 InfoNCE on the cosines (B, B) of audio clips (rows) and visual clips (columns), pairs
+    on the diagonal, at temperature 0.05. Official default: one direction, a softmax over the audio
+    clips for each visual clip. Returns (loss, accuracy of picking the paired clip)."""
+    similarity = cosine / CONTRASTIVE_TEMPERATURE
+    target = torch.arange(len(similarity), device=similarity.device)
+    directions = (similarity, similarity.T) if bidirectional else (similarity,)
+    losses = [F.cross_entropy(s.T, target) for s in directions]  # a softmax down each column
+    accuracies = [(s.argmax(dim=0) == target).float().mean() for s in directions]
+    return sum(losses) / len(losses), sum(accuracies) / len(accuracies)
+
+
 def contrastive_loss(audio_rep, visual_rep, bidirectional=False):
-    """Sec. 3 InfoNCE on pooled representations (B, D), at temperature 0.05. Official default: one
-    direction, a softmax over the audio clips for each visual clip. Returns (loss, accuracy of
-    picking the paired clip)."""
+    """Sec. 3: InfoNCE on the pooled representations (B, D). Returns (loss, accuracy)."""
     # float32 even under autocast, which would run the product in bf16: measured, the bf16 product
     # put the gradient off by 1.4-3.3%.
     with torch.autocast(audio_rep.device.type, enabled=False):
         audio_unit = F.normalize(audio_rep.float(), dim=-1)
         visual_unit = F.normalize(visual_rep.float(), dim=-1)
-        similarity = audio_unit @ visual_unit.T / CONTRASTIVE_TEMPERATURE  # (B, B): rows are audio
-        target = torch.arange(len(similarity), device=similarity.device)
-        directions = (similarity, similarity.T) if bidirectional else (similarity,)
-        losses = [F.cross_entropy(s.T, target) for s in directions]  # a softmax down each column
-        accuracies = [(s.argmax(dim=0) == target).float().mean() for s in directions]
-    return sum(losses) / len(losses), sum(accuracies) / len(accuracies)
+        return info_nce(audio_unit @ visual_unit.T, bidirectional)  # (B, B): rows are audio
+
+
+def max_patch_contrastive_loss(audio_rep, visual_tokens, bidirectional=False):
+    """Multiple-instance InfoNCE, as EZ-VSL (Mo and Morgado, ECCV 2022) and SLAVC: clip i's audio
+    (B, D) pooled against clip j's frame scores the cosine of j's best patch token (B, Lv, D), so a
+    sound source needs one matching patch, not the whole frame. Not in the paper. Returns the loss."""
+    with torch.autocast(audio_rep.device.type, enabled=False):
+        audio_unit = F.normalize(audio_rep.float(), dim=-1)  # (B, D)
+        patch_unit = F.normalize(visual_tokens.float(), dim=-1)  # (B, Lv, D)
+        cosine = torch.einsum("id,jld->ijl", audio_unit, patch_unit)  # (B, B, Lv): audio i, patch l of j
+        return info_nce(cosine.amax(dim=-1), bidirectional)[0]  # the best patch of each frame
 
 
 # --------------------------------------------------------------------------------------------------
