@@ -23,7 +23,6 @@ from model import (
     apply_compile,
     contrastive_loss,
     load_pretrained,
-    max_patch_contrastive_loss,
     num_params,
     random_masking,
     sincos_pos_embed,
@@ -472,7 +471,7 @@ def test_contrastive_loss_and_its_gradient_stay_float32_under_bf16_autocast():
     assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-9)  # a bf16 product is off by ~1e-2
 
 
-def test_max_patch_contrastive_loss_scores_each_frame_by_its_best_patch():
+def test_contrastive_loss_on_patch_tokens_scores_each_frame_by_its_best_patch():
     audio = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # clip 0 sounds like e0, clip 1 like e1
     frames = torch.tensor(
         [
@@ -482,9 +481,10 @@ def test_max_patch_contrastive_loss_scores_each_frame_by_its_best_patch():
     )
     cosine = torch.tensor([[0.6, 0.0], [0.8, 1.0]])  # rows audio, columns frames
     target = torch.arange(2)
-    loss = max_patch_contrastive_loss(audio, frames)
+    loss, accuracy = contrastive_loss(audio, frames)  # (B, D) audio, (B, Lv, D) patch tokens
     assert torch.allclose(loss, F.cross_entropy(cosine.T / 0.05, target))
-    both = max_patch_contrastive_loss(audio, frames, bidirectional=True)
+    assert accuracy == 0.5  # frame 0 matches audio 1 better (0.8 > 0.6); frame 1 picks its own
+    both, _ = contrastive_loss(audio, frames, bidirectional=True)
     assert torch.allclose(both, (loss + F.cross_entropy(cosine / 0.05, target)) / 2)
 
 
@@ -497,7 +497,7 @@ def test_mil_term_uses_the_kept_tokens_of_the_single_modality_streams():
     a, v, *_ = model.forward_encoder(audio, image, 0.75, 0.75)
     audio_rep = model.encoder.joint(a, "audio").mean(dim=1)
     visual_tokens = model.encoder.joint(v, "visual")  # (B, Lv_keep, D)
-    assert torch.allclose(out["loss_mil"], 0.5 * max_patch_contrastive_loss(audio_rep, visual_tokens))
+    assert torch.allclose(out["loss_mil"], 0.5 * contrastive_loss(audio_rep, visual_tokens)[0])
     assert torch.allclose(out["loss"], out["loss_mae"] + out["loss_c"] + out["loss_mil"])
 
 
@@ -887,7 +887,9 @@ def test_a_cut_checkpoint_runs_on_shorter_clips_in_the_classifier():
 def test_a_checkpoint_with_other_mel_bands_is_a_clear_error_not_a_cut(tmp_path):
     # 8 bands x 4 steps (128 mel bins) must not be read as 4 bands x 8 steps and cut to 4 x 4
     state = tiny().state_dict()
-    with pytest.raises(ValueError, match="for 128 mel bins, the model for 64: only the time axis can be cut"):
+    with pytest.raises(
+        ValueError, match="the checkpoint has 8 x 4 audio positions .*, the model 4 x 4: only time can be cut"
+    ):
         load_pretrained(tiny(num_mel_bins=64), state)
     path = tmp_path / "ckpt.pt"
     torch.save(dict(model=state, model_args=asdict(tiny_config())), path)
@@ -906,6 +908,7 @@ def test_the_checkpoints_own_mel_bins_let_a_shorter_model_of_other_bins_be_cut()
 
 def test_a_model_longer_than_its_checkpoint_is_a_clear_error():
     with pytest.raises(
-        ValueError, match="pos_embed_a: the model has 8 audio time steps, its checkpoint only 4"
+        ValueError,
+        match="pos_embed_a: the checkpoint has 8 x 4 audio positions .*, the model 8 x 8: only time",
     ):
         load_pretrained(tiny(audio_length=128), tiny().state_dict())
