@@ -182,6 +182,7 @@ def test_register_tokens_add_two_tensors_of_n_tokens_and_none_by_default():
     assert new_keys == {"encoder.registers_a", "encoder.registers_v"}
     assert set(plain.state_dict()) <= set(with_registers.state_dict())
     assert with_registers.encoder.registers_a.shape == (1, 3, 32)
+    assert 0.01 < with_registers.encoder.registers_v.std() < 0.03  # drawn as the other tokens, std 0.02
     assert num_params(with_registers) - num_params(plain) == 2 * 3 * 32
     assert not any("register" in key for key in plain.state_dict())
 
