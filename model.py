@@ -1,16 +1,16 @@
 """CAV-MAE: Contrastive Audio-Visual Masked Autoencoder (Gong et al., ICLR 2023), in one file.
 
-Read top to bottom, in the order of the method (as MAE's models_mae.py): the configuration, the
-transformer block, the encoder shared by both models, MAE's random masking, the pretraining model
-(forward_encoder, forward_decoder, forward_loss, the contrastive loss, forward), the fine-tuning
-classifier, per-block compilation, and loading published weights. Numerically identical to the
-official release: tests/golden holds its outputs.
+Read top to bottom, in the order of the method (as MAE's models_mae.py): configuration, transformer
+block, encoder, masking, the pretraining model and its losses, the fine-tuning classifier, per-block
+compilation, loading published weights. Numerically identical to the official release (tests/golden
+holds its outputs); register tokens and the max-over-patches loss are options, off by default.
 """
 
 import math
 import os
 import random
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,9 @@ class CAVMAEConfig:
     # Official quirk, kept for exactness: with joint_depth > 1 the audio-only and visual-only streams
     # of the contrastive loss pass through the last joint block only (no effect at joint_depth=1).
     official_contrastive_streams: bool = True
+    # Learned tokens appended to each modality's tokens for its own blocks only, as Darcet et al.,
+    # "Vision Transformers Need Registers" (ICLR 2024) and CAV-MAE Sync; 0: the paper's model.
+    num_register_tokens: int = 0
 
     def __post_init__(self):
         for name in ("img_size", "audio_length", "num_mel_bins"):
@@ -93,8 +96,7 @@ def num_params(module):
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-# --------------------------------------------------------------------------------------------------
-# Transformer block
+# --- Transformer block ----------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
@@ -114,16 +116,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
-class MLP(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
-
-
 class Block(nn.Module):
     """Pre-norm ViT block. A joint block (Sec. 3) has a LayerNorm pair per stream: 'joint' for the
     audio and visual tokens together, 'audio' and 'visual' for one modality alone; the attention
@@ -139,7 +131,10 @@ class Block(nn.Module):
             self.norm1_v = nn.LayerNorm(dim)
             self.norm2_v = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        # the MLP: fc1, exact (erf) GELU, fc2, under the official key names
+        layers = OrderedDict(fc1=nn.Linear(dim, hidden), gelu=nn.GELU(), fc2=nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(layers)
 
     def forward(self, x, stream="joint"):  # (B, L, D) -> (B, L, D)
         suffix = STREAM_NORM_SUFFIX[stream]
@@ -157,8 +152,7 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-# --------------------------------------------------------------------------------------------------
-# Encoder, shared by the pretraining model and the classifier
+# --- Encoder, shared by the pretraining model and the classifier ----------------------------------
 
 
 class Encoder(nn.Module):
@@ -186,6 +180,9 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(D)  # after the joint stream
         self.norm_a = nn.LayerNorm(D)  # after the audio-only stream
         self.norm_v = nn.LayerNorm(D)  # after the visual-only stream
+        if c.num_register_tokens:  # drawn as the other tokens; none by default, as in the paper
+            self.registers_a = nn.Parameter(torch.randn(1, c.num_register_tokens, D) * TOKEN_INIT_STD)
+            self.registers_v = nn.Parameter(torch.randn(1, c.num_register_tokens, D) * TOKEN_INIT_STD)
         self.apply(init_weights)
         for conv in (self.patch_embed_a, self.patch_embed_v):  # initialised as linear layers
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
@@ -208,28 +205,33 @@ class Encoder(nn.Module):
             x = block(x, stream)
         return getattr(self, "norm" + STREAM_NORM_SUFFIX[stream])(x)
 
-    def audio_tokens(self, audio):  # (B, T, F) -> (B, La, D) after the audio blocks
-        x = self.embed_audio(audio)
-        for block in self.audio_blocks:
+    def modality_blocks(self, x, modality):
+        """A modality's tokens (B, L, D) through its own blocks ('a' or 'v'), with its register
+        tokens (if any) appended before them and dropped after them: the joint blocks never see them."""
+        blocks = self.audio_blocks if modality == "a" else self.visual_blocks
+        registers = getattr(self, "registers_" + modality, None)  # (1, R, D)
+        num_tokens = x.shape[1]
+        if registers is not None:
+            x = torch.cat([x, registers.expand(len(x), -1, -1)], dim=1)  # (B, L + R, D)
+        for block in blocks:
             x = block(x)
-        return x
+        return x[:, :num_tokens]  # (B, L, D)
+
+    def audio_tokens(self, audio):  # (B, T, F) -> (B, La, D) after the audio blocks
+        return self.modality_blocks(self.embed_audio(audio), "a")
 
     def visual_tokens(self, image):  # (B, C, H, W) -> (B, Lv, D) after the visual blocks
-        x = self.embed_visual(image)
-        for block in self.visual_blocks:
-            x = block(x)
-        return x
+        return self.modality_blocks(self.embed_visual(image), "v")
 
     def embed(self, audio, image):
         """Coordinated per-modality tokens without masking, for retrieval (the official
-        forward_feat): (B, La, D), (B, Lv, D). Either input may be None, and then so is its output."""
+        forward_feat): (B, La, D), (B, Lv, D); a missing input (None) gives None."""
         audio_out = None if audio is None else self.joint(self.audio_tokens(audio), "audio")
         visual_out = None if image is None else self.joint(self.visual_tokens(image), "visual")
         return audio_out, visual_out
 
 
-# --------------------------------------------------------------------------------------------------
-# Masking (Sec. 3: MAE's per-sample random masking)
+# --- Masking (Sec. 3: MAE's per-sample random masking) --------------------------------------------
 
 
 def random_masking(x, noise, mask_ratio):
@@ -254,8 +256,7 @@ def append_mask_tokens_and_unshuffle(x, mask_token, ids_restore):
     return torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, D))  # (B, L, D)
 
 
-# --------------------------------------------------------------------------------------------------
-# Pretraining model
+# --- Pretraining model ----------------------------------------------------------------------------
 
 
 class CAVMAE(nn.Module):
@@ -283,31 +284,25 @@ class CAVMAE(nn.Module):
             nn.init.normal_(token, std=TOKEN_INIT_STD)
 
     # --- patches: the reconstruction targets ------------------------------------------------------
-    def patchify_audio(self, audio):  # (B, T, F) -> (B, La, p*p), frequency-major like the tokens
-        p = self.config.patch_size
-        bands, steps = self.config.audio_grid
-        x = audio.transpose(1, 2).reshape(-1, bands, p, steps, p)  # (B, F/p, p, T/p, p)
-        return x.permute(0, 1, 3, 2, 4).reshape(-1, bands * steps, p * p)
-
-    def unpatchify_audio(self, patches):  # (B, La, p*p) -> (B, T, F)
-        p = self.config.patch_size
-        bands, steps = self.config.audio_grid
-        x = patches.reshape(-1, bands, steps, p, p).permute(0, 1, 3, 2, 4)  # (B, F/p, p, T/p, p)
-        return x.reshape(-1, bands * p, steps * p).transpose(1, 2)
-
     def patchify_image(self, image):  # (B, C, H, W) -> (B, Lv, p*p*C), channel last within a patch
         p = self.config.patch_size
-        rows, cols = self.config.visual_grid
-        C = self.config.in_chans
-        x = image.reshape(-1, C, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
-        return x.reshape(-1, rows * cols, p * p * C)
+        B, C, H, W = image.shape
+        x = image.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
+        return x.reshape(B, (H // p) * (W // p), p * p * C)
 
-    def unpatchify_image(self, patches):  # (B, Lv, p*p*C) -> (B, C, H, W)
+    def unpatchify_image(self, patches, grid=None):  # (B, rows * cols, p*p*C) -> (B, C, H, W)
         p = self.config.patch_size
-        rows, cols = self.config.visual_grid
-        C = self.config.in_chans
+        rows, cols = grid or self.config.visual_grid
+        C = patches.shape[-1] // (p * p)
         x = patches.reshape(-1, rows, cols, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, H/p, p, W/p, p)
         return x.reshape(-1, C, rows * p, cols * p)
+
+    # the fbank is patched as a one-channel picture (F, T): frequency-major, as the tokens
+    def patchify_audio(self, audio):  # (B, T, F) -> (B, La, p*p)
+        return self.patchify_image(audio.transpose(1, 2).unsqueeze(1))
+
+    def unpatchify_audio(self, patches):  # (B, La, p*p) -> (B, T, F)
+        return self.unpatchify_image(patches, self.config.audio_grid)[:, 0].transpose(1, 2)
 
     # --- encoder ----------------------------------------------------------------------------------
     def audio_noise(self, batch, mask_ratio, mask_mode, device):
@@ -341,10 +336,8 @@ class CAVMAE(nn.Module):
         noise_v = torch.rand(B, math.prod(self.config.visual_grid), device=audio.device)  # (B, Lv)
         a, mask_a, ids_restore_a = random_masking(enc.embed_audio(audio), noise_a, mask_ratio_a)
         v, mask_v, ids_restore_v = random_masking(enc.embed_visual(image), noise_v, mask_ratio_v)
-        for block in enc.audio_blocks:
-            a = block(a)
-        for block in enc.visual_blocks:
-            v = block(v)
+        a = enc.modality_blocks(a, "a")
+        v = enc.modality_blocks(v, "v")
         return a, v, mask_a, mask_v, ids_restore_a, ids_restore_v
 
     def embed(self, audio, image):  # coordinated tokens without masking, see Encoder.embed
@@ -402,33 +395,38 @@ class CAVMAE(nn.Module):
         contrastive_weight=CONTRASTIVE_WEIGHT,
         mask_mode="unstructured",
         bidirectional=False,
+        mil_weight=0.0,
     ):
         """One pretraining forward (Sec. 3). A weight of 0 skips its branch (AV-MAE:
-        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss."""
-        if (mae_weight == 0) and (contrastive_weight == 0):
-            raise ValueError("mae_weight and contrastive_weight are both 0: there is nothing to train")
+        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss. mil_weight > 0 adds
+        the max-over-patches contrastive term (see contrastive_loss), not in the paper."""
+        if (mae_weight == 0) and (contrastive_weight == 0) and (mil_weight == 0):
+            raise ValueError("the mae, contrastive and mil weights are all 0: nothing to train")
         a, v, mask_a, mask_v, ids_restore_a, ids_restore_v = self.forward_encoder(
             audio, image, mask_ratio_a, mask_ratio_v, mask_mode
         )
         zero = torch.zeros((), device=audio.device)
         out = dict(mask_a=mask_a, mask_v=mask_v, loss_mae=zero, loss_mae_a=zero, loss_mae_v=zero)
-        out.update(loss_c=zero, contrastive_accuracy=zero)
+        out.update(loss_c=zero, contrastive_accuracy=zero, loss_mil=zero)
         if mae_weight != 0:  # stream 1: audio and visual tokens together through the joint blocks
             joint = self.encoder.joint(torch.cat([a, v], dim=1), "joint")
             pred_a, pred_v = self.forward_decoder(joint, ids_restore_a, ids_restore_v, a.shape[1])
-            out["pred_a"] = pred_a
-            out["pred_v"] = pred_v
+            out.update(pred_a=pred_a, pred_v=pred_v)
             out["loss_mae_a"] = self.forward_loss(self.patchify_audio(audio), pred_a, mask_a)
             out["loss_mae_v"] = self.forward_loss(self.patchify_image(image), pred_v, mask_v)
             out["loss_mae"] = mae_weight * (out["loss_mae_a"] + out["loss_mae_v"])
-        if contrastive_weight != 0:  # streams 2 and 3: each modality alone, with its own norms
+        if (contrastive_weight != 0) or (mil_weight != 0):  # streams 2 and 3: each modality alone
             last_only = self.config.official_contrastive_streams
             audio_rep = self.encoder.joint(a, "audio", last_only).mean(dim=1)  # (B, D)
-            visual_rep = self.encoder.joint(v, "visual", last_only).mean(dim=1)  # (B, D)
-            loss_c, accuracy = contrastive_loss(audio_rep, visual_rep, bidirectional)
+            visual_out = self.encoder.joint(v, "visual", last_only)  # (B, Lv_keep, D)
+        if contrastive_weight != 0:
+            loss_c, accuracy = contrastive_loss(audio_rep, visual_out.mean(dim=1), bidirectional)
             out["loss_c"] = contrastive_weight * loss_c
             out["contrastive_accuracy"] = accuracy
-        out["loss"] = out["loss_mae"] + out["loss_c"]
+        if mil_weight != 0:  # the same InfoNCE, each frame scored by its best kept patch
+            loss_mil, _ = contrastive_loss(audio_rep, visual_out, bidirectional)
+            out["loss_mil"] = mil_weight * loss_mil
+        out["loss"] = out["loss_mae"] + out["loss_c"] + out["loss_mil"]
         return out
 
 
@@ -438,15 +436,21 @@ def pooled_representation(tokens):
 
 
 def contrastive_loss(audio_rep, visual_rep, bidirectional=False):
-    """Sec. 3 InfoNCE on pooled representations (B, D), at temperature 0.05. Official default: one
-    direction, a softmax over the audio clips for each visual clip. Returns (loss, accuracy of
-    picking the paired clip)."""
+    """Sec. 3 InfoNCE at temperature 0.05 between pooled audio representations (B, D) and pooled
+    visual ones (B, D). Official default: one direction, a softmax over the audio clips for each
+    visual clip. Given visual patch tokens (B, Lv, D) instead, clip i's audio against clip j's frame
+    scores j's best patch: the max-over-patches (multiple-instance) term of EZ-VSL (Mo and Morgado,
+    ECCV 2022) and SLAVC, not in the paper. Returns (loss, accuracy of picking the paired clip)."""
     # float32 even under autocast, which would run the product in bf16: measured, the bf16 product
     # put the gradient off by 1.4-3.3%.
     with torch.autocast(audio_rep.device.type, enabled=False):
-        audio_unit = F.normalize(audio_rep.float(), dim=-1)
-        visual_unit = F.normalize(visual_rep.float(), dim=-1)
-        similarity = audio_unit @ visual_unit.T / CONTRASTIVE_TEMPERATURE  # (B, B): rows are audio
+        audio_unit = F.normalize(audio_rep.float(), dim=-1)  # (B, D)
+        visual_unit = F.normalize(visual_rep.float(), dim=-1)  # (B, D) or (B, Lv, D)
+        if visual_unit.dim() == 2:
+            similarity = audio_unit @ visual_unit.T / CONTRASTIVE_TEMPERATURE  # (B, B), rows audio
+        else:
+            cosine = torch.einsum("id,jld->ijl", audio_unit, visual_unit)  # (B, B, Lv), rows audio
+            similarity = cosine.amax(dim=-1) / CONTRASTIVE_TEMPERATURE  # (B, B): the best patches
         target = torch.arange(len(similarity), device=similarity.device)
         directions = (similarity, similarity.T) if bidirectional else (similarity,)
         losses = [F.cross_entropy(s.T, target) for s in directions]  # a softmax down each column
@@ -454,8 +458,7 @@ def contrastive_loss(audio_rep, visual_rep, bidirectional=False):
     return sum(losses) / len(losses), sum(accuracies) / len(accuracies)
 
 
-# --------------------------------------------------------------------------------------------------
-# Fine-tuning classifier
+# --- Fine-tuning classifier -----------------------------------------------------------------------
 
 
 class CAVMAEClassifier(nn.Module):
@@ -477,19 +480,15 @@ class CAVMAEClassifier(nn.Module):
         if mode == "multimodal":
             x = torch.cat([enc.audio_tokens(audio), enc.visual_tokens(image)], dim=1)
             return self.head(enc.joint(x, "joint").mean(dim=1))
-        if mode in ("audioonly", "missingaudioonly"):
-            x = enc.audio_tokens(audio)
-            pooled = enc.joint(x, "audio").mean(dim=1)
-        else:
-            x = enc.visual_tokens(image)
-            pooled = enc.joint(x, "visual").mean(dim=1)
+        stream = "audio" if mode in ("audioonly", "missingaudioonly") else "visual"
+        x = enc.audio_tokens(audio) if stream == "audio" else enc.visual_tokens(image)
+        pooled = enc.joint(x, stream).mean(dim=1)
         if mode.startswith("missing"):  # a multimodal model given one modality: both norms averaged
             pooled = (enc.joint(x, "joint").mean(dim=1) + pooled) / 2
         return self.head(pooled)
 
 
-# --------------------------------------------------------------------------------------------------
-# Speed: each transformer block compiled on its own
+# --- Speed: each transformer block compiled on its own --------------------------------------------
 
 
 def apply_compile(model):
@@ -503,8 +502,7 @@ def apply_compile(model):
     return model
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading published weights: ours, the official release's, ImageNet MAE ViT-B (the paper's init)
+# --- Loading published weights: ours, the official release's, ImageNet MAE ViT-B (the paper's init)
 
 OFFICIAL_RENAMES = [  # official CAVMAE / CAVMAEFT key -> ours
     (r"^blocks_a\.", "encoder.audio_blocks."),
@@ -554,38 +552,48 @@ def imagenet_mae_to_ours(state, config):
     return mapped
 
 
-def cut_audio_positions(state, model):
+def cut_audio_positions(state, model, checkpoint_mel_bins, where=""):
     """A model for shorter clips than its checkpoint's (e.g. ESC-50's 5 s): each audio position
     table (1, bands * T/p, D), frequency-major, keeps its first T'/p time columns, so every token
-    keeps the position it was trained with. A longer model is an error: its positions were never
-    trained."""
+    keeps the position it was trained with. The checkpoint's mel bins are its model_args' (ours),
+    else the paper's 128. Other mel bins (their bands would be cut as time steps) or a longer model
+    (its positions were never trained) are errors; `where` names the file."""
     own = model.state_dict()
-    bands = model.config.audio_grid[0]
+    bands, steps = model.config.audio_grid
+    checkpoint_bands = checkpoint_mel_bins // model.config.patch_size
     for key in ("encoder.pos_embed_a", "decoder_pos_embed_a"):
         if (key not in state) or (key not in own) or (state[key].shape == own[key].shape):
             continue
-        steps = state[key].shape[1] // bands
-        keep = own[key].shape[1] // bands
-        if keep > steps:
-            raise ValueError(f"{key}: the model has {keep} audio time steps, its checkpoint only {steps}")
-        state[key] = state[key].reshape(1, bands, steps, -1)[:, :, :keep].reshape(1, bands * keep, -1)
+        checkpoint_steps = state[key].shape[1] // checkpoint_bands
+        if (checkpoint_bands != bands) or (checkpoint_steps < steps):
+            raise ValueError(
+                f"{where}{key}: the checkpoint has {checkpoint_bands} x {checkpoint_steps} audio "
+                f"positions (bands x time steps), the model {bands} x {steps}: only time can be cut"
+            )
+        table = state[key].reshape(1, bands, checkpoint_steps, -1)  # (1, F/p, T/p, D)
+        state[key] = table[:, :, :steps].reshape(1, bands * steps, -1)  # (1, F/p * T'/p, D)
     return state
 
 
 def load_pretrained(model, source):
-    """Load `source` (a checkpoint path, a state dict, or our checkpoint dict with the weights under
-    'model') into a CAVMAE or CAVMAEClassifier: this project's checkpoints, the official release's
-    (nn.DataParallel's `module.` prefix stripped; the per-modality norms its blocks carry outside
-    the joint blocks, which it never uses, left out) or an ImageNet MAE ViT-B. A pretraining
-    checkpoint loads into the classifier (its decoder is unexpected, the head stays new). Returns
-    torch's (missing_keys, unexpected_keys); a shape that does not fit raises. Reads with
-    weights_only=False (our checkpoints hold settings): load only files you trust."""
+    """Load `source` (a checkpoint path, a state dict, or our checkpoint dict: weights under
+    'model', settings under 'model_args') into a CAVMAE or CAVMAEClassifier: ours, the official
+    release's (nn.DataParallel's `module.` prefix stripped, the unused norms its blocks carry
+    outside the joint blocks left out) or an ImageNet MAE ViT-B. A pretraining checkpoint loads
+    into the classifier (its decoder unexpected, the head new); shorter clips get cut audio
+    positions. Returns torch's (missing_keys, unexpected_keys); a shape that does not fit raises.
+    Reads with weights_only=False (our checkpoints hold settings): load only files you trust."""
+    where = ""  # the file, in the errors about its content
     if isinstance(source, (str, os.PathLike)):
+        where = f"checkpoint {source}: "
         try:
             source = torch.load(source, map_location="cpu", weights_only=False)
         except Exception as error:  # a missing, empty, truncated or foreign file
             raise ValueError(f"cannot read checkpoint {source}: {error}") from None
+    if not isinstance(source, dict):
+        raise ValueError(f"{where}a {type(source).__name__} is not a state dict")
     state = source["model"] if isinstance(source.get("model"), dict) else source
+    mel_bins = source.get("model_args", {}).get("num_mel_bins", CAVMAEConfig.num_mel_bins)
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}
     if any(key.startswith("blocks_u.") for key in state):  # the official release
         for pattern, replacement in OFFICIAL_RENAMES:
@@ -595,5 +603,5 @@ def load_pretrained(model, source):
     elif "patch_embed.proj.weight" in state:
         state = imagenet_mae_to_ours(state, model.config)
     elif not any(key.startswith("encoder.") for key in state):
-        raise ValueError(f"not a CAV-MAE or ImageNet MAE state dict (keys {list(state)[:3]} ...)")
-    return model.load_state_dict(cut_audio_positions(state, model), strict=False)
+        raise ValueError(f"{where}not a CAV-MAE or ImageNet MAE state dict (keys {list(state)[:3]} ...)")
+    return model.load_state_dict(cut_audio_positions(state, model, mel_bins, where), strict=False)
