@@ -74,8 +74,8 @@ def classification_metrics(scores, targets):
     (N, C): logits or probabilities (only their order counts); targets (N, C) 0/1. As the official
     code, mAP counts a class without positives as AP 0 and d' comes from the mean AUC; such a
     class's AUC is NaN (sklearn 1.9), left out of mAUC. acc: first argmax of scores = of targets."""
-    scores = torch.as_tensor(scores).detach().cpu().double().numpy()
-    targets = torch.as_tensor(targets).detach().cpu().double().numpy()
+    scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().numpy()
+    targets = torch.as_tensor(targets, dtype=torch.float64).detach().cpu().numpy()
     if scores.shape != targets.shape:
         raise ValueError(f"scores {scores.shape} and targets {targets.shape} differ in shape")
     if not np.isfinite(scores).all():
@@ -207,7 +207,7 @@ def report(results, folder, name):
 
 
 def cmd_classify(args):
-    """mAP, AUC, d' and accuracy on the middle frame and over all frames; --out: a folder."""
+    """mAP, AUC, d' and accuracy of a fine-tuned model on the middle frame and over all frames."""
     model, info = load_model(args.checkpoint, args.device, "finetune", args.audio_length)
     settings = info["config"]
     label_csv = args.label_csv or settings.get("label_csv")
@@ -245,7 +245,7 @@ def cmd_classify(args):
 
 
 def cmd_retrieval(args):
-    """Audio->visual and visual->audio retrieval by the pooled representations; --out: a folder."""
+    """Audio->visual and visual->audio retrieval by the cosine of the pooled representations."""
     model, info = load_model(args.checkpoint, args.device, None, args.audio_length)
     ds = open_dataset(model, info, args.data, args.label_csv)
     indices = per_class_subset(ds, args.per_class, args.seed) if args.per_class else None
@@ -279,12 +279,12 @@ def cmd_inpaint(args):
         picture = pictures.inpaint_picture(model, audio[i].cpu(), image[i].cpu(), *outputs, video_id)
         picture.save(os.path.join(args.out, f"{video_id}.png"))
     masked_audio = out["mask_a"].mean().item()
-    report(dict(mask_ratio=mask_ratio, mask_mode=mask_mode, masked_audio=masked_audio), None, None)
+    print(json.dumps(dict(mask_ratio=mask_ratio, mask_mode=mask_mode, masked_audio=masked_audio)))
     return dict(mask_ratio=mask_ratio, mask_mode=mask_mode, masked_audio=masked_audio)
 
 
 def cmd_embed(args):
-    """Each clip's pooled audio and visual representations and video_id, in the .npz --out."""
+    """Each clip's pooled audio and visual representations and video_id, in an .npz file."""
     model, info = load_model(args.checkpoint, args.device, None, args.audio_length)
     ds = open_dataset(model, info, args.data, args.label_csv)
     audio, visual = embeddings(model, ds, args.batch_size, args.device, args.num_workers)
@@ -390,7 +390,8 @@ def main(argv=None):
         p.set_defaults(run=run)
         p.add_argument("--checkpoint", required=True, help="train.py's ckpt.pt or an official one")
         p.add_argument("--data", required=True, help="datafile (json, the official format)")
-        p.add_argument("--out", required=name in ("inpaint", "embed", "localize"), help="see above")
+        out = "the .npz file to write" if name == "embed" else "the folder to write to"
+        p.add_argument("--out", required=name in ("inpaint", "embed", "localize"), help=out)
         p.add_argument("--label_csv", help="classes (default for classify: the checkpoint's)")
         p.add_argument("--audio_length", type=int, help="fbank frames, if fewer than the model's")
         p.add_argument("--batch_size", type=int, default=32)
@@ -399,7 +400,7 @@ def main(argv=None):
         flags[name] = p
     flags["classify"].add_argument("--ftmode", help="a model.FT_MODES; default: the checkpoint's")
     flags["classify"].add_argument("--frames", choices=("all", "middle"), default="all")
-    flags["retrieval"].add_argument("--per_class", type=int, help="N clips of each class")
+    flags["retrieval"].add_argument("--per_class", type=int, help="N clips of each class, as the paper")
     flags["inpaint"].add_argument("--mask_ratio", type=float, help="default: the checkpoint's")
     flags["inpaint"].add_argument("--mask_mode", help="a model.MASK_MODES; default: the checkpoint's")
     for name in ("retrieval", "inpaint"):
