@@ -136,7 +136,7 @@ def load_model(checkpoint, device="cpu", task=None, audio_length=None):
         raise ValueError(f"cannot read checkpoint {checkpoint}: {error}") from None
     model_args = dict(ckpt.get("model_args", {}))  # official: the paper's architecture
     if "model_args" in ckpt:  # ours
-        info = dict(task=ckpt["task"], num_classes=ckpt["num_classes"], config=ckpt["config"] or {})
+        info = dict(task=ckpt["task"], num_classes=ckpt["num_classes"], config=ckpt.get("config") or {})
     else:  # official, its keys maybe prefixed `module.`
         heads = [value for key, value in ckpt.items() if key.endswith("mlp_head.1.weight")]
         info = dict(task="pretrain", num_classes=None, config={})
