@@ -1,25 +1,20 @@
-"""eval.py: metrics equal to scikit-learn / the official retrieval script, and the commands end to end."""
+"""eval.py: metrics equal to scikit-learn / the official retrieval script, loading checkpoints, each command
+end to end on a tiny synthetic set, and how localize scores its heat maps."""
 
 import csv
 import dataclasses
 import json
 import math
 import os
-import re
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
+from conftest import TINY
 
+import data
 import eval as ev
-import pictures
-import synthetic
-from checkpoint import CheckpointError
+import prepare
 from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig
 
 # -----------------------------------------------------------------------------
@@ -124,610 +119,380 @@ def test_retrieval_counts_a_tied_match_at_every_tied_position():
     assert ev.retrieval_metrics(np.ones((4, 4)))["R1"] == 0.25  # a collapsed model scores chance, not 1.0
 
 
+def test_retrieval_matches_golden_vectors(golden):
+    d = np.load(os.path.join(golden, "metrics", "metric_inputs.npz"))
+    want = json.load(open(os.path.join(golden, "metrics", "metric_values.json")))
+    a = d["emb_a"] / np.linalg.norm(d["emb_a"], axis=1, keepdims=True)
+    v = d["emb_v"] / np.linalg.norm(d["emb_v"], axis=1, keepdims=True)
+    assert ev.retrieval_metrics(a @ v.T) == pytest.approx(want["retrieval_audio_to_visual"], abs=1e-12)
+
+
+def labelled_set(tmp_path, labels):
+    """A datafile whose clips have these labels (per_class_subset reads no audio or frames)."""
+    rows = [
+        dict(video_id=f"v{i}", wav="none.wav", video_path=".", labels=label) for i, label in enumerate(labels)
+    ]
+    json.dump({"data": rows}, open(tmp_path / "labels.json", "w"))
+    return data.AVDataset(str(tmp_path / "labels.json"), None)
+
+
+def test_per_class_subset_takes_k_clips_of_each_class_by_first_label(tmp_path):
+    labels = ["a", "a", "b,a", "a", "c", "b", "", "a,c"]  # clip 6 has no label: left out
+    keep = ev.per_class_subset(labelled_set(tmp_path, labels), 2, seed=0)
+    assert keep == sorted(keep)
+    firsts = [labels[i].split(",")[0] for i in keep]
+    assert sorted(firsts) == ["a", "a", "b", "b", "c"]  # c has only one clip: taken
+
+
+def test_per_class_subset_is_deterministic_for_a_seed_and_differs_between_seeds(tmp_path):
+    ds = labelled_set(tmp_path, [f"/m/{k % 10}" for k in range(100)])
+    assert ev.per_class_subset(ds, 3, seed=1) == ev.per_class_subset(ds, 3, seed=1)
+    assert ev.per_class_subset(ds, 3, seed=1) != ev.per_class_subset(ds, 3, seed=2)
+
+
 # -----------------------------------------------------------------------------
-# the commands on a tiny model and tiny synthetic data
+# checkpoints: ours and the official release's
 
 CLASSES = 3
+CLIPS = 6
+SETTINGS = dict(dataset_mean=-5.0, dataset_std=4.5, ftmode="multimodal", mask_ratio=0.5, metric="acc")
+
+
+def save_checkpoint(path, model, task, num_classes, settings):
+    """A checkpoint as train.py writes one (eval reads no optimizer or rng state)."""
+    model_args = dataclasses.asdict(model.config)
+    ckpt = dict(model=model.state_dict(), model_args=model_args, task=task, num_classes=num_classes)
+    torch.save(dict(ckpt, config=settings), path)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """Six synthetic test clips of 3 classes (32 px frames, 0.7 s), a tiny pretrained model and a tiny
+    classifier trained on nothing."""
     root = tmp_path_factory.mktemp("eval")
-    synthetic.make_synthetic(
-        str(root / "data"),
-        n_train=1,
-        n_test=6,
-        seed=0,
-        image_size=32,
-        seconds=0.7,
-        num_classes=CLASSES,
-        workers=1,
+    data_dir = root / "data"
+    prepare.make_synthetic(
+        str(data_dir), 0, CLIPS, image_size=32, seconds=0.7, num_classes=CLASSES, workers=1
     )
-    cfg = CAVMAEConfig.from_preset("tiny")
+    settings = dict(SETTINGS, label_csv=str(data_dir / "labels.csv"))
     torch.manual_seed(0)
-    train_config = dict(
-        dataset_mean=-5.081, dataset_std=4.4849, metric="acc", label_csv=str(root / "data" / "labels.csv")
-    )
-    for task, model, k in (
-        ("pretrain", CAVMAE(cfg), None),
-        ("finetune", CAVMAEClassifier(cfg, CLASSES), CLASSES),
-    ):
-        torch.save(
-            dict(
-                model=model.state_dict(),
-                model_args=dataclasses.asdict(cfg),
-                task=task,
-                num_classes=k,
-                config=train_config,
-                iter_num=0,
-            ),
-            root / f"{task}.pt",
-        )
+    save_checkpoint(root / "pretrain.pt", CAVMAE(CAVMAEConfig(**TINY)), "pretrain", None, settings)
+    classifier = CAVMAEClassifier(CAVMAEConfig(**TINY), CLASSES)
+    save_checkpoint(root / "finetune.pt", classifier, "finetune", CLASSES, settings)
     return root
 
 
-def run(tiny, *argv):
-    return ev.main([argv[0], "--checkpoint", str(tiny / argv[1]), *map(str, argv[2:])])
+def test_load_model_rebuilds_our_checkpoint_in_eval_mode_with_its_task_and_settings(tiny):
+    model, info = ev.load_model(str(tiny / "finetune.pt"))
+    saved = torch.load(tiny / "finetune.pt", weights_only=False)
+    assert isinstance(model, CAVMAEClassifier)
+    assert not model.training
+    assert info == dict(task="finetune", num_classes=CLASSES, config=saved["config"])
+    assert torch.equal(model.head[1].weight, saved["model"]["head.1.weight"])
 
 
-def test_classify_writes_metrics_json_and_per_class_csv(tiny, capsys):
-    data = tiny / "data"
-    run(
-        tiny,
-        "classify",
-        "finetune.pt",
-        "--data",
-        data / "test.json",
-        "--label_csv",
-        data / "labels.csv",
-        "--out",
-        tiny / "cls.json",
-    )
-    out = json.load(open(tiny / "cls.json"))
-    assert {"mAP", "mAUC", "d_prime", "acc", "AP", "AUC"} <= set(out)
-    assert len(out["AP"]) == CLASSES
-    assert out["frames"] == [5]
-    assert out["clips"] == 6
-    rows = list(csv.DictReader(open(tiny / "cls_per_class.csv")))
-    assert [r["mid"] for r in rows] == [f"/synth/{k:02d}" for k in range(CLASSES)]
-    assert sum(int(r["positives"]) for r in rows) == 6
-    assert "mAP" in capsys.readouterr().out
+def golden_config(c, **overrides):
+    """The architecture of the official checkpoints in tests/golden, standing in for the paper's."""
+    fields = {k: v for k, v in c.items() if k in CAVMAEConfig.__dataclass_fields__}
+    return CAVMAEConfig(**fields, joint_depth=12 - c["modality_specific_depth"], **overrides)
 
 
-def test_classify_all_frames_averages_softmax_over_the_ten_frames(tiny):
-    data = tiny / "data"
-    out = run(
-        tiny,
-        "classify",
-        "finetune.pt",
-        "--data",
-        data / "test.json",
-        "--label_csv",
-        data / "labels.csv",
-        "--frames",
-        "all",
-        "--ftmode",
-        "missingaudioonly",
-    )
-    assert out["activation"] == "softmax"  # the checkpoint says metric='acc'
-    assert out["frames"] == list(range(10))
-    model, _ = ev.load_model(str(tiny / "finetune.pt"))
-    ds = ev.data.AVDataset(str(data / "test.json"), str(data / "labels.csv"), target_length=64, image_size=32)
-    probs = []
+def test_load_model_reads_an_official_pretrained_state_dict_with_module_prefixes(golden, monkeypatch):
+    vectors = torch.load(os.path.join(golden, "model", "pretrain_vectors.pth"), weights_only=False)
+    monkeypatch.setattr(ev, "CAVMAEConfig", lambda **kw: golden_config(vectors["config"], **kw))
+    model, info = ev.load_model(os.path.join(golden, "model", "pretrain_state_dict.pth"))
+    assert info == dict(task="pretrain", num_classes=None, config={})
     with torch.no_grad():
-        for k in range(10):
-            ds.frame = k
-            audio, image, labels = map(torch.stack, zip(*[ds[i] for i in range(len(ds))]))
-            probs.append(torch.softmax(model(audio, image, "missingaudioonly"), -1))
-    want = ev.classification_metrics(torch.stack(probs).mean(0), labels)
-    assert out["AP"] == pytest.approx(want["AP"], abs=1e-6)
+        audio, visual = model.encoder.embed(vectors["audio"], vectors["image"])
+    assert (audio - vectors["feat_audio"]).abs().max() < 2e-4
+    assert (visual - vectors["feat_visual"]).abs().max() < 2e-4
 
 
-def test_retrieval_works_on_pretrain_and_finetune_checkpoints(tiny):
-    data = tiny / "data"
-    for name in ("pretrain.pt", "finetune.pt"):
-        run(
-            tiny,
-            "retrieval",
-            name,
-            "--data",
-            data / "test.json",
-            "--out",
-            tiny / "ret.json",
-            "--save_embeddings",
-            tiny / "emb",
-        )
-        out = json.load(open(tiny / "ret.json"))
-        a = np.load(tiny / "emb" / "audio.npy")
-        v = np.load(tiny / "emb" / "visual.npy")
-        assert a.shape == v.shape == (6, 32)
-        np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
-        assert out["audio_to_visual"] == ev.retrieval_metrics(a.astype(np.float64) @ v.T.astype(np.float64))
-        assert out["visual_to_audio"] == ev.retrieval_metrics(v.astype(np.float64) @ a.T.astype(np.float64))
-
-
-def test_inpaint_writes_one_png_per_clip_with_the_documented_layout(tiny):
-    data = tiny / "data"
-    written = run(
-        tiny, "inpaint", "pretrain.pt", "--data", data / "test.json", "--out", tiny / "inpaint", "--n", 2
-    )
-    assert len(written) == 2
-    with Image.open(written[0]) as img:
-        # columns: pad, spectrogram (T=64), pad, frame (32 enlarged x4), pad;
-        # rows: title, then 3 x (caption + panel of max(F=128, 128)), pad
-        assert img.size == (4 + 64 + 4 + 128 + 4, 14 + 3 * (14 + 128) + 4)
-    assert json.load(open(tiny / "inpaint" / "inpaint.json"))["mask_ratio"] == 0.75
-
-
-def test_commands_refuse_a_checkpoint_of_the_wrong_task(tiny):
-    with pytest.raises(ValueError, match="needs a fine-tuned classifier"):
-        ev.load_model(str(tiny / "pretrain.pt"), "finetune")
-    with pytest.raises(ValueError, match="needs a pretrained CAV-MAE"):
-        ev.load_model(str(tiny / "finetune.pt"), "pretrain")
-
-
-def test_official_state_dict_loads_with_architecture_flags(golden, tmp_path):
-    base = os.path.join(golden, "model")
-    vec = torch.load(os.path.join(base, "pretrain_vectors.pth"), weights_only=False)
-    official = vec["config"]
-    # train.py's names; depths, widths and sizes come from the tensor shapes, the head counts do not
-    config = tmp_path / "arch.json"
-    heads = dict(model_num_heads=official["num_heads"], model_decoder_num_heads=official["decoder_num_heads"])
-    config.write_text(json.dumps(heads))
-    model, info = ev.load_model(
-        os.path.join(base, "pretrain_state_dict.pth"), config=str(config), norm_pix_loss=True
-    )
-    assert info["format"] == "official"
-    assert info["task"] == "pretrain"
-    depths = (model.config.modality_specific_depth, model.config.joint_depth)
-    assert depths == (official["modality_specific_depth"], 12 - official["modality_specific_depth"])
-    assert model.config.img_size == official["img_size"]
+def test_load_model_takes_an_official_state_dict_with_a_head_for_a_classifier(golden, monkeypatch):
+    vectors = torch.load(os.path.join(golden, "model", "finetune_vectors.pth"), weights_only=False)
+    monkeypatch.setattr(ev, "CAVMAEConfig", lambda **kw: golden_config(vectors["config"], **kw))
+    model, info = ev.load_model(os.path.join(golden, "model", "finetune_state_dict.pth"), task="finetune")
+    assert info == dict(task="finetune", num_classes=7, config={})
     with torch.no_grad():
-        a, v = model.embed(vec["audio"], vec["image"])
-    assert (a - vec["feat_audio"]).abs().max() < 2e-4
-    assert (v - vec["feat_visual"]).abs().max() < 2e-4
-    finetune = torch.load(os.path.join(base, "finetune_vectors.pth"), weights_only=False)["config"]
-    clf, info = ev.load_model(os.path.join(base, "finetune_state_dict.pth"), num_heads=finetune["num_heads"])
-    assert info["task"] == "finetune"
-    assert info["num_classes"] == finetune["label_dim"]
+        logits = model(vectors["audio"], vectors["image"], "audioonly")
+    assert (logits - vectors["logits_audioonly"]).abs().max() < 2e-4
+
+
+def test_load_model_refuses_a_checkpoint_of_the_wrong_task_and_says_what_is_needed(tiny):
+    with pytest.raises(ValueError, match=r"pretrain\.pt holds a pretrain model; .* needs a fine-tuned"):
+        ev.load_model(str(tiny / "pretrain.pt"), task="finetune")
+    with pytest.raises(ValueError, match=r"finetune\.pt holds a finetune model; .* needs a pretrained"):
+        ev.load_model(str(tiny / "finetune.pt"), task="pretrain")
+
+
+def test_load_model_names_the_file_whose_weights_are_missing(tiny, tmp_path):
+    ckpt = torch.load(tiny / "pretrain.pt", weights_only=False)
+    del ckpt["model"]["decoder_norm.weight"]
+    torch.save(ckpt, tmp_path / "cut.pt")
+    with pytest.raises(ValueError, match=r"cut\.pt lacks 1 of the model's weights: decoder_norm\.weight"):
+        ev.load_model(str(tmp_path / "cut.pt"))
 
 
 def test_load_model_names_a_file_that_is_not_a_checkpoint(tmp_path):
-    path = tmp_path / "notes.pt"
-    path.write_text("not weights\n")
-    with pytest.raises(CheckpointError, match=r"notes\.pt is not a PyTorch checkpoint \(a text file"):
-        ev.load_model(str(path))
+    (tmp_path / "notes.pt").write_text("not weights\n")
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*notes\.pt"):
+        ev.load_model(str(tmp_path / "notes.pt"))
 
 
-def test_load_model_names_a_checkpoint_that_does_not_exist(tmp_path):
-    with pytest.raises(CheckpointError, match=r"missing\.pt does not exist"):
-        ev.load_model(str(tmp_path / "missing.pt"))
-
-
-def test_read_config_file_takes_the_assignments_of_a_python_file_or_a_json_file(tmp_path):
-    python_file = tmp_path / "arch.py"
-    python_file.write_text("import math\nmodel_num_heads = 4\n_private = 1\nwidth = math.isqrt(1024)\n")
-    assert ev.read_config_file(str(python_file)) == {"model_num_heads": 4, "width": 32}
-    json_file = tmp_path / "arch.json"
-    json_file.write_text(json.dumps({"num_heads": 4}))
-    assert ev.read_config_file(str(json_file)) == {"num_heads": 4}
-
-
-def test_architecture_from_reads_fields_by_name_and_as_train_py_model_keys():
-    settings = {"num_heads": 4, "model_decoder_depth": 2, "model_preset": "small", "lr": 0.1}
-    assert ev.architecture_from(settings) == {"num_heads": 4, "decoder_depth": 2}
-
-
-def make_test_video(video, size="64x48", rate=10, seconds=1.5, tone_hz=None):
-    """An MPEG-4 test-pattern video made by ffmpeg, with an AAC sine tone when tone_hz is given."""
-    inputs = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate={rate}:duration={seconds}"]
-    codecs = ["-c:v", "mpeg4"]
-    if tone_hz is not None:
-        inputs += ["-f", "lavfi", "-i", f"sine=frequency={tone_hz}:duration={seconds}", "-shortest"]
-        codecs += ["-c:a", "aac"]
-    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *codecs, str(video)], check=True)
-
-
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
-def test_predict_on_a_generated_video_prints_label_names(tiny, capsys):
-    video = tiny / "clip.mp4"
-    make_test_video(video, size="96x64", rate=25, seconds=2, tone_hz=440)
-    top = run(tiny, "predict", "finetune.pt", "--video", video, "--topk", 2)  # label csv from the checkpoint
-    names = [r[2] for r in csv.reader(open(tiny / "data" / "labels.csv"))][1:]
-    assert len(top) == 2
-    assert top[0]["score"] >= top[1]["score"]
-    assert top[0]["name"] in names
-    assert top[0]["name"] in capsys.readouterr().out
-
-
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
-def test_embed_and_localize_a_video_name_the_clip_after_the_file(tiny):
-    video = tiny / "street.mp4"
-    make_test_video(video, tone_hz=300)
-    out = run(tiny, "embed", "pretrain.pt", "--video", video, "--out", tiny / "emb_video", "--frame", 9)
-    assert out["video_ids"] == ["street"]
-    assert out["audio"].shape == (1, 32)
-    out = run(tiny, "localize", "pretrain.pt", "--video", video, "--out", tiny / "loc_video")
-    assert out["frame"] == 5
-    assert os.path.isfile(tiny / "loc_video" / "street.png")
-
-
-def test_predict_from_a_wav_and_an_image(tiny):
-    data = tiny / "data"
-    top = run(
-        tiny,
-        "predict",
-        "finetune.pt",
-        "--wav",
-        data / "audio" / "test_00000.wav",
-        "--image",
-        data / "frames" / "frame_5" / "test_00000.jpg",
-        "--topk",
-        CLASSES,
-        "--out",
-        tiny / "p.json",
-    )
-    # softmax: the checkpoint says metric='acc'
-    assert sum(r["score"] for r in top) == pytest.approx(1.0, abs=1e-5)
-    assert json.load(open(tiny / "p.json"))["frames"] == [0]
-
-
-# -----------------------------------------------------------------------------
-# clips shorter than the checkpoint's
-
-
-def test_audio_length_flag_runs_a_shorter_model_on_a_longer_checkpoint(tiny):
-    model, info = ev.load_model(str(tiny / "pretrain.pt"), audio_length=32)
+def test_audio_length_loads_a_model_for_shorter_clips_with_the_first_audio_positions(tiny):
+    model, _ = ev.load_model(str(tiny / "pretrain.pt"), audio_length=32)  # 8 x 2 audio patches, not 8 x 4
+    saved = torch.load(tiny / "pretrain.pt", weights_only=False)["model"]["encoder.pos_embed_a"]
     assert model.config.audio_length == 32
-    assert "cut from 8x4 to 8x2 time steps" in info["report"]
-    # the fbank is cut to 32 frames to fit
-    out = run(
-        tiny,
-        "embed",
-        "pretrain.pt",
-        "--data",
-        tiny / "data" / "test.json",
-        "--out",
-        tiny / "emb32",
-        "--audio_length",
-        32,
-    )
-    assert out["audio"].shape == (6, 32)
-    with pytest.raises(ValueError, match="not longer"):
-        ev.load_model(str(tiny / "pretrain.pt"), audio_length=128)
+    want = saved.reshape(1, 8, 4, -1)[:, :, :2].reshape(1, 16, -1)
+    assert torch.equal(model.encoder.pos_embed_a, want)
 
 
 # -----------------------------------------------------------------------------
-# retrieval on the paper's per-class subsets
+# embeddings and predictions
 
 
-def rows_of(*labels):
-    return [dict(video_id=f"v{i}", labels=label) for i, label in enumerate(labels)]
+def whole_batch(tiny, **options):
+    """All clips as one batch, as eval reads them for the tiny checkpoints (their sizes, fbank mean and std)."""
+    datafile = str(tiny / "data" / "test.json")
+    sizes = dict(target_length=TINY["audio_length"], image_size=TINY["img_size"])
+    fbank = dict(mean=SETTINGS["dataset_mean"], std=SETTINGS["dataset_std"])
+    ds = data.AVDataset(datafile, str(tiny / "data" / "labels.csv"), **sizes, **fbank, raw=True, **options)
+    return next(data.batches(ds, CLIPS, "cpu"))
 
 
-def test_per_class_subset_takes_k_clips_of_each_class_by_first_label():
-    # b,a counts as b; the unlabelled clip is left out
-    rows = rows_of("a", "a", "b,a", "a", "c", "b", "", "a,c")
-    keep, taken = ev.per_class_subset(rows, 2, seed=0)
-    assert taken == {"a": 2, "b": 2, "c": 1}  # c has only one clip: it is taken
-    firsts = [rows[i]["labels"].split(",")[0] for i in keep]
-    assert keep == sorted(keep)
-    assert sorted(firsts) == ["a", "a", "b", "b", "c"]
-
-
-def test_per_class_subset_is_deterministic_for_a_seed_and_differs_between_seeds():
-    rows = rows_of(*[f"/m/{k % 10}" for k in range(100)])
-    assert ev.per_class_subset(rows, 3, seed=1) == ev.per_class_subset(rows, 3, seed=1)
-    assert ev.per_class_subset(rows, 3, seed=1)[0] != ev.per_class_subset(rows, 3, seed=2)[0]
-
-
-def test_retrieval_per_class_reports_both_directions_on_the_subset(tiny, capsys):
-    data = tiny / "data"
-    out = run(
-        tiny,
-        "retrieval",
-        "pretrain.pt",
-        "--data",
-        data / "test.json",
-        "--per_class",
-        1,
-        "--seed",
-        0,
-        "--save_embeddings",
-        tiny / "emb_pc",
-    )
-    assert out["clips"] == 3
-    assert out["subset"] == dict(per_class=1, seed=0, clips=3, of=6, classes=CLASSES, short_classes={})
-    assert {"R1", "R5", "R10", "MR"} <= set(out["audio_to_visual"])
-    assert "visual_to_audio" in out
-    assert len(open(tiny / "emb_pc" / "video_ids.txt").read().split()) == 3
-    out = run(tiny, "retrieval", "pretrain.pt", "--data", data / "test.json", "--per_class", 5)
-    assert out["clips"] == 6
-    assert sum(out["subset"]["short_classes"].values()) == 6  # every class has fewer than 5
-    assert "fewer" in capsys.readouterr().out
-
-
-# -----------------------------------------------------------------------------
-# embeddings
-
-
-def test_embed_saves_coordinated_and_joint_representations_in_datafile_order(tiny):
-    data = tiny / "data"
-    run(tiny, "embed", "finetune.pt", "--data", data / "test.json", "--out", tiny / "emb_ft", "--frame", 2)
-    a = np.load(tiny / "emb_ft" / "audio.npy")
-    v = np.load(tiny / "emb_ft" / "visual.npy")
-    j = np.load(tiny / "emb_ft" / "joint.npy")
-    assert a.shape == v.shape == j.shape == (6, 32)
-    assert a.dtype == v.dtype == j.dtype == np.float32
-    assert open(tiny / "emb_ft" / "video_ids.txt").read().split() == [f"test_{k:05d}" for k in range(6)]
-    model, _ = ev.load_model(str(tiny / "finetune.pt"))
-    ds = ev.data.AVDataset(
-        str(data / "test.json"),
-        str(data / "labels.csv"),
-        target_length=64,
-        image_size=32,
-        frame=2,
-        mean=-5.081,
-        std=4.4849,
-    )
-    audio, image, _ = map(torch.stack, zip(*[ds[i] for i in range(len(ds))]))
+def test_embeddings_are_the_unit_pooled_coordinated_tokens_in_dataset_order(tiny):
+    model, info = ev.load_model(str(tiny / "pretrain.pt"))
+    ds = ev.open_dataset(model, info, str(tiny / "data" / "test.json"))
+    audio, visual = ev.embeddings(model, ds, batch_size=4)  # two batches
     with torch.no_grad():
-        tokens_a, tokens_v = model.embed(audio, image)
-        # unit length, as retrieval
-        np.testing.assert_allclose(a, ev.pooled_representation(tokens_a), atol=1e-5)
-        np.testing.assert_allclose(v, ev.pooled_representation(tokens_v), atol=1e-5)
-        # what the head reads
-        np.testing.assert_allclose(j, model.features(audio, image, "multimodal"), atol=1e-5)
+        tokens_a, tokens_v = model.encoder.embed(*whole_batch(tiny)[:2])
+    assert audio.dtype == visual.dtype == torch.float32
+    assert torch.allclose(audio, tokens_a.mean(1) / tokens_a.mean(1).norm(dim=1, keepdim=True), atol=1e-5)
+    assert torch.allclose(visual, tokens_v.mean(1) / tokens_v.mean(1).norm(dim=1, keepdim=True), atol=1e-5)
 
 
-def test_joint_representation_of_a_pretraining_model_is_its_encoders_multimodal_features(tiny):
-    model, _ = ev.load_model(str(tiny / "pretrain.pt"))
-    clf = CAVMAEClassifier(model.config, CLASSES).eval()
-    ev.load_pretrained(clf, model.state_dict())
-    audio = torch.randn(2, 64, 128)
-    image = torch.randn(2, 3, 32, 32)
+def test_predict_gives_the_classifiers_logits_and_the_targets_at_the_datasets_frame(tiny):
+    model, info = ev.load_model(str(tiny / "finetune.pt"))
+    ds = ev.open_dataset(model, info, str(tiny / "data" / "test.json"), str(tiny / "data" / "labels.csv"))
+    ds.frame = 2
+    logits, targets = ev.predict(model, ds, "audioonly", batch_size=4)
+    audio, image, labels = whole_batch(tiny, frame=2)
     with torch.no_grad():
-        assert torch.allclose(
-            ev.representations(model, audio, image)[2], clf.features(audio, image), atol=1e-6
-        )
-
-
-def test_embed_from_a_wav_and_an_image(tiny):
-    data = tiny / "data"
-    out = run(
-        tiny,
-        "embed",
-        "pretrain.pt",
-        "--wav",
-        data / "audio" / "test_00001.wav",
-        "--image",
-        data / "frames" / "frame_3" / "test_00001.jpg",
-        "--out",
-        tiny / "emb_one",
-    )
-    assert out["video_ids"] == ["test_00001"]
-    assert out["joint"].shape == (1, 32)
-    assert np.load(tiny / "emb_one" / "visual.npy").shape == (1, 32)
+        assert torch.allclose(logits, model(audio, image, "audioonly"), atol=1e-5)
+    assert torch.equal(targets, labels)
 
 
 # -----------------------------------------------------------------------------
-# sound-source localisation
+# the commands end to end
 
 
-def test_similarity_map_is_the_cosine_of_the_pooled_audio_with_each_visual_patch():
-    audio = torch.zeros(1, 5, 4)
-    audio[0, :, 0] = torch.tensor([1.0, 2, 3, 4, 5])  # mean-pooled: along e0
-    visual = torch.tensor(
-        [[[0.0, 1, 0, 0], [1, 1, 0, 0], [-1, 0, 0, 0], [3, 0, 0, 0], [0, 0, 2, 0], [1, 0, 1, 0]]]
+def run(tiny, command, checkpoint, *flags):
+    """eval.py COMMAND on the tiny test clips; checkpoint: a path, or a name in the tiny folder."""
+    argv = [command, "--checkpoint", str(tiny / checkpoint), "--data", str(tiny / "data" / "test.json")]
+    return ev.main(argv + [str(flag) for flag in flags])
+
+
+def test_classify_scores_the_middle_frame_and_the_softmax_mean_over_the_frames(tiny):
+    results = run(tiny, "classify", "finetune.pt", "--out", tiny / "classify")  # label csv: the checkpoint's
+    model, info = ev.load_model(str(tiny / "finetune.pt"))
+    ds = ev.open_dataset(model, info, str(tiny / "data" / "test.json"), str(tiny / "data" / "labels.csv"))
+    logits = []
+    for k in range(10):
+        ds.frame = k
+        frame_logits, targets = ev.predict(model, ds)
+        logits.append(frame_logits)
+    probs = torch.stack(logits).softmax(-1)  # the checkpoint says metric='acc'
+    assert results["activation"] == "softmax"
+    summary = ["mAP", "mAUC", "d_prime", "acc"]
+    middle_frame = ev.classification_metrics(logits[5], targets)
+    all_frames = ev.classification_metrics(probs.mean(0), targets)
+    assert results["middle_frame"] == {key: middle_frame[key] for key in summary}
+    assert results["all_frames"] == {key: all_frames[key] for key in summary}
+    written = json.load(open(tiny / "classify" / "classify.json"))
+    assert written["all_frames"]["mAP"] == results["all_frames"]["mAP"]
+
+
+def test_classify_averages_sigmoids_over_the_frames_after_an_map_run(tiny, tmp_path):
+    ckpt = torch.load(tiny / "finetune.pt", weights_only=False)
+    ckpt["config"]["metric"] = "mAP"
+    torch.save(ckpt, tmp_path / "map.pt")
+    results = run(tiny, "classify", tmp_path / "map.pt")
+    model, info = ev.load_model(str(tmp_path / "map.pt"))
+    ds = ev.open_dataset(model, info, str(tiny / "data" / "test.json"), str(tiny / "data" / "labels.csv"))
+    probs = []
+    for k in range(10):
+        ds.frame = k
+        logits, targets = ev.predict(model, ds)
+        probs.append(logits.sigmoid())
+    assert results["activation"] == "sigmoid"
+    want = ev.classification_metrics(torch.stack(probs).mean(0), targets)
+    assert results["all_frames"]["mAP"] == want["mAP"]
+
+
+def test_classify_writes_each_class_ap_and_auc_to_a_csv(tiny):
+    results = run(tiny, "classify", "finetune.pt", "--frames", "middle", "--out", tiny / "middle")
+    rows = list(csv.DictReader(open(tiny / "middle" / "classify_per_class.csv")))
+    assert [row["mid"] for row in rows] == [f"/synth/{k:02d}" for k in range(CLASSES)]
+    assert sum(int(row["positives"]) for row in rows) == CLIPS
+    assert np.mean([float(row["AP"]) for row in rows]) == pytest.approx(results["middle_frame"]["mAP"])
+    assert "all_frames" not in results
+
+
+def test_retrieval_reports_both_directions_of_the_embeddings_cosine(tiny):
+    results = run(tiny, "retrieval", "pretrain.pt", "--out", tiny / "retrieval")
+    model, info = ev.load_model(str(tiny / "pretrain.pt"))
+    audio, visual = ev.embeddings(model, ev.open_dataset(model, info, str(tiny / "data" / "test.json")))
+    assert results["audio_to_visual"] == ev.retrieval_metrics(audio.double() @ visual.double().T)
+    assert results["visual_to_audio"] == ev.retrieval_metrics(visual.double() @ audio.double().T)
+    assert json.load(open(tiny / "retrieval" / "retrieval.json")) == results
+
+
+def test_retrieval_per_class_ranks_among_k_clips_of_each_class(tiny):
+    assert run(tiny, "retrieval", "finetune.pt", "--per_class", 1)["clips"] == CLASSES
+
+
+def test_inpaint_masks_the_checkpoints_mask_ratio_by_default(tiny):
+    results = run(tiny, "inpaint", "pretrain.pt", "--out", tiny / "inpaint", "--pictures", 1)
+    assert results["mask_ratio"] == 0.5
+    assert results["masked_audio"] == 0.5  # not the paper's 0.75
+    results = run(
+        tiny, "inpaint", "pretrain.pt", "--out", tiny / "inpaint", "--mask_ratio", 0.75, "--pictures", 1
     )
-    sim = ev.similarity_map(audio, visual, (2, 3))
-    want = torch.tensor([[0.0, 2**-0.5, -1], [1, 0, 2**-0.5]])
-    assert sim.shape == (1, 2, 3)
-    assert torch.allclose(sim[0], want, atol=1e-6)
-    assert ev.peak_patch(sim[0]) == (1, 0)
+    assert results["masked_audio"] == 0.75
 
 
-def test_object_patches_marks_the_patches_whose_centre_lies_inside_an_object():
-    disk = lambda x, y: (x - 24) ** 2 + (y - 8) ** 2 <= 5**2  # noqa: E731  around the centre of patch (0, 1)
-    in_patch, area = ev.object_patches(disk, patch_size=16, image_size=32)
-    assert in_patch.tolist() == [[False, True], [False, False]]  # a map hits iff its peak is patch (0, 1)
-    assert area == pytest.approx(math.pi * 25 / 32**2, rel=0.02)
+def test_inpaint_draws_a_picture_of_each_of_the_first_clips(tiny):
+    run(tiny, "inpaint", "pretrain.pt", "--out", tiny / "inpaint2", "--pictures", 2)
+    assert sorted(os.listdir(tiny / "inpaint2")) == ["test_00000.png", "test_00001.png"]
 
 
-def test_heat_overlay_is_hottest_where_the_similarity_peaks():
-    sim = torch.zeros(4, 4)
-    sim[0, 3] = 1.0  # top right
-    heat = pictures.heat_overlay(np.zeros((64, 64, 3), np.uint8), sim).astype(int)
-    assert heat[8, 56, 0] > 50
-    assert heat[8, 56, 0] > 3 * heat[8, 56, 1:].max()  # red at the top-right patch
-    assert heat[56, 8, 2] > 50
-    assert heat[56, 8, 2] > 3 * heat[56, 8, :2].max()  # blue at the bottom-left one
+def test_embed_writes_the_embeddings_and_video_ids_in_dataset_order(tiny):
+    results = run(tiny, "embed", "finetune.pt", "--out", tiny / "embeddings.npz")
+    written = np.load(tiny / "embeddings.npz")
+    assert list(written["video_ids"]) == [f"test_{k:05d}" for k in range(CLIPS)]
+    assert np.array_equal(written["audio"], results["audio"].numpy())
+    assert written["visual"].shape == (CLIPS, TINY["embed_dim"])
 
 
-def object_tokens(self, audio, image):
-    """A stand-in encoder whose answer is known: audio tokens along e0, each visual patch token along
-    (f, 1 - f) where f is the fraction of its pixels that look like an object (saturated and bright)."""
-    p = self.config.patch_size
-    D = self.config.embed_dim
-    rgb = (
-        image * torch.tensor(ev.data.IMAGE_STD)[:, None, None]
-        + torch.tensor(ev.data.IMAGE_MEAN)[:, None, None]
-    )
-    high = rgb.max(1).values  # (B, S, S)
-    low = rgb.min(1).values
-    looks = ((high - low > 0.5 * high) & (high > 0.7)).float()
-    f = F.avg_pool2d(looks[:, None], p).flatten(1)  # (B, Lv)
-    visual = torch.zeros(*f.shape, D)
-    visual[..., 0] = f
-    visual[..., 1] = 1 - f
-    audio_tokens = torch.zeros(audio.shape[0], 3, D)
-    audio_tokens[..., 0] = 1
-    return audio_tokens, visual
-
-
-def localize_argv(tmp_path, clips):
-    """Disks and squares on 64 px frames, a checkpoint that sees them at 48 px (a 12 x 12 grid of 4 px patches),
-    and the localize command line for them."""
-    synthetic.make_synthetic(
-        str(tmp_path / "data"),
-        n_train=0,
-        n_test=clips,
-        seed=1,
-        image_size=64,
-        seconds=0.7,
-        num_classes=2,
-        workers=1,
-    )
-    cfg = CAVMAEConfig.from_preset("tiny", img_size=48, patch_size=4)
-    torch.save(
-        dict(
-            model=CAVMAE(cfg).state_dict(),
-            model_args=dataclasses.asdict(cfg),
-            task="pretrain",
-            num_classes=None,
-            config={},
-        ),
-        tmp_path / "ckpt.pt",
-    )
-    return [
-        "localize",
-        "--checkpoint",
-        str(tmp_path / "ckpt.pt"),
-        "--data",
-        str(tmp_path / "data" / "test.json"),
-        "--out",
-        str(tmp_path / "loc"),
+def test_a_command_error_prints_one_line_and_exits_with_status_1(tiny, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run(tiny, "classify", "pretrain.pt")
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tiny / 'pretrain.pt'} holds a pretrain model; this command needs a fine-tuned classifier"
     ]
 
 
-def test_localize_finds_the_objects_of_a_model_that_sees_them_and_draws_the_peak(tmp_path, monkeypatch):
-    argv = localize_argv(tmp_path, clips=6)
-    monkeypatch.setattr(ev.CAVMAE, "embed", object_tokens)
-    out = ev.main(argv)
-    assert out == json.load(open(tmp_path / "loc" / "localization.json"))
-    assert out["n"] == 6
-    assert out["pointing_game"] == 1.0
-    assert 0 < out["chance"] < 0.2
-    assert out["pointing_game_other_audio"] == 1.0  # this stand-in sees objects whatever it hears
-    assert out["pointing_game_min"] == 0.0  # and its minimum is never on one
-    clip = out["clips"][0]
-    with Image.open(clip["picture"]) as img:  # frame and heat map, 96 px each (48 enlarged x2)
-        assert img.size == (4 + 2 * (96 + 4), 2 * 14 + 96 + 4)
-        row, col = clip["peak"]
-        cross_centre = (4 + 96 + 4 + (col + 0.5) * 8, 28 + (row + 0.5) * 8)
-        assert img.getpixel(cross_centre) == (255, 255, 255)
-
-
-def test_localize_control_scores_each_frame_with_another_clips_audio(tmp_path, monkeypatch):
-    def opposite_audio(self, audio, image):  # clips 0, 2 are (+e0, +f e0), clips 1, 3 (-e0, -f e0): their own
-        a, v = object_tokens(self, audio, image)  # maps are as above, the previous clip's audio inverts them
-        sign = torch.tensor([1.0, -1, 1, -1])[:, None]
-        v[..., 0] *= sign
-        return a * sign[..., None], v
-
-    argv = localize_argv(tmp_path, clips=4)
-    monkeypatch.setattr(ev.CAVMAE, "embed", opposite_audio)
-    out = ev.main(argv + ["--batch_size", "4"])
-    assert out["pointing_game"] == 1.0
-    assert out["pointing_game_other_audio"] == 0.0
-
-
-def test_localize_without_object_positions_draws_pictures_only(tiny):
-    data = tiny / "data"
-    out = run(
-        tiny,
-        "localize",
-        "finetune.pt",
-        "--wav",
-        data / "audio" / "test_00002.wav",
-        "--image",
-        data / "frames" / "frame_5" / "test_00002.jpg",
-        "--out",
-        tiny / "loc_one",
-    )
-    assert out["pointing_game"] is None
-    assert out["n"] == 1
-    assert os.path.isfile(out["clips"][0]["picture"])
-
-
-# -----------------------------------------------------------------------------
-# data of another size than the checkpoint's
-
-
-def test_a_checkpoint_of_another_frame_size_and_clip_length_says_how_the_data_is_adapted(tmp_path, capsys):
-    # 64 px frames and 0.7 s clips (68 fbank frames); the model: 48 px, 64
-    argv = localize_argv(tmp_path, clips=1)
-    ev.main(argv)
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 2
-    assert "frames are 64x64 px and the model's img_size is 48: frames resized and centre-cropped" in notes[0]
-    assert (
-        "audio has 68 fbank frames and the model's audio_length is 64: audio cut to its first 64" in notes[1]
-    )
-
-
-@pytest.mark.parametrize(
-    "seconds, note",
-    [(0.655, None), (0.3, "audio padded with 36 frames of zeros")],  # 64 fbank frames; 28
-)
-def test_data_that_fits_the_checkpoint_gets_no_note_and_a_short_clip_a_padding_note(tmp_path, seconds, note):
-    synthetic.make_synthetic(str(tmp_path), n_train=0, n_test=1, image_size=32, seconds=seconds, workers=1)
-    ds = ev.data.AVDataset(str(tmp_path / "test.json"), str(tmp_path / "labels.csv"))
-    cfg = CAVMAEConfig.from_preset("tiny")  # 32 px, 64 frames
-    found = ev.data.adaptation_notes(ds.datafile, ds.rows, cfg.img_size, cfg.audio_length)
-    if note is None:
-        assert found == []
-    else:
-        assert len(found) == 1
-        assert note in found[0]
-
-
-# -----------------------------------------------------------------------------
-# errors on one clip name the file and say what to do
-
-
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
-def test_predict_on_a_video_without_sound_names_the_video_and_what_to_do(tiny):
-    video = tiny / "silent.mp4"
-    make_test_video(video, tone_hz=None)  # pictures only
-    with pytest.raises(
-        ValueError, match=re.escape(f"--video {video}: no audio stream; CAV-MAE needs a clip with")
-    ):
-        run(tiny, "predict", "finetune.pt", "--video", video)
-
-
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
-def test_predict_on_a_missing_video_names_the_video_and_what_to_do(tiny):
-    missing = tiny / "nowhere.mp4"
-    with pytest.raises(ValueError, match=re.escape(f"--video {missing}: file not found; check the path")):
-        run(tiny, "predict", "finetune.pt", "--video", missing)
-
-
-def test_predict_on_a_missing_image_names_the_image_and_what_to_do(tiny):
-    wav = tiny / "data" / "audio" / "test_00000.wav"
-    missing = tiny / "nowhere.jpg"
-    with pytest.raises(ValueError, match=re.escape(f"--image {missing}: file not found; check the path")):
-        run(tiny, "predict", "finetune.pt", "--wav", wav, "--image", missing)
-
-
-# -----------------------------------------------------------------------------
-# the command line
-
-
-def test_importing_eval_leaves_out_the_video_tools_and_the_pictures():
-    code = "import sys, eval; print(sorted({'prepare', 'synthetic', 'pictures'} & set(sys.modules)))"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize(
-    "argv", [[], ["classify"], ["retrieval"], ["inpaint"], ["localize"], ["embed"], ["predict"]]
-)
+@pytest.mark.parametrize("argv", [[], ["classify"], ["retrieval"], ["inpaint"], ["embed"], ["localize"]])
 def test_help_prints_the_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit:
         ev.main([*argv, "--help"])
     assert exit.value.code == 0
     assert capsys.readouterr().out.startswith("usage: ")
+
+
+# -----------------------------------------------------------------------------
+# localisation
+
+
+def test_cosine_map_is_the_cosine_of_the_pooled_audio_with_each_patch_token():
+    audio = torch.tensor([[[1.0, 0], [3, 0]]])  # mean-pooled: along e0
+    visual = torch.tensor([[[2.0, 0], [1, 1], [0, 5], [-1, 0]]])
+    want = torch.tensor([[1, 2**-0.5, 0, -1]])
+    assert torch.allclose(ev.heat_map(audio, visual, "cosine"), want)
+
+
+def test_contribution_map_is_each_patch_tokens_dot_product_with_the_unit_audio():
+    audio = torch.tensor([[[4.0, 0]]])
+    visual = torch.tensor([[[2.0, 0], [1, 1], [0, 5], [-1, 0]]])
+    assert torch.allclose(ev.heat_map(audio, visual, "contribution"), torch.tensor([[2.0, 1, 0, -1]]))
+
+
+def test_centred_map_takes_the_frames_mean_token_from_its_tokens_before_the_cosine():
+    audio = torch.tensor([[[1.0, 0]]])
+    visual = torch.tensor(
+        [[[3.0, 1], [1, 1], [2, 2], [2, 0]]]
+    )  # mean (2, 1): (1, 0), (-1, 0), (0, 1), (0, -1)
+    assert torch.allclose(ev.heat_map(audio, visual, "centred"), torch.tensor([[1.0, -1, 0, 0]]))
+
+
+def test_pointing_game_scores_a_peak_on_a_sounding_object_and_distractors_on_a_silent_one():
+    maps = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.0, 0.1, 0.9]])  # peaks: patches 0, 1, 2
+    sounding = torch.tensor([[True, False, False], [True, False, False], [False, False, False]])
+    silent = torch.tensor([[False, True, False], [False, True, False], [False, False, False]])
+    scores = ev.pointing_scores(maps, maps, sounding, silent)
+    assert scores["pointing_game"] == pytest.approx(1 / 3)  # clip 0
+    assert scores["distractor_rate"] == pytest.approx(1 / 3)  # clip 1
+    assert scores["chance"] == pytest.approx(2 / 9)  # 2 of the 9 patch centres sound
+    assert scores["unwinnable"] == 1  # clip 2
+
+
+def test_pointing_game_control_scores_the_control_maps_peaks():
+    maps = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    control = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    sounding = torch.tensor([[True, False], [True, False]])
+    scores = ev.pointing_scores(maps, control, sounding, ~sounding)
+    assert scores["pointing_game"] == 1.0
+    assert scores["pointing_game_control"] == 0.5
+    assert scores["distractor_rate_control"] == 0.5
+
+
+def test_localization_control_maps_take_the_next_clips_audio_wrapping_round(tiny):
+    model, info = ev.load_model(str(tiny / "pretrain.pt"))
+    ds = ev.open_dataset(model, info, str(tiny / "data" / "test.json"))
+    maps, control = ev.localization_maps(model, ds, "cosine", batch_size=4)  # across two batches
+    with torch.no_grad():
+        audio, visual = model.encoder.embed(*whole_batch(tiny)[:2])
+    assert torch.allclose(maps, ev.heat_map(audio, visual), atol=1e-5)
+    assert torch.allclose(control, ev.heat_map(audio.roll(-1, 0), visual), atol=1e-5)
+
+
+def localize_set(tiny, tmp_path, frame_objects, frame_size=32):
+    """The tiny test clips in a datafile beside an objects.json that puts `frame_objects` on every frame."""
+    rows = json.load(open(tiny / "data" / "test.json"))["data"]
+    for row in rows:  # absolute paths: the clips stay where they are
+        row.update(wav=str(tiny / "data" / row["wav"]), video_path=str(tiny / "data" / row["video_path"]))
+    json.dump({"data": rows}, open(tmp_path / "test.json", "w"))
+    clips = {row["video_id"]: [frame_objects] * 10 for row in rows}
+    json.dump(dict(frame_size=frame_size, clips=clips), open(tmp_path / "objects.json", "w"))
+    return str(tmp_path / "test.json")
+
+
+def localize(tiny, datafile, out, *flags):
+    argv = ["localize", "--checkpoint", str(tiny / "pretrain.pt"), "--data", datafile, "--out", str(out)]
+    return ev.main(argv + [str(flag) for flag in flags])
+
+
+def test_localize_writes_its_scores_and_pictures_of_the_first_clips(tiny, tmp_path):
+    results = localize(tiny, str(tiny / "data" / "test.json"), tmp_path, "--pictures", 2, "--map", "centred")
+    assert json.load(open(tmp_path / "localize.json")) == results
+    scores = ["pointing_game", "distractor_rate", "chance", "unwinnable"]
+    scores += ["pointing_game_control", "distractor_rate_control"]
+    assert set(results) == set(scores) | {"clips", "map"}
+    assert results["map"] == "centred"
+    assert sorted(os.listdir(tmp_path)) == ["localize.json", "test_00000.png", "test_00001.png"]
+
+
+def test_localize_scales_the_patch_centres_to_the_frame_size_of_objects_json(tiny, tmp_path):
+    # on 64 px frames, a disk around (48, 16): the centre of the top right of the model's 2 x 2 patches
+    datafile = localize_set(tiny, tmp_path, [{"class": 0, "x": 48, "y": 16, "radius": 3}], frame_size=64)
+    results = localize(tiny, datafile, tmp_path / "out", "--pictures", 0)
+    assert results["chance"] == 0.25
+    assert results["unwinnable"] == 0
+
+
+def test_localize_scores_an_object_marked_silent_as_a_distractor(tiny, tmp_path):
+    silent_disk = {"class": 0, "x": 16, "y": 16, "radius": 100, "sounding": False}  # covers the frame
+    results = localize(tiny, localize_set(tiny, tmp_path, [silent_disk]), tmp_path / "out", "--pictures", 0)
+    assert results["pointing_game"] == 0.0
+    assert results["distractor_rate"] == 1.0
+    assert results["distractor_rate_control"] == 1.0
+    assert results["unwinnable"] == CLIPS
+
+
+def test_localize_without_objects_json_names_the_file_it_needs(tiny, tmp_path, capsys):
+    datafile = localize_set(tiny, tmp_path, [])
+    os.remove(tmp_path / "objects.json")
+    with pytest.raises(SystemExit):
+        localize(tiny, datafile, tmp_path / "out")
+    assert str(tmp_path / "objects.json") in capsys.readouterr().err
