@@ -17,6 +17,7 @@ Without raw=True, ds[i] is that on a batch of one: (fbank [T, 128], image [3, S,
 
 import csv
 import functools
+import itertools
 import json
 import math
 import os
@@ -456,6 +457,25 @@ def batches(ds, batch_size, device, num_workers=0, indices=None):
     )
     for batch in loader:
         yield ds.preprocess(batch, device)
+
+
+def clip_order(num_clips, batch_size, per_epoch, rank, world, seed, weights, start):
+    """The run's micro-batches from micro-batch `start` on, each a list of (clip index, item seed).
+    Epoch e's order comes from a generator seeded with (seed, e) (balanced sampling: drawn with the
+    official per-clip weights) and each process takes every world-th batch of it: a resumed run
+    sees what a run that never stopped would, whatever the loader workers."""
+    for epoch in itertools.count(start // per_epoch):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        if weights is None:
+            order = torch.randperm(num_clips, generator=g)
+        else:
+            order = torch.multinomial(weights, num_clips, replacement=True, generator=g)
+        item_seeds = torch.randint(2**62, (num_clips,), generator=g)
+        for b in range(per_epoch):
+            first = (b * world + rank) * batch_size
+            batch = slice(first, first + batch_size)
+            if epoch * per_epoch + b >= start:
+                yield list(zip(order[batch].tolist(), item_seeds[batch].tolist()))
 
 
 def class_balance_weights(ds):

@@ -197,6 +197,38 @@ def predict(model, dataset, mode="multimodal", batch_size=32, device="cpu", num_
     return torch.cat(logits), torch.cat(targets)
 
 
+def retrieval(model, dataset, batch_size=32, device="cpu", num_workers=0, indices=None):
+    """Audio->visual (a2v) and visual->audio (v2a) R@1, R@5, R@10 and median rank by the cosine
+    of the pooled representations: {a2v_R1: ..., v2a_MR: ...}."""
+    audio, visual = embeddings(model, dataset, batch_size, device, num_workers, indices)
+    similarity = audio.double() @ visual.double().T  # (N, N) cosine, rows are the audio queries
+    a2v = retrieval_metrics(similarity)
+    v2a = retrieval_metrics(similarity.T)
+    return {
+        f"{name}_{k}": m[k] for name, m in (("a2v", a2v), ("v2a", v2a)) for k in ("R1", "R5", "R10", "MR")
+    }
+
+
+def classification(model, ds, mode, all_frames, metric, batch_size=32, device="cpu", num_workers=0):
+    """mAP, mAUC, d' and accuracy of a classifier on the middle frame and, with all_frames, of the
+    official score: the frames' mean softmax (metric 'acc') or mean sigmoid ('mAP'), as *_frames.
+    -> (those numbers, the per-class metrics of the last score, the targets)."""
+    middle = ds.num_frames // 2
+    logits = {}
+    for k in range(ds.num_frames) if all_frames else [middle]:
+        ds.frame = k
+        logits[k], targets = predict(model, ds, mode, batch_size, device, num_workers)
+    ds.frame = None  # the middle frame again
+    m = classification_metrics(logits[middle], targets)
+    results = {key: m[key] for key in ("mAP", "mAUC", "d_prime", "acc")}
+    if all_frames:
+        per_frame = torch.stack(list(logits.values()))  # (frames, N, C)
+        probs = per_frame.softmax(-1) if metric == "acc" else per_frame.sigmoid()
+        m = classification_metrics(probs.mean(dim=0), targets)
+        results.update({f"{key}_frames": m[key] for key in ("mAP", "mAUC", "d_prime", "acc")})
+    return results, m, targets
+
+
 def report(results, folder, name):
     """Print the results, and write them to folder/name where a folder is given."""
     print(json.dumps(results))
@@ -217,26 +249,15 @@ def cmd_classify(args):
     if ds.num_classes != info["num_classes"]:
         raise ValueError(f"{label_csv} lists {ds.num_classes} classes, the model {info['num_classes']}")
     mode = args.ftmode or settings.get("ftmode", "multimodal")
-    middle = ds.num_frames // 2  # the dataset's frame
-    logits = {}
-    for k in range(ds.num_frames) if args.frames == "all" else [middle]:
-        ds.frame = k
-        logits[k], targets = predict(model, ds, mode, args.batch_size, args.device, args.num_workers)
-    metrics = dict(middle_frame=classification_metrics(logits[middle], targets))
-    results = dict(mode=mode, clips=len(ds))
-    if args.frames == "all":  # the official score: the frames' mean softmax where training's main
-        # metric is accuracy, else their mean sigmoid; without that setting, softmax iff single-label
-        single_label = bool((targets.sum(dim=1) == 1).all())
-        metric = settings.get("metric", "acc" if single_label else "mAP")
-        results["activation"] = "softmax" if metric == "acc" else "sigmoid"
-        per_frame = torch.stack(list(logits.values()))  # (frames, N, C)
-        probs = per_frame.softmax(-1) if metric == "acc" else per_frame.sigmoid()
-        metrics["all_frames"] = classification_metrics(probs.mean(dim=0), targets)
-    for name, m in metrics.items():
-        results[name] = {key: m[key] for key in ("mAP", "mAUC", "d_prime", "acc")}
+    # the frames' mean softmax where training's main metric is accuracy, else their mean sigmoid;
+    # without that setting, softmax iff every clip has one label
+    single_label = all(len(ds.row(i)["classes"]) == 1 for i in range(len(ds)))
+    metric = settings.get("metric", "acc" if single_label else "mAP")
+    loader = dict(batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)
+    results, m, targets = classification(model, ds, mode, args.frames == "all", metric, **loader)
+    results.update(mode=mode, clips=len(ds), activation="softmax" if metric == "acc" else "sigmoid")
     report(results, args.out, "classify.json")
     if args.out:  # each class's AP and AUC, over all frames where they were averaged
-        m = metrics.get("all_frames", metrics["middle_frame"])
         positives = targets.sum(dim=0).int().tolist()
         rows = zip(range(ds.num_classes), ds.mids, ds.names, positives, m["AP"], m["AUC"])
         with open(os.path.join(args.out, "classify_per_class.csv"), "w", newline="") as f:
@@ -249,11 +270,9 @@ def cmd_retrieval(args):
     model, info = load_model(args.checkpoint, args.device, None, args.audio_length)
     ds = open_dataset(model, info, args.data, args.label_csv)
     indices = per_class_subset(ds, args.per_class, args.seed) if args.per_class else None
-    audio, visual = embeddings(model, ds, args.batch_size, args.device, args.num_workers, indices)
-    similarity = audio.double() @ visual.double().T  # (N, N) cosine, rows are the audio queries
-    results = dict(clips=len(similarity), per_class=args.per_class, seed=args.seed)
-    results["audio_to_visual"] = retrieval_metrics(similarity)
-    results["visual_to_audio"] = retrieval_metrics(similarity.T)
+    loader = dict(batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)
+    results = retrieval(model, ds, **loader, indices=indices)
+    results.update(clips=len(indices or ds), per_class=args.per_class, seed=args.seed)
     report(results, args.out, "retrieval.json")
     return results
 

@@ -20,7 +20,6 @@ same clips, augmentation and masks as a run that never stopped, with any number 
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -126,7 +125,6 @@ CHOICES = dict(
     dtype=("auto", "float32", "bfloat16", "float16"),
 )
 PRETRAIN_STATS = ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "contrastive_accuracy")
-CLASSIFICATION_STATS = ("mAP", "mAUC", "d_prime", "acc")
 received_signal = 0  # set by Ctrl-C or SIGTERM: the loop saves after its step and stops
 
 
@@ -215,13 +213,10 @@ def train(cfg):
                 means = torch.stack([torch.stack(list(s.values())) for s in window]).mean(0)
                 if world > 1:
                     dist.all_reduce(means)
-                record = dict(
-                    split="train", iter=iter_num, lr=lr_now, **dict(zip(window[0], (means / world).tolist()))
-                )
+                stats = dict(zip(window[0], (means / world).tolist()))
+                record = dict(split="train", iter=iter_num, lr=lr_now, **stats)
                 if not math.isfinite(record["loss"]):  # diverged: the last checkpoint stays good
-                    print(
-                        f"error: non-finite loss at iter {iter_num}; stopped without saving", file=sys.stderr
-                    )
+                    print(f"error: non-finite loss at iter {iter_num}, not saved", file=sys.stderr)
                     return 1
                 clips = len(window) * cfg["batch_size"] * cfg["grad_accum"] * world
                 record["samples_per_s"] = clips / (time.time() - t0)
@@ -232,16 +227,15 @@ def train(cfg):
             epoch_end = iter_num % steps_per_epoch == 0
             epoch = iter_num // steps_per_epoch  # epochs done
             if cfg["wa"] and epoch_end and (cfg["wa_start"] <= epoch <= cfg["wa_end"]):
-                weights = {
-                    k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()
-                }
+                state = model.state_dict()
+                weights = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
                 wa_sum = weights if wa_sum is None else {k: wa_sum[k] + weights[k] for k in weights}
             evaluate_now = epoch_end
             if cfg["eval_interval"] > 0:
                 evaluate_now = iter_num % cfg["eval_interval"] == 0
             last = iter_num == total_iters  # the final evaluation follows, but best.pt needs the last
             if master and (evaluate_now or last) and (select_best or not last):
-                metrics = evaluate(model, val_ds, cfg, device, autocast)
+                metrics = evaluate(model, val_ds, cfg, device)
                 log(log_path, dict(split="val", iter=iter_num, **metrics))
                 if (best_metric is None) or (main_metric(cfg, metrics) > best_metric):
                     best_metric = main_metric(cfg, metrics)
@@ -253,9 +247,8 @@ def train(cfg):
                     save(rngs)
                 t0 = time.time()
             if received_signal:
-                print(
-                    f"stopped by {signal.Signals(received_signal).name}: saved iter {iter_num} in {ckpt_path}"
-                )
+                name = signal.Signals(received_signal).name
+                print(f"stopped by {name}: saved iter {iter_num} in {ckpt_path}", file=sys.stderr)
                 return 128 + received_signal
 
         # the final model: the average of epochs wa_start..wa_end, or the best validation weights
@@ -265,7 +258,7 @@ def train(cfg):
                 model.load_state_dict({k: v / count for k, v in wa_sum.items()})
             elif select_best:
                 model.load_state_dict(read_checkpoint(best_path)["model"])
-            metrics = evaluate(model, val_ds, cfg, device, autocast, final=True)
+            metrics = evaluate(model, val_ds, cfg, device, final=True)
             log(log_path, dict(split="final", iter=iter_num, **metrics))
             final_path = os.path.join(cfg["out_dir"], "final.pt")
             save_checkpoint(final_path, model, cfg, iter_num=iter_num, metrics=metrics)
@@ -276,8 +269,8 @@ def train(cfg):
         if master and (world == 1) and finite and (iter_num < total_iters):  # (else already saved)
             save([rng])  # the state after the last completed step
             print(f"saved iter {iter_num} in {ckpt_path}", file=sys.stderr)
-        print(f"error after iter {iter_num}: {one_line(error)}", file=sys.stderr)
-        print(f"after a fix, continue from {ckpt_path} with --init_from=resume", file=sys.stderr)
+        fix = "fix it, then continue with --init_from=resume"
+        print(f"error after iter {iter_num}: {one_line(error)} ({fix})", file=sys.stderr)
         return 128 + received_signal if received_signal else 1
     finally:
         for signum, handler in handlers.items():
@@ -387,7 +380,7 @@ def build_data(cfg, mcfg, rank, world, iter_num):
     per_epoch = steps_per_epoch * cfg["grad_accum"]  # micro-batches
     start = iter_num * cfg["grad_accum"]
     batch_size = cfg["batch_size"]
-    order = clip_order(len(train_ds), batch_size, per_epoch, rank, world, cfg["seed"], weights, start)
+    order = data.clip_order(len(train_ds), batch_size, per_epoch, rank, world, cfg["seed"], weights, start)
     loader = torch.utils.data.DataLoader(
         train_ds,
         batch_sampler=order,
@@ -398,25 +391,6 @@ def build_data(cfg, mcfg, rank, world, iter_num):
         generator=torch.Generator(),  # its own: starting the workers leaves the run's RNG alone
     )
     return train_ds, val_ds, iter(loader), steps_per_epoch
-
-
-def clip_order(num_clips, batch_size, per_epoch, rank, world, seed, weights, start):
-    """The run's micro-batches from micro-batch `start` on, each a list of (clip index, item seed).
-    Epoch e's order comes from a generator seeded with (seed, e) (balanced sampling: drawn with the
-    official per-clip weights) and each process takes every world-th batch of it: a resumed run
-    sees what a run that never stopped would, whatever the loader workers."""
-    for epoch in itertools.count(start // per_epoch):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        if weights is None:
-            order = torch.randperm(num_clips, generator=g)
-        else:
-            order = torch.multinomial(weights, num_clips, replacement=True, generator=g)
-        item_seeds = torch.randint(2**62, (num_clips,), generator=g)
-        for b in range(per_epoch):
-            first = (b * world + rank) * batch_size
-            batch = slice(first, first + batch_size)
-            if epoch * per_epoch + b >= start:
-                yield list(zip(order[batch].tolist(), item_seeds[batch].tolist()))
 
 
 def worker_signals(worker_id):
@@ -447,13 +421,8 @@ def build_optimizer(cfg, model, device):
     base = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
     groups = [dict(params=base, lr_scale=1.0), dict(params=head, lr_scale=cfg["head_lr"])]
     optimizer_class = torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW
-    return optimizer_class(
-        [g for g in groups if g["params"]],
-        lr=cfg["lr"],
-        betas=cfg["betas"],
-        weight_decay=cfg["weight_decay"],
-        fused=device.type == "cuda",
-    )
+    options = dict(lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"])
+    return optimizer_class([g for g in groups if g["params"]], fused=device.type == "cuda", **options)
 
 
 def restore_training_state(resume, optimizer, scaler, seed, rank, device):
@@ -516,17 +485,10 @@ def compute_loss(model, audio, image, label, cfg):
     if cfg["task"] == "finetune":
         loss = classification_loss(model(audio, image, mode=cfg["ftmode"]), label, cfg["loss"])
         return loss, {"loss": loss.detach()}
-    out = model(
-        audio,
-        image,
-        mask_ratio_a=cfg["mask_ratio"],
-        mask_ratio_v=cfg["mask_ratio"],
-        mae_weight=cfg["mae_weight"],
-        contrastive_weight=cfg["contrastive_weight"],
-        mil_weight=cfg["mil_weight"],
-        mask_mode=cfg["mask_mode"],
-        bidirectional=cfg["bidirectional"],
-    )
+    objective = {
+        k: cfg[k] for k in ("mae_weight", "contrastive_weight", "mil_weight", "mask_mode", "bidirectional")
+    }
+    out = model(audio, image, mask_ratio_a=cfg["mask_ratio"], mask_ratio_v=cfg["mask_ratio"], **objective)
     return out["loss"], {k: out[k].detach() for k in PRETRAIN_STATS}
 
 
@@ -536,51 +498,20 @@ def classification_loss(logits, label, kind):
     return F.cross_entropy(logits.float(), label)  # soft targets (mixup, smoothing), as the official
 
 
-@torch.no_grad()
-def evaluate(model, val_ds, cfg, device, autocast, final=False):
-    """Validation metrics. Pretraining: the losses (masks from a fixed seed) and audio<->visual
-    retrieval (Sec. 4.2). Fine-tuning: the loss and classification metrics of the middle frame,
-    and at the end also the official average over all frames. The run's random state is kept."""
+def evaluate(model, val_ds, cfg, device, final=False):
+    """Validation metrics of the plain model (eval.py's): pretraining, audio<->visual retrieval
+    (Sec. 4.2); fine-tuning, the classification metrics of the middle frame, and at the end also
+    the official score over all frames. The run's random state is left as it was."""
     model.eval()
-    python_state = random.getstate()
-    workers = dict(batch_size=cfg["batch_size"], device=device, num_workers=cfg["num_workers"])
-    with (
-        torch.random.fork_rng([device] if device.type == "cuda" else []),
-        torch.compiler.set_stance("force_eager"),
-    ):
-        torch.manual_seed(cfg["seed"])
-        metrics = {}
-        if cfg["task"] == "pretrain":
-            for audio, image, label in data.batches(val_ds, **workers):
-                with autocast:
-                    stats = compute_loss(model, audio, image, label, cfg)[1]
-                for k, v in stats.items():
-                    metrics[k] = metrics.get(k, 0.0) + v.item() * len(audio) / len(val_ds)
-            audio_emb, visual_emb = evaluation.embeddings(model, val_ds, **workers)  # (N, D) each
-            for direction, similarity in (
-                ("a2v", audio_emb @ visual_emb.T),
-                ("v2a", visual_emb @ audio_emb.T),
-            ):
-                for k, v in evaluation.retrieval_metrics(similarity).items():
-                    metrics[f"{direction}_{k}"] = v
-        else:
-            logits, targets = evaluation.predict(model, val_ds, cfg["ftmode"], **workers)
-            metrics["loss"] = classification_loss(logits, targets, cfg["loss"]).item()
-            middle = evaluation.classification_metrics(logits, targets)
-            metrics.update({k: middle[k] for k in CLASSIFICATION_STATS})
-        if final and (cfg["task"] == "finetune"):  # the official: averaged over the frames
-            probabilities = 0.0
-            for frame in range(cfg["num_frames"]):
-                val_ds.frame = frame
-                logits = evaluation.predict(model, val_ds, cfg["ftmode"], **workers)[0]
-                if cfg["metric"] == "mAP":
-                    probabilities += logits.sigmoid() / cfg["num_frames"]
-                else:
-                    probabilities += logits.softmax(-1) / cfg["num_frames"]
-            val_ds.frame = None  # the middle frame again
-            all_frames = evaluation.classification_metrics(probabilities, targets)
-            metrics.update({f"{k}_frames": all_frames[k] for k in CLASSIFICATION_STATS})
-    random.setstate(python_state)
+    loader = dict(batch_size=cfg["batch_size"], device=device, num_workers=cfg["num_workers"])
+    with torch.random.fork_rng([device] if device.type == "cuda" else []):
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks: no graphs for evaluation
+            if cfg["task"] == "pretrain":
+                metrics = evaluation.retrieval(model, val_ds, **loader)
+            else:
+                metrics = evaluation.classification(
+                    model, val_ds, cfg["ftmode"], final, cfg["metric"], **loader
+                )[0]
     model.train()
     return metrics
 

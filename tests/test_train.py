@@ -70,7 +70,7 @@ def test_pretraining_lowers_the_loss_and_writes_its_checkpoints_log_and_picture(
     assert train.main(flags(synth, tmp_path, "--max_iters=24", "--noise=False")) == 0
     losses = [r["loss"] for r in records(tmp_path, "train")]
     assert len(losses) == 24 and sum(losses[-6:]) < sum(losses[:6])
-    assert {"a2v_R1", "v2a_R1", "a2v_MR", "loss_c"} <= records(tmp_path, "final")[0].keys()
+    assert {"a2v_R1", "v2a_R1", "a2v_MR", "v2a_R10"} <= records(tmp_path, "final")[0].keys()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["iter_num"] == 24 and ckpt["task"] == "pretrain" and ckpt["num_classes"] is None
     assert ckpt["model_args"]["embed_dim"] == 32 and ckpt["config"]["max_iters"] == 24
