@@ -21,41 +21,41 @@ import prepare
 from model import CAVMAE, MASK_RATIO, CAVMAEConfig, apply_compile
 
 PRETRAIN_CONFIG = CAVMAEConfig(norm_pix_loss=True)  # the paper's base model, as its checkpoints
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 (datasheets); else H100's
+ADAM = dict(lr=5e-5, betas=(0.95, 0.999), weight_decay=5e-7)  # train.py's pretraining optimizer
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, datasheets; else H100's
 
 
 def flops_per_sample(config, mask_ratio_a=MASK_RATIO, mask_ratio_v=MASK_RATIO):
     """Analytic forward FLOPs of one pretraining sample (base model: 78.07 G, docs/costs.md)."""
-    c = config
-    D = c.embed_dim
-    Dd = c.decoder_embed_dim
-    P = c.patch_size**2
-    La = math.prod(c.audio_grid)
-    Lv = math.prod(c.visual_grid)
+    D = config.embed_dim
+    Dd = config.decoder_embed_dim
+    P = config.patch_size**2
+    La = math.prod(config.audio_grid)
+    Lv = math.prod(config.visual_grid)
     ka = int(La * (1 - mask_ratio_a))  # the kept tokens, as model.random_masking
     kv = int(Lv * (1 - mask_ratio_v))
 
     def block(L, width):  # the linear layers, then q k^T and the weighted sum of v
-        return 2 * L * width * width * (4 + 2 * c.mlp_ratio) + 4 * L * L * width
+        return 2 * L * width * width * (4 + 2 * config.mlp_ratio) + 4 * L * L * width
 
-    flops = 2 * (La * P + Lv * P * c.in_chans) * D  # patch embeddings
-    flops += c.modality_specific_depth * (block(ka, D) + block(kv, D))
+    flops = 2 * (La * P + Lv * P * config.in_chans) * D  # patch embeddings
+    flops += config.modality_specific_depth * (block(ka, D) + block(kv, D))
     # three streams; by the official quirk the audio and visual ones pass the last joint block only
-    single_depth = min(c.joint_depth, 1) if c.official_contrastive_streams else c.joint_depth
-    flops += c.joint_depth * block(ka + kv, D) + single_depth * (block(ka, D) + block(kv, D))
-    flops += 2 * (ka + kv) * D * Dd + c.decoder_depth * block(La + Lv, Dd)
-    flops += 2 * Dd * (La * P + Lv * P * c.in_chans)  # prediction heads
+    single_depth = min(config.joint_depth, 1) if config.official_contrastive_streams else config.joint_depth
+    flops += config.joint_depth * block(ka + kv, D) + single_depth * (block(ka, D) + block(kv, D))
+    flops += 2 * (ka + kv) * D * Dd + config.decoder_depth * block(La + Lv, Dd)
+    flops += 2 * Dd * (La * P + Lv * P * config.in_chans)  # prediction heads
     return flops
 
 
 def time_step(config, batch, device, args):
-    """Time the training step (train.py's Adam) at one batch size; print and return its numbers."""
+    """Time the training step at one batch size; print and return its numbers."""
     torch.manual_seed(0)
     model = CAVMAE(config).to(device)
     if args.compile:
         torch._dynamo.reset()  # each batch size compiles afresh: its own compile time
         apply_compile(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, weight_decay=5e-7, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), **ADAM, fused=device.type == "cuda")
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
