@@ -23,7 +23,8 @@ TIMEOUT = 120  # seconds for a program that only prints its usage or an error
 
 
 def run_program(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    command = [sys.executable, *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 # -----------------------------------------------------------------------------
@@ -176,7 +177,8 @@ def test_a_flag_without_a_value_says_the_form_flags_take():
 
 def test_config_file_with_a_syntax_error_names_the_file_and_line(tmp_path):
     config = write(tmp_path, "bad.py", "batch_size = 8\nlr = = 1e-3\n")
-    with pytest.raises(configurator.ConfigError, match=f"config file {config}, line 2: SyntaxError"):
+    message = f"config file {config}, line 2: SyntaxError"
+    with pytest.raises(configurator.ConfigError, match=message):
         train.configure([config])
 
 
@@ -220,7 +222,8 @@ def test_train_main_reports_a_bad_config_file_in_one_line(tmp_path, capsys, text
 def test_train_main_reports_a_bad_flag_in_one_line(capsys):
     assert train.main(["--lr=fast"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "--lr=fast: not a float" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "--lr=fast: not a float" in lines[0]
 
 
 # -----------------------------------------------------------------------------
@@ -244,4 +247,4 @@ def test_train_settings_are_the_lowercase_defaults_train_py_assigns():
     assert list(train.SETTINGS) == assigned_settings()
     assert all(type(v) in (bool, int, float, str, tuple) for v in train.SETTINGS.values())
     assert train.SETTINGS["contrastive_weight"] == 0.01
-    assert train.SETTINGS["dataset_mean"] == train.data.AUDIOSET_MEAN  # a default taken from a constant
+    assert train.SETTINGS["dataset_mean"] == train.data.AUDIOSET_MEAN  # a default from a constant
