@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import data
 import model
@@ -19,7 +20,7 @@ BLACK = tuple(-m / s for m, s in zip(data.IMAGE_MEAN, data.IMAGE_STD))  # a norm
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return model.CAVMAE(model.CAVMAEConfig.from_preset("tiny"))  # 64 frames x 128 bins, 32 px frames, p = 16
+    return model.CAVMAE(model.CAVMAEConfig(**TINY))  # 64 frames x 128 bins, 32 px frames, p = 16
 
 
 def inpaint(tiny, audio, mask_a, mask_v, pred_a=None):
@@ -121,7 +122,8 @@ def test_outlines_are_drawn_in_their_colours_around_their_masks_on_both_panels()
     square[8:24, 4:12] = True
     disk = np.hypot(*np.mgrid[:32, :32] - 24) < 5
     outlines = [(square, (255, 0, 255)), (disk, (0, 255, 0))]
-    picture = np.asarray(pictures.localization_picture(black_frame(), torch.rand(2, 2), "clip", outlines))
+    similarity = torch.tensor([[0.0, 0.2], [0.4, 1.0]])  # the peak's cross bottom right, off the square
+    picture = np.asarray(pictures.localization_picture(black_frame(), similarity, "clip", outlines))
     P = 128
     y = 3 * TEXT
     for x in (PAD, 2 * PAD + P):  # the frame, the heat map
@@ -187,6 +189,11 @@ def test_pretraining_picture_has_four_panels_with_their_curves(tmp_path):
         assert pictures.SERIES_COLOURS[0] in panel_colours(picture, k)
     assert pictures.SERIES_COLOURS[1] in panel_colours(picture, 0)  # visual beside audio
     assert pictures.SERIES_COLOURS[1] not in panel_colours(picture, 1)  # the contrastive loss alone
+
+
+def test_pretraining_picture_without_a_final_record_still_draws_its_four_panels(tmp_path):
+    records = [r for r in pretraining_records() if r["split"] != "final"]  # a run stopped early
+    assert number_of_panels(picture_of(tmp_path, records)) == 4
 
 
 def test_finetuning_picture_has_loss_accuracy_and_map_panels(tmp_path):

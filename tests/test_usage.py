@@ -1,26 +1,30 @@
-"""A newcomer's first hour: every program answers --help, a broken config file is named in one
-line, and train_picture draws what a person reads to judge a run."""
+"""A newcomer's first hour: every program answers --help and -h with its usage, train.py lists its
+settings with their defaults, and a bad setting or a broken config file is refused in one line that
+names it."""
 
-import json
+import ast
+import contextlib
+import dataclasses
+import io
 import os
 import subprocess
 import sys
 
 import pytest
 
-import bench
 import configurator
 import eval as ev
-import pictures
 import prepare
 import train
+from model import CAVMAEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 120  # seconds for a program that only prints its usage
+TIMEOUT = 120  # seconds for a program that only prints its usage or an error
 
 
 def run_program(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    command = [sys.executable, *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 # -----------------------------------------------------------------------------
@@ -35,96 +39,68 @@ def test_train_help_exits_cleanly_with_the_usage(flag):
 
 
 @pytest.fixture(scope="module")
-def train_help():
-    """What `python train.py --help` prints."""
-    return run_program("train.py", "--help").stdout
+def train_help_lines():
+    """The lines train.py's --help prints."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        train.main(["--help"])
+    return printed.getvalue().splitlines()
 
 
-def test_train_help_lists_settings_with_their_defaults_and_comments(train_help):
-    lines = train_help.splitlines()
-    comments = {name: comment for _, name, comment in configurator.setting_comments(train.__file__)}
-    assert comments["contrastive_weight"]  # train.py says what lambda_c is beside its default
-    shown = [line for line in lines if line.startswith("  --contrastive_weight=")]
-    assert shown == [
-        f"  --contrastive_weight={train.DEFAULTS['contrastive_weight']}".ljust(configurator.DEFAULT_COLUMN)
-        + "  "
-        + comments["contrastive_weight"]
-    ]
-    assert f"  --batch_size={train.DEFAULTS['batch_size']}" in lines
-    assert "  --betas=(0.95,0.999)" in lines  # a tuple as one types it after --betas=
-    sections = [line for line in lines if line.startswith("pretraining objective")]
-    assert sections  # train.py's section comments head the groups
+def test_train_help_lists_every_setting_with_its_default(train_help_lines):
+    for key, default in train.SETTINGS.items():
+        assert f"  --{key}={default}" in train_help_lines
+    assert "  --batch_size=48" in train_help_lines
 
 
-def test_train_help_lists_the_model_fields(train_help):
-    assert "--model_<field>=value" in train_help
-    assert "  --model_embed_dim=768" in train_help.splitlines()
+def test_train_help_lists_every_model_field_with_its_default(train_help_lines):
+    for field in dataclasses.fields(CAVMAEConfig):
+        assert f"  --model_{field.name}={field.default}" in train_help_lines
+    assert "  --model_embed_dim=768" in train_help_lines
 
 
-def test_train_help_after_a_config_file_still_prints_the_usage():
-    run = run_program("train.py", "config/pretrain_synthetic.py", "--help")
-    assert run.returncode == 0
-    assert run.stdout.startswith("usage:")
-
-
-@pytest.mark.parametrize(
-    "main, argv",
-    [
-        (ev.main, []),
-        (ev.main, ["classify"]),
-        (ev.main, ["retrieval"]),
-        (ev.main, ["inpaint"]),
-        (ev.main, ["localize"]),
-        (ev.main, ["embed"]),
-        (ev.main, ["predict"]),
-        (prepare.main, []),
-        (prepare.main, ["videos"]),
-        (prepare.main, ["synthetic"]),
-        (bench.main, []),
-    ],
-)
-def test_every_other_command_prints_its_usage(main, argv, capsys):
+def test_train_help_after_a_config_file_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as stop:
-        main([*argv, "--help"])
+        train.main([os.path.join(ROOT, "config", "pretrain_synthetic.py"), "--help"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.startswith("usage:")
 
 
-def test_setting_comments_reads_sections_tuples_and_trailing_comments(tmp_path):
-    source = tmp_path / "program.py"
-    source.write_text(
-        "# I/O\n"
-        "out_dir = 'out'  # where the run writes\n"
-        "log_interval = 10\n"
-        "\n"
-        "# augmentation\n"
-        "freqm, timem = 0, 0  # mask widths\n"
-        "noise = (\n"
-        "    True\n"
-        ")  # the official noise\n"
-    )
-    assert configurator.setting_comments(str(source)) == [
-        ("I/O", "out_dir", "where the run writes"),
-        ("I/O", "log_interval", ""),
-        ("augmentation", "freqm", "mask widths"),
-        ("augmentation", "timem", "mask widths"),
-        ("augmentation", "noise", "the official noise"),
-    ]
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "eval",
+        "eval classify",
+        "eval retrieval",
+        "eval inpaint",
+        "eval embed",
+        "eval localize",
+        "prepare",
+        "prepare videos",
+        "prepare synthetic",
+    ],
+)
+def test_eval_and_prepare_and_their_commands_print_their_usage(command, flag, capsys):
+    program, *argv = command.split()
+    main = ev.main if program == "eval" else prepare.main
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, flag])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
 
 
-def test_usage_shows_each_default_as_it_is_typed(tmp_path):
-    source = tmp_path / "program.py"
-    source.write_text('"""Do a thing."""\nname = "x"  # a name\nrate = 2.0\npeak = 989e12\n')
-    defaults = dict(name="x", rate=2.0, peak=989e12)
-    lines = configurator.usage(str(source), defaults).splitlines()
-    assert "Do a thing." in lines
-    assert any(line.startswith("  --name=x ") and line.endswith("a name") for line in lines)
-    assert "  --rate=2.0" in lines  # still reads as a float
-    assert "  --peak=9.89e+14" in lines
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_bench_prints_its_usage(flag):
+    run = run_program("bench.py", flag)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage:")
 
 
 # -----------------------------------------------------------------------------
-# config file errors
+# configurator: defaults <- config files <- flags
+
+DEFAULTS = dict(batch_size=48, lr=5e-5, compile=False, out_dir="out", betas=(0.95, 0.999))
 
 
 def write(tmp_path, name, text):
@@ -133,222 +109,142 @@ def write(tmp_path, name, text):
     return str(path)
 
 
-def test_config_file_with_a_syntax_error_names_the_file_and_line(tmp_path):
-    config = write(tmp_path, "bad.py", "batch_size = 8\nlr = = 1e-3\n")
-    with pytest.raises(train.ConfigError, match=f"config file {config}, line 2: invalid syntax"):
-        train.configure([config])
+def test_a_config_file_then_flags_override_the_defaults(tmp_path):
+    config = write(tmp_path, "run.py", "batch_size = 8\nlr = 1e-3\nbetas = [0.9, 0.95]\n")
+    cfg = configurator.configure([config, "--lr=0.1", "--out_dir=elsewhere"], DEFAULTS)
+    assert cfg == dict(batch_size=8, lr=0.1, compile=False, out_dir="elsewhere", betas=(0.9, 0.95))
 
 
-def test_config_file_syntax_error_is_one_line_without_a_traceback(tmp_path):
-    config = write(tmp_path, "bad.py", "batch_size = 8\nlr = = 1e-3\n")
-    run = run_program("train.py", config)
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines() == [
-        f"error: config file {config}, line 2: invalid syntax: lr = = 1e-3"
-    ]
-
-
-def test_config_file_that_fails_to_run_names_the_file_line_and_error(tmp_path):
-    config = write(tmp_path, "bad.py", "batch_size = 8\nlr = base_lr * 2\n")
-    with pytest.raises(
-        train.ConfigError, match=f"{config}, line 2: NameError: name 'base_lr' is not defined"
-    ):
-        train.configure([config])
-
-
-def test_config_file_value_of_the_wrong_type_names_the_file(tmp_path):
-    config = write(tmp_path, "bad.py", "lr = 'fast'\n")
-    with pytest.raises(train.ConfigError, match=f"{config}: lr='fast': expected float"):
-        train.configure([config])
-
-
-# -----------------------------------------------------------------------------
-# round tick values
-
-
-@pytest.mark.parametrize(
-    "low, high, ticks",
-    [
-        (10, 1488, [0, 500, 1000, 1500]),
-        (0, 120, [0, 20, 40, 60, 80, 100, 120]),
-        (0.21, 0.39, [0.2, 0.25, 0.3, 0.35, 0.4]),
-        (0, 0.072, [0, 0.02, 0.04, 0.06, 0.08]),
-        (-0.3, 0.2, [-0.3, -0.2, -0.1, 0, 0.1, 0.2]),
-    ],
-)
-def test_nice_ticks_are_round_numbers_that_cover_the_range(low, high, ticks):
-    assert pictures.nice_ticks(low, high) == pytest.approx(ticks, abs=1e-12)
-
-
-def test_nice_ticks_of_a_single_value_still_span_it():
-    ticks = pictures.nice_ticks(0.5, 0.5)
-    assert ticks[0] < 0.5 < ticks[-1]
-    assert len(ticks) <= pictures.MAX_TICKS
-
-
-def test_nice_ticks_never_exceed_their_count():
-    for high in (1, 7, 13, 99, 101, 777, 1234, 99999):
-        assert len(pictures.nice_ticks(0, high)) <= pictures.MAX_TICKS
-
-
-# -----------------------------------------------------------------------------
-# train_picture
-
-
-def pretraining_records(accuracy_key="contrastive_accuracy", final=True):
-    records = []
-    for it in range(10, 310, 10):
-        losses = dict(loss_mae_a=1.0 - it / 1000, loss_mae_v=0.8 - it / 1000, loss_c=0.35 - it / 2000)
-        records.append(dict(split="train", iter=it, epoch=it / 62, lr=1e-4, loss=2.0, **losses))
-        records[-1][accuracy_key] = it / 600
-        if it % 100 == 0:
-            records.append(dict(split="epoch", epoch=it // 62, iter=it, samples_per_s=100.0))
-            records.append(dict(split="val", iter=it, a2v_R1=it / 5000, v2a_R1=it / 4000, **losses))
-    if final:
-        final = dict(loss_c=0.3, a2v_R1=0.05, v2a_R1=0.08, loss_mae_a=0.7)
-        records.append(dict(split="final", iter=300, **final))
-    return records
-
-
-def finetuning_records():
-    records = [dict(split="train", iter=it, lr=1e-3, loss=3.0 / it) for it in range(5, 125, 5)]
-    for it in (40, 80, 120):
-        records.append(dict(split="val", iter=it, loss=1.0, mAP=it / 200, acc=it / 150))
-    records.append(
-        dict(split="final", iter=120, loss=1.0, mAP=0.6, acc=0.8, acc_frames=0.82, mAP_frames=0.63)
-    )
-    return records
-
-
-def write_log(tmp_path, records, tail=""):
-    path = tmp_path / "log.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in records) + tail)
-    return str(path)
-
-
-def panel_origin(k, columns=2):
-    x0 = (k % columns) * pictures.CHART_WIDTH
-    y0 = pictures.CHART_HEADER + (k // columns) * pictures.CHART_HEIGHT
-    return x0, y0
-
-
-def plot_colours(picture, k):
-    """The colours inside the plot area of panel k."""
-    x0, y0 = panel_origin(k)
-    box = (
-        x0 + pictures.CHART_LEFT + 2,
-        y0 + pictures.CHART_TOP + 2,
-        x0 + pictures.CHART_WIDTH - pictures.CHART_RIGHT - 2,
-        y0 + pictures.CHART_HEIGHT - pictures.CHART_BOTTOM - 2,
-    )
-    return {colour for _, colour in picture.crop(box).getcolors(maxcolors=1 << 16)}
-
-
-def expected_size(panels, columns=2):
-    rows = -(-panels // columns)
-    return columns * pictures.CHART_WIDTH, pictures.CHART_HEADER + rows * pictures.CHART_HEIGHT
-
-
-def test_pretraining_picture_has_four_panels_each_with_its_curves(tmp_path):
-    picture = pictures.train_picture(write_log(tmp_path, pretraining_records()))
-    assert picture.size == expected_size(4)
-    for k in range(4):
-        assert pictures.SERIES_COLOURS[0] in plot_colours(picture, k), f"panel {k} is empty"
-    second = pictures.SERIES_COLOURS[1]
-    assert second in plot_colours(picture, 0)  # the visual reconstruction loss beside the audio one
-    assert second in plot_colours(picture, 3)  # visual->audio R@1 beside audio->visual
-
-
-def test_finetuning_picture_has_loss_accuracy_and_map_panels(tmp_path):
-    picture = pictures.train_picture(write_log(tmp_path, finetuning_records()))
-    assert picture.size == expected_size(3)
-    for k in range(3):
-        assert pictures.SERIES_COLOURS[0] in plot_colours(picture, k), f"panel {k} is empty"
-    titles = [panel.title for panel in pictures.panels_of(finetuning_records())]
-    assert titles == [title for title, _, _ in pictures.FINETUNE_PANELS]
-
-
-def test_final_evaluation_is_drawn_and_named_in_the_legend(tmp_path):
-    panels = pictures.panels_of(finetuning_records())
-    accuracy = {series.label: series.final for series in panels[1].series}
-    assert accuracy == {"middle frame": (120, 0.8), "all frames": (120, 0.82)}
-
-
-def test_picture_without_a_final_record_still_draws_the_run(tmp_path):
-    picture = pictures.train_picture(write_log(tmp_path, pretraining_records(final=False)))
-    assert picture.size == expected_size(4)
-
-
-@pytest.mark.parametrize("key", ["contrastive_accuracy", "c_acc"])  # c_acc: the name in older logs
-def test_contrastive_accuracy_is_read_under_its_new_and_old_names(key):
-    panels = pictures.panels_of(pretraining_records(accuracy_key=key))
-    titles = [panel.title for panel in panels]
-    assert "contrastive accuracy (in batch)" in titles
-
-
-def test_quantities_missing_from_the_log_leave_their_panel_out(tmp_path):
-    records = [r for r in finetuning_records() if r["split"] == "train"]  # no evaluation at all
-    picture = pictures.train_picture(write_log(tmp_path, records))
-    assert [panel.title for panel in pictures.panels_of(records)] == ["loss"]
-    assert picture.size == expected_size(1, columns=1)
-
-
-def test_picture_of_an_empty_log_is_none(tmp_path):
-    assert pictures.train_picture(write_log(tmp_path, [])) is None
-    epochs_only = [dict(split="epoch", epoch=1, iter=62, samples_per_s=100.0)]
-    assert pictures.train_picture(write_log(tmp_path, epochs_only)) is None
-
-
-def test_a_cut_short_last_line_is_skipped(tmp_path):
-    log = write_log(tmp_path, finetuning_records(), tail='{"split": "train", "iter": 12')
-    assert pictures.train_picture(log).size == expected_size(3)
-
-
-def test_a_resumed_run_keeps_the_last_record_of_each_iteration():
-    records = [dict(split="train", iter=it, loss=1.0) for it in (1, 2, 3)]
-    records += [dict(split="train", iter=it, loss=0.5) for it in (2, 3, 4)]  # resumed from 1
-    assert pictures.points(records, "train", ["loss"]) == [(1, 1.0), (2, 0.5), (3, 0.5), (4, 0.5)]
+def test_config_files_apply_in_the_order_given(tmp_path):
+    first = write(tmp_path, "first.py", "batch_size = 8\nlr = 1e-3\n")
+    second = write(tmp_path, "second.py", "batch_size = 16\n")
+    cfg = configurator.configure([first, second], DEFAULTS)
+    assert (cfg["batch_size"], cfg["lr"]) == (16, 1e-3)
 
 
 def test_an_unknown_flag_names_the_setting_it_was_probably_meant_to_be():
-    defaults = {"batch_size": 48, "lr": 5e-5, "model_embed_dim": 768}
     with pytest.raises(configurator.ConfigError, match=r"'bach_size' \(similar: batch_size\)"):
-        configurator.configure(["--bach_size=3"], defaults)
+        configurator.configure(["--bach_size=3"], DEFAULTS)
+
+
+def test_an_unknown_setting_in_a_config_file_names_the_file(tmp_path):
+    config = write(tmp_path, "run.py", "bach_size = 3\n")
+    with pytest.raises(configurator.ConfigError, match=f"{config}: unknown setting 'bach_size'"):
+        configurator.configure([config], DEFAULTS)
 
 
 @pytest.mark.parametrize(
-    "flags,message",
+    "flag, message",
     [
-        (["--mae_weight=0", "--contrastive_weight=0"], "nothing to train"),
-        (["--mask_ratio=1.0"], "mask_ratio=1.0: must be below 1"),
-        (["--mask_ratio_a=1.0"], "mask_ratio_a=1.0: must be below 1"),
+        ("--lr=fast", "--lr=fast: not a float"),
+        ("--batch_size=8.5", "batch_size=8.5: expected a.* int"),
+        ("--betas=0.9", "betas=0.9: expected a tuple"),
     ],
 )
-def test_a_pretraining_objective_that_cannot_train_is_refused_before_the_run(flags, message):
-    cfg = configurator.configure(flags, train.DEFAULTS, train.CHOICES)
+def test_a_flag_of_the_wrong_type_is_refused(flag, message):
     with pytest.raises(configurator.ConfigError, match=message):
-        train.check_settings(cfg)
+        configurator.configure([flag], DEFAULTS)
 
 
-@pytest.mark.parametrize("program", ["eval.py", "bench.py"])
-def test_a_device_that_does_not_exist_is_one_line_naming_it(program):
-    args = ["retrieval", "--checkpoint", "x.pt", "--data", "y.json"] if program == "eval.py" else []
-    result = subprocess.run(
-        [sys.executable, program, *args, "--device", "gpu"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "device='gpu' is not a device" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_a_config_file_value_of_the_wrong_type_is_refused(tmp_path):
+    config = write(tmp_path, "run.py", "lr = 'fast'\n")
+    with pytest.raises(configurator.ConfigError, match="lr='fast': expected a float"):
+        configurator.configure([config], DEFAULTS)
 
 
-def test_a_missing_synthetic_datafile_names_the_command_that_writes_its_folder(tmp_path):
-    folder = tmp_path / "synthetic_gpu"
-    cfg = {
-        key: str(folder / name) for key, name in zip(train.DATA_FILES, ["train.json", "test.json", "x.csv"])
-    }
-    with pytest.raises(ValueError, match=f"python prepare.py synthetic --out {folder}"):
-        train.check_data_files(cfg)
+def test_an_int_is_accepted_where_the_default_is_a_float():
+    cfg = configurator.configure(["--lr=1"], DEFAULTS)
+    assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("True", True), ("true", True), ("1", True), ("False", False), ("false", False), ("0", False)],
+)
+def test_bool_flags_read_true_false_1_and_0(text, value):
+    assert configurator.configure([f"--compile={text}"], DEFAULTS)["compile"] is value
+
+
+def test_a_bool_flag_of_another_word_is_refused():
+    with pytest.raises(configurator.ConfigError, match=r"--compile=yes: not a bool"):
+        configurator.configure(["--compile=yes"], DEFAULTS)
+
+
+def test_a_flag_without_a_value_says_the_form_flags_take():
+    with pytest.raises(configurator.ConfigError, match="flags take the form --key=value"):
+        configurator.configure(["--batch_size"], DEFAULTS)
+
+
+def test_config_file_with_a_syntax_error_names_the_file_and_line(tmp_path):
+    config = write(tmp_path, "bad.py", "batch_size = 8\nlr = = 1e-3\n")
+    message = f"config file {config}, line 2: SyntaxError"
+    with pytest.raises(configurator.ConfigError, match=message):
+        train.configure([config])
+
+
+def test_config_file_that_raises_names_the_file_line_and_error(tmp_path):
+    config = write(tmp_path, "bad.py", "batch_size = 8\nlr = base_lr * 2\n")
+    message = f"config file {config}, line 2: NameError: name 'base_lr' is not defined"
+    with pytest.raises(configurator.ConfigError, match=message):
+        train.configure([config])
+
+
+def test_a_missing_config_file_is_named():
+    with pytest.raises(configurator.ConfigError, match="config file nowhere.py: No such file"):
+        configurator.configure(["nowhere.py"], DEFAULTS)
+
+
+def test_train_py_reports_a_broken_config_file_in_one_line_without_a_traceback(tmp_path):
+    config = write(tmp_path, "bad.py", "batch_size = 8\nlr = = 1e-3\n")
+    run = run_program("train.py", config)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert f"config file {config}, line 2: SyntaxError" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("batch_size = 8\nlr = base_lr * 2\n", "line 2: NameError"),
+        ("bach_size = 3\n", "unknown setting 'bach_size'"),
+    ],
+    ids=["raises", "unknown"],
+)
+def test_train_main_reports_a_bad_config_file_in_one_line(tmp_path, capsys, text, message):
+    config = write(tmp_path, "bad.py", text)
+    assert train.main([config]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert config in lines[0] and message in lines[0]
+
+
+def test_train_main_reports_a_bad_flag_in_one_line(capsys):
+    assert train.main(["--lr=fast"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "--lr=fast: not a float" in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# train.py's settings
+
+
+def assigned_settings():
+    """The lowercase names train.py assigns at the top level before SETTINGS."""
+    with open(train.__file__) as f:
+        tree = ast.parse(f.read())
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == "SETTINGS" for t in targets):
+            return names
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id[0].islower()]
+    raise AssertionError("train.py assigns no SETTINGS")
+
+
+def test_train_settings_are_the_lowercase_defaults_train_py_assigns():
+    assert list(train.SETTINGS) == assigned_settings()
+    assert all(type(v) in (bool, int, float, str, tuple) for v in train.SETTINGS.values())
+    assert train.SETTINGS["contrastive_weight"] == 0.01
+    assert train.SETTINGS["dataset_mean"] == train.data.AUDIOSET_MEAN  # a default from a constant
