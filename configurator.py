@@ -30,7 +30,8 @@ def run_config_file(path):
         ]
         line = getattr(error, "lineno", None) or (lines[-1] if lines else "?")
         raise ConfigError(f"config file {path}, line {line}: {type(error).__name__}: {error}") from None
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    settings = (bool, int, float, str, tuple, list)  # not the modules or functions it imports
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, settings)}
 
 
 def parse_flag(key, text, default):
@@ -53,9 +54,7 @@ def check_type(key, value, default):
     if isinstance(default, tuple) and isinstance(value, list):
         value = tuple(value)
     if type(value) is not type(default):
-        raise ConfigError(
-            f"{key}={value!r}: expected a {type(default).__name__}, like its default {default!r}"
-        )
+        raise ConfigError(f"{key}={value!r}: expected {type(default).__name__}, like its default {default!r}")
     return value
 
 
@@ -63,7 +62,7 @@ def configure(argv, defaults, optional=None):
     """Defaults <- config files <- --key=value flags -> the settings dict. `optional` settings (with
     their defaults, for the type check) appear in it only where they are set. -h / --help prints
     every setting with its default and exits."""
-    known = {**(optional or {}), **defaults}
+    known = {**defaults, **(optional or {})}
     if ("-h" in argv) or ("--help" in argv):
         print("usage: python train.py [CONFIG_FILE ...] [--key=value ...]; the settings and their defaults:")
         print("\n".join(f"  --{key}={value}" for key, value in known.items()))
@@ -82,5 +81,6 @@ def configure(argv, defaults, optional=None):
                 similar = difflib.get_close_matches(key, known, n=3)
                 hint = f" (similar: {', '.join(similar)})" if similar else ""
                 raise ConfigError(f"{arg}: unknown setting {key!r}{hint}")
-            cfg[key] = check_type(key, value, known[key])
+            where = "" if arg.startswith("--") else f"config file {arg}: "
+            cfg[key] = check_type(where + key, value, known[key])
     return cfg

@@ -323,7 +323,9 @@ class CAVMAE(nn.Module):
             if mask_mode in ("freq", "tf"):
                 for i in range(batch):
                     chosen[i, random.sample(range(bands), int(bands * mask_ratio * scale)), :] = True
-            noise = noise.masked_fill(chosen.to(device), 1.1)
+            if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the GPU
+                chosen = chosen.pin_memory()
+            noise = noise.masked_fill(chosen.to(device, non_blocking=True), 1.1)
         return noise.reshape(batch, bands * steps)
 
     def forward_encoder(self, audio, image, mask_ratio_a, mask_ratio_v, mask_mode="unstructured"):

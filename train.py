@@ -98,7 +98,6 @@ epochs = 25
 max_iters = 0  # > 0: stop after this many optimizer steps, whatever `epochs` says
 batch_size = 48
 grad_accum = 1
-grad_clip = 0.0  # 0: off
 lr_schedule = "step"  # 'step' (the official) | 'cosine'
 lrscheduler_start = 10  # step schedule: the lr is multiplied by lrscheduler_decay after this epoch
 lrscheduler_step = 5  # step schedule: and again every this many epochs
@@ -471,9 +470,6 @@ def train_step(model, batches, train_ds, optimizer, scaler, autocast, cfg, devic
         scaler.scale(loss / cfg["grad_accum"]).backward()
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + v.float() / cfg["grad_accum"]
-    if cfg["grad_clip"] > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -569,9 +565,10 @@ def log(path, record):
 
 
 def one_line(error):
-    """The last line of an error's message (a loader worker's error arrives with its traceback)."""
+    """The last line of an error's message (a loader worker's error arrives with its traceback);
+    an unexpected error's type first."""
     lines = str(error).strip().splitlines() or [""]
-    if lines[-1].split(": ", 1)[0].endswith("Error"):
+    if isinstance(error, (ValueError, OSError)) or lines[-1].split(": ", 1)[0].endswith("Error"):
         return lines[-1]
     return f"{type(error).__name__}: {lines[-1]}"
 

@@ -219,7 +219,6 @@ def test_finetuning_resume_is_exact_with_augmentation_balanced_sampling_and_accu
         "--label_smooth=0.1",
         "--balanced_sampling=True",
         "--grad_accum=2",
-        "--grad_clip=1.0",
         "--wa=True",
         "--wa_start=1",
     ]

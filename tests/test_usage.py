@@ -137,8 +137,8 @@ def test_an_unknown_setting_in_a_config_file_names_the_file(tmp_path):
     "flag, message",
     [
         ("--lr=fast", "--lr=fast: not a float"),
-        ("--batch_size=8.5", "batch_size=8.5: expected a.* int"),
-        ("--betas=0.9", "betas=0.9: expected a tuple"),
+        ("--batch_size=8.5", "batch_size=8.5: expected int"),
+        ("--betas=0.9", "betas=0.9: expected tuple"),
     ],
 )
 def test_a_flag_of_the_wrong_type_is_refused(flag, message):
@@ -148,7 +148,7 @@ def test_a_flag_of_the_wrong_type_is_refused(flag, message):
 
 def test_a_config_file_value_of_the_wrong_type_is_refused(tmp_path):
     config = write(tmp_path, "run.py", "lr = 'fast'\n")
-    with pytest.raises(configurator.ConfigError, match="lr='fast': expected a float"):
+    with pytest.raises(configurator.ConfigError, match="config file .*: lr=.fast.: expected float"):
         configurator.configure([config], DEFAULTS)
 
 
