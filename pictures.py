@@ -65,8 +65,8 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
 
 
 def localization_picture(image, similarity, title, outlines=()):
-    """The frame (3, S, S), and the frame under a heat map of `similarity` (h, w) over its patches
-    with a cross on the peak. outlines: (mask, colour) pairs, mask an (S, S) bool array."""
+    """The frame (3, S, S), and the frame under a heat map of `similarity` (h, w) over its patches.
+    outlines: (mask, colour) pairs, mask an (S, S) bool array."""
     frame = frame_picture(image)  # (P, P, 3)
     P = frame.shape[0]
     grid = similarity.float().cpu().numpy()
@@ -85,12 +85,6 @@ def localization_picture(image, similarity, title, outlines=()):
     for k in range(2):
         draw.text((PAD + k * (P + PAD), TEXT + 4), captions[k], fill="black", font=FONT)
         canvas.paste(Image.fromarray(panels[k]), (PAD + k * (P + PAD), 3 * TEXT))
-    row, col = np.unravel_index(grid.argmax(), grid.shape)  # the peak patch
-    cell = P / grid.shape[1]  # a patch's width in the picture
-    x = PAD + P + PAD + (col + 0.5) * cell  # the peak patch's centre on the heat panel
-    y = 3 * TEXT + (row + 0.5) * cell
-    draw.line([(x - cell / 4, y), (x + cell / 4, y)], fill="white", width=3)
-    draw.line([(x, y - cell / 4), (x, y + cell / 4)], fill="white", width=3)
     return canvas
 
 

@@ -107,15 +107,6 @@ def test_heat_map_is_red_where_the_similarity_peaks_and_blue_where_it_is_lowest(
     assert bottom_left[2] > 3 * bottom_left[:2].max()
 
 
-def test_peak_cross_is_drawn_on_the_patch_of_the_largest_similarity():
-    similarity = torch.zeros(4, 4)
-    similarity[2, 1] = 1.0
-    heat = heat_panel(pictures.localization_picture(black_frame(), similarity, "clip"))
-    white = np.argwhere((heat == 255).all(-1))  # (row, col) of the cross's pixels
-    assert len(white) > 0
-    assert np.allclose(white.mean(0), [2.5 * 32, 1.5 * 32], atol=1.5)  # the centre of patch (2, 1)
-
-
 def test_outlines_are_drawn_in_their_colours_around_their_masks_on_both_panels():
     square = np.zeros((32, 32), bool)
     square[8:24, 4:12] = True
