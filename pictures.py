@@ -135,8 +135,8 @@ def train_picture(log_path):
     last_iter = max(max(record.get("iter", 0) for record in records), 1)
     canvas = Image.new("RGB", (PANEL_WIDTH, TEXT + len(panels) * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    markers = "lines: training, dots: validation, large dots: the final evaluation"
-    draw.text((PAD, 4), f"iterations 0 .. {last_iter}; {markers}", fill="black", font=FONT)
+    header = f"iterations 0 .. {last_iter}; lines: training, dots: validation and the final evaluation"
+    draw.text((PAD, 4), header, fill="black", font=FONT)
     for k, (title, found) in enumerate(panels):
         top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under the title
         bottom = top + PANEL_HEIGHT - 40
@@ -154,13 +154,10 @@ def train_picture(log_path):
             draw.text((legend_x, top - 22), text, fill=colour, font=FONT)
             legend_x += draw.textlength(text, font=FONT) + 16
         for colour, key in zip(SERIES_COLOURS, found.values()):
-            pixels = {}  # (x, y) of the records of each split
-            for split in ("train", "val", "final"):
-                points = [(r["iter"], r[key]) for r in records if r.get("split") == split and key in r]
-                pixels[split] = [tuple(origin + scale * point) for point in points]
-            draw.line(pixels["train"], fill=colour, width=2)
-            for split, radius in [("val", 4), ("final", 7)]:
-                for x, y in pixels[split]:
-                    box = [x - radius, y - radius, x + radius, y + radius]
-                    draw.ellipse(box, fill=colour, outline="black")
+            trained = [r for r in records if r.get("split") == "train" and key in r]
+            evaluated = [r for r in records if r.get("split") in ("val", "final") and key in r]
+            draw.line([tuple(origin + scale * (r["iter"], r[key])) for r in trained], fill=colour, width=2)
+            for r in evaluated:
+                x, y = origin + scale * (r["iter"], r[key])
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour, outline="black")
     return canvas

@@ -214,15 +214,3 @@ def test_non_finite_values_are_skipped(tmp_path):
     records = finetuning_records()
     with_nan = records[:3] + [dict(split="train", iter=16, loss=float("nan"))] + records[3:]
     assert picture_of(tmp_path, with_nan).tobytes() == picture_of(tmp_path, records).tobytes()
-
-
-def test_final_record_is_drawn_as_a_large_dot_at_the_last_iteration(tmp_path):
-    records = [dict(split="train", iter=it, loss=3.0 / it) for it in range(5, 125, 5)]
-    final = dict(split="final", iter=120, loss=0.1)  # within the training range: the same axes
-    without = np.asarray(picture_of(tmp_path, records)).astype(int)
-    drawn = np.asarray(picture_of(tmp_path, records + [final])).astype(int)
-    changed = np.argwhere((drawn != without).any(-1))  # (y, x) of the changed pixels
-    assert len(changed) > 60  # a disk of radius 7
-    assert changed[:, 1].min() > 0.9 * pictures.PANEL_WIDTH  # at the right end: the last iteration
-    assert np.ptp(changed, 0).max() <= 16
-    assert pictures.SERIES_COLOURS[0] in {tuple(drawn[y, x]) for y, x in changed}
