@@ -93,14 +93,12 @@ PANEL_WIDTH = 640
 PANEL_HEIGHT = 170
 LEFT = 64  # the plots' edges: room on their left for the values
 RIGHT = PANEL_WIDTH - 16
-PRETRAIN_PANELS = {
+PANELS = {  # title: {label: the log's key}; a panel is drawn when the log has one of its keys
+    "loss": {"loss": "loss"},
     "reconstruction loss (masked patches)": {"audio": "loss_mae_a", "visual": "loss_mae_v"},
     "contrastive loss": {"contrastive": "loss_c"},
     "contrastive accuracy (in batch)": {"accuracy": "contrastive_accuracy"},
     "retrieval R@1": {"audio->visual": "a2v_R1", "visual->audio": "v2a_R1"},
-}
-FINETUNE_PANELS = {
-    "loss": {"loss": "loss"},
     "accuracy": {"middle frame": "acc", "all frames": "acc_frames"},
     "mAP": {"middle frame": "mAP", "all frames": "mAP_frames"},
 }
@@ -124,9 +122,8 @@ def read_log(path):
 def train_picture(log_path):
     """A run's curves, a panel for each quantity in its log.jsonl; None when it has none."""
     records = read_log(log_path)
-    pretraining = any("loss_mae_a" in record for record in records)
     panels = []  # (title, {label: key}) of the quantities the log has
-    for title, keys in (PRETRAIN_PANELS if pretraining else FINETUNE_PANELS).items():
+    for title, keys in PANELS.items():
         found = {label: key for label, key in keys.items() if any(key in r for r in records)}
         if found:
             panels.append((title, found))
