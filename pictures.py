@@ -93,15 +93,15 @@ PANEL_WIDTH = 640
 PANEL_HEIGHT = 170
 LEFT = 64  # the plots' edges: room on their left for the values
 RIGHT = PANEL_WIDTH - 16
-PANELS = {  # title: {label: the log's key}; a panel is drawn when the log has one of its keys
-    "loss": {"loss": "loss"},
-    "reconstruction loss (masked patches)": {"audio": "loss_mae_a", "visual": "loss_mae_v"},
-    "contrastive loss": {"contrastive": "loss_c"},
-    "contrastive accuracy (in batch)": {"accuracy": "contrastive_accuracy"},
-    "retrieval R@1": {"audio->visual": "a2v_R1", "visual->audio": "v2a_R1"},
-    "accuracy": {"middle frame": "acc", "all frames": "acc_frames"},
-    "mAP": {"middle frame": "mAP", "all frames": "mAP_frames"},
-}
+PANELS = [  # the series of each panel, {label: the log's key}, drawn in SERIES_COLOURS
+    {"loss": "loss"},
+    {"reconstruction loss, audio": "loss_mae_a", "visual": "loss_mae_v"},
+    {"contrastive loss": "loss_c"},
+    {"contrastive accuracy (in batch)": "contrastive_accuracy"},
+    {"retrieval R@1, audio->visual": "a2v_R1", "visual->audio": "v2a_R1"},
+    {"accuracy, middle frame": "acc", "all frames": "acc_frames"},
+    {"mAP, middle frame": "mAP", "all frames": "mAP_frames"},
+]
 
 
 def read_log(path):
@@ -122,35 +122,32 @@ def read_log(path):
 def train_picture(log_path):
     """A run's curves, a panel for each quantity in its log.jsonl; None when it has none."""
     records = read_log(log_path)
-    panels = []  # (title, {label: key}) of the quantities the log has
-    for title, keys in PANELS.items():
-        found = {label: key for label, key in keys.items() if any(key in r for r in records)}
-        if found:
-            panels.append((title, found))
+    logged = {key for record in records for key in record}
+    panels = [{label: key for label, key in series.items() if key in logged} for series in PANELS]
+    panels = [series for series in panels if series]  # the panels with a quantity the log has
     if not panels:
         return None
     last_iter = max(max(record.get("iter", 0) for record in records), 1)
     canvas = Image.new("RGB", (PANEL_WIDTH, TEXT + len(panels) * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    header = f"iterations 0 .. {last_iter}; lines: training, dots: validation and the final evaluation"
+    header = f"iterations 0 .. {last_iter}; lines: training, dots: validation and final evaluation"
     draw.text((PAD, 4), header, fill="black", font=FONT)
-    for k, (title, found) in enumerate(panels):
-        top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under the title
+    for k, series in enumerate(panels):
+        top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under its legend
         bottom = top + PANEL_HEIGHT - 40
-        values = [r[key] for key in found.values() for r in records if key in r]
+        values = [r[key] for key in series.values() for r in records if key in r]
         low = min(values)
         high = max(values)
-        # (iter, value) -> origin + scale * (iter, value): low 8 pixels above the bottom, high below the top
+        # pixel = origin + scale * (iter, value): low 8 px above the bottom, high 8 px below the top
         scale = np.array([(RIGHT - LEFT) / last_iter, (top - bottom + 16) / max(high - low, 1e-12)])
         origin = np.array([LEFT, bottom - 8]) - scale * [0, low]
         draw.rectangle([LEFT, top, RIGHT, bottom], outline="black")
         draw.text((LEFT - 6, bottom - 8), f"{low:.3g}", fill="black", font=FONT, anchor="rm")
         draw.text((LEFT - 6, top + 8), f"{high:.3g}", fill="black", font=FONT, anchor="rm")
-        legend_x = LEFT  # the title, then the series named in their colours
-        for text, colour in [(title, "black"), *zip(found, SERIES_COLOURS)]:
-            draw.text((legend_x, top - 22), text, fill=colour, font=FONT)
-            legend_x += draw.textlength(text, font=FONT) + 16
-        for colour, key in zip(SERIES_COLOURS, found.values()):
+        legend_x = LEFT  # the series named in their colours above the plot
+        for colour, (label, key) in zip(SERIES_COLOURS, series.items()):
+            draw.text((legend_x, top - 22), label, fill=colour, font=FONT)
+            legend_x += draw.textlength(label, font=FONT) + 16
             trained = [r for r in records if r.get("split") == "train" and key in r]
             evaluated = [r for r in records if r.get("split") in ("val", "final") and key in r]
             draw.line([tuple(origin + scale * (r["iter"], r[key])) for r in trained], fill=colour, width=2)
