@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -272,46 +273,32 @@ def split_labels(text):  # a datafile's labels "/m/a,/m/b" -> ["/m/a", "/m/b"]
     return [mid.strip() for mid in text.split(",") if mid.strip()]
 
 
+@dataclass(eq=False)  # eq=False: a dataset is equal only to itself, and hashable
 class AVDataset(torch.utils.data.Dataset):
     """The rows of an official datafile (json {"data": [{video_id, wav, video_path, labels}]}, frames
     at video_path/frame_{k}/{video_id}.jpg, relative paths from the datafile's folder). ds[i] ->
     (fbank [T, 128], image [3, S, S], label [K]); with raw=True, ds[i] or ds[(i, seed)] -> the raw
     item for collate. label_csv None: the classes are the datafile's own labels."""
 
-    def __init__(
-        self,
-        datafile,
-        label_csv,
-        train=False,
-        target_length=1024,
-        num_frames=10,
-        frame=None,
-        mean=AUDIOSET_MEAN,
-        std=AUDIOSET_STD,
-        freqm=0,
-        timem=0,
-        mixup=0.0,
-        noise=False,
-        label_smooth=0.0,
-        image_size=224,
-        raw=False,
-    ):
-        self.datafile = datafile
-        self.train = train  # draw a frame, mixup and augmentation; else the evaluation `frame`
-        self.target_length = target_length
-        self.num_frames = num_frames
-        self.frame = frame  # the evaluation frame, None: the middle one
-        self.mean = mean
-        self.std = std
-        self.freqm = freqm
-        self.timem = timem
-        self.mixup = mixup
-        self.noise = noise
-        self.label_smooth = label_smooth
-        self.image_size = image_size
-        self.raw = raw
-        self.mids, self.names = load_label_csv(label_csv) if label_csv else ([], [])
-        self.read_rows(datafile, label_csv)
+    datafile: str
+    label_csv: str | None
+    train: bool = False  # draw a frame, mixup and augmentation; else the evaluation `frame`
+    target_length: int = 1024
+    num_frames: int = 10
+    frame: int | None = None  # the evaluation frame, None: the middle one
+    mean: float = AUDIOSET_MEAN
+    std: float = AUDIOSET_STD
+    freqm: int = 0
+    timem: int = 0
+    mixup: float = 0.0
+    noise: bool = False
+    label_smooth: float = 0.0
+    image_size: int = 224
+    raw: bool = False
+
+    def __post_init__(self):
+        self.mids, self.names = load_label_csv(self.label_csv) if self.label_csv else ([], [])
+        self.read_rows(self.datafile, self.label_csv)
 
     def read_rows(self, datafile, label_csv):
         """The rows as a few numpy arrays, which forked loader workers share (2M rows as dicts take
