@@ -308,12 +308,12 @@ class AVDataset(torch.utils.data.Dataset):
         try:
             with open(datafile, encoding="utf-8") as f:
                 records = json.load(f)["data"]
-            strings = {k: [str(r[k]).encode() for r in records] for k in ("video_id", "wav", "video_path")}
+            self.video_ids = np.array([str(r["video_id"]).encode() for r in records])
+            self.wavs = np.array([str(r["wav"]).encode() for r in records])
+            self.video_paths = np.array([str(r["video_path"]).encode() for r in records])
         except (OSError, ValueError, KeyError, TypeError) as error:
             want = "json {'data': [rows with video_id, wav, video_path, labels]}"
-            raise DataError(
-                f"cannot read datafile {datafile} ({type(error).__name__}: {error}); want {want}"
-            ) from None
+            raise DataError(f"cannot read datafile {datafile} ({error!r}); want {want}") from None
         index = {mid: k for k, mid in enumerate(self.mids)}
         classes = []
         counts = []
@@ -331,9 +331,6 @@ class AVDataset(torch.utils.data.Dataset):
             self.mids = list(index)
             self.names = list(index)
         self.folder = os.path.dirname(os.path.abspath(datafile))
-        self.video_ids = np.array(strings["video_id"])
-        self.wavs = np.array(strings["wav"])
-        self.video_paths = np.array(strings["video_path"])
         self.label_classes = np.array(classes, dtype=np.int32)
         self.label_offsets = np.cumsum([0, *counts])
 
