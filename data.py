@@ -76,7 +76,6 @@ def load_audio(path):
     try:
         with sf.SoundFile(path) as f:
             rate = f.samplerate
-            is_float = f.subtype in ("FLOAT", "DOUBLE")  # integer PCM cannot hold NaN
             wave = torch.from_numpy(f.read(dtype="float32", always_2d=True)[:, 0].copy())
         promised = wav_header_frames(path)
     except Exception as error:  # soundfile raises several types for a corrupt file
@@ -89,7 +88,7 @@ def load_audio(path):
         raise DataError(f"{path} is truncated: its header promises {promised} samples, it has {len(wave)}")
     if len(wave) < WIN:
         raise DataError(f"{path} has {len(wave)} samples, fewer than one 25 ms fbank window ({WIN})")
-    if is_float and (not torch.isfinite(wave).all()):
+    if not torch.isfinite(wave).all():  # a float wav can hold NaN
         raise DataError(f"{path} contains NaN or infinite samples")
     return wave
 
