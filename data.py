@@ -81,9 +81,7 @@ def load_audio(path):
     except Exception as error:  # soundfile raises several types for a corrupt file
         raise DataError(f"cannot read audio {path}: {error}") from None
     if rate != SAMPLE_RATE:
-        raise DataError(
-            f"{path} is sampled at {rate} Hz, not 16000: extract it with python prepare.py videos"
-        )
+        raise DataError(f"{path} is sampled at {rate} Hz, not 16 kHz: run python prepare.py videos")
     if (promised is not None) and (len(wave) < promised):
         raise DataError(f"{path} is truncated: its header promises {promised} samples, it has {len(wave)}")
     if len(wave) < WIN:
