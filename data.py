@@ -372,14 +372,13 @@ class AVDataset(torch.utils.data.Dataset):
         rng = random if seed is None else random.Random(seed)
         mixup = self.train and (self.mixup > 0)
         mixed = mixup and (rng.random() < self.mixup)
-        partner = rng.randrange(len(self)) if mixed else None  # from the whole dataset, as the official
+        partner_index = rng.randrange(len(self)) if mixed else None  # any clip, as the official
         lam = rng.betavariate(MIXUP_BETA, MIXUP_BETA) if mixed else 1.0
         wave, image, label = self.decode(int(i), rng)
         item = dict(wave=wave, image=image, label=label)
-        if mixup:  # every item of a mixup run has a partner; lam = 1 means none
-            partner_wave, partner_image, partner_label = (wave, image, label)  # unused: lam = 1
-            if mixed:
-                partner_wave, partner_image, partner_label = self.decode(partner, rng)
+        if mixup:  # every item of a mixup run has a partner: itself, unused, when lam = 1
+            partner = self.decode(partner_index, rng) if mixed else (wave, image, label)
+            partner_wave, partner_image, partner_label = partner
             partner_wave = F.pad(partner_wave, (0, max(0, len(wave) - len(partner_wave))))[: len(wave)]
             item.update(partner_wave=partner_wave, partner_image=partner_image, partner_label=partner_label)
             item["lam"] = torch.tensor(lam, dtype=torch.float64)
