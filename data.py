@@ -294,6 +294,7 @@ class AVDataset(torch.utils.data.Dataset):
     def __post_init__(self):
         self.mids, self.names = load_label_csv(self.label_csv) if self.label_csv else ([], [])
         self.read_rows(self.datafile, self.label_csv)
+        self.num_classes = len(self.mids)  # read_rows adds the datafile's labels when label_csv is None
 
     def read_rows(self, datafile, label_csv):
         """The rows as a few numpy arrays, which forked loader workers share (2M rows as dicts take
@@ -328,10 +329,6 @@ class AVDataset(torch.utils.data.Dataset):
         self.folder = os.path.dirname(os.path.abspath(datafile))
         self.label_classes = np.array(classes, dtype=np.int32)
         self.label_offsets = np.cumsum([0, *counts])
-
-    @property
-    def num_classes(self):
-        return len(self.mids)
 
     def __len__(self):
         return len(self.video_ids)
