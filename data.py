@@ -147,11 +147,20 @@ def fbank_features(wave, length, target_length):
 # Images (docs/preprocessing.md, section 2)
 
 
-def resized_size(width, height, size):
-    """torchvision's Resize(size): the shorter side becomes size, the other int(size * long / short)."""
+def resize_crop(image, size, resample):
+    """torchvision's Resize(size) then CenterCrop(size) of a Pillow image: the shorter side becomes
+    size, the other int(size * long / short); the crop's offsets are rounded half to even."""
+    width, height = image.size
     if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
+        height = int(size * height / width)
+        width = size
+    else:
+        width = int(size * width / height)
+        height = size
+    image = image.resize((width, height), resample)  # a copy when the size is already right
+    left = int(round((width - size) / 2))
+    top = int(round((height - size) / 2))
+    return image.crop((left, top, left + size, top + size))
 
 
 def read_frame(path, image_size=224):
@@ -161,12 +170,7 @@ def read_frame(path, image_size=224):
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")  # project deviation: the official loader fails on greyscale
-            width, height = resized_size(*img.size, image_size)
-            if (width, height) != img.size:
-                img = img.resize((width, height), Image.BICUBIC)
-            top = int(round((height - image_size) / 2.0))
-            left = int(round((width - image_size) / 2.0))
-            pixels = np.array(img.crop((left, top, left + image_size, top + image_size)))  # (S, S, 3)
+            pixels = np.array(resize_crop(img, image_size, Image.BICUBIC))  # (S, S, 3)
     except Exception as error:
         raise DataError(f"cannot read image {path}: {error}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()

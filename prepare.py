@@ -124,15 +124,6 @@ def frame_indices(total):
     return [max(int(i * (total / NUM_FRAMES)) - 1, 0) for i in range(NUM_FRAMES)]
 
 
-def resize_crop(image, size=224):
-    """Shorter side to `size` by Pillow bilinear (torchvision's int size rule), a centre crop."""
-    new_size = data.resized_size(*image.size, size)
-    image = image.resize(new_size, Image.BILINEAR)  # a copy when the size is already right
-    left = int(round((new_size[0] - size) / 2))  # round half to even, as torchvision
-    top = int(round((new_size[1] - size) / 2))
-    return image.crop((left, top, left + size, top + size))
-
-
 def extract_frames(video, stream_index, total, paths):
     """Write the 10 official frames of `video` to `paths`: decoded by ffmpeg, resized by Pillow."""
     indices = frame_indices(total)
@@ -151,7 +142,7 @@ def extract_frames(video, stream_index, total, paths):
             raise ValueError(f"truncated or corrupt: {reason}")
         for path, k in zip(paths, indices):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            frame = resize_crop(Image.open(pngs[wanted.index(k)]))
+            frame = data.resize_crop(Image.open(pngs[wanted.index(k)]), 224, Image.BILINEAR)
             frame.save(path, "JPEG")  # Pillow's defaults: quality 75, 4:2:0
 
 

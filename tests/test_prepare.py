@@ -115,7 +115,7 @@ def test_resize_crop_uses_the_torchvision_size_rule_and_half_even_offsets(size, 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8))
     expected = image if resized == size else image.resize(resized, Image.BILINEAR)
     expected = expected.crop((offset[0], offset[1], offset[0] + 224, offset[1] + 224))
-    assert np.array_equal(np.asarray(prepare.resize_crop(image)), np.asarray(expected))
+    assert np.array_equal(np.asarray(data.resize_crop(image, 224, Image.BILINEAR)), np.asarray(expected))
 
 
 def test_only_complete_videos_are_listed(extracted):
