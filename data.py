@@ -296,41 +296,38 @@ class AVDataset(torch.utils.data.Dataset):
     raw: bool = False
 
     def __post_init__(self):
+        """The classes, and the rows as a few numpy arrays, which forked loader workers share (2M
+        rows as dicts take ~1.5 GB, copied into every worker): fixed-width bytes for the strings,
+        and each row's classes at label_offsets[i]:label_offsets[i + 1] of label_classes."""
         self.mids, self.names = load_label_csv(self.label_csv) if self.label_csv else ([], [])
-        self.read_rows(self.datafile, self.label_csv)
-        self.num_classes = len(self.mids)  # read_rows adds the datafile's labels when label_csv is None
-
-    def read_rows(self, datafile, label_csv):
-        """The rows as a few numpy arrays, which forked loader workers share (2M rows as dicts take
-        ~1.5 GB, copied into every worker): fixed-width bytes for the strings, and each row's
-        classes at label_offsets[i]:label_offsets[i + 1] of label_classes."""
-        require_file(datafile, "datafile")
+        require_file(self.datafile, "datafile")
         try:
-            with open(datafile, encoding="utf-8") as f:
+            with open(self.datafile, encoding="utf-8") as f:
                 records = json.load(f)["data"]
             self.video_ids = np.array([str(r["video_id"]).encode() for r in records])
             self.wavs = np.array([str(r["wav"]).encode() for r in records])
             self.video_paths = np.array([str(r["video_path"]).encode() for r in records])
         except (OSError, ValueError, KeyError, TypeError) as error:
             want = "json {'data': [rows with video_id, wav, video_path, labels]}"
-            raise DataError(f"cannot read datafile {datafile} ({error!r}); want {want}") from None
+            raise DataError(f"cannot read datafile {self.datafile} ({error!r}); want {want}") from None
         index = {mid: k for k, mid in enumerate(self.mids)}
         classes = []
         counts = []
         for i, record in enumerate(records):
             mids = split_labels(record.get("labels", ""))
             for mid in mids:
-                if label_csv is None:
+                if self.label_csv is None:  # the datafile's labels, in first-seen order
                     index.setdefault(mid, len(index))
                 if mid not in index:
-                    where = f"{datafile} row {i} (video_id {record['video_id']})"
-                    raise DataError(f"{where}: label {mid!r} is not in {label_csv}")
+                    where = f"{self.datafile} row {i} (video_id {record['video_id']})"
+                    raise DataError(f"{where}: label {mid!r} is not in {self.label_csv}")
             classes += [index[mid] for mid in mids]
             counts.append(len(mids))
-        if label_csv is None:
+        if self.label_csv is None:
             self.mids = list(index)
             self.names = list(index)
-        self.folder = os.path.dirname(os.path.abspath(datafile))
+        self.num_classes = len(self.mids)
+        self.folder = os.path.dirname(os.path.abspath(self.datafile))
         self.label_classes = np.array(classes, dtype=np.int32)
         self.label_offsets = np.cumsum([0, *counts])
 
