@@ -48,10 +48,8 @@ FFMPEG_HELP = (
 
 
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
-    """list(map(fn, jobs)) over `workers` processes (in this one when 1), with a progress bar."""
-    if workers is None:
-        workers = os.cpu_count()
-    if workers <= 1:
+    """list(map(fn, jobs)) in `workers` processes (None: all CPUs; 1: here), with a progress bar."""
+    if workers == 1:
         return list(tqdm(map(fn, jobs), total=len(jobs), desc=desc))
     with ProcessPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(fn, jobs, chunksize=chunksize), total=len(jobs), desc=desc))
