@@ -41,10 +41,6 @@ SAMPLE_RATE = 16000
 NUM_FRAMES = 10  # frames per video, spread over its first 10 seconds
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".wmv", ".3gp", ".ts"}
 AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac"}  # listed, to fail: no video
-FFMPEG_HELP = (
-    "install them with `sudo apt-get install -y ffmpeg` (Debian, Ubuntu), `brew install ffmpeg` "
-    "(macOS) or `conda install -c conda-forge ffmpeg`"
-)
 
 
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
@@ -200,9 +196,9 @@ def read_labels(path):
 
 def prepare_videos(source, out, labels_csv=None, workers=None):
     """Extract the videos of `source` into `out`, with data.json, labels.csv and failed.csv."""
-    missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
-    if missing:
-        raise RuntimeError(f"prepare.py needs {' and '.join(missing)}: {FFMPEG_HELP}")
+    if (shutil.which("ffmpeg") is None) or (shutil.which("ffprobe") is None):
+        install = "apt-get install -y ffmpeg, brew install ffmpeg or conda install -c conda-forge ffmpeg"
+        raise RuntimeError(f"prepare.py needs ffmpeg and ffprobe: install them with {install}")
     jobs = [(video, os.path.splitext(os.path.basename(video))[0], out) for video in list_videos(source)]
     twice = [video_id for video_id, n in Counter(job[1] for job in jobs).items() if n > 1]
     if twice:  # their files would overwrite each other
