@@ -1,7 +1,7 @@
 """
 Prepare data for CAV-MAE in the official on-disk format, from real videos or drawn from nothing.
 
-    python prepare.py videos --input DIR_LIST_OR_VIDEO --out OUT [--labels CSV] [--workers N]
+    python prepare.py videos --input FOLDER_OR_VIDEO --out OUT [--labels CSV] [--workers N]
     python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --multilabel ...]
 
 The format (what data.py reads), paths relative to the datafile's folder:
@@ -40,7 +40,6 @@ import data
 SAMPLE_RATE = 16000
 NUM_FRAMES = 10  # frames per video, spread over its first 10 seconds
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".wmv", ".3gp", ".ts"}
-AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac"}  # listed, to fail: no video
 
 
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
@@ -169,17 +168,13 @@ def prepare_video(job):
 
 
 def list_videos(source):
-    """One video; the videos a text file names, one a line; or those (and audio files) of a folder."""
-    if os.path.splitext(source)[1].lower() in VIDEO_EXTS | AUDIO_EXTS:
-        return [source]
+    """One video, or the videos of a folder and its subfolders."""
     if os.path.isfile(source):
-        base = os.path.dirname(os.path.abspath(source))
-        with open(source) as f:
-            return [os.path.join(base, line.strip()) for line in f if line.strip()]
+        return [source]
     paths = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
-    found = [path for path in paths if os.path.splitext(path)[1].lower() in VIDEO_EXTS | AUDIO_EXTS]
+    found = [path for path in paths if os.path.splitext(path)[1].lower() in VIDEO_EXTS]
     if not found:
-        raise ValueError(f"--input {source}: not a list file, nor a folder with video files")
+        raise ValueError(f"--input {source}: not a video, nor a folder with video files")
     return sorted(found)
 
 
@@ -497,7 +492,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data for CAV-MAE in its on-disk format.")
     commands = parser.add_subparsers(dest="command", required=True)
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
-    videos.add_argument("--input", required=True, help="a folder, a list (one a line) or a video")
+    videos.add_argument("--input", required=True, help="a folder of videos (and subfolders) or one video")
     videos.add_argument("--out", required=True, help="output folder")
     videos.add_argument("--labels", help="csv of video_id,labels rows (the labels quoted)")
     videos.add_argument("--workers", type=int, help="videos in parallel (default: all CPUs)")
