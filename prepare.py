@@ -421,9 +421,7 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
 
 def inside_objects(frame_objects, x, y):
     """Which points lie inside one of a frame's objects (objects.json's {class, x, y, radius}):
-    a boolean array shaped like x and y, which are in pixels of the frame."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+    a boolean array shaped like x and y, numpy arrays in pixels of the frame."""
     inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
     for o in frame_objects:
         inside |= shape_mask(o["class"], (x - o["x"]) / o["radius"], (y - o["y"]) / o["radius"])[0]
