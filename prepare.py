@@ -242,10 +242,9 @@ CLASSES = [  # (shape, sound)
     ("checkered disk", "pluck"),
     ("bar", "bell"),
 ]
-OBJECTS_HELP = (
-    "clips[video_id][frame] lists that frame's objects as {class, x, y, radius, sounding}, in pixels (x to "
-    "the right, y down, (0, 0) the top-left corner; sounding is false for a silent object); a point (px, "
-    "py) is inside an object where prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true"
+OBJECTS_HELP = (  # objects.json's "geometry"
+    "clips[video_id][frame]: its objects {class, x, y, radius, sounding} in pixels from the top-left corner; "
+    "(px, py) is inside one where prepare.shape_mask(class, (px - x) / radius, (py - y) / radius)[0]"
 )
 
 
