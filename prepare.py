@@ -355,8 +355,7 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
         wave[start : start + length] += note(cls, f0, length, rng)[: n_samples - start]
     t = np.arange(n_samples) / SAMPLE_RATE
     wave *= 0.3 * loud * envelope(t)
-    white = rng.standard_normal(n_samples)
-    noise = white * rng.uniform(0.003, 0.03) * 0.3  # 10 .. 30 dB below the notes
+    noise = rng.standard_normal(n_samples) * rng.uniform(0.003, 0.03) * 0.3  # 10-30 dB quieter
     pcm = np.round(np.clip(wave + noise, -1, 1) * 32767).astype(np.int16)
 
     # frames: background + objects, 2 x 2 supersampled edges
