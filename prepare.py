@@ -67,11 +67,10 @@ def write_label_csv(path, mids, names):
 # Real videos, with ffprobe and ffmpeg
 
 
-def ffmpeg_error(result, video):
-    """ffmpeg's first line on stderr, without its `[demuxer @ 0x...]` and file name prefixes."""
+def ffmpeg_error(result):
+    """ffmpeg's first line on stderr, without its `[demuxer @ 0x...]` prefix."""
     lines = result.stderr.decode(errors="replace").strip().splitlines() + ["no message from ffmpeg"]
-    line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\] ", "", lines[0])
-    return line.replace(f"{video}: ", "")
+    return re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\] ", "", lines[0])
 
 
 def probe(video):
@@ -86,7 +85,7 @@ def probe(video):
     cmd = "ffprobe -v error -count_packets -of json -show_entries".split() + [entries, video]
     result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        raise ValueError(f"not a readable video ({ffmpeg_error(result, video)})")
+        raise ValueError(f"not a readable video ({ffmpeg_error(result)})")
     facts = json.loads(result.stdout)
     streams = facts.get("streams", [])
     # the cover art of an audio file is a video stream of one picture
@@ -131,7 +130,7 @@ def extract_frames(video, stream_index, total, paths):
         pngs = [os.path.join(tmp, f"{n + 1}.png") for n in range(len(wanted))]  # numbered from 1
         decoded = sum(os.path.isfile(png) for png in pngs)
         if decoded < len(wanted):  # the official extractor stops at the first unreadable frame
-            reason = f"decoding stopped before frame {wanted[decoded]} ({ffmpeg_error(result, video)})"
+            reason = f"decoding stopped before frame {wanted[decoded]} ({ffmpeg_error(result)})"
             raise ValueError(f"truncated or corrupt: {reason}")
         for path, k in zip(paths, indices):
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -147,7 +146,7 @@ def extract_audio(video, wav_path):
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", video, *options.split(), part]
     result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        raise ValueError(f"audio extraction failed ({ffmpeg_error(result, video)})")
+        raise ValueError(f"audio extraction failed ({ffmpeg_error(result)})")
     os.replace(part, wav_path)
 
 
