@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 import data
 
-SAMPLE_RATE = 16000
 NUM_FRAMES = 10  # frames per video, spread over its first 10 seconds
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".wmv", ".3gp", ".ts"}
 
@@ -283,12 +282,12 @@ def hsv_to_rgb(h, s, v):
 
 def note(cls, f0, n, rng):
     """One note of class `cls`'s timbre at pitch f0 Hz, n samples, peak 1."""
-    t = np.arange(n) / SAMPLE_RATE
-    dur = n / SAMPLE_RATE
+    t = np.arange(n) / data.SAMPLE_RATE
+    dur = n / data.SAMPLE_RATE
 
     def partials(ratios, amps):
         """Sines at f0 times each ratio (those below the Nyquist margin), each with a random phase."""
-        keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < 0.45 * SAMPLE_RATE]
+        keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < 0.45 * data.SAMPLE_RATE]
         return sum(a * np.sin(2 * np.pi * r * f0 * t + rng.uniform(0, 2 * np.pi)) for r, a in keep)
 
     if cls == 0:
@@ -334,7 +333,7 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
     S = image_size
     n = len(classes)
     silent_rng = rng.spawn(1)[0]  # spawning takes no draws from rng
-    n_samples = int(round(seconds * SAMPLE_RATE))
+    n_samples = int(round(seconds * data.SAMPLE_RATE))
     hues = rng.uniform(0, 0.8, n)  # 0.8: stop before red wraps round
     pitches = 200 * 2 ** (3 * hues / 0.8)  # hue <-> pitch: 200 .. 1600 Hz
     loud = rng.uniform(0.8, 1.25)  # near = big and loud
@@ -349,10 +348,10 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
     slot = seconds / n
     wave = np.zeros(n_samples)
     for j, (cls, f0) in enumerate(zip(classes, pitches)):
-        start = int((j + rng.uniform(0, 0.2)) * slot * SAMPLE_RATE)
-        length = int(min(1.2, 0.7 * slot) * SAMPLE_RATE)
+        start = int((j + rng.uniform(0, 0.2)) * slot * data.SAMPLE_RATE)
+        length = int(min(1.2, 0.7 * slot) * data.SAMPLE_RATE)
         wave[start : start + length] += note(cls, f0, length, rng)[: n_samples - start]
-    t = np.arange(n_samples) / SAMPLE_RATE
+    t = np.arange(n_samples) / data.SAMPLE_RATE
     wave *= 0.3 * loud * envelope(t)
     noise = rng.standard_normal(n_samples) * rng.uniform(0.003, 0.03) * 0.3  # 10-30 dB quieter
     pcm = np.round(np.clip(wave + noise, -1, 1) * 32767).astype(np.int16)
@@ -434,7 +433,7 @@ def make_clip(job):
     else:  # one event class, 1-3 objects
         classes = np.full(rng.integers(1, 4), rng.integers(num_classes))
     frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds, distractors, num_classes)
-    sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, SAMPLE_RATE, subtype="PCM_16")
+    sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, data.SAMPLE_RATE, subtype="PCM_16")
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg"), "JPEG")
     labels = ",".join(f"/synth/{c:02d}" for c in sorted(set(int(c) for c in classes)))
