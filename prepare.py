@@ -310,8 +310,7 @@ def note(cls, f0, n, rng):
         wave = partials(range(1, 7), [1 / k for k in range(1, 7)]) * np.exp(-t / 0.08)
     else:  # bell: inharmonic partials, slower decay
         wave = partials([1, 2.76, 5.4], [1, 0.5, 0.25]) * np.exp(-t / 0.3)
-    ramp = np.minimum(1, np.minimum(t / 0.01, (dur - t) / 0.06))  # 10 ms attack, 60 ms release
-    wave = wave * ramp
+    wave = wave * np.minimum(1, np.minimum(t / 0.01, (dur - t) / 0.06))  # fade 10 ms in, 60 ms out
     return wave / (np.abs(wave).max() + 1e-9)
 
 
