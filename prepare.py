@@ -1,7 +1,7 @@
 """
 Prepare data for CAV-MAE in the official on-disk format, from real videos or drawn from nothing.
 
-    python prepare.py videos --input FOLDER_OR_VIDEO --out OUT [--labels CSV] [--workers N]
+    python prepare.py videos --input FOLDER --out OUT [--labels CSV] [--workers N]
     python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --multilabel ...]
 
 The format (what data.py reads), paths relative to the datafile's folder:
@@ -165,14 +165,12 @@ def prepare_video(job):
     return ""
 
 
-def list_videos(source):
-    """One video, or the videos of a folder and its subfolders."""
-    if os.path.isfile(source):
-        return [source]
-    paths = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
+def list_videos(folder):
+    """The videos of a folder and its subfolders."""
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
     found = [path for path in paths if os.path.splitext(path)[1].lower() in VIDEO_EXTS]
     if not found:
-        raise ValueError(f"--input {source}: not a video, nor a folder with video files")
+        raise ValueError(f"--input {folder}: not a folder with video files")
     return sorted(found)
 
 
@@ -188,7 +186,7 @@ def read_labels(path):
 
 
 def prepare_videos(source, out, labels_csv=None, workers=None):
-    """Extract the videos of `source` into `out`, with data.json, labels.csv and failed.csv."""
+    """Extract the videos of folder `source` into `out`; write data.json, labels.csv, failed.csv."""
     if (shutil.which("ffmpeg") is None) or (shutil.which("ffprobe") is None):
         install = "apt-get install -y ffmpeg, brew install ffmpeg or conda install -c conda-forge ffmpeg"
         raise RuntimeError(f"prepare.py needs ffmpeg and ffprobe: install them with {install}")
@@ -485,7 +483,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data for CAV-MAE in its on-disk format.")
     commands = parser.add_subparsers(dest="command", required=True)
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
-    videos.add_argument("--input", required=True, help="a folder of videos (and subfolders) or one video")
+    videos.add_argument("--input", required=True, help="a folder of videos (and subfolders)")
     videos.add_argument("--out", required=True, help="output folder")
     videos.add_argument("--labels", help="csv of video_id,labels rows (the labels quoted)")
     videos.add_argument("--workers", type=int, help="videos in parallel (default: all CPUs)")

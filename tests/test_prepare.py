@@ -156,10 +156,12 @@ def test_bad_videos_are_printed_and_the_exit_status_is_1(extracted, tmp_path, ca
     assert "noaudio.mp4: no audio stream" in capsys.readouterr().out
 
 
-def test_one_video_as_input_becomes_a_one_row_datafile_with_exit_status_0(extracted, tmp_path):
+def test_a_folder_of_good_videos_becomes_their_datafile_with_exit_status_0(extracted, tmp_path):
     videos, _, _ = extracted
+    (tmp_path / "in").mkdir()
+    shutil.copy(os.path.join(videos, "counter.mov"), tmp_path / "in")
     out = str(tmp_path / "out")
-    assert prepare.main(["videos", "--input", os.path.join(videos, "counter.mov"), "--out", out]) == 0
+    assert prepare.main(["videos", "--input", str(tmp_path / "in"), "--out", out]) == 0
     assert [row["video_id"] for row in json.load(open(os.path.join(out, "data.json")))["data"]] == ["counter"]
 
 
@@ -339,10 +341,11 @@ def test_two_videos_with_one_video_id_are_an_error_before_any_work(tmp_path):
 
 
 @needs_ffmpeg
-def test_an_audio_file_given_as_input_fails_with_no_video_stream(tmp_path):
-    audio = str(tmp_path / "voice.m4a")
+def test_an_audio_only_mp4_fails_with_no_video_stream(tmp_path):
+    (tmp_path / "in").mkdir()
+    audio = str(tmp_path / "in" / "voice.mp4")
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", audio)
-    failures = prepare.prepare_videos(audio, str(tmp_path / "out"), workers=1)
+    failures = prepare.prepare_videos(str(tmp_path / "in"), str(tmp_path / "out"), workers=1)
     assert failures == [(audio, "no video stream")]
 
 
