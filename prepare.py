@@ -176,12 +176,11 @@ def list_videos(folder):
 
 def read_labels(path):
     """{video_id: "label1,label2"} from a csv of `video_id,labels` rows (a header does no harm)."""
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
     labels = {}
-    for row in rows:
-        names = [name.strip() for name in ",".join(row[1:]).split(",")]  # quoted or not
-        labels[row[0].strip()] = ",".join(name for name in names if name)
+    with open(path, newline="") as f:
+        for row in filter(None, csv.reader(f)):  # a blank line is an empty row
+            names = [name.strip() for name in ",".join(row[1:]).split(",")]  # quoted or not
+            labels[row[0].strip()] = ",".join(name for name in names if name)
     return labels
 
 
