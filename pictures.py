@@ -55,8 +55,7 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
     canvas = Image.new("RGB", (PAD + T + PAD + P + PAD, TEXT + 3 * row_height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 4), title, fill="black", font=FONT)
-    ratios = f"{mask_a.float().mean():.0%} of the audio, {mask_v.float().mean():.0%} of the frame"
-    for row, caption in enumerate(["original", f"masked (grey): {ratios}", "reconstruction"]):
+    for row, caption in enumerate(["original", "masked (grey)", "reconstruction"]):
         y = TEXT + row * row_height
         draw.text((PAD, y + 4), caption, fill="black", font=FONT)
         canvas.paste(Image.fromarray(spectrograms[row]), (PAD, y + TEXT))
