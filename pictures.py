@@ -90,8 +90,7 @@ def localization_picture(image, similarity, title, outlines=()):
 # Training curves: train.py's train.png, from the run's log.jsonl
 PANEL_WIDTH = 640
 PANEL_HEIGHT = 170
-LEFT = 64  # the plots' edges: room on their left for the values
-RIGHT = PANEL_WIDTH - 16
+RIGHT = PANEL_WIDTH - PAD  # the plots' right edge
 PANELS = [  # the series of each panel, {label: the log's key}, drawn in SERIES_COLOURS
     {"loss": "loss"},
     {"reconstruction loss, audio": "loss_mae_a", "visual": "loss_mae_v"},
@@ -119,7 +118,8 @@ def read_log(path):
 
 
 def train_picture(log_path):
-    """A run's curves, a panel for each quantity in its log.jsonl; None when it has none."""
+    """A run's curves, a panel for each quantity in its log.jsonl; None when it has none. Above each
+    plot: its series' names in their colours and the range of its values, bottom .. top."""
     records = read_log(log_path)
     logged = {key for record in records for key in record}
     panels = [{label: key for label, key in series.items() if key in logged} for series in PANELS]
@@ -138,15 +138,13 @@ def train_picture(log_path):
         low = min(values)
         high = max(values)
         # pixel = origin + scale * (iter, value): low 8 px above the bottom, high 8 px below the top
-        scale = np.array([(RIGHT - LEFT) / last_iter, (top - bottom + 16) / max(high - low, 1e-12)])
-        origin = np.array([LEFT, bottom - 8]) - scale * [0, low]
-        draw.rectangle([LEFT, top, RIGHT, bottom], outline="black")
-        draw.text((LEFT - 6, bottom - 8), f"{low:.3g}", fill="black", font=FONT, anchor="rm")
-        draw.text((LEFT - 6, top + 8), f"{high:.3g}", fill="black", font=FONT, anchor="rm")
-        legend_x = LEFT  # the series named in their colours above the plot
-        for colour, (label, key) in zip(SERIES_COLOURS, series.items()):
-            draw.text((legend_x, top - 22), label, fill=colour, font=FONT)
-            legend_x += draw.textlength(label, font=FONT) + 16
+        scale = np.array([(RIGHT - PAD) / last_iter, (top - bottom + 16) / max(high - low, 1e-12)])
+        origin = np.array([PAD, bottom - 8]) - scale * [0, low]
+        draw.rectangle([PAD, top, RIGHT, bottom], outline="black")
+        draw.text((RIGHT, top - 22), f"{low:.3g} .. {high:.3g}", fill="black", font=FONT, anchor="ra")
+        for j, (label, key) in enumerate(series.items()):
+            colour = SERIES_COLOURS[j]
+            draw.text((PAD + 230 * j, top - 22), label, fill=colour, font=FONT)  # the legend
             trained = [r for r in records if r.get("split") == "train" and key in r]
             evaluated = [r for r in records if r.get("split") in ("val", "final") and key in r]
             draw.line([tuple(origin + scale * (r["iter"], r[key])) for r in trained], fill=colour, width=2)
