@@ -1,7 +1,6 @@
 """Pictures drawn with Pillow and numpy: inpainting (Fig. 3), localisation and training curves."""
 
 import json
-import math
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -112,7 +111,7 @@ def read_log(path):
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            finite = {k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)}
+            finite = {k: v for k, v in record.items() if not isinstance(v, float) or np.isfinite(v)}
             records[record.get("split"), record.get("iter")] = finite
     return list(records.values())
 
