@@ -128,8 +128,7 @@ def train_picture(log_path):
     last_iter = max(max(record.get("iter", 0) for record in records), 1)
     canvas = Image.new("RGB", (PANEL_WIDTH, TEXT + len(panels) * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    header = f"iterations 0 .. {last_iter}; lines: training, dots: validation and final evaluation"
-    draw.text((PAD, 4), header, fill="black", font=FONT)
+    draw.text((PAD, 4), f"iter 0 .. {last_iter}; lines: training, dots: validation", fill="black", font=FONT)
     for k, series in enumerate(panels):
         top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under its legend
         bottom = top + PANEL_HEIGHT - 40
