@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -75,20 +76,17 @@ def load_audio(path):
     try:
         with sf.SoundFile(path) as f:
             rate = f.samplerate
-            is_float = f.subtype in ("FLOAT", "DOUBLE")  # integer PCM cannot hold NaN
             wave = torch.from_numpy(f.read(dtype="float32", always_2d=True)[:, 0].copy())
         promised = wav_header_frames(path)
     except Exception as error:  # soundfile raises several types for a corrupt file
         raise DataError(f"cannot read audio {path}: {error}") from None
     if rate != SAMPLE_RATE:
-        raise DataError(
-            f"{path} is sampled at {rate} Hz, not 16000: extract it with python prepare.py videos"
-        )
+        raise DataError(f"{path} is sampled at {rate} Hz, not 16 kHz: run python prepare.py videos")
     if (promised is not None) and (len(wave) < promised):
         raise DataError(f"{path} is truncated: its header promises {promised} samples, it has {len(wave)}")
     if len(wave) < WIN:
         raise DataError(f"{path} has {len(wave)} samples, fewer than one 25 ms fbank window ({WIN})")
-    if is_float and (not torch.isfinite(wave).all()):
+    if not torch.isfinite(wave).all():  # a float wav can hold NaN
         raise DataError(f"{path} contains NaN or infinite samples")
     return wave
 
@@ -117,11 +115,9 @@ def fbank_constants(device, dtype):
 
 
 def fbank(waveform):
-    """Log-mel filterbank [N] -> [T, 128] (or [B, N] -> [B, T, 128]) of torchaudio's
+    """Log-mel filterbank [N >= 400] -> [T, 128] (or [B, N] -> [B, T, 128]) of torchaudio's
     compliance.kaldi.fbank as CAV-MAE calls it (htk_compat, hanning window, no dither), with the
     same float32 ops in the same order. The waveform's scale is kept (CAV-MAE feeds [-1, 1))."""
-    if waveform.shape[-1] < WIN:
-        raise DataError(f"fbank needs at least {WIN} samples (one 25 ms frame), got {waveform.shape[-1]}")
     window, weights = fbank_constants(waveform.device, waveform.dtype)
     frames = waveform.unfold(-1, WIN, HOP)  # (..., T, WIN), T = 1 + (N - WIN) // HOP
     frames = frames - frames.mean(dim=-1, keepdim=True)  # remove DC, frame by frame
@@ -151,11 +147,20 @@ def fbank_features(wave, length, target_length):
 # Images (docs/preprocessing.md, section 2)
 
 
-def resized_size(width, height, size):
-    """torchvision's Resize(size): the shorter side becomes size, the other int(size * long / short)."""
+def resize_crop(image, size, resample):
+    """torchvision's Resize(size) then CenterCrop(size) of a Pillow image: the shorter side becomes
+    size, the other int(size * long / short); the crop's offsets are rounded half to even."""
+    width, height = image.size
     if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
+        height = int(size * height / width)
+        width = size
+    else:
+        width = int(size * width / height)
+        height = size
+    image = image.resize((width, height), resample)  # a copy when the size is already right
+    left = int(round((width - size) / 2))
+    top = int(round((height - size) / 2))
+    return image.crop((left, top, left + size, top + size))
 
 
 def read_frame(path, image_size=224):
@@ -165,12 +170,7 @@ def read_frame(path, image_size=224):
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")  # project deviation: the official loader fails on greyscale
-            width, height = resized_size(*img.size, image_size)
-            if (width, height) != img.size:
-                img = img.resize((width, height), Image.BICUBIC)
-            top = int(round((height - image_size) / 2.0))
-            left = int(round((width - image_size) / 2.0))
-            pixels = np.array(img.crop((left, top, left + image_size, top + image_size)))  # (S, S, 3)
+            pixels = np.array(resize_crop(img, image_size, Image.BICUBIC))  # (S, S, 3)
     except Exception as error:
         raise DataError(f"cannot read image {path}: {error}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -272,87 +272,64 @@ def split_labels(text):  # a datafile's labels "/m/a,/m/b" -> ["/m/a", "/m/b"]
     return [mid.strip() for mid in text.split(",") if mid.strip()]
 
 
+@dataclass(eq=False)  # eq=False: a dataset is equal only to itself, and hashable
 class AVDataset(torch.utils.data.Dataset):
     """The rows of an official datafile (json {"data": [{video_id, wav, video_path, labels}]}, frames
     at video_path/frame_{k}/{video_id}.jpg, relative paths from the datafile's folder). ds[i] ->
     (fbank [T, 128], image [3, S, S], label [K]); with raw=True, ds[i] or ds[(i, seed)] -> the raw
     item for collate. label_csv None: the classes are the datafile's own labels."""
 
-    def __init__(
-        self,
-        datafile,
-        label_csv,
-        train=False,
-        target_length=1024,
-        num_frames=10,
-        frame=None,
-        mean=AUDIOSET_MEAN,
-        std=AUDIOSET_STD,
-        freqm=0,
-        timem=0,
-        mixup=0.0,
-        noise=False,
-        label_smooth=0.0,
-        image_size=224,
-        raw=False,
-    ):
-        self.datafile = datafile
-        self.train = train  # draw a frame, mixup and augmentation; else the evaluation `frame`
-        self.target_length = target_length
-        self.num_frames = num_frames
-        self.frame = frame  # the evaluation frame, None: the middle one
-        self.mean = mean
-        self.std = std
-        self.freqm = freqm
-        self.timem = timem
-        self.mixup = mixup
-        self.noise = noise
-        self.label_smooth = label_smooth
-        self.image_size = image_size
-        self.raw = raw
-        self.mids, self.names = load_label_csv(label_csv) if label_csv else ([], [])
-        self.read_rows(datafile, label_csv)
+    datafile: str
+    label_csv: str | None
+    train: bool = False  # draw a frame, mixup and augmentation; else the evaluation `frame`
+    target_length: int = 1024
+    num_frames: int = 10
+    frame: int | None = None  # the evaluation frame, None: the middle one
+    mean: float = AUDIOSET_MEAN
+    std: float = AUDIOSET_STD
+    freqm: int = 0
+    timem: int = 0
+    mixup: float = 0.0
+    noise: bool = False
+    label_smooth: float = 0.0
+    image_size: int = 224
+    raw: bool = False
 
-    def read_rows(self, datafile, label_csv):
-        """The rows as a few numpy arrays, which forked loader workers share (2M rows as dicts take
-        ~1.5 GB, copied into every worker): fixed-width bytes for the strings, and each row's
-        classes at label_offsets[i]:label_offsets[i + 1] of label_classes."""
-        require_file(datafile, "datafile")
+    def __post_init__(self):
+        """The classes, and the rows as a few numpy arrays, which forked loader workers share (2M
+        rows as dicts take ~1.5 GB, copied into every worker): fixed-width bytes for the strings,
+        and each row's classes at label_offsets[i]:label_offsets[i + 1] of label_classes."""
+        self.mids, self.names = load_label_csv(self.label_csv) if self.label_csv else ([], [])
+        require_file(self.datafile, "datafile")
         try:
-            with open(datafile, encoding="utf-8") as f:
+            with open(self.datafile, encoding="utf-8") as f:
                 records = json.load(f)["data"]
-            strings = {k: [str(r[k]).encode() for r in records] for k in ("video_id", "wav", "video_path")}
+            self.video_ids = np.array([str(r["video_id"]).encode() for r in records])
+            self.wavs = np.array([str(r["wav"]).encode() for r in records])
+            self.video_paths = np.array([str(r["video_path"]).encode() for r in records])
         except (OSError, ValueError, KeyError, TypeError) as error:
             want = "json {'data': [rows with video_id, wav, video_path, labels]}"
-            raise DataError(
-                f"cannot read datafile {datafile} ({type(error).__name__}: {error}); want {want}"
-            ) from None
+            raise DataError(f"cannot read datafile {self.datafile} ({error!r}); want {want}") from None
         index = {mid: k for k, mid in enumerate(self.mids)}
         classes = []
         counts = []
         for i, record in enumerate(records):
             mids = split_labels(record.get("labels", ""))
             for mid in mids:
-                if label_csv is None:
+                if self.label_csv is None:  # the datafile's labels, in first-seen order
                     index.setdefault(mid, len(index))
                 if mid not in index:
-                    where = f"{datafile} row {i} (video_id {record['video_id']})"
-                    raise DataError(f"{where}: label {mid!r} is not in {label_csv}")
+                    where = f"{self.datafile} row {i} (video_id {record['video_id']})"
+                    raise DataError(f"{where}: label {mid!r} is not in {self.label_csv}")
             classes += [index[mid] for mid in mids]
             counts.append(len(mids))
-        if label_csv is None:
+        if self.label_csv is None:
             self.mids = list(index)
             self.names = list(index)
-        self.folder = os.path.dirname(os.path.abspath(datafile))
-        self.video_ids = np.array(strings["video_id"])
-        self.wavs = np.array(strings["wav"])
-        self.video_paths = np.array(strings["video_path"])
+        self.num_classes = len(self.mids)
+        self.folder = os.path.dirname(os.path.abspath(self.datafile))
         self.label_classes = np.array(classes, dtype=np.int32)
         self.label_offsets = np.cumsum([0, *counts])
-
-    @property
-    def num_classes(self):
-        return len(self.mids)
 
     def __len__(self):
         return len(self.video_ids)
@@ -393,14 +370,13 @@ class AVDataset(torch.utils.data.Dataset):
         rng = random if seed is None else random.Random(seed)
         mixup = self.train and (self.mixup > 0)
         mixed = mixup and (rng.random() < self.mixup)
-        partner = rng.randrange(len(self)) if mixed else None  # from the whole dataset, as the official
+        partner_index = rng.randrange(len(self)) if mixed else None  # any clip, as the official
         lam = rng.betavariate(MIXUP_BETA, MIXUP_BETA) if mixed else 1.0
         wave, image, label = self.decode(int(i), rng)
         item = dict(wave=wave, image=image, label=label)
-        if mixup:  # every item of a mixup run has a partner; lam = 1 means none
-            partner_wave, partner_image, partner_label = (wave, image, label)  # unused: lam = 1
-            if mixed:
-                partner_wave, partner_image, partner_label = self.decode(partner, rng)
+        if mixup:  # every item of a mixup run has a partner: itself, unused, when lam = 1
+            partner = self.decode(partner_index, rng) if mixed else (wave, image, label)
+            partner_wave, partner_image, partner_label = partner
             partner_wave = F.pad(partner_wave, (0, max(0, len(wave) - len(partner_wave))))[: len(wave)]
             item.update(partner_wave=partner_wave, partner_image=partner_image, partner_label=partner_label)
             item["lam"] = torch.tensor(lam, dtype=torch.float64)

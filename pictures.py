@@ -1,7 +1,6 @@
 """Pictures drawn with Pillow and numpy: inpainting (Fig. 3), localisation and training curves."""
 
 import json
-import math
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -55,8 +54,7 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
     canvas = Image.new("RGB", (PAD + T + PAD + P + PAD, TEXT + 3 * row_height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 4), title, fill="black", font=FONT)
-    ratios = f"{mask_a.float().mean():.0%} of the audio, {mask_v.float().mean():.0%} of the frame"
-    for row, caption in enumerate(["original", f"masked (grey): {ratios}", "reconstruction"]):
+    for row, caption in enumerate(["original", "masked (grey)", "reconstruction"]):
         y = TEXT + row * row_height
         draw.text((PAD, y + 4), caption, fill="black", font=FONT)
         canvas.paste(Image.fromarray(spectrograms[row]), (PAD, y + TEXT))
@@ -65,8 +63,8 @@ def inpaint_picture(model, audio, image, mask_a, mask_v, pred_a, pred_v, title):
 
 
 def localization_picture(image, similarity, title, outlines=()):
-    """The frame (3, S, S), and the frame under a heat map of `similarity` (h, w) over its patches
-    with a cross on the peak. outlines: (mask, colour) pairs, mask an (S, S) bool array."""
+    """The frame (3, S, S), and the frame under a heat map of `similarity` (h, w) over its patches.
+    outlines: (mask, colour) pairs, mask an (S, S) bool array."""
     frame = frame_picture(image)  # (P, P, 3)
     P = frame.shape[0]
     grid = similarity.float().cpu().numpy()
@@ -85,31 +83,22 @@ def localization_picture(image, similarity, title, outlines=()):
     for k in range(2):
         draw.text((PAD + k * (P + PAD), TEXT + 4), captions[k], fill="black", font=FONT)
         canvas.paste(Image.fromarray(panels[k]), (PAD + k * (P + PAD), 3 * TEXT))
-    row, col = np.unravel_index(grid.argmax(), grid.shape)  # the peak patch
-    cell = P / grid.shape[1]  # a patch's width in the picture
-    x = PAD + P + PAD + (col + 0.5) * cell  # the peak patch's centre on the heat panel
-    y = 3 * TEXT + (row + 0.5) * cell
-    draw.line([(x - cell / 4, y), (x + cell / 4, y)], fill="white", width=3)
-    draw.line([(x, y - cell / 4), (x, y + cell / 4)], fill="white", width=3)
     return canvas
 
 
 # Training curves: train.py's train.png, from the run's log.jsonl
 PANEL_WIDTH = 640
 PANEL_HEIGHT = 170
-LEFT = 64  # the plots' edges: room on their left for the values
-RIGHT = PANEL_WIDTH - 16
-PRETRAIN_PANELS = {
-    "reconstruction loss (masked patches)": {"audio": "loss_mae_a", "visual": "loss_mae_v"},
-    "contrastive loss": {"contrastive": "loss_c"},
-    "contrastive accuracy (in batch)": {"accuracy": "contrastive_accuracy"},
-    "retrieval R@1": {"audio->visual": "a2v_R1", "visual->audio": "v2a_R1"},
-}
-FINETUNE_PANELS = {
-    "loss": {"loss": "loss"},
-    "accuracy": {"middle frame": "acc", "all frames": "acc_frames"},
-    "mAP": {"middle frame": "mAP", "all frames": "mAP_frames"},
-}
+RIGHT = PANEL_WIDTH - PAD  # the plots' right edge
+PANELS = [  # the series of each panel, {label: the log's key}, drawn in SERIES_COLOURS
+    {"loss": "loss"},
+    {"reconstruction loss, audio": "loss_mae_a", "visual": "loss_mae_v"},
+    {"contrastive loss": "loss_c"},
+    {"contrastive accuracy (in batch)": "contrastive_accuracy"},
+    {"retrieval R@1, audio->visual": "a2v_R1", "visual->audio": "v2a_R1"},
+    {"accuracy, middle frame": "acc", "all frames": "acc_frames"},
+    {"mAP, middle frame": "mAP", "all frames": "mAP_frames"},
+]
 
 
 def read_log(path):
@@ -122,51 +111,42 @@ def read_log(path):
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            finite = {k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)}
+            finite = {k: v for k, v in record.items() if not isinstance(v, float) or np.isfinite(v)}
             records[record.get("split"), record.get("iter")] = finite
     return list(records.values())
 
 
 def train_picture(log_path):
-    """A run's curves, a panel for each quantity in its log.jsonl; None when it has none."""
+    """A run's curves, a panel for each quantity in its log.jsonl; None when it has none. Above each
+    plot: its series' names in their colours and the range of its values, bottom .. top."""
     records = read_log(log_path)
-    pretraining = any("loss_mae_a" in record for record in records)
-    panels = []  # (title, {label: key}) of the quantities the log has
-    for title, keys in (PRETRAIN_PANELS if pretraining else FINETUNE_PANELS).items():
-        found = {label: key for label, key in keys.items() if any(key in r for r in records)}
-        if found:
-            panels.append((title, found))
+    logged = {key for record in records for key in record}
+    panels = [{label: key for label, key in series.items() if key in logged} for series in PANELS]
+    panels = [series for series in panels if series]  # the panels with a quantity the log has
     if not panels:
         return None
     last_iter = max(max(record.get("iter", 0) for record in records), 1)
     canvas = Image.new("RGB", (PANEL_WIDTH, TEXT + len(panels) * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    markers = "lines: training, dots: validation, large dots: the final evaluation"
-    draw.text((PAD, 4), f"iterations 0 .. {last_iter}; {markers}", fill="black", font=FONT)
-    for k, (title, found) in enumerate(panels):
-        top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under the title
+    draw.text((PAD, 4), f"iter 0 .. {last_iter}; lines: training, dots: validation", fill="black", font=FONT)
+    for k, series in enumerate(panels):
+        top = TEXT + k * PANEL_HEIGHT + 30  # the plot's frame, under its legend
         bottom = top + PANEL_HEIGHT - 40
-        values = [r[key] for key in found.values() for r in records if key in r]
+        values = [r[key] for key in series.values() for r in records if key in r]
         low = min(values)
         high = max(values)
-        # (iter, value) -> origin + scale * (iter, value): low 8 pixels above the bottom, high below the top
-        scale = np.array([(RIGHT - LEFT) / last_iter, (top - bottom + 16) / max(high - low, 1e-12)])
-        origin = np.array([LEFT, bottom - 8]) - scale * [0, low]
-        draw.rectangle([LEFT, top, RIGHT, bottom], outline="black")
-        draw.text((LEFT - 6, bottom - 8), f"{low:.3g}", fill="black", font=FONT, anchor="rm")
-        draw.text((LEFT - 6, top + 8), f"{high:.3g}", fill="black", font=FONT, anchor="rm")
-        legend_x = LEFT  # the title, then the series named in their colours
-        for text, colour in [(title, "black"), *zip(found, SERIES_COLOURS)]:
-            draw.text((legend_x, top - 22), text, fill=colour, font=FONT)
-            legend_x += draw.textlength(text, font=FONT) + 16
-        for colour, key in zip(SERIES_COLOURS, found.values()):
-            pixels = {}  # (x, y) of the records of each split
-            for split in ("train", "val", "final"):
-                points = [(r["iter"], r[key]) for r in records if r.get("split") == split and key in r]
-                pixels[split] = [tuple(origin + scale * point) for point in points]
-            draw.line(pixels["train"], fill=colour, width=2)
-            for split, radius in [("val", 4), ("final", 7)]:
-                for x, y in pixels[split]:
-                    box = [x - radius, y - radius, x + radius, y + radius]
-                    draw.ellipse(box, fill=colour, outline="black")
+        # pixel = origin + scale * (iter, value): low 8 px above the bottom, high 8 px below the top
+        scale = np.array([(RIGHT - PAD) / last_iter, (top - bottom + 16) / max(high - low, 1e-12)])
+        origin = np.array([PAD, bottom - 8]) - scale * [0, low]
+        draw.rectangle([PAD, top, RIGHT, bottom], outline="black")
+        draw.text((RIGHT, top - 22), f"{low:.3g} .. {high:.3g}", fill="black", font=FONT, anchor="ra")
+        for j, (label, key) in enumerate(series.items()):
+            colour = SERIES_COLOURS[j]
+            draw.text((PAD + 230 * j, top - 22), label, fill=colour, font=FONT)  # the legend
+            trained = [r for r in records if r.get("split") == "train" and key in r]
+            evaluated = [r for r in records if r.get("split") in ("val", "final") and key in r]
+            draw.line([tuple(origin + scale * (r["iter"], r[key])) for r in trained], fill=colour, width=2)
+            for r in evaluated:
+                x, y = origin + scale * (r["iter"], r[key])
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour, outline="black")
     return canvas

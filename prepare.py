@@ -1,7 +1,7 @@
 """
 Prepare data for CAV-MAE in the official on-disk format, from real videos or drawn from nothing.
 
-    python prepare.py videos --input DIR_LIST_OR_VIDEO --out OUT [--labels CSV] [--workers N]
+    python prepare.py videos --input FOLDER --out OUT [--labels CSV] [--workers N]
     python prepare.py synthetic --out data/synthetic [--n-train 2000 --n-test 500 --multilabel ...]
 
 The format (what data.py reads), paths relative to the datafile's folder:
@@ -37,21 +37,13 @@ from tqdm import tqdm
 
 import data
 
-SAMPLE_RATE = 16000
 NUM_FRAMES = 10  # frames per video, spread over its first 10 seconds
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".wmv", ".3gp", ".ts"}
-AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac"}  # listed, to fail: no video
-FFMPEG_HELP = (
-    "install them with `sudo apt-get install -y ffmpeg` (Debian, Ubuntu), `brew install ffmpeg` "
-    "(macOS) or `conda install -c conda-forge ffmpeg`"
-)
 
 
 def parallel_map(fn, jobs, workers, desc, chunksize=1):
-    """list(map(fn, jobs)) over `workers` processes (in this one when 1), with a progress bar."""
-    if workers is None:
-        workers = os.cpu_count()
-    if workers <= 1:
+    """list(map(fn, jobs)) in `workers` processes (None: all CPUs; 1: here), with a progress bar."""
+    if workers == 1:
         return list(tqdm(map(fn, jobs), total=len(jobs), desc=desc))
     with ProcessPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(fn, jobs, chunksize=chunksize), total=len(jobs), desc=desc))
@@ -74,11 +66,10 @@ def write_label_csv(path, mids, names):
 # Real videos, with ffprobe and ffmpeg
 
 
-def ffmpeg_error(result, video):
-    """ffmpeg's first line on stderr, without its `[demuxer @ 0x...]` and file name prefixes."""
+def ffmpeg_error(result):
+    """ffmpeg's first line on stderr, without its `[demuxer @ 0x...]` prefix."""
     lines = result.stderr.decode(errors="replace").strip().splitlines() + ["no message from ffmpeg"]
-    line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\] ", "", lines[0])
-    return line.replace(f"{video}: ", "")
+    return re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\] ", "", lines[0])
 
 
 def probe(video):
@@ -93,7 +84,7 @@ def probe(video):
     cmd = "ffprobe -v error -count_packets -of json -show_entries".split() + [entries, video]
     result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        raise ValueError(f"not a readable video ({ffmpeg_error(result, video)})")
+        raise ValueError(f"not a readable video ({ffmpeg_error(result)})")
     facts = json.loads(result.stdout)
     streams = facts.get("streams", [])
     # the cover art of an audio file is a video stream of one picture
@@ -124,15 +115,6 @@ def frame_indices(total):
     return [max(int(i * (total / NUM_FRAMES)) - 1, 0) for i in range(NUM_FRAMES)]
 
 
-def resize_crop(image, size=224):
-    """Shorter side to `size` by Pillow bilinear (torchvision's int size rule), a centre crop."""
-    new_size = data.resized_size(*image.size, size)
-    image = image.resize(new_size, Image.BILINEAR)  # a copy when the size is already right
-    left = int(round((new_size[0] - size) / 2))  # round half to even, as torchvision
-    top = int(round((new_size[1] - size) / 2))
-    return image.crop((left, top, left + size, top + size))
-
-
 def extract_frames(video, stream_index, total, paths):
     """Write the 10 official frames of `video` to `paths`: decoded by ffmpeg, resized by Pillow."""
     indices = frame_indices(total)
@@ -147,11 +129,11 @@ def extract_frames(video, stream_index, total, paths):
         pngs = [os.path.join(tmp, f"{n + 1}.png") for n in range(len(wanted))]  # numbered from 1
         decoded = sum(os.path.isfile(png) for png in pngs)
         if decoded < len(wanted):  # the official extractor stops at the first unreadable frame
-            reason = f"decoding stopped before frame {wanted[decoded]} ({ffmpeg_error(result, video)})"
+            reason = f"decoding stopped before frame {wanted[decoded]} ({ffmpeg_error(result)})"
             raise ValueError(f"truncated or corrupt: {reason}")
         for path, k in zip(paths, indices):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            frame = resize_crop(Image.open(pngs[wanted.index(k)]))
+            frame = data.resize_crop(Image.open(pngs[wanted.index(k)]), 224, Image.BILINEAR)
             frame.save(path, "JPEG")  # Pillow's defaults: quality 75, 4:2:0
 
 
@@ -163,7 +145,7 @@ def extract_audio(video, wav_path):
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", video, *options.split(), part]
     result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
-        raise ValueError(f"audio extraction failed ({ffmpeg_error(result, video)})")
+        raise ValueError(f"audio extraction failed ({ffmpeg_error(result)})")
     os.replace(part, wav_path)
 
 
@@ -183,37 +165,30 @@ def prepare_video(job):
     return ""
 
 
-def list_videos(source):
-    """One video; the videos a text file names, one a line; or those (and audio files) of a folder."""
-    if os.path.splitext(source)[1].lower() in VIDEO_EXTS | AUDIO_EXTS:
-        return [source]
-    if os.path.isfile(source):
-        base = os.path.dirname(os.path.abspath(source))
-        with open(source) as f:
-            return [os.path.join(base, line.strip()) for line in f if line.strip()]
-    paths = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
-    found = [path for path in paths if os.path.splitext(path)[1].lower() in VIDEO_EXTS | AUDIO_EXTS]
+def list_videos(folder):
+    """The videos of a folder and its subfolders."""
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    found = [path for path in paths if os.path.splitext(path)[1].lower() in VIDEO_EXTS]
     if not found:
-        raise ValueError(f"--input {source}: not a list file, nor a folder with video files")
+        raise ValueError(f"--input {folder}: not a folder with video files")
     return sorted(found)
 
 
 def read_labels(path):
     """{video_id: "label1,label2"} from a csv of `video_id,labels` rows (a header does no harm)."""
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
     labels = {}
-    for row in rows:
-        names = [name.strip() for name in ",".join(row[1:]).split(",")]  # quoted or not
-        labels[row[0].strip()] = ",".join(name for name in names if name)
+    with open(path, newline="") as f:
+        for row in filter(None, csv.reader(f)):  # a blank line is an empty row
+            names = [name.strip() for name in ",".join(row[1:]).split(",")]  # quoted or not
+            labels[row[0].strip()] = ",".join(name for name in names if name)
     return labels
 
 
 def prepare_videos(source, out, labels_csv=None, workers=None):
-    """Extract the videos of `source` into `out`, with data.json, labels.csv and failed.csv."""
-    missing = [name for name in ("ffmpeg", "ffprobe") if shutil.which(name) is None]
-    if missing:
-        raise RuntimeError(f"prepare.py needs {' and '.join(missing)}: {FFMPEG_HELP}")
+    """Extract the videos of folder `source` into `out`; write data.json, labels.csv, failed.csv."""
+    if (shutil.which("ffmpeg") is None) or (shutil.which("ffprobe") is None):
+        install = "apt-get install -y ffmpeg, brew install ffmpeg or conda install -c conda-forge ffmpeg"
+        raise RuntimeError(f"prepare.py needs ffmpeg and ffprobe: install them with {install}")
     jobs = [(video, os.path.splitext(os.path.basename(video))[0], out) for video in list_videos(source)]
     twice = [video_id for video_id, n in Counter(job[1] for job in jobs).items() if n > 1]
     if twice:  # their files would overwrite each other
@@ -262,10 +237,9 @@ CLASSES = [  # (shape, sound)
     ("checkered disk", "pluck"),
     ("bar", "bell"),
 ]
-OBJECTS_HELP = (
-    "clips[video_id][frame] lists that frame's objects as {class, x, y, radius, sounding}, in pixels (x to "
-    "the right, y down, (0, 0) the top-left corner; sounding is false for a silent object); a point (px, "
-    "py) is inside an object where prepare.shape_mask(class, (px - x) / radius, (py - y) / radius) is true"
+OBJECTS_HELP = (  # objects.json's "geometry"
+    "clips[video_id][frame]: its objects {class, x, y, radius, sounding} in pixels from the top-left corner; "
+    "(px, py) is inside one where prepare.shape_mask(class, (px - x) / radius, (py - y) / radius)[0]"
 )
 
 
@@ -305,12 +279,12 @@ def hsv_to_rgb(h, s, v):
 
 def note(cls, f0, n, rng):
     """One note of class `cls`'s timbre at pitch f0 Hz, n samples, peak 1."""
-    t = np.arange(n) / SAMPLE_RATE
-    dur = n / SAMPLE_RATE
+    t = np.arange(n) / data.SAMPLE_RATE
+    dur = n / data.SAMPLE_RATE
 
     def partials(ratios, amps):
         """Sines at f0 times each ratio (those below the Nyquist margin), each with a random phase."""
-        keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < 0.45 * SAMPLE_RATE]
+        keep = [(r, a) for r, a in zip(ratios, amps) if r * f0 < 0.45 * data.SAMPLE_RATE]
         return sum(a * np.sin(2 * np.pi * r * f0 * t + rng.uniform(0, 2 * np.pi)) for r, a in keep)
 
     if cls == 0:
@@ -333,8 +307,7 @@ def note(cls, f0, n, rng):
         wave = partials(range(1, 7), [1 / k for k in range(1, 7)]) * np.exp(-t / 0.08)
     else:  # bell: inharmonic partials, slower decay
         wave = partials([1, 2.76, 5.4], [1, 0.5, 0.25]) * np.exp(-t / 0.3)
-    ramp = np.minimum(1, np.minimum(t / 0.01, (dur - t) / 0.06))  # 10 ms attack, 60 ms release
-    wave = wave * ramp
+    wave = wave * np.minimum(1, np.minimum(t / 0.01, (dur - t) / 0.06))  # fade 10 ms in, 60 ms out
     return wave / (np.abs(wave).max() + 1e-9)
 
 
@@ -356,7 +329,7 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
     S = image_size
     n = len(classes)
     silent_rng = rng.spawn(1)[0]  # spawning takes no draws from rng
-    n_samples = int(round(seconds * SAMPLE_RATE))
+    n_samples = int(round(seconds * data.SAMPLE_RATE))
     hues = rng.uniform(0, 0.8, n)  # 0.8: stop before red wraps round
     pitches = 200 * 2 ** (3 * hues / 0.8)  # hue <-> pitch: 200 .. 1600 Hz
     loud = rng.uniform(0.8, 1.25)  # near = big and loud
@@ -371,13 +344,12 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
     slot = seconds / n
     wave = np.zeros(n_samples)
     for j, (cls, f0) in enumerate(zip(classes, pitches)):
-        start = int((j + rng.uniform(0, 0.2)) * slot * SAMPLE_RATE)
-        length = int(min(1.2, 0.7 * slot) * SAMPLE_RATE)
+        start = int((j + rng.uniform(0, 0.2)) * slot * data.SAMPLE_RATE)
+        length = int(min(1.2, 0.7 * slot) * data.SAMPLE_RATE)
         wave[start : start + length] += note(cls, f0, length, rng)[: n_samples - start]
-    t = np.arange(n_samples) / SAMPLE_RATE
+    t = np.arange(n_samples) / data.SAMPLE_RATE
     wave *= 0.3 * loud * envelope(t)
-    white = rng.standard_normal(n_samples)
-    noise = white * rng.uniform(0.003, 0.03) * 0.3  # 10 .. 30 dB below the notes
+    noise = rng.standard_normal(n_samples) * rng.uniform(0.003, 0.03) * 0.3  # 10-30 dB quieter
     pcm = np.round(np.clip(wave + noise, -1, 1) * 32767).astype(np.int16)
 
     # frames: background + objects, 2 x 2 supersampled edges
@@ -441,9 +413,7 @@ def draw_clip(rng, classes, image_size, seconds, distractors=0, num_classes=10):
 
 def inside_objects(frame_objects, x, y):
     """Which points lie inside one of a frame's objects (objects.json's {class, x, y, radius}):
-    a boolean array shaped like x and y, which are in pixels of the frame."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+    a boolean array shaped like x and y, numpy arrays in pixels of the frame."""
     inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
     for o in frame_objects:
         inside |= shape_mask(o["class"], (x - o["x"]) / o["radius"], (y - o["y"]) / o["radius"])[0]
@@ -459,7 +429,7 @@ def make_clip(job):
     else:  # one event class, 1-3 objects
         classes = np.full(rng.integers(1, 4), rng.integers(num_classes))
     frames, pcm, objects = draw_clip(rng, list(classes), image_size, seconds, distractors, num_classes)
-    sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, SAMPLE_RATE, subtype="PCM_16")
+    sf.write(os.path.join(out, "audio", f"{video_id}.wav"), pcm, data.SAMPLE_RATE, subtype="PCM_16")
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(os.path.join(out, "frames", f"frame_{i}", f"{video_id}.jpg"), "JPEG")
     labels = ",".join(f"/synth/{c:02d}" for c in sorted(set(int(c) for c in classes)))
@@ -512,7 +482,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data for CAV-MAE in its on-disk format.")
     commands = parser.add_subparsers(dest="command", required=True)
     videos = commands.add_parser("videos", help="extract audio and frames from real videos")
-    videos.add_argument("--input", required=True, help="a folder, a list (one a line) or a video")
+    videos.add_argument("--input", required=True, help="a folder of videos (and subfolders)")
     videos.add_argument("--out", required=True, help="output folder")
     videos.add_argument("--labels", help="csv of video_id,labels rows (the labels quoted)")
     videos.add_argument("--workers", type=int, help="videos in parallel (default: all CPUs)")

@@ -108,15 +108,6 @@ def test_heat_map_is_red_where_the_similarity_peaks_and_blue_where_it_is_lowest(
     assert bottom_left[2] > 3 * bottom_left[:2].max()
 
 
-def test_peak_cross_is_drawn_on_the_patch_of_the_largest_similarity():
-    similarity = torch.zeros(4, 4)
-    similarity[2, 1] = 1.0
-    heat = heat_panel(pictures.localization_picture(black_frame(), similarity, "clip"))
-    white = np.argwhere((heat == 255).all(-1))  # (row, col) of the cross's pixels
-    assert len(white) > 0
-    assert np.allclose(white.mean(0), [2.5 * 32, 1.5 * 32], atol=1.5)  # the centre of patch (2, 1)
-
-
 def test_outlines_are_drawn_in_their_colours_around_their_masks_on_both_panels():
     square = np.zeros((32, 32), bool)
     square[8:24, 4:12] = True
@@ -230,15 +221,3 @@ def test_non_finite_values_are_skipped(tmp_path):
     records = finetuning_records()
     with_nan = records[:3] + [dict(split="train", iter=16, loss=float("nan"))] + records[3:]
     assert picture_of(tmp_path, with_nan).tobytes() == picture_of(tmp_path, records).tobytes()
-
-
-def test_final_record_is_drawn_as_a_large_dot_at_the_last_iteration(tmp_path):
-    records = [dict(split="train", iter=it, loss=3.0 / it) for it in range(5, 125, 5)]
-    final = dict(split="final", iter=120, loss=0.1)  # within the training range: the same axes
-    without = np.asarray(picture_of(tmp_path, records)).astype(int)
-    drawn = np.asarray(picture_of(tmp_path, records + [final])).astype(int)
-    changed = np.argwhere((drawn != without).any(-1))  # (y, x) of the changed pixels
-    assert len(changed) > 60  # a disk of radius 7
-    assert changed[:, 1].min() > 0.9 * pictures.PANEL_WIDTH  # at the right end: the last iteration
-    assert np.ptp(changed, 0).max() <= 16
-    assert pictures.SERIES_COLOURS[0] in {tuple(drawn[y, x]) for y, x in changed}

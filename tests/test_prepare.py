@@ -115,7 +115,7 @@ def test_resize_crop_uses_the_torchvision_size_rule_and_half_even_offsets(size, 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8))
     expected = image if resized == size else image.resize(resized, Image.BILINEAR)
     expected = expected.crop((offset[0], offset[1], offset[0] + 224, offset[1] + 224))
-    assert np.array_equal(np.asarray(prepare.resize_crop(image)), np.asarray(expected))
+    assert np.array_equal(np.asarray(data.resize_crop(image, 224, Image.BILINEAR)), np.asarray(expected))
 
 
 def test_only_complete_videos_are_listed(extracted):
@@ -148,18 +148,20 @@ def test_bad_videos_are_reported_with_their_reason(extracted):
 
 def test_bad_videos_are_printed_and_the_exit_status_is_1(extracted, tmp_path, capsys):
     videos, _, _ = extracted
-    listing = tmp_path / "list.txt"
-    listing.write_text("counter.mov\nnoaudio.mp4\n")  # relative to the list's folder
+    folder = tmp_path / "in"
+    folder.mkdir()
     for name in ("counter.mov", "noaudio.mp4"):
-        shutil.copy(os.path.join(videos, name), tmp_path)
-    assert prepare.main(["videos", "--input", str(listing), "--out", str(tmp_path / "out")]) == 1
+        shutil.copy(os.path.join(videos, name), folder)
+    assert prepare.main(["videos", "--input", str(folder), "--out", str(tmp_path / "out")]) == 1
     assert "noaudio.mp4: no audio stream" in capsys.readouterr().out
 
 
-def test_one_video_as_input_becomes_a_one_row_datafile_with_exit_status_0(extracted, tmp_path):
+def test_a_folder_of_good_videos_becomes_their_datafile_with_exit_status_0(extracted, tmp_path):
     videos, _, _ = extracted
+    (tmp_path / "in").mkdir()
+    shutil.copy(os.path.join(videos, "counter.mov"), tmp_path / "in")
     out = str(tmp_path / "out")
-    assert prepare.main(["videos", "--input", os.path.join(videos, "counter.mov"), "--out", out]) == 0
+    assert prepare.main(["videos", "--input", str(tmp_path / "in"), "--out", out]) == 0
     assert [row["video_id"] for row in json.load(open(os.path.join(out, "data.json")))["data"]] == ["counter"]
 
 
@@ -214,8 +216,10 @@ def test_rerun_skips_finished_videos_and_redoes_those_a_run_cut_short_or_a_user_
     videos, first_out, _ = extracted
     out = str(tmp_path / "out")
     shutil.copytree(first_out, out)
-    listing = tmp_path / "list.txt"
-    listing.write_text(f"{videos}/counter.mov\n{videos}/long.mp4\n{videos}/vfr.mp4\n")
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("counter.mov", "long.mp4", "vfr.mp4"):
+        shutil.copy(os.path.join(videos, name), good)
     files = {}  # video_id: its wav and frames
     for video_id in ("counter", "long", "vfr"):
         files[video_id] = [os.path.join(out, "audio", f"{video_id}.wav"), *frame_paths(out, video_id)]
@@ -225,13 +229,13 @@ def test_rerun_skips_finished_videos_and_redoes_those_a_run_cut_short_or_a_user_
     open(files["long"][7], "r+b").truncate(500)  # a run killed while writing a frame: no wav yet
     os.remove(files["long"][0])
     open(files["long"][0] + ".part", "wb").close()
-    assert prepare.prepare_videos(str(listing), out, workers=1) == []
+    assert prepare.prepare_videos(str(good), out, workers=1) == []
     assert {path: open(path, "rb").read() for path in original} == original
     assert not os.path.exists(files["long"][0] + ".part")
     assert all(os.stat(path).st_mtime_ns == before[path] for path in files["vfr"])  # untouched
     assert os.stat(files["long"][1]).st_mtime_ns != before[files["long"][1]]  # redone
     before = {path: os.stat(path).st_mtime_ns for path in original}
-    prepare.prepare_videos(str(listing), out, workers=1)
+    prepare.prepare_videos(str(good), out, workers=1)
     assert {path: os.stat(path).st_mtime_ns for path in original} == before  # nothing left to do
 
 
@@ -337,19 +341,12 @@ def test_two_videos_with_one_video_id_are_an_error_before_any_work(tmp_path):
 
 
 @needs_ffmpeg
-def test_audio_only_files_are_listed_among_the_failures_with_no_video_stream(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(folder / "voice.m4a"))
-    sf.write(str(folder / "tone.wav"), np.zeros(16000, np.int16), 16000)
-    out = str(tmp_path / "out")
-    failures = prepare.prepare_videos(str(folder), out, workers=1)
-    assert {os.path.basename(video): reason for video, reason in failures} == {
-        "voice.m4a": "no video stream",
-        "tone.wav": "no video stream",
-    }
-    with open(os.path.join(out, "failed.csv")) as f:
-        assert len(list(csv.DictReader(f))) == 2
+def test_an_audio_only_mp4_fails_with_no_video_stream(tmp_path):
+    (tmp_path / "in").mkdir()
+    audio = str(tmp_path / "in" / "voice.mp4")
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", audio)
+    failures = prepare.prepare_videos(str(tmp_path / "in"), str(tmp_path / "out"), workers=1)
+    assert failures == [(audio, "no video stream")]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["videos", "--help"], ["synthetic", "--help"]])
