@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import pictures
@@ -316,33 +315,31 @@ def cmd_embed(args):
 # Sound-source localisation on a synthetic set, whose objects.json says where each object is
 
 
-def heat_map(audio_tokens, visual_tokens, kind="cosine"):
-    """How strongly each patch token (B, Lv, D) answers the clip's mean-pooled audio tokens
-    (B, La, D): -> (B, Lv). cosine: with the coordinated audio representation; contribution: the dot
-    product with it (unit length); centred: the cosine once the frame's mean token is taken away."""
+def heat_map(audio_tokens, visual_tokens):
+    """The contribution map: each patch token's (B, Lv, D) dot product with the clip's pooled audio
+    representation (unit length, from the audio tokens (B, La, D)), -> (B, Lv). Un-normalised, a
+    patch weighs as much as it adds to the pooled audio-visual similarity."""
     audio = pooled_representation(audio_tokens)  # (B, D) unit length
-    visual = visual_tokens.float()
-    if kind == "centred":
-        visual = visual - visual.mean(dim=1, keepdim=True)
-    if kind != "contribution":
-        visual = F.normalize(visual, dim=-1)
-    return torch.einsum("bd,bld->bl", audio, visual)
+    return torch.einsum("bd,bld->bl", audio, visual_tokens.float())
 
 
 @torch.no_grad()
-def localization_maps(model, ds, kind, batch_size=32, device="cpu", num_workers=0):
+def localization_maps(model, ds, batch_size=32, device="cpu", num_workers=0):
     """Heat maps (N, Lv) of each clip's frame with its own audio, and with the next clip's audio
-    (the control; the last clip takes the first's)."""
+    (the control; the last clip takes the first's), from the tokens of the modality-specific blocks:
+    of the maps we measured (docs/localization.md), these separate sounding from silent objects best."""
     audio = []
     visual = []
+    enc = model.encoder
     for audio_batch, image, _ in data.batches(ds, batch_size, device, num_workers):
         with autocast(device):
-            a, v = model.encoder.embed(audio_batch, image)  # (B, La, D), (B, Lv, D)
+            a = enc.audio_tokens(audio_batch)  # (B, La, D)
+            v = enc.visual_tokens(image)  # (B, Lv, D)
         audio.append(pooled_representation(a).cpu()[:, None])  # (B, 1, D): a pooled token
         visual.append(v.float().cpu())
     audio = torch.cat(audio)
     visual = torch.cat(visual)
-    return heat_map(audio, visual, kind), heat_map(audio.roll(-1, dims=0), visual, kind)
+    return heat_map(audio, visual), heat_map(audio.roll(-1, dims=0), visual)
 
 
 def object_masks(frame_objects, x, y):
@@ -377,7 +374,7 @@ def cmd_localize(args):
     ds = open_dataset(model, info, args.data, args.label_csv)
     video_ids = [ds.row(i)["video_id"] for i in range(len(ds))]
     clip_objects = [objects["clips"][video_id][ds.num_frames // 2] for video_id in video_ids]
-    maps, control = localization_maps(model, ds, args.map, args.batch_size, args.device, args.num_workers)
+    maps, control = localization_maps(model, ds, args.batch_size, args.device, args.num_workers)
     # the model sees the square stored frames at its img_size: patch centres in the frames' pixels
     S = model.config.img_size
     p = model.config.patch_size
@@ -386,14 +383,14 @@ def cmd_localize(args):
     truth = [object_masks(objects_on_frame, centres, centres[:, None]) for objects_on_frame in clip_objects]
     sounding = torch.from_numpy(np.stack([s for s, _ in truth])).flatten(1)  # (N, Lv), row-major
     silent = torch.from_numpy(np.stack([s for _, s in truth])).flatten(1)
-    results = dict(pointing_scores(maps, control, sounding, silent), clips=len(ds), map=args.map)
+    results = dict(pointing_scores(maps, control, sounding, silent), clips=len(ds))
     report(results, args.out, "localize.json")
     pixels = (np.arange(S) + 0.5) * scale
     for i in range(min(args.pictures, len(ds))):
         sounding_pixels, silent_pixels = object_masks(clip_objects[i], pixels, pixels[:, None])
         outlines = [(sounding_pixels, (0, 255, 0)), (silent_pixels, (255, 0, 255))]
         image = data.normalise_image(ds[i]["image"])  # (3, S, S)
-        title = f"{video_ids[i]}: {args.map} map; objects green: sounding, magenta: silent"
+        title = f"{video_ids[i]}: contribution map; green: sounding, magenta: silent"
         picture = pictures.localization_picture(image, maps[i].view(S // p, S // p), title, outlines)
         picture.save(os.path.join(args.out, f"{video_ids[i]}.png"))
     return results
@@ -426,7 +423,6 @@ def main(argv=None):
         flags[name].add_argument("--seed", type=int, default=0, help="draws --per_class, the masks")
     for name in ("inpaint", "localize"):
         flags[name].add_argument("--pictures", type=int, default=4, help="of the first N clips")
-    flags["localize"].add_argument("--map", default="cosine", choices=("cosine", "contribution", "centred"))
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -397,19 +397,17 @@ class CAVMAE(nn.Module):
         contrastive_weight=CONTRASTIVE_WEIGHT,
         mask_mode="unstructured",
         bidirectional=False,
-        mil_weight=0.0,
     ):
         """One pretraining forward (Sec. 3). A weight of 0 skips its branch (AV-MAE:
-        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss. mil_weight > 0 adds
-        the max-over-patches contrastive term (see contrastive_loss), not in the paper."""
-        if (mae_weight == 0) and (contrastive_weight == 0) and (mil_weight == 0):
-            raise ValueError("the mae, contrastive and mil weights are all 0: nothing to train")
+        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss."""
+        if (mae_weight == 0) and (contrastive_weight == 0):
+            raise ValueError("mae_weight and contrastive_weight are both 0: there is nothing to train")
         a, v, mask_a, mask_v, ids_restore_a, ids_restore_v = self.forward_encoder(
             audio, image, mask_ratio_a, mask_ratio_v, mask_mode
         )
         zero = torch.zeros((), device=audio.device)
         out = dict(mask_a=mask_a, mask_v=mask_v, loss_mae=zero, loss_mae_a=zero, loss_mae_v=zero)
-        out.update(loss_c=zero, contrastive_accuracy=zero, loss_mil=zero)
+        out.update(loss_c=zero, contrastive_accuracy=zero)
         if mae_weight != 0:  # stream 1: audio and visual tokens together through the joint blocks
             joint = self.encoder.joint(torch.cat([a, v], dim=1), "joint")
             pred_a, pred_v = self.forward_decoder(joint, ids_restore_a, ids_restore_v, a.shape[1])
@@ -417,18 +415,14 @@ class CAVMAE(nn.Module):
             out["loss_mae_a"] = self.forward_loss(self.patchify_audio(audio), pred_a, mask_a)
             out["loss_mae_v"] = self.forward_loss(self.patchify_image(image), pred_v, mask_v)
             out["loss_mae"] = mae_weight * (out["loss_mae_a"] + out["loss_mae_v"])
-        if (contrastive_weight != 0) or (mil_weight != 0):  # streams 2 and 3: each modality alone
+        if contrastive_weight != 0:  # streams 2 and 3: each modality alone, with its own norms
             last_only = self.config.official_contrastive_streams
             audio_rep = self.encoder.joint(a, "audio", last_only).mean(dim=1)  # (B, D)
-            visual_out = self.encoder.joint(v, "visual", last_only)  # (B, Lv_keep, D)
-        if contrastive_weight != 0:
-            loss_c, accuracy = contrastive_loss(audio_rep, visual_out.mean(dim=1), bidirectional)
+            visual_rep = self.encoder.joint(v, "visual", last_only).mean(dim=1)  # (B, D)
+            loss_c, accuracy = contrastive_loss(audio_rep, visual_rep, bidirectional)
             out["loss_c"] = contrastive_weight * loss_c
             out["contrastive_accuracy"] = accuracy
-        if mil_weight != 0:  # the same InfoNCE, each frame scored by its best kept patch
-            loss_mil, _ = contrastive_loss(audio_rep, visual_out, bidirectional)
-            out["loss_mil"] = mil_weight * loss_mil
-        out["loss"] = out["loss_mae"] + out["loss_c"] + out["loss_mil"]
+        out["loss"] = out["loss_mae"] + out["loss_c"]
         return out
 
 
@@ -440,19 +434,13 @@ def pooled_representation(tokens):
 def contrastive_loss(audio_rep, visual_rep, bidirectional=False):
     """Sec. 3 InfoNCE at temperature 0.05 between pooled audio representations (B, D) and pooled
     visual ones (B, D). Official default: one direction, a softmax over the audio clips for each
-    visual clip. Given visual patch tokens (B, Lv, D) instead, clip i's audio against clip j's frame
-    scores j's best patch: the max-over-patches (multiple-instance) term of EZ-VSL (Mo and Morgado,
-    ECCV 2022) and SLAVC, not in the paper. Returns (loss, accuracy of picking the paired clip)."""
+    visual clip. Returns (loss, accuracy of picking the paired clip)."""
     # float32 even under autocast, which would run the product in bf16: measured, the bf16 product
     # put the gradient off by 1.4-3.3%.
     with torch.autocast(audio_rep.device.type, enabled=False):
         audio_unit = F.normalize(audio_rep.float(), dim=-1)  # (B, D)
-        visual_unit = F.normalize(visual_rep.float(), dim=-1)  # (B, D) or (B, Lv, D)
-        if visual_unit.dim() == 2:
-            similarity = audio_unit @ visual_unit.T / CONTRASTIVE_TEMPERATURE  # (B, B), rows audio
-        else:
-            cosine = torch.einsum("id,jld->ijl", audio_unit, visual_unit)  # (B, B, Lv), rows audio
-            similarity = cosine.amax(dim=-1) / CONTRASTIVE_TEMPERATURE  # (B, B): the best patches
+        visual_unit = F.normalize(visual_rep.float(), dim=-1)  # (B, D)
+        similarity = audio_unit @ visual_unit.T / CONTRASTIVE_TEMPERATURE  # (B, B), rows audio
         target = torch.arange(len(similarity), device=similarity.device)
         directions = (similarity, similarity.T) if bidirectional else (similarity,)
         losses = [F.cross_entropy(s.T, target) for s in directions]  # a softmax down each column

@@ -76,7 +76,6 @@ num_workers = 4  # loader processes; they decode files, the fbank and augmentati
 # pretraining objective (Sec. 3)
 mae_weight = 1.0
 contrastive_weight = 0.01  # lambda_c; 0: AV-MAE
-mil_weight = 0.0  # a max-over-patches contrastive term (README: localisation); 0: the paper's loss
 mask_ratio = 0.75
 mask_mode = "unstructured"  # audio masking: 'unstructured' | 'time' | 'freq' | 'tf'
 bidirectional = False  # the contrastive loss in both directions (official: one)
@@ -481,9 +480,7 @@ def compute_loss(model, audio, image, label, cfg):
     if cfg["task"] == "finetune":
         loss = classification_loss(model(audio, image, mode=cfg["ftmode"]), label, cfg["loss"])
         return loss, {"loss": loss.detach()}
-    objective = {
-        k: cfg[k] for k in ("mae_weight", "contrastive_weight", "mil_weight", "mask_mode", "bidirectional")
-    }
+    objective = {k: cfg[k] for k in ("mae_weight", "contrastive_weight", "mask_mode", "bidirectional")}
     out = model(audio, image, mask_ratio_a=cfg["mask_ratio"], mask_ratio_v=cfg["mask_ratio"], **objective)
     return out["loss"], {k: out[k].detach() for k in PRETRAIN_STATS}
 

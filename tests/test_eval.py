@@ -396,25 +396,10 @@ def test_help_prints_the_usage(argv, capsys):
 # localisation
 
 
-def test_cosine_map_is_the_cosine_of_the_pooled_audio_with_each_patch_token():
-    audio = torch.tensor([[[1.0, 0], [3, 0]]])  # mean-pooled: along e0
+def test_contribution_map_is_each_patch_tokens_dot_product_with_the_unit_pooled_audio():
+    audio = torch.tensor([[[1.0, 0], [3, 0]]])  # mean-pooled and normalised: e0
     visual = torch.tensor([[[2.0, 0], [1, 1], [0, 5], [-1, 0]]])
-    want = torch.tensor([[1, 2**-0.5, 0, -1]])
-    assert torch.allclose(ev.heat_map(audio, visual, "cosine"), want)
-
-
-def test_contribution_map_is_each_patch_tokens_dot_product_with_the_unit_audio():
-    audio = torch.tensor([[[4.0, 0]]])
-    visual = torch.tensor([[[2.0, 0], [1, 1], [0, 5], [-1, 0]]])
-    assert torch.allclose(ev.heat_map(audio, visual, "contribution"), torch.tensor([[2.0, 1, 0, -1]]))
-
-
-def test_centred_map_takes_the_frames_mean_token_from_its_tokens_before_the_cosine():
-    audio = torch.tensor([[[1.0, 0]]])
-    visual = torch.tensor(
-        [[[3.0, 1], [1, 1], [2, 2], [2, 0]]]
-    )  # mean (2, 1): (1, 0), (-1, 0), (0, 1), (0, -1)
-    assert torch.allclose(ev.heat_map(audio, visual, "centred"), torch.tensor([[1.0, -1, 0, 0]]))
+    assert torch.allclose(ev.heat_map(audio, visual), torch.tensor([[2.0, 1, 0, -1]]))
 
 
 def test_pointing_game_scores_a_peak_on_a_sounding_object_and_distractors_on_a_silent_one():
@@ -441,9 +426,11 @@ def test_pointing_game_control_scores_the_control_maps_peaks():
 def test_localization_control_maps_take_the_next_clips_audio_wrapping_round(tiny):
     model, info = ev.load_model(str(tiny / "pretrain.pt"))
     ds = ev.open_dataset(model, info, str(tiny / "data" / "test.json"))
-    maps, control = ev.localization_maps(model, ds, "cosine", batch_size=4)  # across two batches
-    with torch.no_grad():
-        audio, visual = model.encoder.embed(*whole_batch(tiny)[:2])
+    maps, control = ev.localization_maps(model, ds, batch_size=4)  # across two batches
+    audio_batch, image = whole_batch(tiny)[:2]
+    with torch.no_grad():  # the tokens of the modality-specific blocks
+        audio = model.encoder.audio_tokens(audio_batch)
+        visual = model.encoder.visual_tokens(image)
     assert torch.allclose(maps, ev.heat_map(audio, visual), atol=1e-5)
     assert torch.allclose(control, ev.heat_map(audio.roll(-1, 0), visual), atol=1e-5)
 
@@ -465,12 +452,11 @@ def localize(tiny, datafile, out, *flags):
 
 
 def test_localize_writes_its_scores_and_pictures_of_the_first_clips(tiny, tmp_path):
-    results = localize(tiny, str(tiny / "data" / "test.json"), tmp_path, "--pictures", 2, "--map", "centred")
+    results = localize(tiny, str(tiny / "data" / "test.json"), tmp_path, "--pictures", 2)
     assert json.load(open(tmp_path / "localize.json")) == results
     scores = ["pointing_game", "distractor_rate", "chance", "unwinnable"]
     scores += ["pointing_game_control", "distractor_rate_control"]
-    assert set(results) == set(scores) | {"clips", "map"}
-    assert results["map"] == "centred"
+    assert set(results) == set(scores) | {"clips"}
     assert sorted(os.listdir(tmp_path)) == ["localize.json", "test_00000.png", "test_00001.png"]
 
 

@@ -114,10 +114,9 @@ def test_pretraining_forward_returns_losses_masks_and_predictions():
     assert out["mask_v"].shape == (B, Lv)
     assert out["pred_a"].shape == (B, La, 16 * 16)
     assert out["pred_v"].shape == (B, Lv, 16 * 16 * 3)
-    for key in ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "contrastive_accuracy", "loss_mil"):
+    for key in ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "contrastive_accuracy"):
         assert out[key].shape == () and torch.isfinite(out[key]), key
     assert torch.allclose(out["loss"], out["loss_mae_a"] + out["loss_mae_v"] + out["loss_c"])
-    assert out["loss_mil"] == 0  # the max-over-patches term is off by default
 
 
 def test_forward_encoder_returns_the_kept_tokens_after_the_modality_specific_blocks():
@@ -470,48 +469,6 @@ def test_contrastive_loss_and_its_gradient_stay_float32_under_bf16_autocast():
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-6, atol=0)
     assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-9)  # a bf16 product is off by ~1e-2
-
-
-def test_contrastive_loss_on_patch_tokens_scores_each_frame_by_its_best_patch():
-    audio = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # clip 0 sounds like e0, clip 1 like e1
-    frames = torch.tensor(
-        [
-            [[0.6, 0.8, 0.0], [0.0, 0.0, 2.0]],  # clip 0: cosines 0.6 with audio 0, 0.8 with audio 1
-            [[0.0, 3.0, 0.0], [-1.0, 0.0, 0.0]],  # clip 1: 0 (its best) with audio 0, 1 with audio 1
-        ]
-    )
-    cosine = torch.tensor([[0.6, 0.0], [0.8, 1.0]])  # rows audio, columns frames
-    target = torch.arange(2)
-    loss, accuracy = contrastive_loss(audio, frames)  # (B, D) audio, (B, Lv, D) patch tokens
-    assert torch.allclose(loss, F.cross_entropy(cosine.T / 0.05, target))
-    assert accuracy == 0.5  # frame 0 matches audio 1 better (0.8 > 0.6); frame 1 picks its own
-    both, _ = contrastive_loss(audio, frames, bidirectional=True)
-    assert torch.allclose(both, (loss + F.cross_entropy(cosine / 0.05, target)) / 2)
-
-
-def test_mil_term_uses_the_kept_tokens_of_the_single_modality_streams():
-    model = tiny()
-    audio, image = inputs(model.config)
-    torch.manual_seed(3)
-    out = model(audio, image, mil_weight=0.5)
-    torch.manual_seed(3)
-    a, v, *_ = model.forward_encoder(audio, image, 0.75, 0.75)
-    audio_rep = model.encoder.joint(a, "audio").mean(dim=1)
-    visual_tokens = model.encoder.joint(v, "visual")  # (B, Lv_keep, D)
-    assert torch.allclose(out["loss_mil"], 0.5 * contrastive_loss(audio_rep, visual_tokens)[0])
-    assert torch.allclose(out["loss"], out["loss_mae"] + out["loss_c"] + out["loss_mil"])
-
-
-def test_mil_term_alone_is_finite_and_trains_the_single_modality_streams():
-    model = tiny()
-    out = model(*inputs(model.config), mae_weight=0.0, contrastive_weight=0.0, mil_weight=1.0)
-    assert torch.isfinite(out["loss_mil"]) and out["loss_mil"] > 0
-    assert torch.equal(out["loss"], out["loss_mil"])
-    out["loss"].backward()
-    enc = model.encoder
-    assert enc.norm_v.weight.grad.abs().sum() > 0
-    assert enc.audio_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    assert model.decoder_pred_a.weight.grad is None
 
 
 def normalised_patches(patches):
