@@ -6,7 +6,6 @@ ROC AUC bit for bit, and the official retrieval script's recall and median rank.
 """
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -19,7 +18,15 @@ import torch
 import data
 import pictures
 import prepare
-from model import CAVMAE, MASK_RATIO, CAVMAEClassifier, CAVMAEConfig, load_pretrained, pooled_representation
+from model import (
+    CAVMAE,
+    MASK_RATIO,
+    CAVMAEClassifier,
+    CAVMAEConfig,
+    load_pretrained,
+    pooled_representation,
+    read_checkpoint,
+)
 
 # Metrics (Sec. 4 of the paper reports mAP, accuracy and retrieval R@K)
 
@@ -129,10 +136,7 @@ def load_model(checkpoint, device="cpu", task=None, audio_length=None):
     """CAVMAE (task 'pretrain') or CAVMAEClassifier ('finetune') in eval mode on `device`, from
     train.py's checkpoint or an official state dict (a classifier when it has a head); audio_length:
     for shorter clips. -> (model, info: task, num_classes, config: the training settings)."""
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as error:  # a missing, truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {checkpoint}: {error}") from None
+    ckpt = read_checkpoint(checkpoint)
     model_args = dict(ckpt.get("model_args", {}))  # official: the paper's architecture
     if "model_args" in ckpt:  # ours
         info = dict(task=ckpt["task"], num_classes=ckpt["num_classes"], config=ckpt.get("config") or {})
@@ -203,15 +207,13 @@ def retrieval(model, dataset, batch_size=32, device="cpu", num_workers=0, indice
     similarity = audio.double() @ visual.double().T  # (N, N) cosine, rows are the audio queries
     a2v = retrieval_metrics(similarity)
     v2a = retrieval_metrics(similarity.T)
-    return {
-        f"{name}_{k}": m[k] for name, m in (("a2v", a2v), ("v2a", v2a)) for k in ("R1", "R5", "R10", "MR")
-    }
+    return {f"{name}_{k}": v for name, m in (("a2v", a2v), ("v2a", v2a)) for k, v in m.items()}
 
 
 def classification(model, ds, mode, all_frames, metric, batch_size=32, device="cpu", num_workers=0):
     """mAP, mAUC, d' and accuracy of a classifier on the middle frame and, with all_frames, of the
     official score: the frames' mean softmax (metric 'acc') or mean sigmoid ('mAP'), as *_frames.
-    -> (those numbers, the per-class metrics of the last score, the targets)."""
+    (classification_metrics has each class's AP and AUC too.)"""
     middle = ds.num_frames // 2
     logits = {}
     for k in range(ds.num_frames) if all_frames else [middle]:
@@ -225,7 +227,7 @@ def classification(model, ds, mode, all_frames, metric, batch_size=32, device="c
         probs = per_frame.softmax(-1) if metric == "acc" else per_frame.sigmoid()
         m = classification_metrics(probs.mean(dim=0), targets)
         results.update({f"{key}_frames": m[key] for key in ("mAP", "mAUC", "d_prime", "acc")})
-    return results, m, targets
+    return results
 
 
 def report(results, folder, name):
@@ -253,14 +255,9 @@ def cmd_classify(args):
     single_label = all(len(ds.row(i)["classes"]) == 1 for i in range(len(ds)))
     metric = settings.get("metric", "acc" if single_label else "mAP")
     loader = dict(batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)
-    results, m, targets = classification(model, ds, mode, args.frames == "all", metric, **loader)
+    results = classification(model, ds, mode, args.frames == "all", metric, **loader)
     results.update(mode=mode, clips=len(ds), activation="softmax" if metric == "acc" else "sigmoid")
     report(results, args.out, "classify.json")
-    if args.out:  # each class's AP and AUC, over all frames where they were averaged
-        positives = targets.sum(dim=0).int().tolist()
-        rows = zip(range(ds.num_classes), ds.mids, ds.names, positives, m["AP"], m["AUC"])
-        with open(os.path.join(args.out, "classify_per_class.csv"), "w", newline="") as f:
-            csv.writer(f).writerows([["index", "mid", "display_name", "positives", "AP", "AUC"], *rows])
     return results
 
 
@@ -296,9 +293,9 @@ def cmd_inpaint(args):
         outputs = [out[key][i] for key in ("mask_a", "mask_v", "pred_a", "pred_v")]
         picture = pictures.inpaint_picture(model, audio[i].cpu(), image[i].cpu(), *outputs, video_id)
         picture.save(os.path.join(args.out, f"{video_id}.png"))
-    masked_audio = out["mask_a"].mean().item()
-    print(json.dumps(dict(mask_ratio=mask_ratio, mask_mode=mask_mode, masked_audio=masked_audio)))
-    return dict(mask_ratio=mask_ratio, mask_mode=mask_mode, masked_audio=masked_audio)
+    results = dict(mask_ratio=mask_ratio, mask_mode=mask_mode, masked_audio=out["mask_a"].mean().item())
+    report(results, None, None)
+    return results
 
 
 def cmd_embed(args):
@@ -390,7 +387,7 @@ def cmd_localize(args):
         sounding_pixels, silent_pixels = object_masks(clip_objects[i], pixels, pixels[:, None])
         outlines = [(sounding_pixels, (0, 255, 0)), (silent_pixels, (255, 0, 255))]
         image = data.normalise_image(ds[i]["image"])  # (3, S, S)
-        title = f"{video_ids[i]}: contribution map; green: sounding, magenta: silent"
+        title = f"{video_ids[i]}: green sounds, magenta silent"
         picture = pictures.localization_picture(image, maps[i].view(S // p, S // p), title, outlines)
         picture.save(os.path.join(args.out, f"{video_ids[i]}.png"))
     return results

@@ -565,6 +565,18 @@ def cut_audio_positions(state, model, checkpoint_mel_bins, where=""):
     return state
 
 
+def read_checkpoint(path):
+    """The dict a checkpoint file holds; a file that is missing, unreadable or holds something else
+    is a ValueError naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a missing, empty, truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path}: a {type(ckpt).__name__} is not a state dict")
+    return ckpt
+
+
 def load_pretrained(model, source):
     """Load `source` (a checkpoint path, a state dict, or our checkpoint dict: weights under
     'model', settings under 'model_args') into a CAVMAE or CAVMAEClassifier: ours, the official
@@ -576,12 +588,7 @@ def load_pretrained(model, source):
     where = ""  # the file, in the errors about its content
     if isinstance(source, (str, os.PathLike)):
         where = f"checkpoint {source}: "
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=False)
-        except Exception as error:  # a missing, empty, truncated or foreign file
-            raise ValueError(f"cannot read checkpoint {source}: {error}") from None
-    if not isinstance(source, dict):
-        raise ValueError(f"{where}a {type(source).__name__} is not a state dict")
+        source = read_checkpoint(source)
     state = source["model"] if isinstance(source.get("model"), dict) else source
     mel_bins = source.get("model_args", {}).get("num_mel_bins", CAVMAEConfig.num_mel_bins)
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}

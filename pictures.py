@@ -79,7 +79,7 @@ def localization_picture(image, similarity, title, outlines=()):
     canvas = Image.new("RGB", (PAD + 2 * (P + PAD), 3 * TEXT + P + PAD), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, 4), title, fill="black", font=FONT)
-    captions = ["frame", f"cosine similarity\nblue {grid.min():.2f} .. red {grid.max():.2f}"]
+    captions = ["frame", f"heat map\nblue {grid.min():.2f} .. red {grid.max():.2f}"]
     for k in range(2):
         draw.text((PAD + k * (P + PAD), TEXT + 4), captions[k], fill="black", font=FONT)
         canvas.paste(Image.fromarray(panels[k]), (PAD + k * (P + PAD), 3 * TEXT))

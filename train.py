@@ -7,15 +7,10 @@ classifier (task='finetune', Sec. 4.3).
     torchrun --standalone --nproc_per_node=4 train.py config/pretrain_audioset.py
 
 The settings below are the paper's base pretraining on AudioSet-2M; config files, then --key=value
-flags, change them (configurator.py). The architecture is CAVMAEConfig's paper model, changed with
---model_<field>=value; a run from a checkpoint of ours takes the checkpoint's. batch_size is per
-process and micro-step: an optimizer step sees batch_size x grad_accum x processes clips, and the
-contrastive negatives are the batch_size clips of one micro-step (as the official per-GPU batch).
-
-out_dir/ckpt.pt is written at every evaluation, every save_interval steps, on Ctrl-C or SIGTERM
-(exit status 130 / 143) and after an error in the loop (the last completed step; exit status 1).
-A non-finite loss stops the run without saving. --init_from=resume continues a run exactly: the
-same clips, augmentation and masks as a run that never stopped, with any number of loader workers.
+flags, change them; --model_<field>=value sets a CAVMAEConfig field. batch_size is per process and
+micro-step: the contrastive negatives are the batch_size clips of one micro-step, as the official
+per-GPU batch. Read train() first: the setup in the order it runs, then the loop; README says how a
+run saves, stops and resumes.
 """
 
 import contextlib
@@ -47,6 +42,7 @@ from model import (
     apply_compile,
     load_pretrained,
     num_params,
+    read_checkpoint,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -161,9 +157,7 @@ def train(cfg):
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     resume = every_process(start_out_dir(cfg, ckpt_path, log_path) if master else None, world)[0]
     iter_num = resume["iter_num"] if resume is not None else 0
-    init = None
-    if cfg["init_from"] not in ("scratch", "resume"):
-        init = read_checkpoint(cfg["init_from"])
+    init = read_checkpoint(cfg["init_from"]) if cfg["init_from"] not in ("scratch", "resume") else None
     mcfg = model_config(cfg, resume, init)
     # data, model, optimizer
     train_ds, val_ds, batches, steps_per_epoch = build_data(cfg, mcfg, rank, world, iter_num)
@@ -182,10 +176,8 @@ def train(cfg):
     print(f"{cfg['task']}: {num_params(model) / 1e6:.1f}M parameters, {len(train_ds)} clips, {dtype}")
 
     def save(rngs):  # ckpt.pt: all that an exact resume needs
-        state = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rngs)
-        save_checkpoint(
-            ckpt_path, model, cfg, iter_num=iter_num, best_metric=best_metric, wa_sum=wa_sum, **state
-        )
+        state = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rngs, wa_sum=wa_sum)
+        save_checkpoint(ckpt_path, model, cfg, iter_num=iter_num, best_metric=best_metric, **state)
 
     # the loop
     select_best = (cfg["task"] == "finetune") and not cfg["wa"]  # the official fine-tuning: the best
@@ -321,16 +313,6 @@ def start_out_dir(cfg, ckpt_path, log_path):
         )
     trim_log(log_path, resume["iter_num"])
     return resume
-
-
-def read_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # missing, truncated, or not written by torch.save
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__})")
-    return ckpt
 
 
 def trim_log(path, iter_num):
@@ -502,9 +484,8 @@ def evaluate(model, val_ds, cfg, device, final=False):
             if cfg["task"] == "pretrain":
                 metrics = evaluation.retrieval(model, val_ds, **loader)
             else:
-                metrics = evaluation.classification(
-                    model, val_ds, cfg["ftmode"], final, cfg["metric"], **loader
-                )[0]
+                mode = cfg["ftmode"]
+                metrics = evaluation.classification(model, val_ds, mode, final, cfg["metric"], **loader)
     model.train()
     return metrics
 
