@@ -25,10 +25,8 @@ def run_config_file(path):
     except OSError as error:
         raise ConfigError(f"config file {path}: {error.strerror}") from None
     except Exception as error:  # a syntax error, or an error while it runs
-        lines = [
-            frame.lineno for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path
-        ]
-        line = getattr(error, "lineno", None) or (lines[-1] if lines else "?")
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path]
+        line = getattr(error, "lineno", None) or (frames[-1].lineno if frames else "?")
         raise ConfigError(f"config file {path}, line {line}: {type(error).__name__}: {error}") from None
     settings = (bool, int, float, str, tuple, list)  # not the modules or functions it imports
     return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, settings)}

@@ -268,10 +268,6 @@ def frame_path(row, k):
     return os.path.join(row["video_path"], f"frame_{k}", row["video_id"] + ".jpg")
 
 
-def split_labels(text):  # a datafile's labels "/m/a,/m/b" -> ["/m/a", "/m/b"]
-    return [mid.strip() for mid in text.split(",") if mid.strip()]
-
-
 @dataclass(eq=False)  # eq=False: a dataset is equal only to itself, and hashable
 class AVDataset(torch.utils.data.Dataset):
     """The rows of an official datafile (json {"data": [{video_id, wav, video_path, labels}]}, frames
@@ -314,7 +310,7 @@ class AVDataset(torch.utils.data.Dataset):
         classes = []
         counts = []
         for i, record in enumerate(records):
-            mids = split_labels(record.get("labels", ""))
+            mids = [mid.strip() for mid in record.get("labels", "").split(",") if mid.strip()]  # "/m/a,/m/b"
             for mid in mids:
                 if self.label_csv is None:  # the datafile's labels, in first-seen order
                     index.setdefault(mid, len(index))

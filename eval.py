@@ -1,6 +1,6 @@
 """
 Evaluate CAV-MAE the ways the paper does (Sec. 4), and look inside it: `python eval.py COMMAND
---help` for classify, retrieval, inpaint, embed and localize. A checkpoint is train.py's ckpt.pt or
+--help` for classify, retrieval, inpaint, embed and localize. A checkpoint is train.py's final.pt or
 an official one (a state dict of the paper's architecture). The metrics are scikit-learn's AP and
 ROC AUC bit for bit, and the official retrieval script's recall and median rank.
 """
@@ -327,11 +327,10 @@ def localization_maps(model, ds, batch_size=32, device="cpu", num_workers=0):
     of the maps we measured (docs/localization.md), these separate sounding from silent objects best."""
     audio = []
     visual = []
-    enc = model.encoder
     for audio_batch, image, _ in data.batches(ds, batch_size, device, num_workers):
         with autocast(device):
-            a = enc.audio_tokens(audio_batch)  # (B, La, D)
-            v = enc.visual_tokens(image)  # (B, Lv, D)
+            a = model.encoder.audio_tokens(audio_batch)  # (B, La, D)
+            v = model.encoder.visual_tokens(image)  # (B, Lv, D)
         audio.append(pooled_representation(a).cpu()[:, None])  # (B, 1, D): a pooled token
         visual.append(v.float().cpu())
     audio = torch.cat(audio)
@@ -401,7 +400,7 @@ def main(argv=None):
         name = run.__name__.removeprefix("cmd_")
         p = commands.add_parser(name, description=run.__doc__, help=run.__doc__)
         p.set_defaults(run=run)
-        p.add_argument("--checkpoint", required=True, help="train.py's ckpt.pt or an official one")
+        p.add_argument("--checkpoint", required=True, help="train.py's final.pt or an official one")
         p.add_argument("--data", required=True, help="datafile (json, the official format)")
         out = "the .npz file to write" if name == "embed" else "the folder to write to"
         p.add_argument("--out", required=name in ("inpaint", "embed", "localize"), help=out)

@@ -3,7 +3,7 @@
 Read top to bottom, in the order of the method (as MAE's models_mae.py): configuration, transformer
 block, encoder, masking, the pretraining model and its losses, the fine-tuning classifier, per-block
 compilation, loading published weights. Numerically identical to the official release (tests/golden
-holds its outputs); register tokens and the max-over-patches loss are options, off by default.
+holds its outputs).
 """
 
 import math
@@ -50,9 +50,6 @@ class CAVMAEConfig:
     # Official quirk, kept for exactness: with joint_depth > 1 the audio-only and visual-only streams
     # of the contrastive loss pass through the last joint block only (no effect at joint_depth=1).
     official_contrastive_streams: bool = True
-    # Learned tokens appended to each modality's tokens for its own blocks only, as Darcet et al.,
-    # "Vision Transformers Need Registers" (ICLR 2024) and CAV-MAE Sync; 0: the paper's model.
-    num_register_tokens: int = 0
 
     def __post_init__(self):
         for name in ("img_size", "audio_length", "num_mel_bins"):
@@ -180,9 +177,6 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(D)  # after the joint stream
         self.norm_a = nn.LayerNorm(D)  # after the audio-only stream
         self.norm_v = nn.LayerNorm(D)  # after the visual-only stream
-        if c.num_register_tokens:  # drawn as the other tokens; none by default, as in the paper
-            self.registers_a = nn.Parameter(torch.randn(1, c.num_register_tokens, D) * TOKEN_INIT_STD)
-            self.registers_v = nn.Parameter(torch.randn(1, c.num_register_tokens, D) * TOKEN_INIT_STD)
         self.apply(init_weights)
         for conv in (self.patch_embed_a, self.patch_embed_v):  # initialised as linear layers
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
@@ -206,16 +200,11 @@ class Encoder(nn.Module):
         return getattr(self, "norm" + STREAM_NORM_SUFFIX[stream])(x)
 
     def modality_blocks(self, x, modality):
-        """A modality's tokens (B, L, D) through its own blocks ('a' or 'v'), with its register
-        tokens (if any) appended before them and dropped after them: the joint blocks never see them."""
+        """A modality's tokens (B, L, D) through its own blocks ('a' or 'v')."""
         blocks = self.audio_blocks if modality == "a" else self.visual_blocks
-        registers = getattr(self, "registers_" + modality, None)  # (1, R, D)
-        num_tokens = x.shape[1]
-        if registers is not None:
-            x = torch.cat([x, registers.expand(len(x), -1, -1)], dim=1)  # (B, L + R, D)
         for block in blocks:
             x = block(x)
-        return x[:, :num_tokens]  # (B, L, D)
+        return x  # (B, L, D)
 
     def audio_tokens(self, audio):  # (B, T, F) -> (B, La, D) after the audio blocks
         return self.modality_blocks(self.embed_audio(audio), "a")
@@ -399,7 +388,8 @@ class CAVMAE(nn.Module):
         bidirectional=False,
     ):
         """One pretraining forward (Sec. 3). A weight of 0 skips its branch (AV-MAE:
-        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss."""
+        contrastive_weight=0; CAV: mae_weight=0) and reports 0 for that loss; the losses it returns
+        are weighted: loss = loss_mae + loss_c."""
         if (mae_weight == 0) and (contrastive_weight == 0):
             raise ValueError("mae_weight and contrastive_weight are both 0: there is nothing to train")
         a, v, mask_a, mask_v, ids_restore_a, ids_restore_v = self.forward_encoder(

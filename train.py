@@ -4,7 +4,7 @@ classifier (task='finetune', Sec. 4.3).
     python train.py config/pretrain_synthetic.py                     # the CPU demo, a few minutes
     python train.py config/pretrain_synthetic.py --batch_size=16     # any setting as --key=value
     python train.py config/pretrain_synthetic.py --init_from=resume  # continue out_dir/ckpt.pt
-    torchrun --standalone --nproc_per_node=4 train.py config/pretrain_audioset.py
+    torchrun --standalone --nproc_per_node=4 train.py config/pretrain_audioset.py --batch_size=12
 
 The settings below are the paper's base pretraining on AudioSet-2M; config files, then --key=value
 flags, change them; --model_<field>=value sets a CAVMAEConfig field. batch_size is per process and
@@ -58,7 +58,7 @@ log_interval = 10
 # data
 data_train = "data/audioset/train.json"
 data_val = "data/audioset/eval.json"
-label_csv = "data/audioset/class_labels_indices.csv"
+label_csv = "data/audioset/class_labels_indices.csv"  # "": the classes are the datafile's own labels
 num_frames = 10  # frames per clip; training draws one, evaluation takes the middle one
 dataset_mean = data.AUDIOSET_MEAN  # the fbank normalisation (AudioSet's, also used for VGGSound)
 dataset_std = data.AUDIOSET_STD
@@ -138,10 +138,8 @@ def configure(argv):
         raise ConfigError(f"mask_ratio={cfg['mask_ratio']}: must be in [0, 1)")
     for key in ("data_train", "data_val"):
         if not os.path.isfile(cfg[key]):
-            hint = "make the synthetic set: `python prepare.py synthetic`, then run a synthetic config"
-            raise ConfigError(
-                f"{key}={cfg[key]} not found: {hint} (python train.py config/pretrain_synthetic.py)"
-            )
+            hint = "run `python prepare.py synthetic`, then `python train.py config/pretrain_synthetic.py`"
+            raise ConfigError(f"{key}={cfg[key]} not found: {hint}")
     return cfg
 
 
@@ -164,11 +162,7 @@ def train(cfg):
     total_iters = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
     model = build_model(cfg, mcfg, train_ds.num_classes, resume, init).to(device)
     optimizer = build_optimizer(cfg, model, device)
-    best_metric = resume["best_metric"] if resume is not None else None
-    wa_sum = resume["wa_sum"] if resume is not None else None  # weight averaging: the sum so far
-    restore_training_state(resume, optimizer, scaler, cfg["seed"], rank, device)
-    if cfg["compile"]:
-        apply_compile(model)
+    best_metric, wa_sum = restore_training_state(resume, optimizer, scaler, cfg, rank, world, device)
     step_model = model
     if world > 1:  # a fine-tuning mode or a loss weight of 0 leaves branches without gradients
         unused = (cfg["task"] == "finetune") or (cfg["mae_weight"] * cfg["contrastive_weight"] == 0)
@@ -195,11 +189,16 @@ def train(cfg):
             window.append(stats)
             iter_num += 1
             rng = rng_state(device)  # after a completed step: what a checkpoint holds
-            if world > 1:  # the processes stop together, after the same step
-                stop = torch.tensor(received_signal, device=device)
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-                received_signal = int(stop)
-            if (iter_num % cfg["log_interval"] == 0) or (iter_num == total_iters):
+            stop = max(every_process(received_signal, world))  # all processes stop after one step
+            epoch_end = iter_num % steps_per_epoch == 0
+            evaluate_now = epoch_end
+            if cfg["eval_interval"] > 0:
+                evaluate_now = iter_num % cfg["eval_interval"] == 0
+            last = iter_num == total_iters  # the final evaluation follows, but best.pt needs the last
+            save_now = evaluate_now or last or stop
+            if cfg["save_interval"] > 0:
+                save_now = save_now or (iter_num % cfg["save_interval"] == 0)
+            if (iter_num % cfg["log_interval"] == 0) or save_now:  # a save follows a finite loss only
                 means = torch.stack([torch.stack(list(s.values())) for s in window]).mean(0)
                 if world > 1:
                     dist.all_reduce(means)
@@ -214,34 +213,30 @@ def train(cfg):
                     log(log_path, record)
                 window = []
                 t0 = time.time()
-            epoch_end = iter_num % steps_per_epoch == 0
-            epoch = iter_num // steps_per_epoch  # epochs done
-            if cfg["wa"] and epoch_end and (cfg["wa_start"] <= epoch <= cfg["wa_end"]):
+            epochs_done = iter_num // steps_per_epoch
+            if cfg["wa"] and epoch_end and (cfg["wa_start"] <= epochs_done <= cfg["wa_end"]):
                 state = model.state_dict()
                 weights = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
                 wa_sum = weights if wa_sum is None else {k: wa_sum[k] + weights[k] for k in weights}
-            evaluate_now = epoch_end
-            if cfg["eval_interval"] > 0:
-                evaluate_now = iter_num % cfg["eval_interval"] == 0
-            last = iter_num == total_iters  # the final evaluation follows, but best.pt needs the last
             if master and (evaluate_now or last) and (select_best or not last):
                 metrics = evaluate(model, val_ds, cfg, device)
                 log(log_path, dict(split="val", iter=iter_num, **metrics))
                 if (best_metric is None) or (main_metric(cfg, metrics) > best_metric):
                     best_metric = main_metric(cfg, metrics)
                     save_checkpoint(best_path, model, cfg, iter_num=iter_num, metric=best_metric)
-            save_now = cfg["save_interval"] and (iter_num % cfg["save_interval"] == 0)
-            if evaluate_now or save_now or received_signal or last:
+            if save_now:
                 rngs = every_process(rng, world)
                 if master:
                     save(rngs)
                 t0 = time.time()
-            if received_signal:
-                name = signal.Signals(received_signal).name
+            if stop:
+                name = signal.Signals(stop).name
                 print(f"stopped by {name}: saved iter {iter_num} in {ckpt_path}", file=sys.stderr)
-                return 128 + received_signal
+                return 128 + stop
 
         # the final model: the average of epochs wa_start..wa_end, or the best validation weights
+        for signum, handler in handlers.items():  # Ctrl-C stops the final evaluation at once
+            signal.signal(signum, handler)
         if master:
             if wa_sum is not None:
                 count = min(iter_num // steps_per_epoch, cfg["wa_end"]) - cfg["wa_start"] + 1
@@ -253,6 +248,8 @@ def train(cfg):
             final_path = os.path.join(cfg["out_dir"], "final.pt")
             save_checkpoint(final_path, model, cfg, iter_num=iter_num, metrics=metrics)
             summary(cfg, log_path)
+        if world > 1:  # the others wait for it: a process that leaves early can abort its group
+            dist.barrier()
         return 0
     except Exception as error:
         finite = all(torch.isfinite(s["loss"]) for s in window)
@@ -287,7 +284,7 @@ def precision(cfg, device):
     dtype = cfg["dtype"]
     if dtype == "auto":
         dtype = "float32" if device.type == "cpu" else "bfloat16"
-        if (device.type == "cuda") and not torch.cuda.is_bf16_supported():
+        if (device.type == "cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
             dtype = "float16"
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == "float16")
@@ -302,8 +299,7 @@ def start_out_dir(cfg, ckpt_path, log_path):
                 f"{ckpt_path} exists: continue that run with --init_from=resume, or replace it "
                 "with --overwrite=True (or choose another --out_dir)"
             )
-        with open(log_path, "w"):  # a new log
-            pass
+        open(log_path, "w").close()  # a new log
         return None
     resume = read_checkpoint(ckpt_path)
     if "optimizer" not in resume:
@@ -392,6 +388,8 @@ def build_model(cfg, mcfg, num_classes, resume, init):
     if cfg["freeze_base"]:  # linear probing: the head alone trains
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
+    if cfg["compile"]:
+        apply_compile(model)  # block by block (model.py)
     return model
 
 
@@ -405,12 +403,16 @@ def build_optimizer(cfg, model, device):
     return optimizer_class([g for g in groups if g["params"]], fused=device.type == "cuda", **options)
 
 
-def restore_training_state(resume, optimizer, scaler, seed, rank, device):
-    """A resumed run's optimizer and random state, that of the step it saved; a new run's seed."""
-    torch.manual_seed(seed + rank)  # each process its own masks and augmentation
-    random.seed(seed + rank)
+def restore_training_state(resume, optimizer, scaler, cfg, rank, world, device):
+    """A resumed run's optimizer and random state, that of the step it saved; a new run's seed.
+    -> (the best validation metric so far, the sum of the weights to average so far)."""
+    torch.manual_seed(cfg["seed"] + rank)  # each process its own masks and augmentation
+    random.seed(cfg["seed"] + rank)
     if resume is None:
-        return
+        return None, None
+    if len(resume["rng"]) != world:  # each process continues its own random state
+        n = len(resume["rng"])
+        raise ConfigError(f"ckpt.pt was saved by {n} processes: resume it with {n} (--nproc_per_node={n})")
     optimizer.load_state_dict(resume["optimizer"])
     scaler.load_state_dict(resume["scaler"])
     rng = resume["rng"][rank]
@@ -418,6 +420,7 @@ def restore_training_state(resume, optimizer, scaler, seed, rank, device):
     random.setstate(rng["python"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
+    return resume["best_metric"], resume["wa_sum"]
 
 
 def on_signal(signum, frame):
@@ -459,18 +462,14 @@ def train_step(model, batches, train_ds, optimizer, scaler, autocast, cfg, devic
 
 def compute_loss(model, audio, image, label, cfg):
     """-> (the loss to minimise, a dict of detached scalars to log)."""
-    if cfg["task"] == "finetune":
-        loss = classification_loss(model(audio, image, mode=cfg["ftmode"]), label, cfg["loss"])
+    if cfg["task"] == "finetune":  # soft targets (mixup, smoothing) in either loss, as the official
+        logits = model(audio, image, mode=cfg["ftmode"]).float()
+        bce = cfg["loss"] == "bce"
+        loss = F.binary_cross_entropy_with_logits(logits, label) if bce else F.cross_entropy(logits, label)
         return loss, {"loss": loss.detach()}
     objective = {k: cfg[k] for k in ("mae_weight", "contrastive_weight", "mask_mode", "bidirectional")}
     out = model(audio, image, mask_ratio_a=cfg["mask_ratio"], mask_ratio_v=cfg["mask_ratio"], **objective)
     return out["loss"], {k: out[k].detach() for k in PRETRAIN_STATS}
-
-
-def classification_loss(logits, label, kind):
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits.float(), label)
-    return F.cross_entropy(logits.float(), label)  # soft targets (mixup, smoothing), as the official
 
 
 def evaluate(model, val_ds, cfg, device, final=False):

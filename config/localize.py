@@ -2,7 +2,7 @@
 # objects per frame, 128 px frames (an 8 x 8 patch grid, so that few clips have no patch centre on the sounding
 # object) and lambda_c = 1 (the contrastive term is what relates the sound to the frame).
 #   python prepare.py synthetic --out data/synthetic_distractors --image-size 128 --distractors 2
-#   python train.py config/pretrain_synthetic.py config/localize.py                    # ~15 min on 2 cores
+#   python train.py config/pretrain_synthetic.py config/localize.py                    # ~7 min on 2 cores
 #   python eval.py localize --checkpoint out/localize/final.pt --data data/synthetic_distractors/test.json \
 #       --out out/localize
 out_dir = "out/localize"

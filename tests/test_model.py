@@ -174,53 +174,6 @@ def test_classifier_shares_the_pretraining_encoder_class():
     assert isinstance(clf.head[0], torch.nn.LayerNorm)
 
 
-def test_register_tokens_add_two_tensors_of_n_tokens_and_none_by_default():
-    plain = tiny()
-    with_registers = tiny(num_register_tokens=3)
-    new_keys = set(with_registers.state_dict()) - set(plain.state_dict())
-    assert new_keys == {"encoder.registers_a", "encoder.registers_v"}
-    assert set(plain.state_dict()) <= set(with_registers.state_dict())
-    assert with_registers.encoder.registers_a.shape == (1, 3, 32)
-    assert 0.01 < with_registers.encoder.registers_v.std() < 0.03  # drawn as the other tokens, std 0.02
-    assert num_params(with_registers) - num_params(plain) == 2 * 3 * 32
-    assert not any("register" in key for key in plain.state_dict())
-
-
-def test_register_tokens_leave_every_output_shape_unchanged():
-    plain = tiny()
-    with_registers = tiny(num_register_tokens=2)
-    audio, image = inputs(plain.config)
-    want = plain(audio, image)
-    got = with_registers(audio, image)
-    assert {key: value.shape for key, value in got.items()} == {
-        key: value.shape for key, value in want.items()
-    }
-    for got_tokens, want_tokens in zip(with_registers.embed(audio, image), plain.embed(audio, image)):
-        assert got_tokens.shape == want_tokens.shape
-    assert with_registers.forward_encoder(audio, image, 0.75, 0.75)[0].shape == (B, 8, 32)
-
-
-def test_register_tokens_reach_pretraining_retrieval_and_the_classifier():
-    config = tiny_config(num_register_tokens=2)
-    torch.manual_seed(0)
-    model = CAVMAE(config)
-    clf = CAVMAEClassifier(config, num_classes=3)
-    audio, image = inputs(config)
-    results = []
-    for moved in (False, True):
-        if moved:  # other register values: every path that runs the modality blocks must change
-            for module in (model, clf):
-                with torch.no_grad():
-                    module.encoder.registers_a.normal_()
-                    module.encoder.registers_v.normal_()
-        torch.manual_seed(3)
-        outputs = [model(audio, image)["loss"], *model.embed(audio, image)]
-        outputs += [clf(audio, image, mode) for mode in ("multimodal", "audioonly", "videoonly")]
-        results.append(outputs)
-    for i, (old, new) in enumerate(zip(*results)):
-        assert not torch.allclose(old, new), i
-
-
 # --- patches and positions ------------------------------------------------------------------------
 
 

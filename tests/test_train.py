@@ -270,6 +270,14 @@ def test_an_error_after_an_unchecked_nan_keeps_the_last_good_checkpoint(synth, t
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 4
 
 
+def test_a_nan_inside_a_log_window_is_caught_before_the_save_that_ends_the_window(
+    synth, tmp_path, monkeypatch
+):
+    nan_loss_from_step(monkeypatch, 5)  # in the window of iters 5-8 (--log_interval=4)
+    assert train.main(flags(synth, tmp_path, "--max_iters=8", "--log_interval=4", "--save_interval=3")) == 1
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 4  # not the NaN at iter 6
+
+
 def test_save_interval_writes_checkpoints_between_evaluations(synth, tmp_path, monkeypatch):
     saved = []
     real = train.save_checkpoint
@@ -386,6 +394,14 @@ def test_resuming_weights_without_a_training_state_says_how_to_start_from_them(s
     shutil.copy(tmp_path / "final.pt", tmp_path / "ckpt.pt")
     assert train.main(flags(synth, tmp_path, "--max_iters=2", "--init_from=resume")) == 1
     assert "without a training state" in capsys.readouterr().err
+
+
+def test_resuming_with_another_number_of_processes_is_refused_with_one_line(synth, tmp_path, capsys):
+    train.main(flags(synth, tmp_path, "--max_iters=1"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    torch.save({**ckpt, "rng": ckpt["rng"] * 2}, tmp_path / "ckpt.pt")  # as two processes save it
+    assert train.main(flags(synth, tmp_path, "--max_iters=2", "--init_from=resume")) == 1
+    assert "saved by 2 processes" in capsys.readouterr().err
 
 
 def test_missing_data_says_how_to_make_the_synthetic_set(tmp_path, monkeypatch, capsys):
