@@ -1,8 +1,6 @@
 """train.py's settings, as nanoGPT's configurator: the defaults (train.py's lowercase globals), then
 config files (plain Python assignments, in the order given), then --key=value flags. A key must be
 a setting, and a value must have the type of its default.
-
-    python train.py config/pretrain_synthetic.py --batch_size=16 --model_embed_dim=256
 """
 
 import ast

@@ -22,6 +22,7 @@ import random
 import signal
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -153,10 +154,9 @@ def train(cfg):
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     best_path = os.path.join(cfg["out_dir"], "best.pt")
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    resume = every_process(start_out_dir(cfg, ckpt_path, log_path) if master else None, world)[0]
+    resume = start_out_dir(cfg, ckpt_path, log_path, master)
     iter_num = resume["iter_num"] if resume is not None else 0
-    init = read_checkpoint(cfg["init_from"]) if cfg["init_from"] not in ("scratch", "resume") else None
-    mcfg = model_config(cfg, resume, init)
+    mcfg, init = model_config(cfg, resume)
     # data, model, optimizer
     train_ds, val_ds, batches, steps_per_epoch = build_data(cfg, mcfg, rank, world, iter_num)
     total_iters = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
@@ -213,8 +213,7 @@ def train(cfg):
                     log(log_path, record)
                 window = []
                 t0 = time.time()
-            epochs_done = iter_num // steps_per_epoch
-            if cfg["wa"] and epoch_end and (cfg["wa_start"] <= epochs_done <= cfg["wa_end"]):
+            if cfg["wa"] and epoch_end and (cfg["wa_start"] <= iter_num // steps_per_epoch <= cfg["wa_end"]):
                 state = model.state_dict()
                 weights = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
                 wa_sum = weights if wa_sum is None else {k: wa_sum[k] + weights[k] for k in weights}
@@ -256,9 +255,12 @@ def train(cfg):
         if master and (world == 1) and finite and (iter_num < total_iters):  # (else already saved)
             save([rng])  # the state after the last completed step
             print(f"saved iter {iter_num} in {ckpt_path}", file=sys.stderr)
+        if received_signal:  # the signal may end the loader workers first, and their end raise here
+            print(f"stopped by {signal.Signals(received_signal).name} after iter {iter_num}", file=sys.stderr)
+            return 128 + received_signal
         fix = "fix it, then continue with --init_from=resume"
         print(f"error after iter {iter_num}: {one_line(error)} ({fix})", file=sys.stderr)
-        return 128 + received_signal if received_signal else 1
+        return 1
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -274,7 +276,8 @@ def setup_processes(cfg):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # a long timeout: the other processes wait while process 0 evaluates (NCCL's default is 10 min)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -290,16 +293,17 @@ def precision(cfg, device):
     return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == "float16")
 
 
-def start_out_dir(cfg, ckpt_path, log_path):
-    """The checkpoint to resume (None for a new run); a new run does not replace another's."""
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+def start_out_dir(cfg, ckpt_path, log_path, master):
+    """The checkpoint to resume (None for a new run), read by every process; process 0 writes the log."""
     if cfg["init_from"] != "resume":
         if os.path.exists(ckpt_path) and not cfg["overwrite"]:
             raise ConfigError(
                 f"{ckpt_path} exists: continue that run with --init_from=resume, or replace it "
                 "with --overwrite=True (or choose another --out_dir)"
             )
-        open(log_path, "w").close()  # a new log
+        if master:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+            open(log_path, "w").close()  # a new log
         return None
     resume = read_checkpoint(ckpt_path)
     if "optimizer" not in resume:
@@ -307,7 +311,8 @@ def start_out_dir(cfg, ckpt_path, log_path):
             f"{ckpt_path} holds weights without a training state: start from them with "
             f"--init_from={ckpt_path} and another --out_dir"
         )
-    trim_log(log_path, resume["iter_num"])
+    if master:
+        trim_log(log_path, resume["iter_num"])
     return resume
 
 
@@ -327,15 +332,16 @@ def trim_log(path, iter_num):
     os.replace(path + ".tmp", path)
 
 
-def model_config(cfg, resume, init):
-    """A resumed run's architecture; else a checkpoint of ours' or the paper's, with the
-    --model_<field> values set (--model_audio_length=512: load_pretrained cuts the positions)."""
+def model_config(cfg, resume):
+    """(the architecture, init_from's checkpoint or None): a resumed run's; else init_from's (ours) or
+    the paper's, with the --model_<field> values set (a shorter audio_length cuts the positions)."""
+    init = read_checkpoint(cfg["init_from"]) if cfg["init_from"] not in ("scratch", "resume") else None
     if resume is not None:
-        return CAVMAEConfig(**resume["model_args"])
+        return CAVMAEConfig(**resume["model_args"]), init
     overrides = {k.removeprefix("model_"): v for k, v in cfg.items() if k.startswith("model_")}
     saved = init.get("model_args", {}) if init is not None else {}
     try:
-        return CAVMAEConfig(**{**saved, **overrides})
+        return CAVMAEConfig(**{**saved, **overrides}), init
     except (TypeError, ValueError) as error:
         raise ConfigError(f"the --model_<field> settings do not build a model: {error}") from None
 
@@ -411,8 +417,7 @@ def restore_training_state(resume, optimizer, scaler, cfg, rank, world, device):
     if resume is None:
         return None, None
     if len(resume["rng"]) != world:  # each process continues its own random state
-        n = len(resume["rng"])
-        raise ConfigError(f"ckpt.pt was saved by {n} processes: resume it with {n} (--nproc_per_node={n})")
+        raise ConfigError(f"ckpt.pt was saved by {len(resume['rng'])} processes: resume it with as many")
     optimizer.load_state_dict(resume["optimizer"])
     scaler.load_state_dict(resume["scaler"])
     rng = resume["rng"][rank]

@@ -273,7 +273,7 @@ def test_an_error_after_an_unchecked_nan_keeps_the_last_good_checkpoint(synth, t
 def test_a_nan_inside_a_log_window_is_caught_before_the_save_that_ends_the_window(
     synth, tmp_path, monkeypatch
 ):
-    nan_loss_from_step(monkeypatch, 5)  # in the window of iters 5-8 (--log_interval=4)
+    nan_loss_from_step(monkeypatch, 5)  # the save at iter 6 (--save_interval=3) ends the window 5-6
     assert train.main(flags(synth, tmp_path, "--max_iters=8", "--log_interval=4", "--save_interval=3")) == 1
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 4  # not the NaN at iter 6
 
@@ -326,13 +326,16 @@ def ddp_process(rank, world, port, argv):
     assert train.main(argv) == 0
 
 
-def test_ddp_on_two_processes_equals_one_process_with_their_batches_together(synth, tmp_path):
-    common = ["--task=finetune", "--max_iters=3", "--noise=False", "--grad_accum=2"]
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_processes_equals_one_process_with_their_batches_together(synth, tmp_path):
+    common = ["--task=finetune", "--max_iters=3", "--noise=False", "--grad_accum=2"]
     argv = flags(synth, tmp_path / "ddp", *common, "--batch_size=2")
-    mp.spawn(ddp_process, args=(2, port, argv), nprocs=2, join=True)
+    mp.spawn(ddp_process, args=(2, free_port(), argv), nprocs=2, join=True)
     train.main(flags(synth, tmp_path / "one", *common, "--batch_size=4"))
     ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
     one = weights(tmp_path / "one" / "ckpt.pt")
@@ -342,6 +345,9 @@ def test_ddp_on_two_processes_equals_one_process_with_their_batches_together(syn
     assert all(torch.allclose(ddp["model"][k], one[k], atol=1e-5) for k in one)
     losses = [[r["loss"] for r in records(tmp_path / run, "train")] for run in ("ddp", "one")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    argv = flags(synth, tmp_path / "ddp", *common, "--batch_size=2", "--max_iters=4", "--init_from=resume")
+    mp.spawn(ddp_process, args=(2, free_port(), argv), nprocs=2, join=True)  # each process reads ckpt.pt
+    assert [r["iter"] for r in records(tmp_path / "ddp", "train")] == [1, 2, 3, 4]
 
 
 # --- how a run starts and ends ------------------------------------------------------------------------
