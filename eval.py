@@ -312,28 +312,28 @@ def cmd_embed(args):
 # Sound-source localisation on a synthetic set, whose objects.json says where each object is
 
 
-def heat_map(audio_tokens, visual_tokens):
-    """The contribution map: each patch token's (B, Lv, D) dot product with the clip's pooled audio
-    representation (unit length, from the audio tokens (B, La, D)), -> (B, Lv). Un-normalised, a
-    patch weighs as much as it adds to the pooled audio-visual similarity."""
-    audio = pooled_representation(audio_tokens)  # (B, D) unit length
+def heat_map(audio, visual_tokens):
+    """The contribution map (N, Lv): each patch token (N, Lv, D) dotted with its clip's audio direction
+    (N, D), un-normalised: a patch weighs as much as it adds to the audio-visual similarity."""
     return torch.einsum("bd,bld->bl", audio, visual_tokens.float())
 
 
 @torch.no_grad()
 def localization_maps(model, ds, batch_size=32, device="cpu", num_workers=0):
-    """Heat maps (N, Lv) of each clip's frame with its own audio, and with the next clip's audio
-    (the control; the last clip takes the first's), from the tokens of the modality-specific blocks:
-    of the maps we measured (docs/localization.md), these separate sounding from silent objects best."""
+    """Heat maps (N, Lv) of each clip's frame with its own audio, and with the next clip's audio (the
+    control; the last clip takes the first's), from the tokens of the modality-specific blocks. The
+    audio direction is the pooled representation less its mean over the clips: what sets this clip's
+    sound apart. Of the maps we measured (docs/localization.md), these listen best."""
     audio = []
     visual = []
     for audio_batch, image, _ in data.batches(ds, batch_size, device, num_workers):
         with autocast(device):
             a = model.encoder.audio_tokens(audio_batch)  # (B, La, D)
             v = model.encoder.visual_tokens(image)  # (B, Lv, D)
-        audio.append(pooled_representation(a).cpu()[:, None])  # (B, 1, D): a pooled token
+        audio.append(pooled_representation(a).cpu())  # (B, D) unit length
         visual.append(v.float().cpu())
     audio = torch.cat(audio)
+    audio = audio - audio.mean(dim=0)  # (N, D) centred over the clips
     visual = torch.cat(visual)
     return heat_map(audio, visual), heat_map(audio.roll(-1, dims=0), visual)
 

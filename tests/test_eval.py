@@ -14,7 +14,7 @@ from conftest import TINY
 import data
 import eval as ev
 import prepare
-from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig
+from model import CAVMAE, CAVMAEClassifier, CAVMAEConfig, pooled_representation
 
 # -----------------------------------------------------------------------------
 # classification metrics
@@ -386,10 +386,10 @@ def test_help_prints_the_usage(argv, capsys):
 # localisation
 
 
-def test_contribution_map_is_each_patch_tokens_dot_product_with_the_unit_pooled_audio():
-    audio = torch.tensor([[[1.0, 0], [3, 0]]])  # mean-pooled and normalised: e0
+def test_contribution_map_is_each_patch_tokens_dot_product_with_the_audio_direction():
+    audio = torch.tensor([[2.0, 0]])
     visual = torch.tensor([[[2.0, 0], [1, 1], [0, 5], [-1, 0]]])
-    assert torch.allclose(ev.heat_map(audio, visual), torch.tensor([[2.0, 1, 0, -1]]))
+    assert torch.allclose(ev.heat_map(audio, visual), torch.tensor([[4.0, 2, 0, -2]]))
 
 
 def test_pointing_game_scores_a_peak_on_a_sounding_object_and_distractors_on_a_silent_one():
@@ -419,8 +419,9 @@ def test_localization_control_maps_take_the_next_clips_audio_wrapping_round(tiny
     maps, control = ev.localization_maps(model, ds, batch_size=4)  # across two batches
     audio_batch, image = whole_batch(tiny)[:2]
     with torch.no_grad():  # the tokens of the modality-specific blocks
-        audio = model.encoder.audio_tokens(audio_batch)
+        audio = pooled_representation(model.encoder.audio_tokens(audio_batch))  # (N, D) unit length
         visual = model.encoder.visual_tokens(image)
+    audio = audio - audio.mean(dim=0)  # centred over the clips
     assert torch.allclose(maps, ev.heat_map(audio, visual), atol=1e-5)
     assert torch.allclose(control, ev.heat_map(audio.roll(-1, 0), visual), atol=1e-5)
 
